@@ -1,0 +1,82 @@
+"""Process groups: the one place that starts and stops torch.distributed and parallel_state."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_wsm import cpu_compat
+from megatron_wsm.config import ParallelConfig
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
+    """Start the default process group (from torchrun's env, or a 1-process group) and
+    megatron-core's model-parallel groups, and seed the model-parallel RNG streams."""
+    if not torch.cuda.is_available():
+        cpu_compat.apply()
+    backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # Plain `python pretrain_moe.py`: a world of one on a free local port.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down model-parallel groups and the default group (safe to call twice)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """Global rank (0 when torch.distributed is not started)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """World size (1 when torch.distributed is not started)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Barrier over the whole world, a no-op without torch.distributed."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_last_rank() -> bool:
+    """The last rank is on the last pipeline stage, where the loss lives."""
+    return rank() == world_size() - 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

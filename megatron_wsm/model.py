@@ -1,0 +1,183 @@
+"""Build the MoE GPT model from megatron-core parts.
+
+The model is megatron-core's ``GPTModel`` with MoE layers. With Transformer Engine and CUDA
+present the TE layer spec is used; otherwise megatron-core's local (non-TE) spec, with one
+change: the local spec's torch norm refuses ``sequence_parallel`` (which megatron-core
+requires for MoE with TP > 1), so we swap in :class:`SequenceParallelTorchNorm`, which is the
+same norm with its weights marked as sequence-parallel (so their gradients are all-reduced over
+the TP group, as megatron-core does for its fused norms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_wsm.config import ModelConfig, ParallelConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_usable() -> bool:
+    """TE is an optional GPU accelerator: use it only when it imports and CUDA is present."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # a broken TE install must not stop a run: fall back to local layers
+        return False
+    return True
+
+
+class SequenceParallelTorchNorm(torch.nn.Module):
+    """RMSNorm / LayerNorm in plain torch that accepts ``config.sequence_parallel``.
+
+    Under sequence parallelism each TP rank normalises a different slice of the sequence, so
+    the norm weights see different gradients per rank; megatron-core's
+    ``finalize_model_grads`` all-reduces parameters flagged ``sequence_parallel`` over the TP
+    group, which is exactly what the flag set here asks for.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if config.normalization == "RMSNorm":
+            self.norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            self.norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        for param in self.norm.parameters():
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+            param.data = param.data.to(config.params_dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+def _replace_norms(spec: Any) -> Any:
+    """Return ``spec`` with every local torch norm swapped for the SP-capable one."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if spec is WrappedTorchNorm:
+        return SequenceParallelTorchNorm
+    if isinstance(spec, ModuleSpec):
+        spec.module = _replace_norms(spec.module)
+        if spec.submodules is not None:
+            spec.submodules = _replace_norms(spec.submodules)
+        return spec
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for field in dataclasses.fields(spec):
+            setattr(spec, field.name, _replace_norms(getattr(spec, field.name)))
+        return spec
+    return spec
+
+
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """megatron-core ``TransformerConfig`` for our model and parallel layout."""
+    use_cuda = torch.cuda.is_available()
+    params_dtype = _DTYPES[model.params_dtype]
+    num_experts = model.num_experts or None
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=ffn,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        normalization=model.normalization,
+        # Linear biases with TP hit an in-place-on-view autograd error on CPU in 0.16, and
+        # modern MoE LLMs do without them anyway.
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=model.params_dtype == "bf16",
+        fp16=model.params_dtype == "fp16",
+        # Initialise on CPU so weights are identical whatever the device and TP layout.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=use_cuda,
+        persist_layer_norm=False,
+        deterministic_mode=not use_cuda,
+    )
+    if num_experts:
+        kwargs.update(
+            num_moe_experts=num_experts,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size or ffn,
+            moe_router_topk=model.moe_router_topk,
+            moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+            moe_grouped_gemm=model.moe_grouped_gemm,
+            moe_permute_fusion=False,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def build_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
+    """TE spec when TE + CUDA are usable, else the local spec with SP-capable norms."""
+    num_experts = model.num_experts or None
+    if transformer_engine_usable():
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=model.moe_grouped_gemm
+        )
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=model.moe_grouped_gemm,
+        normalization=model.normalization,
+    )
+    return _replace_norms(spec)
+
+
+def build_gpt_model(
+    config: TransformerConfig, model: ModelConfig, vocab_size: int
+) -> GPTModel:
+    """One pipeline stage of the GPT model (pre/post process by stage position)."""
+    layer_spec = build_layer_spec(config, model)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+    )
+    if torch.cuda.is_available():
+        gpt = gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary so it splits evenly over TP ranks."""
+    step = multiple * tp_size
+    return ((vocab_size + step - 1) // step) * step

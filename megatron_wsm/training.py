@@ -1,0 +1,415 @@
+"""The pretraining loop on megatron-core: model, optimizer, schedule, data, logging, eval.
+
+One global batch per iteration: megatron-core's ``get_forward_backward_func`` runs the
+micro-batches (pipelined when PP > 1), its ``DistributedDataParallel`` reduces gradients, its
+optimizer steps and ``OptimizerParamScheduler`` sets the LR. Checkpoints go through
+``checkpointing.py``; MoE load-balance metrics through ``moe_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel as DDP
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+from megatron_wsm import distributed as wdist
+from megatron_wsm import metric_names as names
+from megatron_wsm.batches import global_batch_iterator
+from megatron_wsm.config import RunConfig
+from megatron_wsm.lr import build_scheduler
+from megatron_wsm.model import build_gpt_model, build_transformer_config
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where the run is: restored from and saved to full checkpoints."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+
+@dataclasses.dataclass
+class Components:
+    """The megatron-core objects of a run, built once by :func:`setup`."""
+
+    cfg: RunConfig
+    transformer_config: Any
+    model: list[DDP]
+    optimizer: Any
+    scheduler: Any
+    vocab_size: int
+    datasets: dict[str, Any]
+    state: TrainState
+    load_tracker: Any = None  # moe_metrics.ExpertLoadTracker when metrics are on
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.cfg.training
+        return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.cfg.training.global_batch_size * self.cfg.model.seq_length
+
+
+def device() -> torch.device:
+    """The accelerator of this rank, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def print_rank0(*args: Any) -> None:
+    """Print on global rank 0 only, flushed (torchrun interleaves buffered output)."""
+    if wdist.rank() == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build_model_and_optimizer(cfg: RunConfig, vocab_size: int) -> tuple[Any, list[DDP], Any, Any]:
+    """megatron-core GPTModel wrapped in its DDP, its optimizer and LR scheduler."""
+    tconfig = build_transformer_config(cfg.model, cfg.parallel)
+    gpt = build_gpt_model(tconfig, cfg.model, vocab_size)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    model = [DDP(tconfig, ddp_config, gpt)]
+    # Without this hook DP gradients are never all-reduced (and SP norms / embeddings of
+    # tied PP stages never synchronised).
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model[0].no_sync
+    optim = cfg.optim
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=cfg.model.params_dtype == "bf16",
+        fp16=cfg.model.params_dtype == "fp16",
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    scheduler = build_scheduler(
+        optimizer, optim, cfg.training.train_iters, cfg.training.global_batch_size
+    )
+    return tconfig, model, optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
+    """Sum of token losses and token count; megatron-core divides by the count (per micro-batch)."""
+    losses = output.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {names.LM_LOSS: report}
+
+
+def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: DDP) -> tuple[Any, Callable]:
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_loss(losses_reduced: list[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted mean loss over the global batch, identical on every rank.
+
+    Ranks that did not compute the loss contribute zeros; TP replicas of the last stage add the
+    same loss *and* the same token count, so the ratio is unaffected by them.
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=device())
+    for item in losses_reduced:
+        total += item[names.LM_LOSS].to(total.device, torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def run_global_batch(
+    comp: Components, dataset: Any, consumed_samples: int, forward_only: bool
+) -> float:
+    """Forward (and backward) of one global batch starting at ``consumed_samples``."""
+    cfg = comp.cfg
+    data_iter = global_batch_iterator(
+        dataset,
+        consumed_samples,
+        cfg.training.micro_batch_size,
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+        comp.num_microbatches,
+        device(),
+    )
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(
+        forward_step_func=_forward_step,
+        data_iterator=data_iter,
+        model=comp.model,
+        num_microbatches=comp.num_microbatches,
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        decoder_seq_length=cfg.model.seq_length,
+        forward_only=forward_only,
+    )
+    return _reduce_loss(losses)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one training iteration reports."""
+
+    loss: float
+    grad_norm: float | None
+    learning_rate: float
+    skipped: bool
+    seconds: float
+
+
+def train_step(comp: Components) -> StepResult:
+    """One optimizer step on the next global batch; advances ``comp.state``."""
+    start = time.perf_counter()
+    for chunk in comp.model:
+        chunk.zero_grad_buffer()
+    comp.optimizer.zero_grad()
+    lr = current_lr(comp)
+    loss = run_global_batch(comp, comp.datasets["train"], comp.state.consumed_samples, False)
+    update_ok, grad_norm, _ = comp.optimizer.step()
+    gbs = comp.cfg.training.global_batch_size
+    if update_ok:
+        comp.scheduler.step(increment=gbs)
+    comp.state.iteration += 1
+    comp.state.consumed_samples += gbs
+    comp.state.consumed_tokens += comp.tokens_per_iteration
+    if comp.load_tracker is not None:
+        comp.load_tracker.end_batch()
+    return StepResult(
+        loss=loss,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        learning_rate=lr,
+        skipped=not update_ok,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def current_lr(comp: Components) -> float:
+    """LR the next step will use (the scheduler writes it into every param group)."""
+    for group in comp.optimizer.param_groups:
+        if not group.get("is_decoupled_lr", False):
+            return float(group["lr"])
+    return float(comp.optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def evaluate(comp: Components, split: str = "valid", iters: int | None = None) -> dict[str, Any]:
+    """Mean loss over the first ``iters`` global batches of ``split`` (a fixed set, so numbers
+    from different checkpoints are comparable), plus MoE violations over the whole set."""
+    iters = iters or comp.cfg.training.eval_iters
+    dataset = comp.datasets[split]
+    for chunk in comp.model:
+        chunk.eval()
+    tracker = comp.load_tracker
+    if tracker is not None:
+        tracker.begin_eval()
+    total_loss = 0.0
+    gbs = comp.cfg.training.global_batch_size
+    for i in range(iters):
+        total_loss += run_global_batch(comp, dataset, i * gbs, forward_only=True)
+    for chunk in comp.model:
+        chunk.train()
+    loss = total_loss / max(iters, 1)
+    result: dict[str, Any] = {
+        "split": split,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": iters * gbs * comp.cfg.model.seq_length,
+    }
+    if tracker is not None:
+        result["moe"] = tracker.end_eval()
+    return result
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class TrainLogger:
+    """Console line + TensorBoard scalars, on global rank 0 (all values are world-reduced)."""
+
+    def __init__(self, comp: Components) -> None:
+        self.comp = comp
+        self.writer = None
+        tb_dir = comp.cfg.training.tensorboard_dir
+        if tb_dir and wdist.rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tb_dir, max_queue=50)
+        self._losses: list[float] = []
+        self._times: list[float] = []
+        self._moe_aux: dict[str, torch.Tensor] = {}
+        self._skipped = 0
+
+    def step(self, result: StepResult) -> None:
+        """Record one iteration; emit at ``--log-interval``."""
+        comp = self.comp
+        it = comp.state.iteration
+        self._losses.append(result.loss)
+        self._times.append(result.seconds)
+        self._skipped += int(result.skipped)
+        if comp.cfg.model.num_experts:
+            # megatron-core keeps the aux loss per layer; reduce it across PP/DP every step
+            # (a collective, so every rank calls it) and accumulate like Megatron-LM.
+            track_moe_metrics(
+                loss_scale=1.0 / comp.num_microbatches,
+                iteration=it,
+                writer=None,
+                total_loss_dict=self._moe_aux,
+                num_layers=comp.cfg.model.num_layers,
+            )
+        w = self.writer
+        tokens = comp.state.consumed_tokens
+        if w is not None:
+            w.add_scalar(names.LM_LOSS, result.loss, it)
+            w.add_scalar(names.LM_LOSS_VS_TOKENS, result.loss, tokens)
+            w.add_scalar(names.LEARNING_RATE, result.learning_rate, it)
+            w.add_scalar(names.LEARNING_RATE_VS_TOKENS, result.learning_rate, tokens)
+            if result.grad_norm is not None:
+                w.add_scalar(names.GRAD_NORM, result.grad_norm, it)
+            w.add_scalar(names.CONSUMED_TOKENS, tokens, it)
+            w.add_scalar(names.CONSUMED_SAMPLES, comp.state.consumed_samples, it)
+        if it % comp.cfg.training.log_interval == 0 or it == comp.cfg.training.train_iters:
+            self._emit(result)
+
+    def _emit(self, result: StepResult) -> None:
+        comp = self.comp
+        it = comp.state.iteration
+        n = len(self._losses)
+        mean_time = sum(self._times) / max(n, 1)
+        tok_s = comp.tokens_per_iteration / mean_time if mean_time > 0 else 0.0
+        aux = {k: float(v) / max(n, 1) for k, v in self._moe_aux.items()}
+        moe_summary: dict[str, float] = {}
+        if comp.load_tracker is not None:
+            moe_summary = comp.load_tracker.log_interval_summary()
+        w = self.writer
+        if w is not None:
+            w.add_scalar(names.TOKENS_PER_SECOND, tok_s, it)
+            w.add_scalar(names.ITERATION_TIME, mean_time, it)
+            for key, value in aux.items():
+                w.add_scalar(key, value, it)
+            for key, value in moe_summary.items():
+                w.add_scalar(key, value, it)
+            if comp.load_tracker is not None:
+                comp.load_tracker.write_histograms(w, it)
+            w.flush()
+        parts = [
+            f"iter {it:6d}/{comp.cfg.training.train_iters}",
+            f"tokens {comp.state.consumed_tokens:,}",
+            f"lm loss {sum(self._losses) / max(n, 1):.4f}",
+            f"lr {result.learning_rate:.3e}",
+        ]
+        if result.grad_norm is not None:
+            parts.append(f"grad norm {result.grad_norm:.3f}")
+        for key, value in aux.items():
+            parts.append(f"{key} {value:.4f}")
+        if comp.load_tracker is not None:
+            parts.append(comp.load_tracker.console_summary(moe_summary))
+        parts.append(f"{mean_time * 1000:.0f} ms/it")
+        parts.append(f"{tok_s:,.0f} tok/s")
+        if self._skipped:
+            parts.append(f"skipped {self._skipped}")
+        print_rank0(" | ".join(parts))
+        self._losses.clear()
+        self._times.clear()
+        self._moe_aux.clear()
+        self._skipped = 0
+
+    def eval(self, result: dict[str, Any]) -> None:
+        """Record an evaluation."""
+        comp = self.comp
+        it = comp.state.iteration
+        if self.writer is not None:
+            self.writer.add_scalar(names.VALID_LOSS, result["loss"], it)
+            self.writer.add_scalar(names.VALID_PPL, result["perplexity"], it)
+            for key, value in (result.get("moe") or {}).get("tensorboard", {}).items():
+                self.writer.add_scalar("validation/" + key, value, it)
+            self.writer.flush()
+        moe = (result.get("moe") or {}).get("summary", "")
+        print_rank0(
+            f"validation at iter {it} | lm loss {result['loss']:.4f} | "
+            f"ppl {result['perplexity']:.2f}" + (f" | {moe}" if moe else "")
+        )
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(comp: Components, hooks: list[Callable[[Components], None]] | None = None) -> list[float]:
+    """Run iterations until ``--train-iters``; returns the per-iteration losses of this call.
+
+    ``hooks`` run after every iteration (checkpoint saving lives there).
+    """
+    cfg = comp.cfg.training
+    logger = TrainLogger(comp)
+    losses: list[float] = []
+    progress = None
+    if cfg.progress_bar and wdist.rank() == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train_iters, initial=comp.state.iteration, unit="it")
+    try:
+        while comp.state.iteration < cfg.train_iters:
+            result = train_step(comp)
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(
+                    f"loss is {result.loss} at iteration {comp.state.iteration}; stopping "
+                    "(lower --lr, or check the data)"
+                )
+            losses.append(result.loss)
+            logger.step(result)
+            if progress is not None:
+                progress.update(1)
+            for hook in hooks or []:
+                hook(comp)
+            if cfg.eval_interval and comp.state.iteration % cfg.eval_interval == 0:
+                logger.eval(evaluate(comp))
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+    return losses
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON on rank 0."""
+    if wdist.rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
