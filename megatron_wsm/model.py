@@ -161,7 +161,19 @@ def build_gpt_model(
     config: TransformerConfig, model: ModelConfig, vocab_size: int
 ) -> GPTModel:
     """One pipeline stage of the GPT model (pre/post process by stage position)."""
-    layer_spec = build_layer_spec(config, model)
+    layer_spec: Any = build_layer_spec(config, model)
+    if not transformer_engine_usable():
+        # The block's final norm comes from a module-level default (the torch norm that refuses
+        # sequence parallel); a block spec lets us name ours. Layers of this stage only.
+        from megatron.core.transformer.transformer_block import (
+            TransformerBlockSubmodules,
+            get_num_layers_to_build,
+        )
+
+        layer_spec = TransformerBlockSubmodules(
+            layer_specs=[layer_spec] * get_num_layers_to_build(config),
+            layer_norm=SequenceParallelTorchNorm,
+        )
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -181,3 +193,54 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
     """Megatron pads the vocabulary so it splits evenly over TP ranks."""
     step = multiple * tp_size
     return ((vocab_size + step - 1) // step) * step
+
+
+def _key_seed(seed: int, key: str, row: int) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(key.encode()) * 7919 + row) % (2**63 - 1)
+
+
+def layout_independent_init(
+    model: torch.nn.Module, config: TransformerConfig, seed: int
+) -> None:
+    """Re-initialise weights so their values do not depend on the TP/PP/EP layout.
+
+    megatron-core draws initial weights per rank, so a PP=2 or EP=2 model starts from other
+    numbers than a 1-process model with the same seed. Here every *global* tensor (as
+    dist_checkpointing sees it: key, global shape) is drawn row by row along its first global
+    dimension from a generator seeded by (seed, key, row), and each rank copies its own slice.
+    Distributions follow megatron-core's defaults: N(0, σ) with σ = ``init_method_std``, and
+    σ/√(2·num_layers) for the output projections (``linear_proj``, ``linear_fc2``); norm
+    weights stay 1. Costs one global row per local row; meant for tests and small models
+    (``--layout-independent-init``).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    std = config.init_method_std
+    out_std = std / (2.0 * config.num_layers) ** 0.5
+    with torch.no_grad():
+        for sh in nested_values(sharded):
+            if not isinstance(sh, ShardedTensor) or sh.data is None:
+                continue
+            if not sh.data.is_floating_point() or not sh.key.endswith("weight"):
+                continue
+            if "norm" in sh.key.rsplit(".", 2)[-2] or "layernorm" in sh.key:
+                continue
+            if sh.flattened_range is not None:
+                raise ValueError(f"{sh.key}: flattened shards are not supported here")
+            sigma = out_std if ("linear_proj" in sh.key or "linear_fc2" in sh.key) else std
+            local_full_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
+            slices = tuple(
+                slice(o, o + n) for o, n in zip(sh.global_offset, local_full_shape)
+            )
+            rows = []
+            for row in range(slices[0].start, slices[0].stop):
+                gen = torch.Generator().manual_seed(_key_seed(seed, sh.key, row))
+                full_row = torch.randn(tuple(sh.global_shape[1:]), generator=gen)
+                rows.append(full_row[slices[1:]])
+            local = torch.stack(rows).reshape(sh.data.shape) * sigma
+            sh.data.copy_(local.to(sh.data.dtype))

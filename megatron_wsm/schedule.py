@@ -97,8 +97,10 @@ MAIN_METHODS: tuple[str, ...] = (
     "ema",
 )
 
-#: Default ρ = f(1) for ``exponential`` and ``inverse-sqrt``: the LR ends the window 10x lower.
-DEFAULT_FINAL_RATIO = 0.1
+#: Default ρ = f(1) per method. ``exponential``: the LR ends the window 10x lower.
+#: ``inverse-sqrt``: 1/3, i.e. f(t) = 1/√(1 + 8t), an η/√step schedule over steps S … 9S
+#: (for k = 8 exactly w_i = 1/√i); a 10x drop would put most weight on θ_{n+1}.
+DEFAULT_FINAL_RATIO: Mapping[str, float] = {"exponential": 0.1, "inverse-sqrt": 1.0 / 3.0}
 #: Default α for ``ema`` (weight of the newest checkpoint).
 DEFAULT_EMA_ALPHA = 0.2
 #: Absolute tolerance for "sums to 1", "non-negative" and "inside [0, 1]".
@@ -220,7 +222,7 @@ def _check_min_lr_ratio(min_lr_ratio: object) -> float:
 
 def _resolve_final_ratio(method: str, final_ratio: object) -> float:
     if final_ratio is None:
-        return DEFAULT_FINAL_RATIO
+        return DEFAULT_FINAL_RATIO.get(method, 1.0)
     if method not in _FINAL_RATIO_METHODS:
         raise ValueError(
             f"final_ratio only applies to {' and '.join(_FINAL_RATIO_METHODS)}, not {method!r}"
@@ -251,8 +253,8 @@ def decay_shape(
 ) -> float:
     """Evaluate the decay shape of a shape method at window fraction t ∈ [0, 1].
 
-    Shapes (f(0) = 1 for all of them; ρ = ``final_ratio``, default
-    :data:`DEFAULT_FINAL_RATIO`):
+    Shapes (f(0) = 1 for all of them; ρ = ``final_ratio`` ∈ (0, 1], defaults in
+    :data:`DEFAULT_FINAL_RATIO`: 0.1 for exponential, 1/3 for inverse-sqrt):
 
     - ``linear``:          f(t) = 1 − t
     - ``cosine``:          f(t) = (1 + cos(π t)) / 2
@@ -367,6 +369,10 @@ def decay_from_coefficients(
     for j in range(len(cs) - 1, 0, -1):
         acc += cs[j]
         w[j - 1] = acc
+    if not allow_negative:
+        # Valid coefficients give w in [0, 1] exactly; only rounding (e.g. nine 1/9s summing
+        # to 1 + 2e-16) can step outside, so clamp it back. Clamping keeps w non-increasing.
+        w = [min(1.0, max(0.0, wi)) for wi in w]
     return w
 
 
@@ -471,7 +477,7 @@ def decay_weights(
       may be None (taken from the list) or must match it.
 
     ``min_lr_ratio`` r ∈ [0, 1] floors every named method: w ↦ r + (1 − r)·w.
-    ``final_ratio`` ρ ∈ (0, 1] (default :data:`DEFAULT_FINAL_RATIO`) is f(1) of
+    ``final_ratio`` ρ ∈ (0, 1] (defaults :data:`DEFAULT_FINAL_RATIO`) is f(1) of
     ``exponential`` and ``inverse-sqrt``. A parameter that does not apply to the method,
     or any invalid value, raises ``ValueError``.
     """

@@ -31,7 +31,7 @@ from megatron_wsm import metric_names as names
 from megatron_wsm.batches import global_batch_iterator
 from megatron_wsm.config import RunConfig
 from megatron_wsm.lr import build_scheduler
-from megatron_wsm.model import build_gpt_model, build_transformer_config
+from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
 
 
 @dataclasses.dataclass
@@ -83,10 +83,14 @@ def print_rank0(*args: Any) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
-def build_model_and_optimizer(cfg: RunConfig, vocab_size: int) -> tuple[Any, list[DDP], Any, Any]:
+def build_model_and_optimizer(
+    cfg: RunConfig, vocab_size: int, layout_init: bool = False
+) -> tuple[Any, list[DDP], Any, Any]:
     """megatron-core GPTModel wrapped in its DDP, its optimizer and LR scheduler."""
     tconfig = build_transformer_config(cfg.model, cfg.parallel)
     gpt = build_gpt_model(tconfig, cfg.model, vocab_size)
+    if layout_init:
+        layout_independent_init(gpt, tconfig, cfg.training.seed)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

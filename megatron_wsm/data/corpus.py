@@ -29,6 +29,7 @@ import importlib
 import inspect
 import json
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -184,9 +185,13 @@ def _import_quietly(name: str) -> Any:
         return importlib.import_module(name)
 
 
-@functools.lru_cache(maxsize=1)
-def embedded_corpus() -> EmbeddedCorpus:
-    """Build (once per process) the embedded corpus with its skip statistics."""
+def extract_corpus_here() -> EmbeddedCorpus:
+    """Build the embedded corpus from the modules as imported in *this* process.
+
+    Prefer :func:`embedded_corpus`: a process that has imported other libraries may see patched
+    standard-library objects (torch, for one, replaces ``inspect.getfile``), which would change
+    the text.
+    """
     from pydoc_data.topics import topics  # a plain dict shipped with CPython's stdlib
 
     docs = [Document(f"topic:{key}", topics[key].strip()) for key in sorted(topics)]
@@ -204,6 +209,54 @@ def embedded_corpus() -> EmbeddedCorpus:
         else:
             empty.append(module_name)
     return EmbeddedCorpus(tuple(docs), tuple(skipped), tuple(empty))
+
+
+def _to_json(corpus: EmbeddedCorpus) -> str:
+    return json.dumps(
+        {
+            "documents": [[d.name, d.text] for d in corpus.documents],
+            "skipped_modules": list(corpus.skipped_modules),
+            "empty_modules": list(corpus.empty_modules),
+        },
+        ensure_ascii=True,  # the pipe's encoding then does not matter
+    )
+
+
+def _from_json(payload: str) -> EmbeddedCorpus:
+    data = json.loads(payload)
+    return EmbeddedCorpus(
+        tuple(Document(name, text) for name, text in data["documents"]),
+        tuple(data["skipped_modules"]),
+        tuple(data["empty_modules"]),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_corpus() -> EmbeddedCorpus:
+    """Build (once per process) the embedded corpus with its skip statistics.
+
+    The extraction runs in a fresh interpreter started with ``-I -S`` (no site-packages, no
+    ``.pth`` hooks, no environment variables), running this very file as a script: the text then
+    depends only on the Python installation, not on what the calling process imported or patched.
+    If that interpreter cannot be started, the corpus is extracted in-process with a warning.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return _from_json(proc.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as err:
+        warnings.warn(
+            f"isolated corpus extraction failed ({err!r}); extracting in-process, where "
+            "libraries imported by this process may alter some docstrings",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return extract_corpus_here()
 
 
 def embedded_documents() -> list[Document]:
@@ -298,3 +351,8 @@ def corpus_summary() -> dict[str, Any]:
         "skipped_modules": list(corpus.skipped_modules),
         "empty_modules": list(corpus.empty_modules),
     }
+
+
+if __name__ == "__main__":
+    # Used by embedded_corpus() in an isolated interpreter: dump the corpus as JSON on stdout.
+    sys.stdout.write(_to_json(extract_corpus_here()))

@@ -1,0 +1,326 @@
+"""``wsm_weights``: show the merge coefficients of a decay method and the decay they emulate.
+
+Examples::
+
+    python tools/wsm_weights.py --method 1-sqrt --k 8
+    python tools/wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
+    python tools/wsm_weights.py --coefficients 0,0.2,0.3,0.5          # implied decay of c
+    python tools/wsm_weights.py --decay weights.txt --method 1-sqrt    # compare with 1-sqrt
+    python tools/wsm_weights.py --k 8 --method linear cosine 1-sqrt inverse-sqrt \\
+        exponential mean ema --plot docs/wsm_weights_k8.png
+
+The math lives in :mod:`megatron_wsm.schedule`; this module only parses, prints and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_wsm.schedule import (
+    DEFAULT_EMA_ALPHA,
+    DEFAULT_FINAL_RATIO,
+    FORMULAS,
+    METHODS,
+    SHAPE_METHODS,
+    decay_from_coefficients,
+    decay_shape,
+    decay_weights,
+    load_custom,
+    merge_coefficients,
+)
+
+PROG = "wsm_weights"
+DISCRETISATION = "w_i = f((i-1)/k), i = 1..k; c_0..c_k oldest checkpoint first"
+
+
+@dataclass
+class MethodResult:
+    """Coefficients and implied decay of one method, plus the parameters that made them."""
+
+    method: str
+    params: dict[str, Any]
+    coefficients: list[float]
+    decay: list[float]
+    formula: str = field(default="")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (floats keep full float64 precision through ``json``)."""
+        return {
+            "method": self.method,
+            "formula": self.formula,
+            "params": self.params,
+            "coefficients": self.coefficients,
+            "decay": self.decay,
+        }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so docs and tests can inspect it)."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Print the WSM merge coefficients c_0..c_k (oldest checkpoint first) of a decay "
+            "method and the decay w_1..w_k they emulate (Theorem 3.1: c_k = w_k, "
+            f"c_j = w_j - w_(j+1), c_0 = 1 - w_1). Discretisation: {DISCRETISATION}."
+        ),
+    )
+    p.add_argument(
+        "--method",
+        nargs="+",
+        choices=METHODS,
+        metavar="METHOD",
+        help=f"one or more of: {', '.join(METHODS)}. 'custom' needs --coefficients or --decay.",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every named method (all of --method's choices except custom)",
+    )
+    p.add_argument("--k", type=int, help="number of merged intervals (k+1 checkpoints)")
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="LR floor r for named methods: w = r + (1 - r) * w (default 0)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        metavar="A",
+        help=f"ema weight of the newest checkpoint, in (0, 1] (default {DEFAULT_EMA_ALPHA})",
+    )
+    p.add_argument(
+        "--final-ratio",
+        type=float,
+        metavar="RHO",
+        help=(
+            "f(1) of exponential and inverse-sqrt, in (0, 1] (defaults: "
+            + ", ".join(f"{m} {v:.4g}" for m, v in DEFAULT_FINAL_RATIO.items())
+            + ")"
+        ),
+    )
+    custom = p.add_mutually_exclusive_group()
+    custom.add_argument(
+        "--coefficients",
+        metavar="LIST|FILE",
+        help="custom merge coefficients c_0..c_k: comma list or file (JSON list or numbers)",
+    )
+    custom.add_argument(
+        "--decay",
+        metavar="LIST|FILE",
+        help="custom decay w_1..w_k: comma list or file (JSON list or numbers)",
+    )
+    p.add_argument(
+        "--allow-negative",
+        action="store_true",
+        help="accept custom weights with negative coefficients (a rising decay; extrapolation)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw w and c of every selected method side by side into this image",
+    )
+    p.add_argument("--dpi", type=int, default=120, help="resolution of --plot (default 120)")
+    return p
+
+
+def _selected_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    methods: list[str] = list(METHODS[:-1]) if args.all else []
+    for m in args.method or []:
+        if m not in methods:
+            methods.append(m)
+    has_custom = args.coefficients is not None or args.decay is not None
+    if "custom" in methods and not has_custom:
+        parser.error("--method custom needs --coefficients or --decay")
+    if has_custom and "custom" not in methods:
+        methods.append("custom")
+    if not methods:
+        parser.error("choose --method (one or more), --all, --coefficients or --decay")
+    if args.alpha is not None and "ema" not in methods:
+        parser.error("--alpha only applies to --method ema")
+    if args.final_ratio is not None and not {"exponential", "inverse-sqrt"} & set(methods):
+        parser.error("--final-ratio only applies to --method exponential or inverse-sqrt")
+    if args.allow_negative and not has_custom:
+        parser.error("--allow-negative only applies to --coefficients or --decay")
+    return methods
+
+
+def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list[MethodResult]]:
+    """Resolve k and compute every method; raises ``ValueError`` on any invalid input."""
+    k = args.k
+    custom_result = None
+    if "custom" in methods:
+        source = args.coefficients if args.coefficients is not None else args.decay
+        key = "coefficients" if args.coefficients is not None else "decay"
+        values = load_custom(source)
+        given = {key: values}
+        c = merge_coefficients(
+            "custom", k, min_lr_ratio=args.min_lr_ratio, allow_negative=args.allow_negative, **given
+        )
+        w = decay_from_coefficients(c, allow_negative=args.allow_negative)
+        # A custom list fixes k; named methods shown beside it use the same k.
+        k = len(w)
+        params = {key: str(source), "allow_negative": args.allow_negative}
+        custom_result = MethodResult("custom", params, c, w, f"custom {key}")
+    if k is None:
+        raise ValueError("--k is required (number of merged intervals, k+1 checkpoints)")
+
+    results = []
+    for m in methods:
+        if m == "custom":
+            assert custom_result is not None
+            results.append(custom_result)
+            continue
+        alpha = (DEFAULT_EMA_ALPHA if args.alpha is None else args.alpha) if m == "ema" else None
+        final_ratio = None
+        if m in ("exponential", "inverse-sqrt"):
+            final_ratio = args.final_ratio
+            if final_ratio is None:
+                final_ratio = DEFAULT_FINAL_RATIO[m]
+        kw = {"min_lr_ratio": args.min_lr_ratio, "alpha": alpha, "final_ratio": final_ratio}
+        c = merge_coefficients(m, k, **kw)
+        w = decay_weights(m, k, **kw)
+        params = {key: val for key, val in kw.items() if val is not None}
+        results.append(MethodResult(m, params, c, w, FORMULAS[m]))
+    return k, results
+
+
+def format_table(k: int, results: Sequence[MethodResult]) -> str:
+    """Human-readable table: one block per method, a row per checkpoint."""
+    lines = []
+    for r in results:
+        extras = ", ".join(f"{key}={val}" for key, val in r.params.items())
+        lines.append(f"{r.method}: {r.formula}   [k={k}; {extras}]")
+        lines.append(f"  {'j':>3}  {'checkpoint':<10}  {'c_j (merge)':>12}  {'w_j (decay)':>12}")
+        for j, cj in enumerate(r.coefficients):
+            name = "n" if j == 0 else f"n+{j}"
+            wj = f"{r.decay[j - 1]:12.8f}" if j >= 1 else f"{'-':>12}"
+            lines.append(f"  {j:>3}  {name:<10}  {cj:12.8f}  {wj}")
+        total = math.fsum(r.coefficients)
+        mean_w = math.fsum(r.decay) / len(r.decay)
+        lines.append(f"  sum c = {total:.12f}   mean w (LR area of the window) = {mean_w:.6f}")
+        lines.append("")
+    lines.append(
+        "c_j weights checkpoint n+j (j = 0 oldest); w_j scales the LR of interval j "
+        "(checkpoint n+j-1 -> n+j)."
+    )
+    lines.append(f"Discretisation: {DISCRETISATION}.")
+    return "\n".join(lines)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot(k: int, results: Sequence[MethodResult], path: str, dpi: int = 120) -> None:
+    """Draw, per method, the implied decay (top) and the merge coefficients (bottom)."""
+    # Figure + Agg canvas rather than pyplot: no global backend state, works headless.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(results)
+    ncols = min(n, 4)
+    nblocks = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.3 * ncols + 0.4, 5.2 * nblocks + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2 * nblocks, ncols)
+    cmax = max(max(r.coefficients) for r in results)
+    cmin = min(0.0, min(min(r.coefficients) for r in results))
+    edges = [i / k for i in range(k + 1)]
+    starts = edges[:-1]
+    ts = [i / 400 for i in range(401)]
+    for idx, r in enumerate(results):
+        block, col = divmod(idx, ncols)
+        color = f"C{idx % 10}"
+        ax_w = fig.add_subplot(grid[2 * block, col])
+        ax_c = fig.add_subplot(grid[2 * block + 1, col])
+
+        if r.method in SHAPE_METHODS:
+            curve = [
+                decay_shape(
+                    r.method,
+                    t,
+                    min_lr_ratio=r.params.get("min_lr_ratio", 0.0),
+                    final_ratio=r.params.get("final_ratio"),
+                )
+                for t in ts
+            ]
+            ax_w.plot(ts, curve, color="0.6", lw=1, ls="--", label="shape f(t)")
+        ax_w.stairs(r.decay, edges, baseline=None, color=color, lw=2, label="w_i (LR scale)")
+        ax_w.plot(starts, r.decay, "o", color=color, ms=3)
+        ax_w.set_xlim(0, 1)
+        ax_w.set_ylim(min(0.0, min(r.decay)) - 0.03, max(1.0, max(r.decay)) + 0.05)
+        # Only the numbers that shape the curve; a zero floor is the default and just noise.
+        shown = ", ".join(
+            f"{key}={val:.4g}"
+            for key, val in r.params.items()
+            if _is_real(val) and not (key == "min_lr_ratio" and val == 0)
+        )
+        title = f"{r.method}  ({shown})" if shown else r.method
+        ax_w.set_title(f"{title}\n{r.formula}", fontsize=9)
+        ax_w.set_xlabel("window fraction t (interval i spans [(i-1)/k, i/k])", fontsize=7)
+        ax_w.tick_params(labelsize=7)
+        ax_w.grid(alpha=0.3)
+        if idx == 0:
+            ax_w.legend(fontsize=7, loc="upper right")
+
+        ax_c.bar(range(k + 1), r.coefficients, color=color, width=0.8)
+        ax_c.axhline(0.0, color="0.3", lw=0.6)
+        ax_c.set_ylim(cmin * 1.1, cmax * 1.1 + 0.01)
+        ax_c.set_xlabel("checkpoint n+j (j = 0 oldest)", fontsize=7)
+        ax_c.set_ylabel("merge coefficient c_j", fontsize=7)
+        if k <= 16:
+            ax_c.set_xticks(range(k + 1))
+        ax_c.tick_params(labelsize=7)
+        ax_c.grid(alpha=0.3, axis="y")
+    fig.suptitle(
+        f"WSM: merge coefficients and the decay they emulate, k = {k}  ({DISCRETISATION})",
+        fontsize=10,
+    )
+    # Drop the version stamp so regenerating the committed figure gives a stable file.
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status (0 ok, 2 bad input, 1 cannot write)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    methods = _selected_methods(args, parser)
+    try:
+        k, results = compute(args, methods)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.json:
+        doc = {
+            "k": k,
+            "discretisation": DISCRETISATION,
+            "methods": [r.to_json() for r in results],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_table(k, results))
+
+    if args.plot:
+        try:
+            plot(k, results, args.plot, dpi=args.dpi)
+        except (OSError, ValueError) as exc:
+            # ValueError: matplotlib rejects an unknown image extension.
+            print(f"{PROG}: error: cannot write plot {args.plot!r}: {exc}", file=sys.stderr)
+            return 1
+        # stderr, so that --json output on stdout stays machine-readable.
+        print(f"{PROG}: wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""megatron-core ``GPTDataset`` splits from indexed datasets, with or without torch.distributed.
+
+Each dataset item is the dict megatron-core's ``GPTDataset.__getitem__`` returns, for a sequence
+length ``S``:
+
+* ``tokens``: int64 ``[S]``, the input ids;
+* ``labels``: int64 ``[S]``, the next-token targets (``labels[i] == tokens[i + 1]``; the sample is
+  drawn as ``S + 1`` consecutive ids and shifted, documents being concatenated with their EOD);
+* ``loss_mask``: float32 ``[S]``, 1.0 except where the label is padding;
+* ``attention_mask``: bool ``[1, S, S]``, True where attention is *masked* (future positions);
+  present only when ``create_attention_mask`` is True;
+* ``position_ids``: int64 ``[S]``, ``0..S-1``.
+
+Caching: megatron-core writes the document/sample/shuffle indices of every split as ``.npy`` files
+into ``path_to_cache`` (default: ``<directory of the train prefix>/gpt_index_cache``) and reuses
+them when the dataset, tokenizer and sizes match. Concurrency, as implemented here:
+
+* without torch.distributed, the build holds an ``fcntl.flock`` on ``<path_to_cache>/.lock``, so
+  independent processes sharing a cache never read a half-written index;
+* with torch.distributed, megatron-core builds on global rank 0 first, then the other ranks load
+  rank 0's files. That requires ``path_to_cache`` to be visible to every rank; when it is not
+  (node-local disks on several nodes), :func:`build_gpt_datasets` first lets rank 0 build, then
+  ships the index files over torch.distributed to the ranks that cannot see them. All ranks must
+  call the builders (they contain collectives); with NCCL, set the CUDA device first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from megatron_wsm.data.prepare import file_lock
+from megatron_wsm.data.tokenizer import SentencePieceTokenizer
+
+#: ``num_samples`` entry meaning "exactly one pass over the split" (what evaluation wants).
+ONE_EPOCH = None
+
+_INDEX_AFFIXES = ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy")
+
+
+def _as_tokenizer(tokenizer: Any) -> Any:
+    """Accept a tokenizer object or the path of a SentencePiece model."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return SentencePieceTokenizer(tokenizer)
+    return tokenizer
+
+
+def _default_cache(prefix: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(prefix)), "gpt_index_cache")
+
+
+def _config(
+    tokenizer: Any,
+    seq_length: int,
+    seed: int,
+    path_to_cache: str,
+    create_attention_mask: bool,
+    **fields: Any,
+) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        path_to_cache=path_to_cache,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=create_attention_mask,
+        **fields,
+    )
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _index_files(datasets: Sequence[Any], path_to_cache: str) -> list[str]:
+    """The cache files megatron-core wrote for the given GPTDatasets (same naming as 0.16.1)."""
+    files = []
+    for ds in datasets:
+        if isinstance(ds, GPTDataset):
+            base = f"{ds.unique_description_hash}-{type(ds).__name__}-{ds.index_split.name}"
+            files += [os.path.join(path_to_cache, f"{base}-{affix}") for affix in _INDEX_AFFIXES]
+    return files
+
+
+def _share_index_cache(config: GPTDatasetConfig, sizes: list[Any]) -> None:
+    """Build the index cache on rank 0 and make sure every rank can read it.
+
+    megatron-core's distributed build assumes a shared ``path_to_cache``: ranks other than 0
+    never build, they load, and fail with ``FileNotFoundError`` on a node-local cache of another
+    node. Here rank 0 builds alone (the other ranks take part in the builder's barriers), then
+    ranks that do not see the files receive their bytes and write them (atomically: several local
+    ranks of a node may write the same file).
+    """
+    dist = torch.distributed
+    rank = dist.get_rank()
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, lambda: dist.get_rank() == 0, config
+    )
+    lock = file_lock(os.path.join(config.path_to_cache, ".lock")) if rank == 0 else None
+    with lock or contextlib.nullcontext():
+        built = builder.build()
+    box: list[Any] = [_index_files(built, config.path_to_cache) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    files: list[str] = box[0]
+    missing = [f for f in files if not os.path.isfile(f)]
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(missing))
+    if not any(flags):
+        return
+    payload: list[Any] = [None]
+    if rank == 0:
+        payload[0] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                payload[0][f] = fh.read()
+    dist.broadcast_object_list(payload, src=0)
+    for f in missing:
+        os.makedirs(os.path.dirname(f) or ".", exist_ok=True)
+        tmp = f"{f}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(payload[0][f])
+        os.replace(tmp, f)
+    dist.barrier()
+
+
+def _build(
+    config: GPTDatasetConfig,
+    sizes: list[Any],
+    is_built_on_rank: Callable[[], bool] | None,
+) -> tuple[Any, Any, Any]:
+    on_rank = is_built_on_rank or (lambda: True)
+    if _dist_ready():
+        if torch.distributed.get_world_size() > 1:
+            _share_index_cache(config, sizes)
+        # Every rank now finds the cache: rank 0 loads first, then the others (megatron-core).
+        built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
+    else:
+        with file_lock(os.path.join(config.path_to_cache, ".lock")):
+            built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
+    train, valid, test = built
+    return train, valid, test
+
+
+def build_gpt_datasets(
+    train_prefix: str | None,
+    valid_prefix: str | None,
+    test_prefix: str | None,
+    tokenizer: Any,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int | None, int | None, int | None],
+    path_to_cache: str | None = None,
+    *,
+    create_attention_mask: bool = True,
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Build train/valid/test ``GPTDataset``s, one indexed dataset per split (``blend_per_split``).
+
+    Args:
+        train_prefix, valid_prefix, test_prefix: indexed-dataset prefixes (no ``.bin``/``.idx``);
+            ``None`` leaves that split out (returned as ``None``).
+        tokenizer: a :class:`SentencePieceTokenizer` (or any megatron-core tokenizer with
+            ``vocab_size``, ``eod``, ``pad`` and ``unique_identifiers``) or a model path.
+        seq_length: tokens per sample (each sample reads ``seq_length + 1`` ids).
+        seed: seed of the document and sample shuffles.
+        num_samples: samples wanted per split; the dataset repeats epochs to reach it (its
+            length is at least that). ``None`` (:data:`ONE_EPOCH`) means exactly one pass, the
+            deterministic full-split evaluation.
+        path_to_cache: where megatron-core caches the sample indices (created); defaults to
+            ``gpt_index_cache`` next to the train prefix (or the first given prefix).
+        create_attention_mask: include the dense causal ``attention_mask`` in samples.
+        is_built_on_rank: with torch.distributed, which ranks get a dataset (others get
+            ``None``); default: every rank.
+
+    Returns:
+        ``(train, valid, test)``; see the module docstring for the item format.
+    """
+    prefixes = [train_prefix, valid_prefix, test_prefix]
+    given = [p for p in prefixes if p is not None]
+    if not given:
+        raise ValueError("at least one of train/valid/test prefixes is required")
+    cache = os.fspath(path_to_cache) if path_to_cache is not None else _default_cache(given[0])
+    config = _config(
+        _as_tokenizer(tokenizer),
+        seq_length,
+        seed,
+        cache,
+        create_attention_mask,
+        blend_per_split=[([p], None) if p is not None else None for p in prefixes],
+    )
+    return _build(config, list(num_samples), is_built_on_rank)
+
+
+def build_gpt_datasets_from_prefix(
+    prefix: str,
+    split: str,
+    tokenizer: Any,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int | None, int | None, int | None],
+    path_to_cache: str | None = None,
+    *,
+    create_attention_mask: bool = True,
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Build train/valid/test ``GPTDataset``s from one indexed dataset and a split string.
+
+    ``split`` is Megatron's ``--split`` (e.g. ``"949,50,1"``): the documents of ``prefix`` are
+    cut, in storage order, into three contiguous ranges with those weights, so the split is by
+    document. A zero weight gives ``None`` for that split. Other arguments as in
+    :func:`build_gpt_datasets`.
+    """
+    cache = os.fspath(path_to_cache) if path_to_cache is not None else _default_cache(prefix)
+    config = _config(
+        _as_tokenizer(tokenizer),
+        seq_length,
+        seed,
+        cache,
+        create_attention_mask,
+        blend=([prefix], None),
+        split=split,
+    )
+    return _build(config, list(num_samples), is_built_on_rank)
+
+
+def iter_samples(dataset: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Iterate over dataset items in index order (at most ``limit``); handy in tests and tools."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(n):
+        yield dataset[i]

@@ -1,0 +1,676 @@
+"""MoE load-balance violation metrics: router hooks -> expert counts -> violations.
+
+Definitions (DESIGN.md §2). For one MoE layer with ``E`` experts and ``Load_e`` = number of
+(token, expert) assignments the router made to expert ``e`` over a token set (with top-k routing
+``sum_e Load_e = k * T``), ``mean = sum_e Load_e / E`` and::
+
+    max_violation = (max_e Load_e - mean) / mean      (MaxVio, DeepSeek arXiv:2408.15664)
+    min_violation = (mean - min_e Load_e) / mean
+
+*Global* violations take the ratio of counts summed over a whole window (a logging interval in
+training, the whole held-out set in evaluation); *batch* violations take the ratio per global
+batch and average the ratios over the batches of the window.
+
+Conventions:
+
+* **Layer numbers are global and 1-based**, exactly megatron-core's ``TransformerLayer.layer_number``
+  (which already includes the pipeline / virtual-pipeline offset). Count tensors have shape
+  ``[L, E]`` with ``L = num_layers`` and row ``i - 1`` holding layer ``i``. Rows of dense layers
+  (``moe_layer_freq``) and of layers owned by another pipeline stage stay zero locally; after the
+  world reduction (:func:`reduce_counts`) every MoE layer's row is filled on every rank.
+* A MoE layer is one whose row is non-zero (every token routed through a MoE layer adds ``k``
+  to its row), unless the caller passes ``moe_layers`` explicitly (:func:`moe_layer_numbers`
+  derives them from ``moe_layer_freq``). Means over layers are taken over MoE layers only.
+* An all-zero load (a layer that saw no token) has violation **0.0**: all loads are equal, and
+  with that convention "violation == 0 iff all loads are equal" holds without exception.
+* Counts are what the router outputs *after* top-k selection and, when a capacity factor is set,
+  after token dropping (``routing_map``). Padding tokens (``padding_mask``) are excluded.
+  Multi-token-prediction (MTP) layers are not part of the metric (their routers are not hooked).
+
+Typical use by the trainer (every rank calls the collective methods)::
+
+    tracker = ExpertLoadTracker()
+    tracker.attach(model, num_layers=cfg.num_layers, num_experts=cfg.num_moe_experts,
+                   topk=cfg.moe_router_topk)
+    reduce_fn = reduce_fn_for_config(cfg)                 # world all-reduce (+ TP division)
+    for step in ...:
+        forward_backward(...)                              # hooks count each micro-batch
+        tracker.end_batch(reduce_fn)                       # one small all-reduce per step
+        if step % log_interval == 0:
+            metrics = tracker.interval_metrics()           # tag -> float, no collective
+            tracker.reset_interval()
+    with tracker.evaluating():                             # eval forwards are counted apart
+        run_eval(...)
+        eval_counts = tracker.eval_counts(reduce_fn)       # collective
+    json_out.update(eval_summary(eval_counts))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CONSOLE_TAGS",
+    "MEAN_BATCH_MAX_VIOLATION",
+    "MEAN_BATCH_MIN_VIOLATION",
+    "MEAN_GLOBAL_MAX_VIOLATION",
+    "MEAN_GLOBAL_MIN_VIOLATION",
+    "BatchViolationAccumulator",
+    "ExpertLoadTracker",
+    "console_name",
+    "eval_summary",
+    "expert_load_tag",
+    "format_console",
+    "global_max_violation_tag",
+    "global_min_violation_tag",
+    "histograms",
+    "max_violation",
+    "min_violation",
+    "moe_layer_numbers",
+    "reduce_counts",
+    "reduce_fn_for_config",
+    "summarize",
+    "violations",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Metric names: the single source of truth for TensorBoard tags, console names and JSON keys.
+# ---------------------------------------------------------------------------------------------
+
+_PREFIX = "moe"
+MEAN_GLOBAL_MAX_VIOLATION = f"{_PREFIX}/mean_global_max_violation"
+MEAN_GLOBAL_MIN_VIOLATION = f"{_PREFIX}/mean_global_min_violation"
+MEAN_BATCH_MAX_VIOLATION = f"{_PREFIX}/mean_batch_max_violation"
+MEAN_BATCH_MIN_VIOLATION = f"{_PREFIX}/mean_batch_min_violation"
+
+#: Short names for the console log line (Megatron style ``" name: value |"``).
+_CONSOLE_NAMES = {
+    MEAN_GLOBAL_MAX_VIOLATION: "moe max vio",
+    MEAN_GLOBAL_MIN_VIOLATION: "moe min vio",
+    MEAN_BATCH_MAX_VIOLATION: "moe batch max vio",
+    MEAN_BATCH_MIN_VIOLATION: "moe batch min vio",
+}
+#: The tags the console log line shows (the two global means, as the issue asks).
+CONSOLE_TAGS = (MEAN_GLOBAL_MAX_VIOLATION, MEAN_GLOBAL_MIN_VIOLATION)
+
+# JSON keys of :func:`eval_summary` (the slide's names, without the TensorBoard prefix).
+_JSON_MEAN_MAX = "mean_global_max_violation"
+_JSON_MEAN_MIN = "mean_global_min_violation"
+_JSON_MAX = "global_max_violation"
+_JSON_MIN = "global_min_violation"
+_JSON_LOAD = "expert_load"
+_JSON_LAYERS = "moe_layers"
+
+
+def global_max_violation_tag(layer: int) -> str:
+    """TensorBoard tag of the global max violation of global (1-based) layer ``layer``."""
+    return f"{_PREFIX}/global_max_violation/layer_{layer}"
+
+
+def global_min_violation_tag(layer: int) -> str:
+    """TensorBoard tag of the global min violation of global (1-based) layer ``layer``."""
+    return f"{_PREFIX}/global_min_violation/layer_{layer}"
+
+
+def expert_load_tag(layer: int) -> str:
+    """TensorBoard histogram tag of the per-expert load of global (1-based) layer ``layer``."""
+    return f"{_PREFIX}/expert_load/layer_{layer}"
+
+
+def console_name(tag: str) -> str:
+    """Short console name of a mean tag (falls back to the tag itself)."""
+    return _CONSOLE_NAMES.get(tag, tag)
+
+
+def format_console(metrics: dict[str, float], tags: Iterable[str] = CONSOLE_TAGS) -> str:
+    """Console fragment ``" moe max vio: 0.5450 | moe min vio: 0.2010 |"``; absent tags skipped."""
+    return "".join(f" {console_name(tag)}: {metrics[tag]:.4f} |" for tag in tags if tag in metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure arithmetic.
+# ---------------------------------------------------------------------------------------------
+
+
+def violations(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised max / min violation over the last dimension.
+
+    Args:
+        counts: ``[..., E]`` non-negative loads (any integer or float dtype), e.g. ``[L, E]``.
+
+    Returns:
+        ``(max_v, min_v)``, float64 tensors of shape ``counts.shape[:-1]`` on ``counts.device``.
+        A row whose loads are all zero gives 0.0 (see module docstring). No host sync.
+    """
+    if counts.dim() < 1 or counts.shape[-1] < 1:
+        raise ValueError(
+            f"expected counts of shape [..., E] with E >= 1, got {tuple(counts.shape)}"
+        )
+    # float64: counts reach ~1e12 over long windows; float32 would lose the integer precision
+    # that makes "zero iff perfectly even" exact.
+    c = counts.to(torch.float64)
+    mean = c.sum(-1) / c.shape[-1]
+    has_load = mean > 0
+    # Divide by 1 where mean == 0 so no inf/nan is ever produced, then select 0.0 there.
+    denom = torch.where(has_load, mean, torch.ones_like(mean))
+    zero = torch.zeros_like(mean)
+    max_v = torch.where(has_load, (c.amax(-1) - mean) / denom, zero)
+    min_v = torch.where(has_load, (mean - c.amin(-1)) / denom, zero)
+    # mean is computed by a rounded division; clamp so float rounding can never report a
+    # (tiny) negative violation.
+    return max_v.clamp_min_(0.0), min_v.clamp_min_(0.0)
+
+
+def _check_load(load: torch.Tensor) -> None:
+    if load.dim() != 1:
+        raise ValueError(f"expected a 1-D load [E], got shape {tuple(load.shape)}")
+    if bool((load < 0).any()):
+        raise ValueError("expert loads must be non-negative")
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """``(max_e load_e - mean) / mean`` of a 1-D load ``[E]``; 0.0 when all loads are zero."""
+    _check_load(load)
+    return float(violations(load)[0])
+
+
+def min_violation(load: torch.Tensor) -> float:
+    """``(mean - min_e load_e) / mean`` of a 1-D load ``[E]``; 0.0 when all loads are zero."""
+    _check_load(load)
+    return float(violations(load)[1])
+
+
+def moe_layer_numbers(num_layers: int, moe_layer_freq: int | Sequence[int]) -> list[int]:
+    """Global 1-based numbers of the MoE layers, as megatron-core's GPT layer specs decide them.
+
+    ``moe_layer_freq`` is an int N (layer ``i`` is MoE iff ``(i - 1) % N == 0``) or a 0/1 list of
+    length ``num_layers`` (1 = MoE), the same rule as ``get_gpt_decoder_block_spec``.
+    """
+    if isinstance(moe_layer_freq, int):
+        if moe_layer_freq < 1:
+            raise ValueError(f"moe_layer_freq must be >= 1, got {moe_layer_freq}")
+        return [i + 1 for i in range(num_layers) if i % moe_layer_freq == 0]
+    pattern = list(moe_layer_freq)
+    if len(pattern) != num_layers or any(p not in (0, 1) for p in pattern):
+        raise ValueError(f"moe_layer_freq must be {num_layers} zeros/ones, got {pattern}")
+    return [i + 1 for i, p in enumerate(pattern) if p == 1]
+
+
+def _resolve_layers(counts: torch.Tensor, moe_layers: Sequence[int] | None) -> list[int]:
+    """Explicit MoE layers (validated) or, when None, the layers whose row is non-zero."""
+    if counts.dim() != 2:
+        raise ValueError(f"expected counts [L, E], got shape {tuple(counts.shape)}")
+    num_layers = counts.shape[0]
+    if moe_layers is None:
+        present = (counts.sum(-1) > 0).nonzero().flatten().tolist()
+        return [i + 1 for i in present]
+    layers = sorted({int(i) for i in moe_layers})
+    bad = [i for i in layers if not 1 <= i <= num_layers]
+    if bad:
+        raise ValueError(f"layer numbers {bad} outside 1..{num_layers} (they are 1-based)")
+    return layers
+
+
+def summarize(counts: torch.Tensor, moe_layers: Sequence[int] | None = None) -> dict[str, float]:
+    """Global violation metrics of window counts: TensorBoard tag -> value.
+
+    Args:
+        counts: ``[L, E]`` GLOBAL (reduced) counts summed over the window; row ``i-1`` = layer i.
+        moe_layers: global 1-based MoE layer numbers; None = the layers with a non-zero row.
+
+    Returns:
+        ``global_max_violation_tag(i)`` / ``global_min_violation_tag(i)`` for each MoE layer and
+        ``MEAN_GLOBAL_MAX_VIOLATION`` / ``MEAN_GLOBAL_MIN_VIOLATION`` (plain means over those
+        layers). Empty when there is no MoE layer. One host sync.
+    """
+    layers = _resolve_layers(counts, moe_layers)
+    if not layers:
+        return {}
+    max_v, min_v = violations(counts)
+    mx, mn = max_v.tolist(), min_v.tolist()  # a single device->host copy each
+    out: dict[str, float] = {}
+    for i in layers:
+        out[global_max_violation_tag(i)] = mx[i - 1]
+        out[global_min_violation_tag(i)] = mn[i - 1]
+    out[MEAN_GLOBAL_MAX_VIOLATION] = math.fsum(mx[i - 1] for i in layers) / len(layers)
+    out[MEAN_GLOBAL_MIN_VIOLATION] = math.fsum(mn[i - 1] for i in layers) / len(layers)
+    return out
+
+
+def histograms(
+    counts: torch.Tensor, moe_layers: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Histogram tag -> per-expert load ``[E]`` (CPU int64) for each MoE layer, for TensorBoard."""
+    layers = _resolve_layers(counts, moe_layers)
+    rows = counts.detach().to("cpu")
+    return {expert_load_tag(i): rows[i - 1].clone() for i in layers}
+
+
+def eval_summary(counts: torch.Tensor, moe_layers: Sequence[int] | None = None) -> dict[str, Any]:
+    """JSON-friendly evaluation result of GLOBAL counts over the whole evaluation set.
+
+    Returns ``{"moe_layers": [...], "mean_global_max_violation": x,
+    "mean_global_min_violation": y, "global_max_violation": {"<layer>": v, ...},
+    "global_min_violation": {...}, "expert_load": {"<layer>": [counts...]}}`` (layer keys are
+    strings because JSON object keys are). Means are None when there is no MoE layer.
+    """
+    layers = _resolve_layers(counts, moe_layers)
+    metrics = summarize(counts, layers)
+    rows = counts.detach().to("cpu").tolist()
+    return {
+        _JSON_LAYERS: layers,
+        _JSON_MEAN_MAX: metrics.get(MEAN_GLOBAL_MAX_VIOLATION),
+        _JSON_MEAN_MIN: metrics.get(MEAN_GLOBAL_MIN_VIOLATION),
+        _JSON_MAX: {str(i): metrics[global_max_violation_tag(i)] for i in layers},
+        _JSON_MIN: {str(i): metrics[global_min_violation_tag(i)] for i in layers},
+        _JSON_LOAD: {str(i): rows[i - 1] for i in layers},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed reduction.
+# ---------------------------------------------------------------------------------------------
+
+
+def reduce_counts(
+    counts: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    tp_size: int = 1,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """Sum local ``[L, E]`` counts over every rank of ``group`` (default: the whole world).
+
+    Why a plain world sum is right: data-, context- and expert-parallel ranks route different
+    tokens (expert parallelism is carved out of the data-parallel ranks, and the router runs on
+    every rank for its own tokens); with sequence parallelism each tensor-parallel rank routes
+    its own sequence shard; pipeline stages fill only the rows of the layers they own, so the
+    sum also gathers the layers of all stages. Only tensor parallelism WITHOUT sequence
+    parallelism replicates tokens: all ``tp_size`` ranks of a TP group route the same tokens, so
+    the sum counts each of them exactly ``tp_size`` times and is divided back (exactly, integer
+    division). megatron-core forbids TP>1 without SP for MoE *training*, so this case only
+    appears in evaluation-style forwards, but it is handled.
+
+    Args:
+        counts: local counts (int64; CPU or CUDA). Not modified.
+        group: process group to reduce over; None = default (world) group.
+        tp_size: tensor-model-parallel size.
+        sequence_parallel: whether sequence parallelism is on.
+
+    Returns:
+        A new tensor on ``counts.device`` with the global counts. Collective: every rank of the
+        group must call it, in the same order. No host sync on NCCL.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    out = counts.detach().clone()
+    if not (dist.is_available() and dist.is_initialized()):
+        if tp_size != 1:
+            raise RuntimeError("tp_size > 1 requires an initialised torch.distributed")
+        return out
+    if out.is_cuda and dist.get_backend(group) == "gloo":
+        # gloo cannot reduce CUDA int64 tensors: go through the host (only on gloo setups).
+        host = out.cpu()
+        dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)
+        out.copy_(host)
+    else:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    if tp_size > 1 and not sequence_parallel:
+        if out.is_floating_point():
+            out /= tp_size
+        else:
+            out = torch.div(out, tp_size, rounding_mode="floor")
+    return out
+
+
+def reduce_fn_for_config(config: Any, group: dist.ProcessGroup | None = None) -> Callable:
+    """:func:`reduce_counts` bound to a megatron ``TransformerConfig``'s TP size and SP flag."""
+    return functools.partial(
+        reduce_counts,
+        group=group,
+        tp_size=int(getattr(config, "tensor_model_parallel_size", 1) or 1),
+        sequence_parallel=bool(getattr(config, "sequence_parallel", False)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch violations.
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchViolationAccumulator:
+    """Running sums of per-global-batch violations, per layer, kept on the counts' device.
+
+    ``add`` takes one global batch's GLOBAL counts; the window's *batch* violation of a layer is
+    the mean of its per-batch violations over the batches in which the layer saw tokens (all of
+    them in practice); ``summary`` averages that over MoE layers.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device | str | None = None) -> None:
+        """Create empty sums for ``num_layers`` layers on ``device``."""
+        self.num_layers = num_layers
+        self._max_sum = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self._min_sum = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self._batches = torch.zeros(num_layers, dtype=torch.float64, device=device)
+        self.num_batches = 0
+
+    def reset(self) -> None:
+        """Forget all batches."""
+        self._max_sum.zero_()
+        self._min_sum.zero_()
+        self._batches.zero_()
+        self.num_batches = 0
+
+    def add(self, counts: torch.Tensor) -> None:
+        """Add one global batch's ``[L, E]`` global counts. No host sync."""
+        if counts.shape[0] != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} rows, got {tuple(counts.shape)}")
+        if counts.device != self._max_sum.device:
+            self._max_sum = self._max_sum.to(counts.device)
+            self._min_sum = self._min_sum.to(counts.device)
+            self._batches = self._batches.to(counts.device)
+        max_v, min_v = violations(counts)
+        # Dense layers (zero rows) add nothing, so they cannot dilute the layer means.
+        seen = (counts.sum(-1) > 0).to(torch.float64)
+        self._max_sum += max_v * seen
+        self._min_sum += min_v * seen
+        self._batches += seen
+        self.num_batches += 1
+
+    def per_layer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean_batch_max [L], mean_batch_min [L], batches_seen [L])``, float64, on device."""
+        n = self._batches.clamp_min(1.0)
+        return self._max_sum / n, self._min_sum / n, self._batches.clone()
+
+    def summary(self, moe_layers: Sequence[int] | None = None) -> dict[str, float]:
+        """``MEAN_BATCH_MAX_VIOLATION`` / ``MEAN_BATCH_MIN_VIOLATION``; empty with no batch/layer.
+
+        ``moe_layers`` None = layers that saw tokens in at least one batch.
+        """
+        if self.num_batches == 0:
+            return {}
+        mx, mn, seen = (t.tolist() for t in self.per_layer())
+        if moe_layers is None:
+            layers = [i + 1 for i, s in enumerate(seen) if s > 0]
+        else:
+            layers = _resolve_layers(torch.empty(self.num_layers, 1), moe_layers)
+        if not layers:
+            return {}
+        return {
+            MEAN_BATCH_MAX_VIOLATION: math.fsum(mx[i - 1] for i in layers) / len(layers),
+            MEAN_BATCH_MIN_VIOLATION: math.fsum(mn[i - 1] for i in layers) / len(layers),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The router hook.
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_autograd_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    A router forward that runs inside backward is activation recomputation (megatron's
+    ``tensor_parallel.checkpoint``, TE's checkpoint, ``torch.utils.checkpoint`` reentrant or
+    not): those tokens were already counted by the original forward. The engine exposes the
+    running graph task only through this private hook (present since torch 1.x, checked in
+    ``attach``); it is -1 outside backward.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _router_classes() -> tuple[type, ...]:
+    # Imported lazily so the pure functions above work without megatron-core installed.
+    from megatron.core.transformer.moe.router import Router
+
+    return (Router,)
+
+
+class ExpertLoadTracker:
+    """Counts tokens per expert for every MoE layer via forward hooks on megatron-core routers.
+
+    Accumulators (all ``[L, E]`` int64 on the routers' device; ``L = num_layers``):
+
+    * *batch*: local counts of the current global batch (training forwards only);
+    * *interval*: GLOBAL counts summed over the batches ended since ``reset_interval``;
+    * per-batch violation sums (:class:`BatchViolationAccumulator`);
+    * *eval*: local counts of forwards made inside :meth:`evaluating`.
+
+    Counting rules of the hook: a router forward that runs inside autograd's backward
+    (activation recomputation) is never counted; outside :meth:`evaluating`, only routers in
+    training mode (``module.training``) count, so ``model.eval()`` forwards (Megatron's
+    evaluation) leave the training numbers alone; inside :meth:`evaluating` every forward
+    counts, into the eval accumulator. The hook only adds on device: no host sync per
+    micro-batch.
+    """
+
+    def __init__(self) -> None:
+        """Create a detached tracker; call :meth:`attach`."""
+        self.num_layers = 0
+        self.num_experts = 0
+        self.topk = 0
+        self.local_moe_layers: list[int] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._evaluating = False
+        self._device = torch.device("cpu")
+        self._batch = torch.zeros(0, 0, dtype=torch.int64)
+        self._interval = torch.zeros(0, 0, dtype=torch.int64)
+        self._eval = torch.zeros(0, 0, dtype=torch.int64)
+        self._batch_stats = BatchViolationAccumulator(0)
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def attach(
+        self,
+        model_chunks: torch.nn.Module | Iterable[torch.nn.Module],
+        *,
+        num_layers: int,
+        num_experts: int,
+        topk: int,
+    ) -> list[int]:
+        """Hook every megatron-core ``Router`` (e.g. ``TopKRouter``) in ``model_chunks``.
+
+        Args:
+            model_chunks: a model or the list of (virtual-pipeline) chunks, wrapped or not.
+            num_layers: total transformer layers of the model (all pipeline stages), = L.
+            num_experts: experts per MoE layer, = E.
+            topk: router top-k (checked against the routers).
+
+        Returns:
+            The global 1-based layer numbers of the MoE layers hooked on this rank (possibly
+            empty, e.g. a pipeline stage with only dense layers).
+
+        Raises:
+            ValueError: a router without ``layer_number``, a duplicate layer, or a
+                num_experts / topk mismatch.
+        """
+        if self._handles:
+            raise RuntimeError("tracker already attached; call detach() first")
+        if not hasattr(torch._C, "_current_graph_task_id"):
+            raise RuntimeError("this torch has no _current_graph_task_id: cannot detect recompute")
+        if isinstance(model_chunks, torch.nn.Module):
+            model_chunks = [model_chunks]
+        router_cls = _router_classes()
+        routers: dict[int, torch.nn.Module] = {}
+        device: torch.device | None = None
+        for chunk in model_chunks:
+            for name, module in chunk.named_modules():
+                if not isinstance(module, router_cls) or any(module is r for r in routers.values()):
+                    continue
+                # layer_number is set by the owning TransformerLayer (MoELayer.set_layer_number)
+                # and is global: it already includes the pipeline / virtual-pipeline offset,
+                # unlike the stage-local index in the module name.
+                layer = getattr(module, "layer_number", None)
+                if layer is None:
+                    raise ValueError(f"router {name!r} has no layer_number")
+                layer = int(layer)
+                if layer > num_layers:
+                    # Multi-token-prediction layers are numbered after the decoder's layers;
+                    # they are not part of the model's load-balance metric.
+                    warnings.warn(f"not tracking router {name!r} (layer {layer} > {num_layers})")
+                    continue
+                if layer < 1:
+                    raise ValueError(f"router {name!r} has layer_number {layer} < 1")
+                if layer in routers:
+                    raise ValueError(f"two routers claim layer {layer}")
+                n_exp = getattr(module, "num_experts", num_experts)
+                if n_exp != num_experts:
+                    raise ValueError(f"router {name!r} has {n_exp} experts, not {num_experts}")
+                r_topk = getattr(module, "topk", topk)
+                if r_topk != topk:
+                    raise ValueError(f"router {name!r} has topk {r_topk}, not {topk}")
+                routers[layer] = module
+                if device is None:
+                    weight = getattr(module, "weight", None)
+                    if isinstance(weight, torch.Tensor):
+                        device = weight.device
+        self.num_layers, self.num_experts, self.topk = num_layers, num_experts, topk
+        self._device = device if device is not None else torch.device("cpu")
+        zeros = functools.partial(
+            torch.zeros, num_layers, num_experts, dtype=torch.int64, device=self._device
+        )
+        self._batch, self._interval, self._eval = zeros(), zeros(), zeros()
+        self._batch_stats = BatchViolationAccumulator(num_layers, self._device)
+        for layer, module in sorted(routers.items()):
+            self._handles.append(
+                module.register_forward_hook(self._make_hook(layer - 1), with_kwargs=True)
+            )
+        self.local_moe_layers = sorted(routers)
+        return list(self.local_moe_layers)
+
+    def detach(self) -> None:
+        """Remove the hooks (the accumulated numbers stay readable)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, row: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if _in_autograd_backward():
+                return  # activation recomputation: already counted by the first forward
+            if self._evaluating:
+                target = "_eval"
+            elif module.training:
+                target = "_batch"
+            else:
+                return  # an eval forward outside evaluating(): not a training token
+            routing_map = output[1]  # TopKRouter.forward -> (probs, routing_map [T, E] bool)
+            padding_mask = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+            with torch.no_grad():
+                if padding_mask is not None:
+                    # megatron-core: padding_mask True = padding, flattened like the tokens.
+                    routing_map = routing_map & ~padding_mask.reshape(-1, 1).bool()
+                local = routing_map.sum(0)  # bool sum -> int64 [E], stays on device
+                if local.device != self._device:
+                    self._move_to(local.device)
+                getattr(self, target)[row].add_(local)
+
+        return hook
+
+    def _move_to(self, device: torch.device) -> None:
+        # Routers may be moved (e.g. model.cuda(), or megatron moving CPU-initialised router
+        # weights to the GPU on first use) after attach: follow them once.
+        self._device = device
+        self._batch = self._batch.to(device)
+        self._interval = self._interval.to(device)
+        self._eval = self._eval.to(device)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Zero every accumulator (batch, interval, batch violations, eval)."""
+        self._batch.zero_()
+        self._eval.zero_()
+        self.reset_interval()
+
+    def local_counts(self) -> torch.Tensor:
+        """Local, unreduced counts of the current mode: ``[L, E]`` int64 (a copy).
+
+        In training: the current global batch so far (since the last :meth:`end_batch`);
+        inside :meth:`evaluating`: the evaluation so far. Rows of dense layers and of layers
+        of other pipeline stages are zero.
+        """
+        return (self._eval if self._evaluating else self._batch).clone()
+
+    def end_batch(
+        self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Close a global batch: reduce its counts once, record its violations, add to interval.
+
+        Call on every rank after the forward/backward of all micro-batches of the step.
+
+        Args:
+            reduce_fn: maps local ``[L, E]`` counts to global counts, e.g.
+                ``reduce_fn_for_config(config)``; None = no reduction (single process).
+
+        Returns:
+            The batch's global counts ``[L, E]``.
+        """
+        batch = reduce_fn(self._batch) if reduce_fn is not None else self._batch.clone()
+        self._batch_stats.add(batch)
+        self._interval += batch.to(self._interval.device)
+        self._batch.zero_()
+        return batch
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches ended since the last :meth:`reset_interval`."""
+        return self._batch_stats.num_batches
+
+    def interval_counts(self) -> torch.Tensor:
+        """GLOBAL counts ``[L, E]`` summed over the batches since :meth:`reset_interval` (copy)."""
+        return self._interval.clone()
+
+    def interval_metrics(self, moe_layers: Sequence[int] | None = None) -> dict[str, float]:
+        """Tag -> value for the interval: global per-layer and mean violations + batch means.
+
+        No collective (the counts are already global after :meth:`end_batch`), so only the
+        logging rank needs to call it. Empty when no batch was ended.
+        """
+        if self._batch_stats.num_batches == 0:
+            return {}
+        out = summarize(self._interval, moe_layers)
+        out.update(self._batch_stats.summary(moe_layers))
+        return out
+
+    def interval_histograms(
+        self, moe_layers: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Histogram tag -> per-expert load of the interval, for ``SummaryWriter.add_histogram``."""
+        return histograms(self._interval, moe_layers)
+
+    def reset_interval(self) -> None:
+        """Start a new logging interval (global counts and batch violations)."""
+        self._interval.zero_()
+        self._batch_stats.reset()
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[ExpertLoadTracker]:
+        """Count the forwards inside the block into a fresh eval accumulator.
+
+        Training accumulators are untouched; counting happens whatever ``module.training``
+        and ``torch.no_grad`` say. Read the result with :meth:`eval_counts` (inside or after).
+        """
+        self._eval.zero_()
+        previous = self._evaluating
+        self._evaluating = True
+        try:
+            yield self
+        finally:
+            self._evaluating = previous
+
+    def eval_counts(
+        self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """GLOBAL counts of the last evaluation; collective when ``reduce_fn`` is given."""
+        return reduce_fn(self._eval) if reduce_fn is not None else self._eval.clone()
