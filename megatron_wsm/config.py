@@ -37,6 +37,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
     params_dtype: str = "fp32"  #: fp32 | bf16 (bf16 implies megatron mixed precision)
+    layout_independent_init: bool = False  #: same initial weights for every TP/PP/EP layout
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict; its hash identifies the model in checkpoint manifests."""

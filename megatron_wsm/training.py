@@ -56,6 +56,7 @@ class Components:
     datasets: dict[str, Any]
     state: TrainState
     load_tracker: Any = None  # moe_metrics.ExpertLoadTracker when metrics are on
+    last_lr: float = 0.0  # LR of the step just taken (the scheduler has moved on)
 
     @property
     def num_microbatches(self) -> int:
@@ -84,12 +85,12 @@ def print_rank0(*args: Any) -> None:
 
 
 def build_model_and_optimizer(
-    cfg: RunConfig, vocab_size: int, layout_init: bool = False
+    cfg: RunConfig, vocab_size: int
 ) -> tuple[Any, list[DDP], Any, Any]:
     """megatron-core GPTModel wrapped in its DDP, its optimizer and LR scheduler."""
     tconfig = build_transformer_config(cfg.model, cfg.parallel)
     gpt = build_gpt_model(tconfig, cfg.model, vocab_size)
-    if layout_init:
+    if cfg.model.layout_independent_init:
         layout_independent_init(gpt, tconfig, cfg.training.seed)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -212,6 +213,7 @@ def train_step(comp: Components) -> StepResult:
     comp.state.iteration += 1
     comp.state.consumed_samples += gbs
     comp.state.consumed_tokens += comp.tokens_per_iteration
+    comp.last_lr = lr
     if comp.load_tracker is not None:
         comp.load_tracker.end_batch()
     return StepResult(

@@ -1,0 +1,580 @@
+"""Full and window checkpoints with megatron-core ``dist_checkpointing`` (torch_dist).
+
+Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for window ones)::
+
+    iter_0000100/                  a finished checkpoint: torch_dist shards + wsm_manifest.json
+    .tmp-iter_0000120/             a save in progress (or killed): never listed, never loaded
+    latest_checkpointed_iteration.txt   (full root only; Megatron-LM's tracker file)
+
+Every rank writes only its own shards into ``.tmp-iter_*``; after all ranks finished, rank 0
+writes the manifest (``complete: true``) and renames the directory into place — one atomic
+step, so a crash can never leave a directory that looks complete. Retention runs after that
+and only deletes complete checkpoints of ours, never the newest one.
+
+Policy (which iterations to save, which checkpoints to keep) is in pure functions at the top;
+I/O is in :class:`CheckpointManager`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_wsm import distributed as wdist
+from megatron_wsm.manifest import (
+    KIND_FULL,
+    KIND_WINDOW,
+    CheckpointManifest,
+    ParallelLayout,
+    config_hash,
+    read_manifest,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (missing, incomplete, corrupt or for another model)."""
+
+
+# ----------------------------------------------------------------------------- pure policy
+
+
+def checkpoint_name(iteration: int) -> str:
+    """Directory name of the checkpoint taken after ``iteration``."""
+    return f"iter_{iteration:07d}"
+
+
+def should_save(iteration: int, interval: int | None) -> bool:
+    """Save after ``iteration`` when it is a multiple of ``interval`` (iteration-aligned, so a
+    resumed run saves at the same iterations as an uninterrupted one)."""
+    return bool(interval) and iteration > 0 and iteration % interval == 0
+
+
+def window_to_prune(
+    entries: list[tuple[int, int]],
+    newest_iteration: int,
+    newest_tokens: int,
+    window_iters: int | None,
+    window_tokens: int | None,
+) -> list[int]:
+    """Iterations of window checkpoints that fell out of the trailing window.
+
+    ``entries`` are (iteration, consumed_tokens) of *complete* window checkpoints. A checkpoint
+    is kept when ``iteration >= newest - window_iters`` (or the token analogue), so a window of
+    ``k × interval`` keeps the k + 1 checkpoints a merge of k intervals needs. The newest one is
+    always kept; without a window size nothing is pruned.
+    """
+    if window_iters is None and window_tokens is None:
+        return []
+    doomed = []
+    for iteration, tokens in entries:
+        if iteration >= newest_iteration:
+            continue
+        if window_iters is not None and iteration < newest_iteration - window_iters:
+            doomed.append(iteration)
+        elif window_tokens is not None and tokens < newest_tokens - window_tokens:
+            doomed.append(iteration)
+    return sorted(doomed)
+
+
+def full_to_prune(iterations: list[int], keep_last: int | None) -> list[int]:
+    """Iterations of complete full checkpoints beyond the newest ``keep_last`` (never the newest)."""
+    if keep_last is None:
+        return []
+    keep_last = max(1, keep_last)
+    ordered = sorted(iterations)
+    return ordered[:-keep_last] if len(ordered) > keep_last else []
+
+
+def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, Any]:
+    """The model fields that decide parameter shapes and routing; hashed into manifests."""
+    keys = (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "max_position_embeddings",
+        "num_experts",
+        "moe_ffn_hidden_size",
+        "moe_router_topk",
+        "position_embedding_type",
+        "normalization",
+        "untie_embeddings_and_output_weights",
+    )
+    ident = {k: model_json.get(k) for k in keys}
+    ident["padded_vocab_size"] = padded_vocab
+    return ident
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    """One checkpoint directory as found on disk."""
+
+    path: Path
+    iteration: int
+    manifest: CheckpointManifest | None
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None and self.manifest.complete
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def list_checkpoints(root: str | os.PathLike, include_incomplete: bool = True) -> list[CheckpointInfo]:
+    """Checkpoints under ``root`` (``iter_*`` dirs and in-progress ``.tmp-iter_*`` ones), oldest
+    first. Incomplete ones (no manifest, ``complete: false``, unreadable manifest, or a
+    temporary dir) are listed only when ``include_incomplete``."""
+    root = Path(root)
+    found: list[CheckpointInfo] = []
+    if not root.is_dir():
+        return found
+    for child in root.iterdir():
+        if not child.is_dir():
+            continue
+        name = child.name
+        is_tmp = name.startswith(_TMP_PREFIX)
+        match = _ITER_RE.match(name[len(_TMP_PREFIX):] if is_tmp else name)
+        if not match:
+            continue
+        iteration = int(match.group(1))
+        manifest, error = None, None
+        if is_tmp:
+            error = "save in progress or interrupted"
+        else:
+            try:
+                manifest = read_manifest(child)
+                if manifest is None:
+                    error = "no manifest (incomplete or not written by megatron-wsm)"
+            except ValueError as e:
+                error = str(e)
+        info = CheckpointInfo(child, iteration, manifest, error)
+        if info.complete or include_incomplete:
+            found.append(info)
+    found.sort(key=lambda c: (c.iteration, c.path.name))
+    return found
+
+
+def list_window(root: str | os.PathLike) -> list[CheckpointInfo]:
+    """Complete window checkpoints under ``root``, oldest first (what the merge tool uses)."""
+    return [
+        c
+        for c in list_checkpoints(root, include_incomplete=False)
+        if c.manifest is not None and c.manifest.kind == KIND_WINDOW
+    ]
+
+
+def resolve_load_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from ``--load``: the directory itself when it is a checkpoint,
+    else the newest complete ``iter_*`` below it (Megatron's tracker file is only a hint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--load {path}: no such directory")
+    if (path / ".metadata").exists() or (path / "metadata.json").exists():
+        manifest = None
+        try:
+            manifest = read_manifest(path)
+        except ValueError as e:
+            raise CheckpointError(f"--load {path}: {e}") from e
+        if manifest is not None and not manifest.complete:
+            raise CheckpointError(f"--load {path}: checkpoint is marked incomplete")
+        return path
+    complete = [c for c in list_checkpoints(path, include_incomplete=False)]
+    if not complete:
+        listed = list_checkpoints(path)
+        hint = f" ({len(listed)} incomplete ones found)" if listed else ""
+        raise CheckpointError(f"--load {path}: no complete checkpoint found{hint}")
+    return complete[-1].path
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from, for bitwise resume."""
+    from megatron.core import tensor_parallel
+
+    state: dict[str, Any] = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+@dataclasses.dataclass
+class SaveResult:
+    """What a finished save reports."""
+
+    path: Path
+    kind: str
+    iteration: int
+    bytes: int
+    seconds: float
+
+
+class CheckpointManager:
+    """Saves, loads and prunes the checkpoints of one run (every rank holds one)."""
+
+    def __init__(
+        self,
+        model: list[Any],
+        optimizer: Any,
+        scheduler: Any,
+        layout: ParallelLayout,
+        model_json: dict[str, Any],
+        padded_vocab: int,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.layout = layout
+        self.identity = model_identity(model_json, padded_vocab)
+        self.identity_hash = config_hash(self.identity)
+        self._async_queue = None
+        self._pending: list[Callable[[], None]] = []
+
+    # -- state dicts
+
+    def _model_sharded(self) -> dict[str, Any]:
+        return self.model[0].sharded_state_dict()
+
+    def _rng_object(self, value: Any) -> Any:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        # One RNG state per rank: restoring it needs the same world size (checked on load).
+        return ShardedObject(
+            "rng_state", value, (self.layout.world_size,), (wdist.rank(),), replica_id=0
+        )
+
+    def _state_dict(self, kind: str, train_state: Any) -> dict[str, Any]:
+        model_sd = self._model_sharded()
+        sd: dict[str, Any] = {
+            "model": model_sd,
+            "checkpoint_version": 3.0,
+            "iteration": train_state.iteration,
+            "consumed_samples": train_state.consumed_samples,
+            "consumed_tokens": train_state.consumed_tokens,
+        }
+        if kind == KIND_FULL:
+            sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+            sd["opt_param_scheduler"] = self.scheduler.state_dict()
+            sd["rng_state"] = self._rng_object(rng_state())
+        return sd
+
+    def _save_strategy(self) -> Any:
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import (
+            get_default_save_sharded_strategy,
+        )
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+            # Spread the writing of replicated shards over DP ranks (Megatron's default).
+            strategy = FullyParallelSaveStrategyWrapper(
+                strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
+            )
+        return strategy
+
+    # -- saving
+
+    def save(
+        self,
+        root: str | os.PathLike,
+        kind: str,
+        train_state: Any,
+        learning_rate: float,
+        *,
+        async_save: bool = False,
+        on_complete: Callable[[SaveResult], None] | None = None,
+    ) -> None:
+        """Save a ``kind`` checkpoint of the current state under ``root``.
+
+        Synchronous saves return after the checkpoint is complete (and ``on_complete`` ran on
+        rank 0). Async saves return once the shards are staged; the finalisation (manifest,
+        rename, ``on_complete``) happens in :meth:`poll` / :meth:`wait` on a later call.
+        """
+        from megatron.core import dist_checkpointing
+
+        start = time.perf_counter()
+        root = Path(root)
+        name = checkpoint_name(train_state.iteration)
+        tmp = root / (_TMP_PREFIX + name)
+        final = root / name
+        if wdist.rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # our own leftover from an interrupted save of this iteration
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        wdist.barrier()
+        state_dict = self._state_dict(kind, train_state)
+        manifest = CheckpointManifest(
+            kind=kind,
+            iteration=train_state.iteration,
+            consumed_samples=train_state.consumed_samples,
+            consumed_tokens=train_state.consumed_tokens,
+            learning_rate=learning_rate,
+            parallel=self.layout,
+            model_config_hash=self.identity_hash,
+            model_config=self.identity,
+            checkpoint_format="torch_dist",
+            megatron_core_version=_mcore_version(),
+            complete=True,
+        )
+
+        def finalize() -> None:
+            # Runs on every rank after every rank's shards are on disk.
+            if wdist.rank() == 0:
+                _check_disk_write(tmp)
+                manifest.created_unix = time.time()
+                write_manifest(tmp, manifest)
+                _replace_dir(tmp, final)
+                if kind == KIND_FULL:
+                    _write_text_atomic(root / TRACKER_FILE, str(train_state.iteration))
+                result = SaveResult(
+                    final, kind, train_state.iteration, _dir_bytes(final),
+                    time.perf_counter() - start,
+                )
+                if on_complete is not None:
+                    on_complete(result)
+            wdist.barrier()
+
+        if async_save:
+            request = dist_checkpointing.save(
+                state_dict, str(tmp), self._save_strategy(), async_sharded_save=True
+            )
+            request.add_finalize_fn(finalize)
+            self._async().schedule_async_request(request)
+        else:
+            dist_checkpointing.save(state_dict, str(tmp), self._save_strategy())
+            wdist.barrier()
+            finalize()
+
+    def _async(self) -> Any:
+        if self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue(persistent=False)
+        return self._async_queue
+
+    def poll(self) -> None:
+        """Finalise async saves that finished (non-blocking; call every iteration, all ranks)."""
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every async save is finalised (call before exiting)."""
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+            self._async_queue.close()
+            self._async_queue = None
+
+    # -- retention
+
+    def prune_window(
+        self, root: str | os.PathLike, window_iters: int | None, window_tokens: int | None
+    ) -> list[Path]:
+        """Delete complete window checkpoints outside the trailing window (rank 0 only)."""
+        if wdist.rank() != 0:
+            return []
+        window = list_window(root)
+        if not window:
+            return []
+        newest = window[-1].manifest
+        assert newest is not None
+        doomed = set(
+            window_to_prune(
+                [(c.iteration, c.manifest.consumed_tokens) for c in window if c.manifest],
+                newest.iteration,
+                newest.consumed_tokens,
+                window_iters,
+                window_tokens,
+            )
+        )
+        removed = []
+        for c in window[:-1]:
+            if c.iteration in doomed:
+                shutil.rmtree(c.path)
+                removed.append(c.path)
+        return removed
+
+    def prune_full(self, root: str | os.PathLike, keep_last: int | None) -> list[Path]:
+        """Keep the newest ``keep_last`` complete full checkpoints (rank 0 only)."""
+        if wdist.rank() != 0:
+            return []
+        full = [
+            c
+            for c in list_checkpoints(root, include_incomplete=False)
+            if c.manifest is not None and c.manifest.kind == KIND_FULL
+        ]
+        doomed = set(full_to_prune([c.iteration for c in full], keep_last))
+        removed = []
+        for c in full[:-1]:
+            if c.iteration in doomed:
+                shutil.rmtree(c.path)
+                removed.append(c.path)
+        return removed
+
+    # -- loading
+
+    def load(
+        self,
+        path: str | os.PathLike,
+        *,
+        load_optim: bool = True,
+        load_rng: bool = True,
+        finetune: bool = False,
+    ) -> dict[str, Any]:
+        """Load ``path`` (a checkpoint dir or a root) into model/optimizer/scheduler.
+
+        Returns ``{"iteration", "consumed_samples", "consumed_tokens", "kind", "path"}``.
+        Model-only checkpoints (window, merged) and ``finetune`` load weights only.
+        """
+        from megatron.core import dist_checkpointing
+
+        ckpt = resolve_load_dir(path)
+        try:
+            manifest = read_manifest(ckpt)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt}: {e}") from e
+        kind = manifest.kind if manifest is not None else KIND_FULL
+        if manifest is not None and manifest.model_config_hash != self.identity_hash:
+            diff = {
+                k: (manifest.model_config.get(k), v)
+                for k, v in self.identity.items()
+                if manifest.model_config.get(k) != v
+            }
+            raise CheckpointError(
+                f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
+            )
+        model_sd = self._model_sharded()
+        sharded: dict[str, Any] = {"model": model_sd}
+        has_optim = kind == KIND_FULL and not finetune
+        if has_optim and load_optim:
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        same_world = manifest is None or manifest.parallel.world_size == self.layout.world_size
+        if has_optim and load_rng and same_world:
+            sharded["rng_state"] = self._rng_object(None)
+        try:
+            loaded = dist_checkpointing.load(sharded, str(ckpt))
+        except Exception as e:  # megatron-core raises many types; say which checkpoint failed
+            raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}") from e
+        self.model[0].load_state_dict(loaded["model"], strict=True)
+        if "optimizer" in sharded:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        else:
+            # Master (fp32) copies must follow the loaded weights when no optimizer state is read.
+            if hasattr(self.optimizer, "reload_model_params"):
+                self.optimizer.reload_model_params()
+        if has_optim and "opt_param_scheduler" in loaded:
+            try:
+                self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+            except AssertionError as e:
+                raise CheckpointError(
+                    f"the LR schedule of this run differs from the checkpoint's ({e}); pass "
+                    "--override-opt-param-scheduler to use this command line's schedule, or "
+                    "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+                ) from e
+        if "rng_state" in sharded and loaded.get("rng_state") is not None:
+            set_rng_state(loaded["rng_state"])
+        wdist.barrier()
+        if finetune:
+            return {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "kind": kind,
+                    "path": str(ckpt)}
+        return {
+            "iteration": int(loaded.get("iteration", 0)),
+            "consumed_samples": int(loaded.get("consumed_samples", 0)),
+            "consumed_tokens": int(loaded.get("consumed_tokens", 0)),
+            "kind": kind,
+            "path": str(ckpt),
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mcore_version() -> str:
+    from megatron.core.package_info import __version__
+
+    return __version__
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _check_disk_write(path: Path) -> None:
+    """Fail the save (before it is marked complete) if the shards look truncated."""
+    if not (path / ".metadata").exists():
+        raise CheckpointError(f"{path}: torch_dist metadata missing after save (disk full?)")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished checkpoint into place; an existing one at ``dst`` is replaced only after
+    the new one is in place (the old one is renamed aside first, then deleted)."""
+    if dst.exists():
+        aside = dst.with_name(f"{_TMP_PREFIX}old-{dst.name}-{os.getpid()}")
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (a MIN all-reduce)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -1,0 +1,231 @@
+"""``pretrain_moe.py``'s body: flags → data, model, checkpoints → train → evaluate.
+
+Kept apart from ``training.py`` (the loop itself) so the loop can be driven by tests and
+benchmarks without the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from megatron_wsm import distributed as wdist
+from megatron_wsm.arguments import ConfigError, parse_run_config, validate, window_interval_iters
+from megatron_wsm.checkpointing import CheckpointError, CheckpointManager, SaveResult, should_save
+from megatron_wsm.config import RunConfig
+from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW, ParallelLayout
+from megatron_wsm.model import padded_vocab_size
+from megatron_wsm.training import (
+    Components,
+    TrainState,
+    build_model_and_optimizer,
+    evaluate,
+    print_rank0,
+    train,
+    write_json,
+)
+
+
+def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
+    """Tokenizer and train/valid/test GPTDatasets; returns (datasets, vocab size, description)."""
+    from megatron_wsm.data.datasets import build_gpt_datasets, build_gpt_datasets_from_prefix
+    from megatron_wsm.data.tokenizer import SentencePieceTokenizer
+
+    t = cfg.training
+    # Sample counts GPTDataset must be able to serve (it repeats epochs as needed).
+    num_samples = (
+        max(t.train_iters, 1) * t.global_batch_size,
+        max(t.eval_iters, 1) * t.global_batch_size,
+        max(t.eval_iters, 1) * t.global_batch_size,
+    )
+    if cfg.data.data_path is None:
+        from megatron_wsm.data.prepare import prepare_embedded_data
+
+        prepared = prepare_embedded_data(
+            cfg.data.data_cache_dir, vocab_size=cfg.data.vocab_size, seed=t.seed
+        )
+        tokenizer = SentencePieceTokenizer(prepared.tokenizer_model)
+        train_ds, valid_ds, test_ds = build_gpt_datasets(
+            prepared.train_prefix,
+            prepared.valid_prefix,
+            prepared.test_prefix,
+            tokenizer,
+            cfg.model.seq_length,
+            t.seed,
+            num_samples,
+            path_to_cache=os.path.join(cfg.data.data_cache_dir, "index_cache"),
+        )
+        source = f"embedded corpus (cache: {cfg.data.data_cache_dir})"
+    else:
+        assert cfg.data.tokenizer_model is not None
+        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        train_ds, valid_ds, test_ds = build_gpt_datasets_from_prefix(
+            cfg.data.data_path,
+            cfg.data.split,
+            tokenizer,
+            cfg.model.seq_length,
+            t.seed,
+            num_samples,
+        )
+        source = cfg.data.data_path
+    datasets = {"train": train_ds, "valid": valid_ds, "test": test_ds}
+    for split, ds in datasets.items():
+        if ds is None or len(ds) == 0:
+            raise ConfigError(f"the {split} split of {source} is empty; adjust --split")
+    return datasets, tokenizer.vocab_size, source
+
+
+def _layout(cfg: RunConfig) -> ParallelLayout:
+    from megatron.core import parallel_state as ps
+
+    return ParallelLayout(
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
+        context_parallel_size=cfg.parallel.context_parallel_size,
+        data_parallel_size=ps.get_data_parallel_world_size(),
+        world_size=wdist.world_size(),
+    )
+
+
+def _report_save(result: SaveResult) -> None:
+    print(
+        f"saved {result.kind} checkpoint at iteration {result.iteration}: {result.path} "
+        f"({result.bytes / 2**20:.1f} MiB, {result.seconds:.2f} s)",
+        flush=True,
+    )
+
+
+class CheckpointHook:
+    """After each iteration: full saves at ``--save-interval``, window saves at
+    ``--wsm-interval``, retention, and finalising async saves."""
+
+    def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.window_interval = window_interval_iters(cfg)
+        self.window_root = cfg.wsm.wsm_save or (
+            os.path.join(cfg.training.save, "wsm_window") if cfg.training.save else None
+        )
+        self.last_full_bytes: int | None = None
+
+    def _window_done(self, result: SaveResult) -> None:
+        note = ""
+        if self.last_full_bytes:
+            note = f", {100.0 * result.bytes / self.last_full_bytes:.1f}% of a full checkpoint"
+        print(
+            f"saved window checkpoint at iteration {result.iteration}: {result.path} "
+            f"({result.bytes / 2**20:.2f} MiB{note}, {result.seconds:.2f} s)",
+            flush=True,
+        )
+        w = self.cfg.wsm
+        for path in self.manager.prune_window(
+            result.path.parent, w.wsm_window, w.wsm_window_tokens
+        ):
+            print(f"pruned window checkpoint {path} (outside the window)", flush=True)
+
+    def _full_done(self, result: SaveResult) -> None:
+        self.last_full_bytes = result.bytes
+        _report_save(result)
+        for path in self.manager.prune_full(result.path.parent, self.cfg.training.save_keep_last):
+            print(f"pruned full checkpoint {path} (--save-keep-last)", flush=True)
+
+    def __call__(self, comp: Components) -> None:
+        self.manager.poll()
+        it = comp.state.iteration
+        lr = comp.last_lr
+        t = self.cfg.training
+        if self.window_root and should_save(it, self.window_interval):
+            self.manager.save(
+                self.window_root, KIND_WINDOW, comp.state, lr,
+                async_save=self.cfg.wsm.wsm_async, on_complete=self._window_done,
+            )
+        if t.save and (should_save(it, t.save_interval) or it == t.train_iters):
+            self.manager.save(
+                t.save, KIND_FULL, comp.state, lr,
+                async_save=t.async_save, on_complete=self._full_done,
+            )
+
+
+def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
+    """Everything but the loop: process groups, data, model, optimizer, checkpoint loading."""
+    wdist.init_distributed(cfg.parallel, cfg.training.seed)
+    validate(cfg, wdist.world_size(), torch.cuda.is_available())
+    datasets, vocab, source = build_data(cfg)
+    padded = padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size)
+    cfg.model.vocab_size = vocab
+    tconfig, model, optimizer, scheduler = build_model_and_optimizer(cfg, padded)
+    comp = Components(cfg, tconfig, model, optimizer, scheduler, padded, datasets, TrainState())
+    if cfg.training.moe_metrics and cfg.model.num_experts:
+        from megatron_wsm.moe_metrics import ExpertLoadTracker
+
+        comp.load_tracker = ExpertLoadTracker.for_training(comp)
+    manager = CheckpointManager(
+        model, optimizer, scheduler, _layout(cfg), cfg.model.to_json(), padded
+    )
+    t = cfg.training
+    if t.load:
+        info = manager.load(
+            t.load,
+            load_optim=not t.no_load_optim,
+            load_rng=not t.no_load_rng,
+            finetune=t.finetune,
+        )
+        comp.state = TrainState(
+            info["iteration"], info["consumed_samples"], info["consumed_tokens"]
+        )
+        print_rank0(
+            f"loaded {info['kind']} checkpoint {info['path']} at iteration {info['iteration']}"
+        )
+    n_params = sum(p.numel() for p in model[0].parameters())
+    print_rank0(
+        f"megatron-wsm: world {wdist.world_size()} (TP {cfg.parallel.tensor_model_parallel_size}"
+        f", PP {cfg.parallel.pipeline_model_parallel_size}, EP "
+        f"{cfg.parallel.expert_model_parallel_size}), data: {source}, vocab {vocab} (padded "
+        f"{padded}), params on rank 0: {n_params:,}"
+    )
+    return comp, manager
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train (or only evaluate) as configured; returns the final evaluation."""
+    comp, manager = setup(cfg)
+    t = cfg.training
+    if not t.eval_only:
+        hook = CheckpointHook(cfg, manager)
+        train(comp, hooks=[hook])
+        manager.wait()
+    result = evaluate(comp, "valid")
+    result["iteration"] = comp.state.iteration
+    result["consumed_tokens"] = comp.state.consumed_tokens
+    result["checkpoint"] = t.load
+    print_rank0(
+        f"final validation | iteration {comp.state.iteration} | lm loss {result['loss']:.4f} "
+        f"| ppl {result['perplexity']:.2f}"
+        + (f" | {result['moe']['summary']}" if result.get("moe") else "")
+    )
+    if t.output_json:
+        write_json(t.output_json, result)
+    if t.tensorboard_dir:
+        print_rank0(
+            f"TensorBoard logs: {os.path.abspath(t.tensorboard_dir)}  "
+            f"(tensorboard --logdir {t.tensorboard_dir})"
+        )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns a process exit code (2 for a bad configuration or checkpoint)."""
+    cfg, _ = parse_run_config(argv)
+    try:
+        run(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        wdist.destroy_distributed()
+        return 2
+    wdist.destroy_distributed()
+    return 0
