@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=8)
     g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="stop when the iteration is a multiple of N (a full checkpoint is saved first)",
+    )
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=50, help="0: no periodic evaluation")

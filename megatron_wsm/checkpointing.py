@@ -277,8 +277,15 @@ class CheckpointManager:
 
     # -- state dicts
 
+    def _bare_model(self) -> Any:
+        # Strip DDP / Float16Module wrappers: checkpoint keys are the GPTModel's own names.
+        module = self.model[0]
+        while hasattr(module, "module"):
+            module = module.module
+        return module
+
     def _model_sharded(self) -> dict[str, Any]:
-        return self.model[0].sharded_state_dict()
+        return self._bare_model().sharded_state_dict()
 
     def _rng_object(self, value: Any) -> Any:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -503,7 +510,7 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(sharded, str(ckpt))
         except Exception as e:  # megatron-core raises many types; say which checkpoint failed
             raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}") from e
-        self.model[0].load_state_dict(loaded["model"], strict=True)
+        self._bare_model().load_state_dict(loaded["model"], strict=True)
         if "optimizer" in sharded:
             self.optimizer.load_state_dict(loaded["optimizer"])
         else:

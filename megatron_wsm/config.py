@@ -96,6 +96,7 @@ class TrainingConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
     train_iters: int = 100
+    exit_interval: int | None = None  #: stop (after saving) once iteration % N == 0
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 50

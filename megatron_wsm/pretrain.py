@@ -25,6 +25,7 @@ from megatron_wsm.training import (
     build_model_and_optimizer,
     evaluate,
     print_rank0,
+    should_exit,
     train,
     write_json,
 )
@@ -144,7 +145,8 @@ class CheckpointHook:
                 self.window_root, KIND_WINDOW, comp.state, lr,
                 async_save=self.cfg.wsm.wsm_async, on_complete=self._window_done,
             )
-        if t.save and (should_save(it, t.save_interval) or it == t.train_iters):
+        last = it == t.train_iters or should_exit(comp)
+        if t.save and (should_save(it, t.save_interval) or last):
             self.manager.save(
                 t.save, KIND_FULL, comp.state, lr,
                 async_save=t.async_save, on_complete=self._full_done,
@@ -224,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(cfg)
     except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if wdist.rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         wdist.destroy_distributed()
         return 2
     wdist.destroy_distributed()

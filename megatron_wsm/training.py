@@ -406,11 +406,20 @@ def train(comp: Components, hooks: list[Callable[[Components], None]] | None = N
                 hook(comp)
             if cfg.eval_interval and comp.state.iteration % cfg.eval_interval == 0:
                 logger.eval(evaluate(comp))
+            if should_exit(comp):
+                print_rank0(f"exiting at iteration {comp.state.iteration} (--exit-interval)")
+                break
     finally:
         if progress is not None:
             progress.close()
         logger.close()
     return losses
+
+
+def should_exit(comp: Components) -> bool:
+    """True after the iteration at which ``--exit-interval`` asks the run to stop."""
+    n = comp.cfg.training.exit_interval
+    return bool(n) and comp.state.iteration % n == 0
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
