@@ -13,8 +13,9 @@ batch and average the ratios over the batches of the window.
 
 Conventions:
 
-* **Layer numbers are global and 1-based**, exactly megatron-core's ``TransformerLayer.layer_number``
-  (which already includes the pipeline / virtual-pipeline offset). Count tensors have shape
+* **Layer numbers are global and 1-based**, exactly megatron-core's
+  ``TransformerLayer.layer_number`` (which already includes the pipeline / virtual-pipeline
+  offset, unlike the stage-local index in module names). Count tensors have shape
   ``[L, E]`` with ``L = num_layers`` and row ``i - 1`` holding layer ``i``. Rows of dense layers
   (``moe_layer_freq``) and of layers owned by another pipeline stage stay zero locally; after the
   world reduction (:func:`reduce_counts`) every MoE layer's row is filled on every rank.
@@ -27,22 +28,19 @@ Conventions:
   after token dropping (``routing_map``). Padding tokens (``padding_mask``) are excluded.
   Multi-token-prediction (MTP) layers are not part of the metric (their routers are not hooked).
 
-Typical use by the trainer (every rank calls the collective methods)::
+Typical use by the trainer (``end_batch`` / ``end_eval`` are collectives: every rank calls them)::
 
-    tracker = ExpertLoadTracker()
-    tracker.attach(model, num_layers=cfg.num_layers, num_experts=cfg.num_moe_experts,
-                   topk=cfg.moe_router_topk)
-    reduce_fn = reduce_fn_for_config(cfg)                 # world all-reduce (+ TP division)
+    tracker = ExpertLoadTracker.for_model(model_chunks, transformer_config)
     for step in ...:
-        forward_backward(...)                              # hooks count each micro-batch
-        tracker.end_batch(reduce_fn)                       # one small all-reduce per step
+        forward_backward(...)                  # hooks count each micro-batch, on device
+        tracker.end_batch()                    # one small all-reduce per global batch
         if step % log_interval == 0:
-            metrics = tracker.interval_metrics()           # tag -> float, no collective
+            metrics = tracker.interval_metrics()     # tag -> float, no collective
+            tracker.write_histograms(writer, step)   # optional
             tracker.reset_interval()
-    with tracker.evaluating():                             # eval forwards are counted apart
-        run_eval(...)
-        eval_counts = tracker.eval_counts(reduce_fn)       # collective
-    json_out.update(eval_summary(eval_counts))
+    tracker.begin_eval()                       # or: with tracker.evaluating(): ...
+    run_eval(...)                              # model.eval(), no_grad: counted apart
+    result["moe"] = tracker.end_eval()         # JSON-friendly dict, see eval_summary
 """
 
 from __future__ import annotations
@@ -434,30 +432,39 @@ def _router_classes() -> tuple[type, ...]:
     return (Router,)
 
 
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 class ExpertLoadTracker:
     """Counts tokens per expert for every MoE layer via forward hooks on megatron-core routers.
 
     Accumulators (all ``[L, E]`` int64 on the routers' device; ``L = num_layers``):
 
     * *batch*: local counts of the current global batch (training forwards only);
-    * *interval*: GLOBAL counts summed over the batches ended since ``reset_interval``;
+    * *interval*: GLOBAL counts summed over the batches ended since :meth:`reset_interval`;
     * per-batch violation sums (:class:`BatchViolationAccumulator`);
-    * *eval*: local counts of forwards made inside :meth:`evaluating`.
+    * *eval*: local counts of the forwards between :meth:`begin_eval` and :meth:`end_eval`.
 
     Counting rules of the hook: a router forward that runs inside autograd's backward
-    (activation recomputation) is never counted; outside :meth:`evaluating`, only routers in
-    training mode (``module.training``) count, so ``model.eval()`` forwards (Megatron's
-    evaluation) leave the training numbers alone; inside :meth:`evaluating` every forward
-    counts, into the eval accumulator. The hook only adds on device: no host sync per
-    micro-batch.
+    (activation recomputation) is never counted; outside evaluation only routers in training
+    mode (``module.training``) count, so ``model.eval()`` forwards leave the training numbers
+    alone; during evaluation every forward counts, into the eval accumulator only. The hook
+    only adds on device: no host sync per micro-batch.
+
+    Collective methods (every rank must call them, in the same order): :meth:`end_batch`,
+    :meth:`end_eval`, :meth:`eval_counts` (when a reduction is configured). Everything else is
+    local.
     """
 
     def __init__(self) -> None:
-        """Create a detached tracker; call :meth:`attach`."""
+        """Create a detached tracker; call :meth:`attach` (or use :meth:`for_model`)."""
         self.num_layers = 0
         self.num_experts = 0
         self.topk = 0
+        #: Global 1-based numbers of the MoE layers whose routers live on this rank.
         self.local_moe_layers: list[int] = []
+        #: Local -> global counts; None = no reduction (single process).
+        self.reduce_fn: ReduceFn | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._evaluating = False
         self._device = torch.device("cpu")
@@ -468,6 +475,31 @@ class ExpertLoadTracker:
 
     # -- setup -----------------------------------------------------------------------------
 
+    @classmethod
+    def for_model(
+        cls,
+        model_chunks: torch.nn.Module | Iterable[torch.nn.Module],
+        config: Any,
+        *,
+        reduce_fn: ReduceFn | None = None,
+    ) -> ExpertLoadTracker:
+        """A tracker attached to ``model_chunks`` with sizes from a ``TransformerConfig``.
+
+        ``reduce_fn`` defaults to :func:`reduce_fn_for_config` (world sum, TP division without
+        SP) when ``torch.distributed`` is initialised, else to no reduction.
+        """
+        if reduce_fn is None and dist.is_available() and dist.is_initialized():
+            reduce_fn = reduce_fn_for_config(config)
+        tracker = cls()
+        tracker.attach(
+            model_chunks,
+            num_layers=config.num_layers,
+            num_experts=config.num_moe_experts,
+            topk=config.moe_router_topk,
+            reduce_fn=reduce_fn,
+        )
+        return tracker
+
     def attach(
         self,
         model_chunks: torch.nn.Module | Iterable[torch.nn.Module],
@@ -475,6 +507,7 @@ class ExpertLoadTracker:
         num_layers: int,
         num_experts: int,
         topk: int,
+        reduce_fn: ReduceFn | None = None,
     ) -> list[int]:
         """Hook every megatron-core ``Router`` (e.g. ``TopKRouter``) in ``model_chunks``.
 
@@ -483,14 +516,18 @@ class ExpertLoadTracker:
             num_layers: total transformer layers of the model (all pipeline stages), = L.
             num_experts: experts per MoE layer, = E.
             topk: router top-k (checked against the routers).
+            reduce_fn: local -> global counts, used by :meth:`end_batch` / :meth:`end_eval`.
+                None: :func:`reduce_fn_for_config` of a hooked router's config when
+                ``torch.distributed`` is initialised (a rank without any router then needs an
+                explicit one), no reduction otherwise.
 
         Returns:
             The global 1-based layer numbers of the MoE layers hooked on this rank (possibly
             empty, e.g. a pipeline stage with only dense layers).
 
         Raises:
-            ValueError: a router without ``layer_number``, a duplicate layer, or a
-                num_experts / topk mismatch.
+            ValueError: a router without ``layer_number``, a duplicate layer, a
+                num_experts / topk mismatch, or no way to choose the reduction.
         """
         if self._handles:
             raise RuntimeError("tracker already attached; call detach() first")
@@ -498,9 +535,43 @@ class ExpertLoadTracker:
             raise RuntimeError("this torch has no _current_graph_task_id: cannot detect recompute")
         if isinstance(model_chunks, torch.nn.Module):
             model_chunks = [model_chunks]
+        routers = self._find_routers(model_chunks, num_layers, num_experts, topk)
+        if reduce_fn is None and dist.is_available() and dist.is_initialized():
+            config = next((getattr(r, "config", None) for r in routers.values()), None)
+            if config is not None:
+                reduce_fn = reduce_fn_for_config(config)
+            elif dist.get_world_size() > 1:
+                raise ValueError(
+                    "no router on this rank to read TP/SP from: pass reduce_fn (or use for_model)"
+                )
+        device = None
+        for module in routers.values():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                device = weight.device
+                break
+        self.num_layers, self.num_experts, self.topk = num_layers, num_experts, topk
+        self.reduce_fn = reduce_fn
+        self._device = device if device is not None else torch.device("cpu")
+        zeros = functools.partial(
+            torch.zeros, num_layers, num_experts, dtype=torch.int64, device=self._device
+        )
+        self._batch, self._interval, self._eval = zeros(), zeros(), zeros()
+        self._batch_stats = BatchViolationAccumulator(num_layers, self._device)
+        for layer, module in sorted(routers.items()):
+            self._handles.append(
+                module.register_forward_hook(self._make_hook(layer - 1), with_kwargs=True)
+            )
+        self.local_moe_layers = sorted(routers)
+        return list(self.local_moe_layers)
+
+    @staticmethod
+    def _find_routers(
+        model_chunks: Iterable[torch.nn.Module], num_layers: int, num_experts: int, topk: int
+    ) -> dict[int, torch.nn.Module]:
+        """Global layer number -> router module, checked."""
         router_cls = _router_classes()
         routers: dict[int, torch.nn.Module] = {}
-        device: torch.device | None = None
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
                 if not isinstance(module, router_cls) or any(module is r for r in routers.values()):
@@ -515,7 +586,10 @@ class ExpertLoadTracker:
                 if layer > num_layers:
                     # Multi-token-prediction layers are numbered after the decoder's layers;
                     # they are not part of the model's load-balance metric.
-                    warnings.warn(f"not tracking router {name!r} (layer {layer} > {num_layers})")
+                    warnings.warn(
+                        f"not tracking router {name!r} (layer {layer} > {num_layers})",
+                        stacklevel=3,
+                    )
                     continue
                 if layer < 1:
                     raise ValueError(f"router {name!r} has layer_number {layer} < 1")
@@ -528,23 +602,7 @@ class ExpertLoadTracker:
                 if r_topk != topk:
                     raise ValueError(f"router {name!r} has topk {r_topk}, not {topk}")
                 routers[layer] = module
-                if device is None:
-                    weight = getattr(module, "weight", None)
-                    if isinstance(weight, torch.Tensor):
-                        device = weight.device
-        self.num_layers, self.num_experts, self.topk = num_layers, num_experts, topk
-        self._device = device if device is not None else torch.device("cpu")
-        zeros = functools.partial(
-            torch.zeros, num_layers, num_experts, dtype=torch.int64, device=self._device
-        )
-        self._batch, self._interval, self._eval = zeros(), zeros(), zeros()
-        self._batch_stats = BatchViolationAccumulator(num_layers, self._device)
-        for layer, module in sorted(routers.items()):
-            self._handles.append(
-                module.register_forward_hook(self._make_hook(layer - 1), with_kwargs=True)
-            )
-        self.local_moe_layers = sorted(routers)
-        return list(self.local_moe_layers)
+        return routers
 
     def detach(self) -> None:
         """Remove the hooks (the accumulated numbers stay readable)."""
@@ -561,7 +619,7 @@ class ExpertLoadTracker:
             elif module.training:
                 target = "_batch"
             else:
-                return  # an eval forward outside evaluating(): not a training token
+                return  # an eval forward outside evaluation: not a training token
             routing_map = output[1]  # TopKRouter.forward -> (probs, routing_map [T, E] bool)
             padding_mask = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
             with torch.no_grad():
@@ -583,6 +641,10 @@ class ExpertLoadTracker:
         self._interval = self._interval.to(device)
         self._eval = self._eval.to(device)
 
+    def _reduce(self, counts: torch.Tensor, reduce_fn: ReduceFn | None) -> torch.Tensor:
+        fn = reduce_fn if reduce_fn is not None else self.reduce_fn
+        return fn(counts) if fn is not None else counts.clone()
+
     # -- training ----------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -595,26 +657,24 @@ class ExpertLoadTracker:
         """Local, unreduced counts of the current mode: ``[L, E]`` int64 (a copy).
 
         In training: the current global batch so far (since the last :meth:`end_batch`);
-        inside :meth:`evaluating`: the evaluation so far. Rows of dense layers and of layers
-        of other pipeline stages are zero.
+        during evaluation: the evaluation so far. Rows of dense layers and of layers of other
+        pipeline stages are zero.
         """
         return (self._eval if self._evaluating else self._batch).clone()
 
-    def end_batch(
-        self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def end_batch(self, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
         """Close a global batch: reduce its counts once, record its violations, add to interval.
 
-        Call on every rank after the forward/backward of all micro-batches of the step.
+        Collective: call on every rank after the forward/backward of all micro-batches of the
+        step (one all-reduce of ``L * E`` int64 per step; no host sync on NCCL).
 
         Args:
-            reduce_fn: maps local ``[L, E]`` counts to global counts, e.g.
-                ``reduce_fn_for_config(config)``; None = no reduction (single process).
+            reduce_fn: overrides :attr:`reduce_fn` for this call.
 
         Returns:
             The batch's global counts ``[L, E]``.
         """
-        batch = reduce_fn(self._batch) if reduce_fn is not None else self._batch.clone()
+        batch = self._reduce(self._batch, reduce_fn)
         self._batch_stats.add(batch)
         self._interval += batch.to(self._interval.device)
         self._batch.zero_()
@@ -632,8 +692,8 @@ class ExpertLoadTracker:
     def interval_metrics(self, moe_layers: Sequence[int] | None = None) -> dict[str, float]:
         """Tag -> value for the interval: global per-layer and mean violations + batch means.
 
-        No collective (the counts are already global after :meth:`end_batch`), so only the
-        logging rank needs to call it. Empty when no batch was ended.
+        No collective (the counts are already global after :meth:`end_batch`): any rank can
+        call it and gets the same numbers. Empty when no batch was ended.
         """
         if self._batch_stats.num_batches == 0:
             return {}
@@ -647,30 +707,46 @@ class ExpertLoadTracker:
         """Histogram tag -> per-expert load of the interval, for ``SummaryWriter.add_histogram``."""
         return histograms(self._interval, moe_layers)
 
+    def write_histograms(
+        self, writer: Any, step: int, moe_layers: Sequence[int] | None = None
+    ) -> None:
+        """``writer.add_histogram(expert_load_tag(i), load, step)`` for each MoE layer."""
+        for tag, load in self.interval_histograms(moe_layers).items():
+            writer.add_histogram(tag, load, step)
+
     def reset_interval(self) -> None:
-        """Start a new logging interval (global counts and batch violations)."""
+        """Start a new logging interval (global counts and batch violations). Local."""
         self._interval.zero_()
         self._batch_stats.reset()
 
     # -- evaluation --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[ExpertLoadTracker]:
-        """Count the forwards inside the block into a fresh eval accumulator.
+    def begin_eval(self) -> None:
+        """Count the following forwards into a fresh eval accumulator (training ones untouched).
 
-        Training accumulators are untouched; counting happens whatever ``module.training``
-        and ``torch.no_grad`` say. Read the result with :meth:`eval_counts` (inside or after).
+        Counting then happens whatever ``module.training`` and ``torch.no_grad`` say.
         """
         self._eval.zero_()
-        previous = self._evaluating
         self._evaluating = True
+
+    def end_eval(self, moe_layers: Sequence[int] | None = None) -> dict[str, Any]:
+        """Stop eval counting and return :func:`eval_summary` of the GLOBAL eval counts.
+
+        Collective when a reduction is configured (every rank gets the same dict).
+        """
+        self._evaluating = False
+        return eval_summary(self.eval_counts(), moe_layers)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[ExpertLoadTracker]:
+        """Context-manager form of :meth:`begin_eval`; read with :meth:`eval_counts`."""
+        previous = self._evaluating
+        self.begin_eval()
         try:
             yield self
         finally:
             self._evaluating = previous
 
-    def eval_counts(
-        self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """GLOBAL counts of the last evaluation; collective when ``reduce_fn`` is given."""
-        return reduce_fn(self._eval) if reduce_fn is not None else self._eval.clone()
+    def eval_counts(self, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+        """GLOBAL counts of the last evaluation (collective when a reduction is configured)."""
+        return self._reduce(self._eval, reduce_fn)

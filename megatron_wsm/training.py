@@ -377,14 +377,17 @@ class TrainLogger:
             self.writer.close()
 
 
-def train(comp: Components, hooks: list[Callable[[Components], None]] | None = None) -> list[float]:
-    """Run iterations until ``--train-iters``; returns the per-iteration losses of this call.
+def train(
+    comp: Components, hooks: list[Callable[[Components], None]] | None = None
+) -> list[dict[str, Any]]:
+    """Run iterations until ``--train-iters``; returns ``{iteration, loss, lr, grad_norm}`` of
+    every iteration of this call.
 
     ``hooks`` run after every iteration (checkpoint saving lives there).
     """
     cfg = comp.cfg.training
     logger = TrainLogger(comp)
-    losses: list[float] = []
+    history: list[dict[str, Any]] = []
     progress = None
     if cfg.progress_bar and wdist.rank() == 0 and sys.stderr.isatty():
         from tqdm import tqdm
@@ -398,7 +401,14 @@ def train(comp: Components, hooks: list[Callable[[Components], None]] | None = N
                     f"loss is {result.loss} at iteration {comp.state.iteration}; stopping "
                     "(lower --lr, or check the data)"
                 )
-            losses.append(result.loss)
+            history.append(
+                {
+                    "iteration": comp.state.iteration,
+                    "loss": result.loss,
+                    "lr": result.learning_rate,
+                    "grad_norm": result.grad_norm,
+                }
+            )
             logger.step(result)
             if progress is not None:
                 progress.update(1)
@@ -413,7 +423,7 @@ def train(comp: Components, hooks: list[Callable[[Components], None]] | None = N
         if progress is not None:
             progress.close()
         logger.close()
-    return losses
+    return history
 
 
 def should_exit(comp: Components) -> bool:

@@ -20,6 +20,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from megatron_wsm.schedule import (
@@ -36,6 +37,14 @@ from megatron_wsm.schedule import (
 )
 
 PROG = "wsm_weights"
+EPILOG = """examples:
+  wsm_weights.py --method 1-sqrt --k 8
+  wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
+  wsm_weights.py --coefficients 0,0.2,0.3,0.5        # the decay these weights emulate
+  wsm_weights.py --decay weights.txt --method 1-sqrt # custom decay beside 1-sqrt
+  wsm_weights.py --k 8 --method linear cosine 1-sqrt inverse-sqrt exponential mean ema \\
+      --plot docs/wsm_weights_k8.png                 # the figure in docs/
+"""
 DISCRETISATION = "w_i = f((i-1)/k), i = 1..k; c_0..c_k oldest checkpoint first"
 
 
@@ -69,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
             "method and the decay w_1..w_k they emulate (Theorem 3.1: c_k = w_k, "
             f"c_j = w_j - w_(j+1), c_0 = 1 - w_1). Discretisation: {DISCRETISATION}."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--method",
@@ -161,9 +172,13 @@ def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list
         source = args.coefficients if args.coefficients is not None else args.decay
         key = "coefficients" if args.coefficients is not None else "decay"
         values = load_custom(source)
-        given = {key: values}
         c = merge_coefficients(
-            "custom", k, min_lr_ratio=args.min_lr_ratio, allow_negative=args.allow_negative, **given
+            "custom",
+            k,
+            min_lr_ratio=args.min_lr_ratio,
+            coefficients=values if key == "coefficients" else None,
+            decay=values if key == "decay" else None,
+            allow_negative=args.allow_negative,
         )
         w = decay_from_coefficients(c, allow_negative=args.allow_negative)
         # A custom list fixes k; named methods shown beside it use the same k.
@@ -294,6 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     methods = _selected_methods(args, parser)
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        # Refuse before printing anything: a half-done run would look like success.
+        print(
+            f"{PROG}: error: cannot write plot {args.plot!r}: its directory does not exist",
+            file=sys.stderr,
+        )
+        return 1
     try:
         k, results = compute(args, methods)
     except ValueError as exc:

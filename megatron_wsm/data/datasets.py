@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_wsm.data.prepare import file_lock
 from megatron_wsm.data.tokenizer import SentencePieceTokenizer
@@ -76,6 +78,49 @@ def _config(
     )
 
 
+def _token_counts(prefix: str, split_matrix: Sequence[Any]) -> list[int | None]:
+    """Tokens in each split's document range, computed the way megatron-core cuts the ranges."""
+    indexed = IndexedDataset(prefix)
+    # Copy: sequence_lengths is a view of the .idx mmap, which IndexedDataset.__del__ closes
+    # (reading the view afterwards segfaults).
+    lengths = indexed.sequence_lengths.copy()
+    del indexed
+    n = lengths.shape[0]
+    counts: list[int | None] = []
+    for bookends in split_matrix:
+        if bookends is None:
+            counts.append(None)
+            continue
+        beg, end = int(round(bookends[0] * float(n))), int(round(bookends[1] * float(n)))
+        counts.append(int(lengths[beg:end].sum()))
+    return counts
+
+
+def _drop_empty_splits(config: GPTDatasetConfig, prefix: str) -> None:
+    """Refuse an empty train split; turn empty valid/test splits into ``None`` with a warning.
+
+    megatron-core 0.16.1 loops forever in ``GPTDataset._get_num_epochs`` when a split has no
+    tokens and a sample count is requested (a small dataset with ``--split 949,50,1`` has no
+    test document). Editing ``split_matrix`` after validation leaves the other splits' document
+    ranges exactly as the split string defines them.
+    """
+    counts = _token_counts(prefix, config.split_matrix)
+    names = ("train", "valid", "test")
+    for i, count in enumerate(counts):
+        if count == 0:
+            if i == 0:
+                raise ValueError(
+                    f"split {config.split!r} leaves no training document in {prefix!r}"
+                )
+            warnings.warn(
+                f"split {config.split!r} leaves no {names[i]} document in {prefix!r}; "
+                f"the {names[i]} dataset is None",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            config.split_matrix[i] = None
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -101,9 +146,7 @@ def _share_index_cache(config: GPTDatasetConfig, sizes: list[Any]) -> None:
     """
     dist = torch.distributed
     rank = dist.get_rank()
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: dist.get_rank() == 0, config
-    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: dist.get_rank() == 0, config)
     lock = file_lock(os.path.join(config.path_to_cache, ".lock")) if rank == 0 else None
     with lock or contextlib.nullcontext():
         built = builder.build()
@@ -187,6 +230,10 @@ def build_gpt_datasets(
     given = [p for p in prefixes if p is not None]
     if not given:
         raise ValueError("at least one of train/valid/test prefixes is required")
+    for p in given:
+        # An empty indexed dataset would make megatron-core loop forever (see _drop_empty_splits).
+        if _token_counts(p, [(0.0, 1.0)])[0] == 0:
+            raise ValueError(f"indexed dataset {p!r} holds no token")
     cache = os.fspath(path_to_cache) if path_to_cache is not None else _default_cache(given[0])
     config = _config(
         _as_tokenizer(tokenizer),
@@ -228,6 +275,7 @@ def build_gpt_datasets_from_prefix(
         blend=([prefix], None),
         split=split,
     )
+    _drop_empty_splits(config, prefix)
     return _build(config, list(num_samples), is_built_on_rank)
 
 

@@ -1,0 +1,298 @@
+"""``merge_wsm``: merge a window of checkpoints into one, shard by shard (the "M" of WSM).
+
+Examples::
+
+    # the newest 8 window checkpoints under runs/x/window, 1-sqrt weights, on 1 process
+    python tools/merge_wsm.py --load-dir runs/x/window --count 9 --method 1-sqrt \\
+        --save runs/x/merged
+    # explicit inputs, 4 merge ranks, what would happen (nothing written)
+    torchrun --nproc-per-node 4 tools/merge_wsm.py --inputs ckpt/iter_0001000 \\
+        ckpt/iter_0002000 ckpt/iter_0003000 --weights 0,0.3,0.7 --save out --dry-run
+
+The merge logic lives in :mod:`megatron_wsm.merge`; this module parses, launches and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+PROG = "merge_wsm"
+DEFAULT_METHOD = "1-sqrt"
+EPILOG = """coefficients:
+  c_0..c_k belong to the k+1 inputs ordered oldest first (by iteration when the manifests or
+  iter_N names tell it). --method derives them from a decay shape (Theorem 3.1: the merge then
+  equals training with that decay over the window); --weights gives them directly. Either way
+  the decay they emulate is printed. See tools/wsm_weights.py to explore methods.
+
+what is merged:
+  floating-point model tensors (buffers such as MoE expert_bias included) are averaged in fp32;
+  integer tensors, _extra_state, RNG, scheduler and iteration are copied from the newest input;
+  optimizer state is dropped (the output is a model-only checkpoint of kind "merged").
+
+examples:
+  merge_wsm.py --load-dir CKPTS --window-iters 2000 --method 1-sqrt --save MERGED
+  merge_wsm.py --inputs A B C --weights 0,0.4,0.6 --save MERGED --dry-run
+  torchrun --nproc-per-node 4 merge_wsm.py --load-dir CKPTS --count 9 --method mean --save M
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    from megatron_wsm.merge import DEFAULT_CHUNK_MB, OUTPUT_DTYPES
+    from megatron_wsm.schedule import METHODS
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Average a window of checkpoints saved at a constant learning rate into one "
+            "checkpoint, with weights from a decay schedule (WSM). Works shard by shard on "
+            "torch_dist (megatron-core dist_checkpointing) and legacy per-rank torch "
+            "checkpoints, in their own parallel layout, streaming with bounded memory; run it "
+            "with torchrun to split the work over several processes."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("inputs (give --inputs or --load-dir)")
+    which = src.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--inputs", nargs="+", metavar="DIR",
+        help="checkpoint directories to merge (2 or more, one parallel layout); ordered by "
+        "iteration when known, else taken oldest first as given",
+    )
+    which.add_argument(
+        "--load-dir", metavar="DIR",
+        help="a checkpoint root: pick the newest window of complete checkpoints from their "
+        "wsm_manifest.json (see --window-iters, --window-tokens, --count)",
+    )
+    src.add_argument(
+        "--window-iters", type=int, metavar="N",
+        help="with --load-dir: checkpoints with iteration >= newest - N (the oldest anchors "
+        "the window: N/interval + 1 checkpoints)",
+    )
+    src.add_argument(
+        "--window-tokens", type=int, metavar="N",
+        help="with --load-dir: checkpoints with consumed tokens >= newest - N",
+    )
+    src.add_argument(
+        "--count", type=int, metavar="K",
+        help="with --load-dir: at most the newest K checkpoints (all of the window by default)",
+    )
+    src.add_argument(
+        "--allow-no-manifest", action="store_true",
+        help="accept checkpoints without wsm_manifest.json (e.g. written by Megatron-LM); they "
+        "are then checked through their torch_dist metadata only",
+    )
+
+    w = p.add_argument_group("weights (give --method or --weights)")
+    w.add_argument(
+        "--method", choices=[m for m in METHODS if m != "custom"], default=None,
+        help=f"decay shape whose merge coefficients to use (default: {DEFAULT_METHOD})",
+    )
+    w.add_argument("--alpha", type=float, help="EMA weight of the newest checkpoint (--method ema)")
+    w.add_argument(
+        "--min-lr-ratio", type=float, default=0.0,
+        help="decay floor r = min_lr / max_lr: w = r + (1 - r) f (default 0)",
+    )
+    w.add_argument(
+        "--final-ratio", type=float,
+        help="f(1) for --method exponential / inverse-sqrt (default 0.1)",
+    )
+    w.add_argument(
+        "--weights", metavar="C0,C1,...",
+        help="explicit coefficients c_0..c_k, oldest first (comma list or a file); must sum to 1",
+    )
+    w.add_argument(
+        "--decay", metavar="W1,...,WK",
+        help="explicit decay weights w_1..w_k (comma list or a file), turned into coefficients",
+    )
+    w.add_argument(
+        "--allow-negative", action="store_true",
+        help="accept negative coefficients (an extrapolation beyond the window)",
+    )
+
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--save", metavar="DIR", help="the merged checkpoint directory (created atomically)"
+    )
+    o.add_argument(
+        "--output-dtype", choices=OUTPUT_DTYPES, default="same",
+        help="dtype of the averaged tensors: as the inputs (default), fp32 or bf16",
+    )
+    o.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    o.add_argument(
+        "--dry-run", action="store_true",
+        help="check the inputs and print inputs, coefficients, implied decay and bytes to "
+        "read/write; write nothing",
+    )
+    o.add_argument(
+        "--chunk-mb", type=float, default=DEFAULT_CHUNK_MB,
+        help=f"streaming-buffer budget per merge process in MiB (default {DEFAULT_CHUNK_MB}); "
+        "bounds the merge's memory whatever the model size",
+    )
+    o.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar on rank 0")
+    o.add_argument("--json", action="store_true", help="print the report as JSON (rank 0)")
+    o.add_argument(
+        "--distributed-backend", default="gloo",
+        help="process-group backend under torchrun (default gloo: the merge runs on CPUs)",
+    )
+    o.add_argument(
+        "--distributed-timeout-minutes", type=float, default=30.0,
+        help="collective timeout under torchrun (default 30)",
+    )
+    return p
+
+
+def _coefficients(args: argparse.Namespace, n_inputs: int) -> tuple[list[float], dict[str, Any]]:
+    from megatron_wsm.merge import resolve_coefficients
+    from megatron_wsm.schedule import merge_coefficients
+
+    k = n_inputs - 1
+    chosen = [x for x in (args.weights, args.decay) if x is not None]
+    if len(chosen) + (args.method is not None) > 1:
+        raise ValueError("give only one of --method, --weights, --decay")
+    if args.decay is not None:
+        coefs = merge_coefficients(
+            "custom", k, decay=args.decay, min_lr_ratio=args.min_lr_ratio,
+            allow_negative=args.allow_negative,
+        )
+        return coefs, {"method": "custom", "decay": args.decay, "min_lr_ratio": args.min_lr_ratio}
+    if args.weights is not None:
+        coefs = resolve_coefficients(
+            None, k, weights=args.weights, allow_negative=args.allow_negative
+        )
+        return coefs, {"method": "custom", "weights": args.weights}
+    method = args.method or DEFAULT_METHOD
+    coefs = resolve_coefficients(
+        method, k, alpha=args.alpha, min_lr_ratio=args.min_lr_ratio,
+        final_ratio=args.final_ratio, allow_negative=args.allow_negative,
+    )
+    info = {"method": method, "k": k, "min_lr_ratio": args.min_lr_ratio}
+    if args.alpha is not None:
+        info["alpha"] = args.alpha
+    if args.final_ratio is not None:
+        info["final_ratio"] = args.final_ratio
+    return coefs, info
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None]:
+    from megatron_wsm.merge import select_window
+
+    if args.inputs is not None:
+        if any(x is not None for x in (args.window_iters, args.window_tokens, args.count)):
+            raise ValueError("--window-iters/--window-tokens/--count need --load-dir")
+        return list(args.inputs), None
+    paths = select_window(
+        args.load_dir,
+        window_iters=args.window_iters,
+        window_tokens=args.window_tokens,
+        count=args.count,
+    )
+    selection = {
+        "load_dir": args.load_dir,
+        "window_iters": args.window_iters,
+        "window_tokens": args.window_tokens,
+        "count": args.count,
+    }
+    return [str(p) for p in paths], selection
+
+
+def _init_distributed(args: argparse.Namespace) -> bool:
+    """Join torchrun's process group when launched with several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=args.distributed_backend,
+            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
+        )
+    return True
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.__dict__, indent=2, default=str))
+        return
+    print(report.summary())
+    print("  inputs (oldest first):")
+    for row in report.inputs:
+        tokens = row["consumed_tokens"]
+        print(
+            f"    c={row['coefficient']:.6f}  iter={row['iteration']}  "
+            f"tokens={tokens if tokens is not None else '?'}  {row['path']}"
+        )
+    print("  coefficients: " + ", ".join(f"{c:.6f}" for c in report.coefficients))
+    print("  implied decay w_1..w_k: " + ", ".join(f"{w:.6f}" for w in report.implied_decay))
+    if report.dry_run:
+        mib = report.buffer_bytes_per_rank / 2**20
+        print(f"  streaming buffers per merge process: <= {mib:.0f} MiB")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the merge tool; returns the process exit code (0 ok, 2 refused or bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help and usage errors: argparse's own exit codes
+        return int(e.code or 0)
+    if args.save is None and not args.dry_run:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: --save is required (or --dry-run)", file=sys.stderr)
+        return 2
+    distributed = _init_distributed(args)
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    try:
+        return _run(args, rank)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int) -> int:
+    from megatron_wsm.merge import MergeError, merge_checkpoints
+
+    try:
+        inputs, selection = _inputs(args)
+        coefs, method = _coefficients(args, len(inputs))
+        if selection is not None:
+            method["selection"] = selection
+        report = merge_checkpoints(
+            inputs,
+            coefs,
+            args.save,
+            output_dtype=args.output_dtype,
+            chunk_mb=args.chunk_mb,
+            overwrite=args.overwrite,
+            allow_no_manifest=args.allow_no_manifest,
+            allow_negative=args.allow_negative,
+            method=method,
+            progress=not args.no_progress_bar,
+            dry_run=args.dry_run,
+        )
+    except (MergeError, ValueError) as e:
+        if rank == 0:
+            print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if report.dry_run:
+        report.buffer_bytes_per_rank = int(args.chunk_mb * 2**20)
+    if rank == 0:
+        _print_report(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

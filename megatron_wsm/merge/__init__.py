@@ -1,0 +1,356 @@
+"""WSM merge: the weighted average of a window of checkpoints, shard by shard, streamed.
+
+``merge_checkpoints(inputs, coefficients, output)`` averages checkpoints that share one parallel
+layout into ``output`` in that same layout: output shard s = Σ_j c_j · (shard s of input j), with
+c_0 belonging to the oldest input. Formats:
+
+- torch_dist (megatron-core ``dist_checkpointing``, what the trainer writes): item-level
+  streaming over the DCP storage index, chunk-bounded memory, work split over merge ranks
+  (:mod:`megatron_wsm.merge.torch_dist`);
+- legacy per-rank ``torch`` files (``mp_rank_XX[_YYY]/model_optim_rng.pt``), file by file
+  (:mod:`megatron_wsm.merge.legacy`).
+
+Floating-point model tensors (buffers such as the MoE router's ``expert_bias`` included) are
+averaged in fp32; everything else (integer tensors, ``_extra_state``, RNG, scheduler, iteration)
+is copied from the newest input; optimizer state is dropped. The output appears atomically (a
+temporary sibling directory renamed into place) with ``wsm_manifest.json`` (kind ``merged``) and
+``wsm_merge_provenance.json``. Any refusal raises :class:`MergeError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_wsm.manifest import (
+    KIND_MERGED,
+    CheckpointManifest,
+    write_manifest,
+)
+from megatron_wsm.merge import legacy, torch_dist
+from megatron_wsm.merge.common import Comm, MergeError, MergeReport
+from megatron_wsm.merge.inputs import (
+    FORMAT_TORCH,
+    CheckpointInput,
+    check_compatible,
+    inspect_input,
+    order_inputs,
+    select_window,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_MB",
+    "OUTPUT_DTYPES",
+    "PROVENANCE_NAME",
+    "MergeError",
+    "MergeReport",
+    "merge_checkpoints",
+    "resolve_coefficients",
+    "select_window",
+]
+
+#: Default streaming-buffer budget per merge rank, MiB.
+DEFAULT_CHUNK_MB = 256
+#: ``--output-dtype`` choices: keep each tensor's dtype, or store averaged tensors as fp32/bf16.
+OUTPUT_DTYPES = ("same", "fp32", "bf16")
+#: Human-readable provenance written next to the manifest.
+PROVENANCE_NAME = "wsm_merge_provenance.json"
+_OPTIMIZER_NOTE = (
+    "optimizer state dropped: the merged checkpoint holds model weights only (evaluate it, or "
+    "continue training from it with a fresh optimizer)"
+)
+
+
+def resolve_coefficients(
+    method: str | None,
+    k: int,
+    *,
+    weights: Sequence[float] | str | None = None,
+    alpha: float | None = None,
+    min_lr_ratio: float = 0.0,
+    final_ratio: float | None = None,
+    allow_negative: bool = False,
+) -> list[float]:
+    """Merge coefficients c_0…c_k (oldest first) for k+1 checkpoints from a schedule method or
+    explicit ``weights``; ValueError (from :mod:`megatron_wsm.schedule`) when invalid."""
+    from megatron_wsm import schedule  # lazy: the merge engine itself needs only numbers
+
+    if weights is not None:
+        values = schedule.load_custom(weights) if isinstance(weights, str) else list(weights)
+        if len(values) != k + 1:
+            raise ValueError(f"{len(values)} weights given for {k + 1} checkpoints")
+        return schedule.validate_coefficients(values, allow_negative=allow_negative)
+    if method is None:
+        raise ValueError("give a method or explicit weights")
+    return schedule.merge_coefficients(
+        method,
+        k,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        allow_negative=allow_negative,
+    )
+
+
+def merge_checkpoints(
+    inputs: Sequence[str | os.PathLike],
+    coefficients: Sequence[float],
+    output: str | os.PathLike | None,
+    *,
+    output_dtype: str = "same",
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    overwrite: bool = False,
+    group: Any = None,
+    allow_no_manifest: bool = False,
+    allow_negative: bool = False,
+    method: dict[str, Any] | None = None,
+    progress: bool = False,
+    dry_run: bool = False,
+) -> MergeReport:
+    """Average ``inputs`` with ``coefficients`` into the checkpoint directory ``output``.
+
+    Collective over ``group`` (default: the whole torch.distributed world when initialised,
+    else this process alone): every merge rank calls it with the same arguments and streams
+    its share. Inputs are sorted oldest first when their iterations are known (from the
+    manifests or ``iter_N`` names); ``coefficients[j]`` belongs to the j-th oldest.
+
+    Args:
+        inputs: checkpoint directories (torch_dist or legacy ``torch``), one layout.
+        coefficients: c_0…c_k, summing to 1 (non-negative unless ``allow_negative``).
+        output: the merged checkpoint directory; must not exist unless ``overwrite``
+            (may be None for a dry run).
+        output_dtype: ``same``, ``fp32`` or ``bf16`` for the averaged tensors.
+        chunk_mb: streaming-buffer budget per merge rank (MiB); bounds the merge's memory.
+        allow_no_manifest: accept checkpoints without ``wsm_manifest.json`` (other tools').
+        method: description of how the coefficients were chosen, for the provenance.
+        progress: show a tqdm bar on rank 0.
+        dry_run: validate and plan only; nothing is written.
+
+    Returns:
+        A :class:`MergeReport` (identical on every rank).
+
+    Raises:
+        MergeError: refused inputs or a failed merge; nothing is left at ``output``.
+    """
+    start = time.perf_counter()
+    comm = Comm(group)
+    if output is None and not dry_run:
+        raise MergeError("an output directory is needed (or a dry run)")
+    output = Path(output) if output is not None else None
+    if output_dtype not in OUTPUT_DTYPES:
+        raise MergeError(f"output_dtype must be one of {OUTPUT_DTYPES}, got {output_dtype!r}")
+    if not chunk_mb or chunk_mb <= 0:
+        raise MergeError(f"chunk_mb must be positive, got {chunk_mb}")
+    coefs = _check_coefficients(coefficients, len(inputs), allow_negative)
+    ordered, notes = comm.run_on_rank0(
+        lambda: _prepare_inputs(inputs, allow_no_manifest, output, overwrite)
+    )
+    engine = legacy if ordered[0].format == FORMAT_TORCH else torch_dist
+    plan = engine.build_plan(ordered, coefs, output_dtype, comm)
+    notes = notes + plan.notes
+    report = _report(plan, ordered, coefs, output, output_dtype, comm, notes, dry_run)
+    if dry_run:
+        return report
+    tmp = comm.run_on_rank0(lambda: _make_tmp_dir(output))
+    try:
+        read, written, buffers, more = engine.stream(
+            plan, tmp, comm, int(chunk_mb * 2**20), progress
+        )
+        report.notes.extend(more)
+        report.bytes_read, report.bytes_written = read, written
+        report.buffer_bytes_per_rank = buffers
+        report.seconds = time.perf_counter() - start
+        comm.run_on_rank0(lambda: _publish(tmp, output, overwrite, report, ordered, method))
+    except BaseException:
+        # Handled errors and interrupts alike: no temporary directory is left behind.
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_coefficients(
+    coefficients: Sequence[float], n_inputs: int, allow_negative: bool
+) -> list[float]:
+    from megatron_wsm import schedule
+
+    if n_inputs < 2:
+        raise MergeError(f"a merge needs at least 2 checkpoints, got {n_inputs}")
+    if len(coefficients) != n_inputs:
+        raise MergeError(f"{len(coefficients)} coefficients for {n_inputs} checkpoints")
+    try:
+        return schedule.validate_coefficients(list(coefficients), allow_negative=allow_negative)
+    except ValueError as e:
+        raise MergeError(f"invalid merge coefficients: {e}") from e
+
+
+def _prepare_inputs(
+    paths: Sequence[str | os.PathLike],
+    allow_no_manifest: bool,
+    output: Path | None,
+    overwrite: bool,
+) -> tuple[list[CheckpointInput], list[str]]:
+    inputs = [inspect_input(p, allow_no_manifest=allow_no_manifest) for p in paths]
+    ordered, notes = order_inputs(inputs)
+    notes += check_compatible(ordered)
+    notes.append(_OPTIMIZER_NOTE)
+    if output is None:
+        return ordered, notes
+    resolved_out = output.resolve()
+    for inp in ordered:
+        if inp.path.resolve() == resolved_out or resolved_out in inp.path.resolve().parents:
+            raise MergeError(f"--save {output} would overwrite the input {inp.path}")
+    if output.exists() and not overwrite:
+        raise MergeError(f"{output} already exists; pass --overwrite to replace it")
+    stale = sorted(p.name for p in output.parent.glob(f".{output.name}.merging-*"))
+    if stale:
+        notes.append(f"stale temporary directories of interrupted merges (remove them): {stale}")
+    return ordered, notes
+
+
+def _report(
+    plan: Any,
+    inputs: list[CheckpointInput],
+    coefs: list[float],
+    output: Path | None,
+    output_dtype: str,
+    comm: Comm,
+    notes: list[str],
+    dry_run: bool,
+) -> MergeReport:
+    from megatron_wsm import schedule
+
+    described = []
+    for inp, c in zip(inputs, coefs):
+        row = inp.describe()
+        row["coefficient"] = c
+        described.append(row)
+    return MergeReport(
+        output=str(output) if output is not None else "(dry run)",
+        format=inputs[0].format,
+        inputs=described,
+        coefficients=coefs,
+        implied_decay=schedule.decay_from_coefficients(coefs, allow_negative=True),
+        output_dtype=output_dtype,
+        bytes_read=plan.bytes_to_read(),
+        bytes_written=plan.bytes_to_write(),
+        merge_ranks=comm.size,
+        averaged_keys=plan.keys(torch_dist.ACTION_AVERAGE),
+        copied_keys=plan.keys(torch_dist.ACTION_COPY),
+        dropped_keys=plan.keys(torch_dist.ACTION_DROP),
+        notes=list(notes),
+        dry_run=dry_run,
+    )
+
+
+def _make_tmp_dir(output: Path) -> Path:
+    # A hidden sibling on the same filesystem, so the final rename is atomic; its name never
+    # looks like a checkpoint (no manifest, not iter_*), so no tool mistakes it for one.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.merging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def provenance(
+    report: MergeReport, inputs: list[CheckpointInput], method: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The merge's provenance record (also stored in the manifest's ``extra``)."""
+    import megatron_wsm
+
+    averaged = report.averaged_keys
+    return {
+        "tool": "megatron-wsm tools/merge_wsm.py",
+        "tool_version": megatron_wsm.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "format": report.format,
+        "inputs": report.inputs,
+        "coefficients": report.coefficients,
+        "implied_decay": report.implied_decay,
+        "method": method,
+        "output_dtype": report.output_dtype,
+        "merge_ranks": report.merge_ranks,
+        "averaged": {
+            "count": len(averaged),
+            "rule": "every floating-point model tensor, buffers included, in fp32",
+            "floating_buffers": [k for k in averaged if "expert_bias" in k],
+            "keys": averaged,
+        },
+        "copied_from_newest": {
+            "count": len(report.copied_keys),
+            "rule": "non-float tensors, _extra_state, RNG and other objects, common.pt",
+            "keys": report.copied_keys,
+        },
+        "dropped": {
+            "count": len(report.dropped_keys),
+            "note": _OPTIMIZER_NOTE,
+            "keys": report.dropped_keys,
+        },
+        "notes": report.notes,
+        "newest_input": str(inputs[-1].path),
+    }
+
+
+def _merged_manifest(
+    inputs: list[CheckpointInput], report: MergeReport, prov: dict[str, Any]
+) -> CheckpointManifest:
+    newest = inputs[-1]
+    if newest.manifest is not None:
+        base = dataclasses.replace(newest.manifest)
+    else:
+        base = CheckpointManifest(kind=KIND_MERGED, iteration=newest.iteration or 0)
+    base.kind = KIND_MERGED
+    base.checkpoint_format = report.format
+    base.complete = True
+    base.created_unix = time.time()
+    base.extra = {"provenance": prov}
+    return base
+
+
+def _publish(
+    tmp: Path,
+    output: Path,
+    overwrite: bool,
+    report: MergeReport,
+    inputs: list[CheckpointInput],
+    method: dict[str, Any] | None,
+) -> None:
+    prov = provenance(report, inputs, method)
+    with open(tmp / PROVENANCE_NAME, "w") as f:
+        json.dump(prov, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    write_manifest(tmp, _merged_manifest(inputs, report, prov))  # last: marks it complete
+    _fsync_dir(tmp)
+    old = None
+    if output.exists():
+        if not overwrite:
+            raise MergeError(f"{output} appeared during the merge; pass --overwrite to replace it")
+        old = output.parent / f".{output.name}.replaced-{os.getpid()}"
+        os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except OSError:
+        if old is not None:
+            os.rename(old, output)
+        raise
+    _fsync_dir(output.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,259 @@
+"""Finding, checking and ordering the checkpoints of a merge (no tensor data is read here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from megatron_wsm.manifest import (
+    KIND_FULL,
+    KIND_WINDOW,
+    MANIFEST_NAME,
+    CheckpointManifest,
+    read_manifest,
+)
+from megatron_wsm.merge.common import MergeError
+
+FORMAT_TORCH_DIST = "torch_dist"
+FORMAT_TORCH = "torch"  # legacy per-rank files: mp_rank_XX[_YYY[_ZZZ]]/model_optim_rng.pt
+FORMATS = (FORMAT_TORCH_DIST, FORMAT_TORCH)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+LEGACY_FILE = "model_optim_rng.pt"
+_ITER_RE = re.compile(r"iter_(\d+)$")
+_MP_RANK_RE = re.compile(r"^mp_rank_\d{2}(_\d{3}){0,2}$")
+
+
+@dataclasses.dataclass
+class CheckpointInput:
+    """One input checkpoint as the merge sees it."""
+
+    path: Path
+    format: str
+    manifest: CheckpointManifest | None
+    iteration: int | None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for the provenance and the dry run."""
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "iteration": self.iteration,
+            "kind": m.kind if m else None,
+            "consumed_tokens": m.consumed_tokens if m else None,
+            "consumed_samples": m.consumed_samples if m else None,
+            "learning_rate": m.learning_rate if m else None,
+            "has_manifest": m is not None,
+        }
+
+
+def detect_format(path: Path) -> str | None:
+    """``torch_dist``, ``torch`` (legacy per-rank files) or None for anything else."""
+    if (path / ".metadata").exists() or (path / "metadata.json").exists():
+        return FORMAT_TORCH_DIST
+    if any(path.glob("*.distcp")) or (path / "common.pt").exists():
+        return FORMAT_TORCH_DIST
+    if legacy_rank_dirs(path):
+        return FORMAT_TORCH
+    return None
+
+
+def legacy_rank_dirs(path: Path) -> list[str]:
+    """Names of the ``mp_rank_*`` subdirectories holding ``model_optim_rng.pt``, sorted."""
+    if not path.is_dir():
+        return []
+    return sorted(
+        p.name for p in path.iterdir() if _MP_RANK_RE.match(p.name) and (p / LEGACY_FILE).is_file()
+    )
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint directory meant by ``path``: itself, or the iteration a Megatron-style
+    root's ``latest_checkpointed_iteration.txt`` names."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeError(f"{path}: no such checkpoint directory")
+    if detect_format(path) is None and (path / TRACKER_FILE).is_file():
+        text = (path / TRACKER_FILE).read_text().strip()
+        if text.isdigit():
+            candidate = path / f"iter_{int(text):07d}"
+            if candidate.is_dir():
+                return candidate
+    return path
+
+
+def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -> CheckpointInput:
+    """Check one input is a finished checkpoint; MergeError with the reason otherwise."""
+    path = resolve_checkpoint_dir(path)
+    try:
+        manifest = read_manifest(path)
+    except ValueError as e:
+        raise MergeError(f"{path}: {e}") from e
+    if manifest is None and not allow_no_manifest:
+        raise MergeError(
+            f"{path}: no {MANIFEST_NAME}, so not a finished megatron-wsm checkpoint (interrupted "
+            "save?); pass --allow-no-manifest to merge checkpoints written by other tools"
+        )
+    if manifest is not None and not manifest.complete:
+        raise MergeError(f"{path}: manifest says the checkpoint is incomplete (complete=false)")
+    fmt = detect_format(path)
+    if fmt is None:
+        raise MergeError(
+            f"{path}: neither a torch_dist checkpoint (.metadata, *.distcp) nor a legacy one "
+            f"(mp_rank_*/{LEGACY_FILE})"
+        )
+    if fmt == FORMAT_TORCH_DIST and not (path / ".metadata").is_file():
+        raise MergeError(f"{path}: missing .metadata: incomplete or corrupt torch_dist checkpoint")
+    iteration = manifest.iteration if manifest is not None else _iteration_from_name(path)
+    return CheckpointInput(path=path, format=fmt, manifest=manifest, iteration=iteration)
+
+
+def _iteration_from_name(path: Path) -> int | None:
+    match = _ITER_RE.search(path.name)
+    return int(match.group(1)) if match else None
+
+
+def order_inputs(inputs: list[CheckpointInput]) -> tuple[list[CheckpointInput], list[str]]:
+    """Inputs oldest first, with notes; refuses duplicates.
+
+    When every input's iteration is known they are sorted by it (coefficient c_0 belongs to the
+    oldest); otherwise the given order is kept and said to be assumed.
+    """
+    notes: list[str] = []
+    seen: set[Path] = set()
+    for inp in inputs:
+        real = inp.path.resolve()
+        if real in seen:
+            raise MergeError(f"{inp.path} is given twice")
+        seen.add(real)
+    iterations = [inp.iteration for inp in inputs]
+    if all(it is not None for it in iterations):
+        if len(set(iterations)) != len(iterations):
+            dup = sorted({it for it in iterations if iterations.count(it) > 1})
+            raise MergeError(f"several inputs are at the same iteration {dup}; give each once")
+        ordered = sorted(inputs, key=lambda c: c.iteration)
+        if ordered != inputs:
+            notes.append("inputs reordered by iteration (oldest first)")
+        return ordered, notes
+    notes.append("iterations unknown for some inputs: the given order is taken as oldest first")
+    return list(inputs), notes
+
+
+_LAYOUT_FIELDS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "context_parallel_size",
+)
+
+
+def check_compatible(inputs: list[CheckpointInput]) -> list[str]:
+    """Refuse inputs that cannot be merged shard by shard; returns notes.
+
+    Same format; same model config hash and same model-parallel layout (TP/PP/EP/CP) where
+    manifests tell. Data-parallel size may differ: it does not change the model's shards.
+    """
+    notes: list[str] = []
+    formats = {inp.format for inp in inputs}
+    if len(formats) > 1:
+        raise MergeError(f"inputs mix checkpoint formats {sorted(formats)}")
+    with_manifest = [inp for inp in inputs if inp.manifest is not None]
+    if len(with_manifest) != len(inputs):
+        notes.append(
+            f"{len(inputs) - len(with_manifest)} input(s) have no manifest: checked through "
+            "their torch_dist metadata only"
+        )
+    if not with_manifest:
+        return notes
+    ref = with_manifest[-1]
+    for inp in with_manifest:
+        m, r = inp.manifest, ref.manifest
+        assert m is not None and r is not None
+        if m.model_config_hash != r.model_config_hash:
+            raise MergeError(
+                f"{inp.path} has model config {m.model_config_hash or '?'} but {ref.path} has "
+                f"{r.model_config_hash or '?'}: different models cannot be merged"
+            )
+        for field in _LAYOUT_FIELDS:
+            a, b = getattr(m.parallel, field), getattr(r.parallel, field)
+            if a != b:
+                raise MergeError(
+                    f"{inp.path} was saved with {field}={a} but {ref.path} with {b}: merge needs "
+                    "one parallel layout (reshard on load instead)"
+                )
+        if m.checkpoint_format != r.checkpoint_format:
+            raise MergeError(
+                f"{inp.path} is {m.checkpoint_format} but {ref.path} is {r.checkpoint_format}"
+            )
+    if len({inp.manifest.parallel.data_parallel_size for inp in with_manifest}) > 1:
+        notes.append("inputs differ in data-parallel size only (model shards are the same)")
+    return notes
+
+
+# ----------------------------------------------------------------------------- --load-dir
+
+
+def list_complete(load_dir: str | os.PathLike) -> list[tuple[Path, CheckpointManifest]]:
+    """Complete full/window checkpoints directly under ``load_dir`` (and one level deeper, for a
+    root holding separate full and window directories), oldest first."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise MergeError(f"--load-dir {root}: no such directory")
+    candidates = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    candidates += [
+        q
+        for p in candidates
+        if not (p / MANIFEST_NAME).exists()
+        for q in p.iterdir()
+        if q.is_dir() and not q.name.startswith(".")
+    ]
+    found = []
+    for path in candidates:
+        try:
+            manifest = read_manifest(path)
+        except ValueError:
+            continue  # corrupt manifest: not a usable checkpoint, never selected
+        if manifest is not None and manifest.complete and manifest.kind in (KIND_WINDOW, KIND_FULL):
+            found.append((path, manifest))
+    found.sort(key=lambda pm: (pm[1].iteration, pm[1].kind != KIND_WINDOW))
+    return found
+
+
+def select_window(
+    load_dir: str | os.PathLike,
+    *,
+    window_iters: int | None = None,
+    window_tokens: int | None = None,
+    count: int | None = None,
+) -> list[Path]:
+    """The newest merge window under ``load_dir``, oldest first, from the manifests.
+
+    ``window_iters=N`` keeps checkpoints with ``iteration >= newest - N`` (so a window of N
+    iterations saved every I iterations has N/I + 1 checkpoints: the oldest one anchors it),
+    ``window_tokens`` the same in consumed tokens; ``count=K`` keeps the newest K of those.
+    One checkpoint per iteration (a window one preferred over a full one).
+    """
+    found = list_complete(load_dir)
+    by_iteration: dict[int, tuple[Path, CheckpointManifest]] = {}
+    for path, manifest in found:
+        by_iteration.setdefault(manifest.iteration, (path, manifest))
+    entries = [by_iteration[it] for it in sorted(by_iteration)]
+    if not entries:
+        raise MergeError(f"--load-dir {load_dir}: no complete window or full checkpoint found")
+    newest = entries[-1][1]
+    if window_iters is not None:
+        entries = [e for e in entries if e[1].iteration >= newest.iteration - window_iters]
+    if window_tokens is not None:
+        limit = newest.consumed_tokens - window_tokens
+        entries = [e for e in entries if e[1].consumed_tokens >= limit]
+    if count is not None:
+        entries = entries[-count:]
+    if len(entries) < 2:
+        raise MergeError(
+            f"--load-dir {load_dir}: the selected window holds {len(entries)} checkpoint(s); a "
+            "merge needs at least 2 (widen --window-iters/--window-tokens or raise --count)"
+        )
+    return [path for path, _ in entries]

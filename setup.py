@@ -1,0 +1,36 @@
+"""megatron-wsm: MoE pretraining on megatron-core with Warmup-Stable-Merge."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-wsm",
+    version="0.1.0",
+    description="Megatron-style MoE pretraining with Warmup-Stable-Merge checkpoint merging",
+    packages=find_packages(include=["megatron_wsm", "megatron_wsm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # >= 2.6 for torch.distributed.checkpoint as megatron-core 0.16 uses it; < 2.15 because
+        # the CPU shims were checked up to 2.13/2.14. On CPU-only machines install the CPU
+        # build first (`pip install torch==2.13.0` here), or pip pulls a multi-GB CUDA build.
+        "torch>=2.6,<2.15",
+        # Exact: megatron_wsm.cpu_compat patches 0.16.x internals (the newest with py3.11
+        # wheels); a newer release needs the shims re-checked.
+        "megatron-core==0.16.1",
+        "sentencepiece>=0.2,<0.3",  # tokenizer of the embedded corpus and users' data
+        "tensorboard>=2.16,<3",  # SummaryWriter + event reader for tests
+        "numpy>=1.26,<3",
+        "tqdm>=4.66",  # progress bars
+        "matplotlib>=3.8,<4",  # plots of merge weights and loss curves
+        "psutil>=5.9",  # megatron-core's checkpoint writers need it but do not declare it
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.0"],  # optional fused GPU layers (TE spec)
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "wsm-pretrain=megatron_wsm.pretrain:main",
+            "wsm-weights=megatron_wsm.cli.wsm_weights:main",
+        ]
+    },
+)

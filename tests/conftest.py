@@ -1,0 +1,35 @@
+"""Shared pytest setup: repo root importable, GPU tests skipped without CUDA."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One embedded-corpus cache (tokenizer + indexed datasets) shared by all trainer runs."""
+    from megatron_wsm.data.prepare import prepare_embedded_data
+
+    path = tmp_path_factory.mktemp("data_cache")
+    prepare_embedded_data(path, vocab_size=512, seed=1234)
+    return str(path)
