@@ -349,7 +349,9 @@ class CheckpointManager:
 
         start = time.perf_counter()
         root = Path(root)
-        name = checkpoint_name(train_state.iteration)
+        # Async finalisation runs iterations later: capture the values now.
+        iteration = train_state.iteration
+        name = checkpoint_name(iteration)
         tmp = root / (_TMP_PREFIX + name)
         final = root / name
         if wdist.rank() == 0:
@@ -381,9 +383,9 @@ class CheckpointManager:
                 write_manifest(tmp, manifest)
                 _replace_dir(tmp, final)
                 if kind == KIND_FULL:
-                    _write_text_atomic(root / TRACKER_FILE, str(train_state.iteration))
+                    _write_text_atomic(root / TRACKER_FILE, str(iteration))
                 result = SaveResult(
-                    final, kind, train_state.iteration, _dir_bytes(final),
+                    final, kind, iteration, _dir_bytes(final),
                     time.perf_counter() - start,
                 )
                 if on_complete is not None:
