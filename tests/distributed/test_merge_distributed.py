@@ -1,0 +1,120 @@
+"""The WSM merge with 2 merge processes (torchrun + gloo), and loading its output in megatron-core.
+
+Inputs are the synthetic torch_dist checkpoints shared with tests/unit/test_merge.py (saved by
+2 ranks with TP-split, EP-distributed and replicated tensors). Two merge ranks split the items
+(and single tensors, with a small --chunk-mb) between them and must produce byte-for-byte the
+files one rank produces; the output must load with megatron-core's dist_checkpointing, in the
+saving layout and resharded to another world size.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_wsm.manifest import read_manifest
+from megatron_wsm.merge import dcp_format as fmt
+from megatron_wsm.merge import merge_checkpoints
+from megatron_wsm.merge import synthetic as syn
+from tests.helpers import run_script
+
+pytestmark = pytest.mark.distributed
+
+COEFS = [0.2, 0.3, 0.5]
+MERGE = "tools/merge_wsm.py"
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = syn.run_job_cached(syn.TEST_JOB, tmp_path_factory.getbasetemp() / "merge_ckpts")
+    return [root / name for name in ("w10", "w20", "w30")]
+
+
+def distcp_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.glob("*.distcp"))}
+
+
+def _args(inputs: list[Path], out: Path, *extra: str) -> list[str]:
+    return ["--inputs", *map(str, inputs), "--weights", ",".join(map(str, COEFS)),
+            "--save", str(out), "--no-progress-bar", *extra]
+
+
+@pytest.mark.parametrize("output_dtype", ["same"])  # fp32/bf16 conversions: unit tests
+def test_two_merge_ranks_match_one_rank_and_reference(
+    window: list[Path], tmp_path: Path, output_dtype: str
+):
+    one, two = tmp_path / "one", tmp_path / "two"
+    merge_checkpoints(window, COEFS, one, output_dtype=output_dtype, chunk_mb=0.005)
+    proc = run_script(MERGE, _args(window, two, "--chunk-mb", "0.005", "--output-dtype",
+                                   output_dtype), nproc=2)
+    assert "with 2 rank(s)" in proc.stdout
+    assert distcp_bytes(one) == distcp_bytes(two) and distcp_bytes(two)
+    merged = syn.load_reference(two)
+    reference = syn.reference_average(window, COEFS)
+    for key, expect in reference.items():
+        value = merged[key]
+        tol = (1e-5, 8e-3) if value.dtype == torch.bfloat16 else (1e-7, 1e-5)
+        torch.testing.assert_close(value.double(), expect, atol=tol[0], rtol=tol[1])
+    assert read_manifest(two).extra["provenance"]["merge_ranks"] == 2
+
+
+def test_two_rank_refusal_writes_nothing(window: list[Path], tmp_path: Path):
+    bad = tmp_path / "w20"
+    shutil.copytree(window[1], bad)
+    _poison_last_item(bad)  # the last file's items are streamed by rank 1
+    out = tmp_path / "merged"
+    proc = run_script(MERGE, _args([window[0], bad, window[2]], out, "--chunk-mb", "0.005"),
+                      nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "NaN/Inf" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".merged.merging-*"))
+
+
+def _poison_last_item(ckpt: Path) -> None:
+    md = fmt.read_metadata(str(ckpt))
+    floats = [
+        (info.relative_path, info.offset, info.length)
+        for index, info in md.storage_data.items()
+        if index.fqn.endswith(".weight") and not index.fqn.startswith("optimizer.")
+    ]
+    rel, offset, length = max(floats)
+    with open(ckpt / rel, "r+b") as f:
+        read = lambda o, n: (f.seek(offset + o), f.read(n))[1]  # noqa: E731
+        blob = fmt.describe_tensor_blob(fmt.BlobReader(read, length))
+        f.seek(offset + blob.data_offset + blob.data_size - 8)
+        f.write(b"\xc0\x7f" * 4)  # bf16 NaN
+
+
+def test_merged_checkpoint_loads_in_megatron(window: list[Path], tmp_path: Path):
+    out = tmp_path / "merged"
+    merge_checkpoints(window, COEFS, out)
+    job = {"load": [
+        {"ckpt": str(out), "out": str(tmp_path / "same_layout"), "world": 2,
+         "spec": {"dtype": "bf16"}},
+        {"ckpt": str(out), "out": str(tmp_path / "resharded"), "world": 1,
+         "spec": {"dtype": "bf16"}},
+    ]}
+    syn.run_job_cached(job, tmp_path / "job")
+    merged = syn.load_reference(out)
+    assert syn.check_loaded_shards(str(tmp_path / "same_layout"), 2, merged) > 20
+    assert syn.check_loaded_shards(str(tmp_path / "resharded"), 1, merged) > 10
+
+
+def test_two_rank_legacy_merge(tmp_path: Path):
+    spec = syn.SyntheticSpec(num_layers=2, hidden=16, ffn=16)
+    inputs = [
+        syn.save_legacy(tmp_path / f"iter_{it:07d}", spec, seed=it, iteration=it, world=2)
+        for it in (10, 20, 30)
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    merge_checkpoints(inputs, COEFS, one)
+    run_script(MERGE, _args(inputs, two), nproc=2)
+    for rank_dir in ("mp_rank_00", "mp_rank_01"):
+        a = torch.load(one / rank_dir / "model_optim_rng.pt", weights_only=False)["model"]
+        b = torch.load(two / rank_dir / "model_optim_rng.pt", weights_only=False)["model"]
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key]

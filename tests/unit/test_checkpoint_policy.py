@@ -1,0 +1,96 @@
+"""Pure checkpoint policy (when to save, what to keep) and directory listing/retention."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_wsm.checkpointing import (
+    checkpoint_name,
+    full_to_prune,
+    list_checkpoints,
+    list_window,
+    prune_full_dir,
+    prune_window_dir,
+    resolve_load_dir,
+    CheckpointError,
+    should_save,
+    window_to_prune,
+)
+from megatron_wsm.manifest import CheckpointManifest, write_manifest
+
+
+def test_should_save_is_iteration_aligned():
+    assert [i for i in range(1, 21) if should_save(i, 5)] == [5, 10, 15, 20]
+    assert not should_save(0, 5) and not should_save(7, None)
+
+
+def test_window_keeps_k_plus_one_checkpoints():
+    entries = [(i, i * 100) for i in range(2, 21, 2)]
+    assert window_to_prune(entries, 20, 2000, 8, None) == [2, 4, 6, 8, 10]
+    # token window: keep tokens >= 2000 - 400
+    assert window_to_prune(entries, 20, 2000, None, 400) == [2, 4, 6, 8, 10, 12, 14]
+    assert window_to_prune(entries, 20, 2000, None, None) == []
+    # the newest is never pruned, even with a zero-width window
+    assert 20 not in window_to_prune(entries, 20, 2000, 0, None)
+
+
+def test_full_keep_last():
+    assert full_to_prune([10, 30, 20], 2) == [10]
+    assert full_to_prune([10], 1) == []
+    assert full_to_prune([10, 20], None) == []
+    assert full_to_prune([10, 20], 0) == [10]  # never the newest
+
+
+def _ckpt(root: Path, it: int, kind="window", complete=True, manifest=True) -> Path:
+    d = root / checkpoint_name(it)
+    d.mkdir(parents=True)
+    (d / ".metadata").write_bytes(b"x")
+    if manifest:
+        m = CheckpointManifest(kind=kind, iteration=it, consumed_tokens=it * 10, complete=complete)
+        write_manifest(d, m)
+    return d
+
+
+def test_retention_only_touches_complete_checkpoints_of_ours(tmp_path):
+    for it in (2, 4, 6, 8, 10):
+        _ckpt(tmp_path, it)
+    foreign = _ckpt(tmp_path, 1, manifest=False)  # no manifest: not ours / unfinished
+    half = _ckpt(tmp_path, 3, complete=False)
+    tmp_dir = tmp_path / ".tmp-iter_0000012"
+    tmp_dir.mkdir()
+    removed = prune_window_dir(tmp_path, 4, None)
+    assert sorted(p.name for p in removed) == ["iter_0000002", "iter_0000004"]
+    assert foreign.exists() and half.exists() and tmp_dir.exists()
+    assert [c.iteration for c in list_window(tmp_path)] == [6, 8, 10]
+    listed = {c.path.name: c.complete for c in list_checkpoints(tmp_path)}
+    assert listed[".tmp-iter_0000012"] is False and listed["iter_0000003"] is False
+
+
+def test_full_retention_keeps_newest(tmp_path):
+    for it in (5, 10, 15):
+        _ckpt(tmp_path, it, kind="full")
+    _ckpt(tmp_path, 20, kind="window")
+    removed = prune_full_dir(tmp_path, 1)
+    assert sorted(p.name for p in removed) == ["iter_0000005", "iter_0000010"]
+    assert (tmp_path / "iter_0000015").exists() and (tmp_path / "iter_0000020").exists()
+
+
+def test_resolve_load_dir_picks_newest_complete(tmp_path):
+    _ckpt(tmp_path, 4, kind="full")
+    _ckpt(tmp_path, 8, kind="full", manifest=False)
+    (tmp_path / ".tmp-iter_0000012").mkdir()
+    assert resolve_load_dir(tmp_path).name == "iter_0000004"
+    with pytest.raises(CheckpointError, match="no such directory"):
+        resolve_load_dir(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_load_dir(empty)
+
+
+def test_corrupt_manifest_is_not_complete(tmp_path):
+    d = _ckpt(tmp_path, 4)
+    (d / "wsm_manifest.json").write_text("{not json")
+    assert list_window(tmp_path) == []
+    with pytest.raises(CheckpointError, match="corrupt manifest"):
+        resolve_load_dir(d)
