@@ -210,6 +210,52 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
     return complete[-1].path
 
 
+def prune_window_dir(
+    root: str | os.PathLike, window_iters: int | None, window_tokens: int | None
+) -> list[Path]:
+    """Delete complete window checkpoints of ours that fell out of the trailing window.
+
+    Only directories with our manifest saying ``complete`` and ``kind: window`` are candidates;
+    the newest complete one is never deleted; foreign or incomplete directories are left alone.
+    """
+    window = list_window(root)
+    if not window:
+        return []
+    newest = window[-1].manifest
+    assert newest is not None
+    doomed = set(
+        window_to_prune(
+            [(c.iteration, c.manifest.consumed_tokens) for c in window if c.manifest],
+            newest.iteration,
+            newest.consumed_tokens,
+            window_iters,
+            window_tokens,
+        )
+    )
+    removed = []
+    for c in window[:-1]:
+        if c.iteration in doomed:
+            shutil.rmtree(c.path)
+            removed.append(c.path)
+    return removed
+
+
+def prune_full_dir(root: str | os.PathLike, keep_last: int | None) -> list[Path]:
+    """Delete complete full checkpoints of ours beyond the newest ``keep_last``."""
+    full = [
+        c
+        for c in list_checkpoints(root, include_incomplete=False)
+        if c.manifest is not None and c.manifest.kind == KIND_FULL
+    ]
+    doomed = set(full_to_prune([c.iteration for c in full], keep_last))
+    removed = []
+    for c in full[:-1]:
+        if c.iteration in doomed:
+            shutil.rmtree(c.path)
+            removed.append(c.path)
+    return removed
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 
@@ -393,13 +439,16 @@ class CheckpointManager:
             wdist.barrier()
 
         if async_save:
+            _maybe_inject_crash(kind, iteration, "before-write")
             request = dist_checkpointing.save(
                 state_dict, str(tmp), self._save_strategy(), async_sharded_save=True
             )
             request.add_finalize_fn(finalize)
             self._async().schedule_async_request(request)
         else:
+            _maybe_inject_crash(kind, iteration, "before-write")
             dist_checkpointing.save(state_dict, str(tmp), self._save_strategy())
+            _maybe_inject_crash(kind, iteration, "after-shards")
             wdist.barrier()
             finalize()
 
@@ -427,46 +476,12 @@ class CheckpointManager:
     def prune_window(
         self, root: str | os.PathLike, window_iters: int | None, window_tokens: int | None
     ) -> list[Path]:
-        """Delete complete window checkpoints outside the trailing window (rank 0 only)."""
-        if wdist.rank() != 0:
-            return []
-        window = list_window(root)
-        if not window:
-            return []
-        newest = window[-1].manifest
-        assert newest is not None
-        doomed = set(
-            window_to_prune(
-                [(c.iteration, c.manifest.consumed_tokens) for c in window if c.manifest],
-                newest.iteration,
-                newest.consumed_tokens,
-                window_iters,
-                window_tokens,
-            )
-        )
-        removed = []
-        for c in window[:-1]:
-            if c.iteration in doomed:
-                shutil.rmtree(c.path)
-                removed.append(c.path)
-        return removed
+        """Rank 0 prunes window checkpoints outside the window (see :func:`prune_window_dir`)."""
+        return prune_window_dir(root, window_iters, window_tokens) if wdist.rank() == 0 else []
 
     def prune_full(self, root: str | os.PathLike, keep_last: int | None) -> list[Path]:
-        """Keep the newest ``keep_last`` complete full checkpoints (rank 0 only)."""
-        if wdist.rank() != 0:
-            return []
-        full = [
-            c
-            for c in list_checkpoints(root, include_incomplete=False)
-            if c.manifest is not None and c.manifest.kind == KIND_FULL
-        ]
-        doomed = set(full_to_prune([c.iteration for c in full], keep_last))
-        removed = []
-        for c in full[:-1]:
-            if c.iteration in doomed:
-                shutil.rmtree(c.path)
-                removed.append(c.path)
-        return removed
+        """Rank 0 keeps the newest ``keep_last`` full checkpoints (:func:`prune_full_dir`)."""
+        return prune_full_dir(root, keep_last) if wdist.rank() == 0 else []
 
     # -- loading
 
@@ -544,6 +559,20 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+#: Test-only fault injection: ``KIND:ITERATION:POINT`` (e.g. ``window:6:after-shards``) makes
+#: rank 0 SIGKILL itself at that point of that save, to prove a crash leaves nothing that looks
+#: complete. Unset in normal runs.
+CRASH_ENV = "MEGATRON_WSM_TEST_CRASH_DURING_SAVE"
+
+
+def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if spec and spec == f"{kind}:{iteration}:{point}" and wdist.rank() == 0:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 
 def _mcore_version() -> str:

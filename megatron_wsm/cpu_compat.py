@@ -213,6 +213,10 @@ def _shim_rng_tracker() -> None:
             mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
+    # Activation recomputation (CheckpointFunction) saves and restores the CUDA RNG state around
+    # the recomputed forward; the CPU generator is covered by torch.get/set_rng_state there.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     mrandom.model_parallel_cuda_manual_seed = cpu_model_parallel_seed
     mrandom.initialize_rng_tracker = cpu_initialize_rng_tracker
     import megatron.core.tensor_parallel as tp_pkg

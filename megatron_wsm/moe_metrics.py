@@ -536,14 +536,21 @@ class ExpertLoadTracker:
         if isinstance(model_chunks, torch.nn.Module):
             model_chunks = [model_chunks]
         routers = self._find_routers(model_chunks, num_layers, num_experts, topk)
+        config = next((getattr(r, "config", None) for r in routers.values()), None)
         if reduce_fn is None and dist.is_available() and dist.is_initialized():
-            config = next((getattr(r, "config", None) for r in routers.values()), None)
             if config is not None:
                 reduce_fn = reduce_fn_for_config(config)
             elif dist.get_world_size() > 1:
                 raise ValueError(
                     "no router on this rank to read TP/SP from: pass reduce_fn (or use for_model)"
                 )
+        if getattr(config, "cuda_graph_impl", "none") not in (None, "none") or getattr(
+            config, "enable_cuda_graph", False
+        ):
+            # Python hooks do not run on CUDA-graph replay: counts would be silently wrong.
+            warnings.warn(
+                "CUDA graphs are enabled: expert-load counts are not reliable", stacklevel=2
+            )
         device = None
         for module in routers.values():
             weight = getattr(module, "weight", None)

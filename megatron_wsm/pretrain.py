@@ -21,6 +21,7 @@ from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW, ParallelLayout
 from megatron_wsm.model import padded_vocab_size
 from megatron_wsm.training import (
     Components,
+    moe_console,
     TrainState,
     build_model_and_optimizer,
     evaluate,
@@ -162,10 +163,10 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
     cfg.model.vocab_size = vocab
     tconfig, model, optimizer, scheduler = build_model_and_optimizer(cfg, padded)
     comp = Components(cfg, tconfig, model, optimizer, scheduler, padded, datasets, TrainState())
-    if cfg.training.moe_metrics and cfg.model.num_experts and False:  # TODO wire metrics
+    if cfg.training.moe_metrics and cfg.model.num_experts:
         from megatron_wsm.moe_metrics import ExpertLoadTracker
 
-        comp.load_tracker = ExpertLoadTracker.for_training(comp)
+        comp.load_tracker = ExpertLoadTracker.for_model(model, tconfig)
     manager = CheckpointManager(
         model, optimizer, scheduler, _layout(cfg), cfg.model.to_json(), padded
     )
@@ -212,7 +213,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     print_rank0(
         f"final validation | iteration {comp.state.iteration} | lm loss {result['loss']:.4f} "
         f"| ppl {result['perplexity']:.2f}"
-        + (f" | {result['moe']['summary']}" if result.get("moe") else "")
+        + moe_console(result.get("moe"))
     )
     if t.output_json:
         write_json(t.output_json, result)

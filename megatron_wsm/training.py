@@ -31,6 +31,11 @@ from megatron_wsm import metric_names as names
 from megatron_wsm.batches import global_batch_iterator
 from megatron_wsm.config import RunConfig
 from megatron_wsm.lr import build_scheduler
+from megatron_wsm.moe_metrics import (
+    MEAN_GLOBAL_MAX_VIOLATION,
+    MEAN_GLOBAL_MIN_VIOLATION,
+    format_console,
+)
 from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
 
 
@@ -321,7 +326,7 @@ class TrainLogger:
         aux = {k: float(v) / max(n, 1) for k, v in self._moe_aux.items()}
         moe_summary: dict[str, float] = {}
         if comp.load_tracker is not None:
-            moe_summary = comp.load_tracker.log_interval_summary()
+            moe_summary = comp.load_tracker.interval_metrics()
         w = self.writer
         if w is not None:
             w.add_scalar(names.TOKENS_PER_SECOND, tok_s, it)
@@ -333,6 +338,8 @@ class TrainLogger:
             if comp.load_tracker is not None:
                 comp.load_tracker.write_histograms(w, it)
             w.flush()
+        if comp.load_tracker is not None:
+            comp.load_tracker.reset_interval()  # every rank, after the histograms
         parts = [
             f"iter {it:6d}/{comp.cfg.training.train_iters}",
             f"tokens {comp.state.consumed_tokens:,}",
@@ -343,8 +350,8 @@ class TrainLogger:
             parts.append(f"grad norm {result.grad_norm:.3f}")
         for key, value in aux.items():
             parts.append(f"{key} {value:.4f}")
-        if comp.load_tracker is not None:
-            parts.append(comp.load_tracker.console_summary(moe_summary))
+        if moe_summary:
+            parts.append(format_console(moe_summary).strip(" |"))
         parts.append(f"{mean_time * 1000:.0f} ms/it")
         parts.append(f"{tok_s:,.0f} tok/s")
         if self._skipped:
@@ -362,13 +369,18 @@ class TrainLogger:
         if self.writer is not None:
             self.writer.add_scalar(names.VALID_LOSS, result["loss"], it)
             self.writer.add_scalar(names.VALID_PPL, result["perplexity"], it)
-            for key, value in (result.get("moe") or {}).get("tensorboard", {}).items():
-                self.writer.add_scalar("validation/" + key, value, it)
+            moe = result.get("moe")
+            if moe:
+                self.writer.add_scalar(
+                    "validation/" + MEAN_GLOBAL_MAX_VIOLATION, moe["mean_global_max_violation"], it
+                )
+                self.writer.add_scalar(
+                    "validation/" + MEAN_GLOBAL_MIN_VIOLATION, moe["mean_global_min_violation"], it
+                )
             self.writer.flush()
-        moe = (result.get("moe") or {}).get("summary", "")
         print_rank0(
             f"validation at iter {it} | lm loss {result['loss']:.4f} | "
-            f"ppl {result['perplexity']:.2f}" + (f" | {moe}" if moe else "")
+            f"ppl {result['perplexity']:.2f}" + moe_console(result.get("moe"))
         )
 
     def close(self) -> None:
@@ -424,6 +436,16 @@ def train(
             progress.close()
         logger.close()
     return history
+
+
+def moe_console(moe: dict[str, Any] | None) -> str:
+    """Console fragment of an evaluation's MoE violations (empty for dense models)."""
+    if not moe:
+        return ""
+    return (
+        f" | moe max vio {moe['mean_global_max_violation']:.4f}"
+        f" | moe min vio {moe['mean_global_min_violation']:.4f}"
+    )
 
 
 def should_exit(comp: Components) -> bool:

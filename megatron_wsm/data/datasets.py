@@ -12,16 +12,17 @@ length ``S``:
 * ``position_ids``: int64 ``[S]``, ``0..S-1``.
 
 Caching: megatron-core writes the document/sample/shuffle indices of every split as ``.npy`` files
-into ``path_to_cache`` (default: ``<directory of the train prefix>/gpt_index_cache``) and reuses
+into ``path_to_cache`` (default: ``gpt_index_cache`` beside the first prefix's files) and reuses
 them when the dataset, tokenizer and sizes match. Concurrency, as implemented here:
 
 * without torch.distributed, the build holds an ``fcntl.flock`` on ``<path_to_cache>/.lock``, so
   independent processes sharing a cache never read a half-written index;
-* with torch.distributed, megatron-core builds on global rank 0 first, then the other ranks load
-  rank 0's files. That requires ``path_to_cache`` to be visible to every rank; when it is not
-  (node-local disks on several nodes), :func:`build_gpt_datasets` first lets rank 0 build, then
-  ships the index files over torch.distributed to the ranks that cannot see them. All ranks must
-  call the builders (they contain collectives); with NCCL, set the CUDA device first.
+* with torch.distributed (world size > 1), megatron-core builds on global rank 0 first (which
+  holds the same lock meanwhile), then the other ranks load rank 0's files. That requires
+  ``path_to_cache`` to be visible to every rank; when it is not (node-local disks on several
+  nodes), :func:`build_gpt_datasets` first lets rank 0 build, then ships the index files over
+  torch.distributed to the ranks that cannot see them. All ranks must call the builders (they
+  contain collectives); with NCCL, set the CUDA device first.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _token_counts(prefix: str, split_matrix: Sequence[Any]) -> list[int | None]:
         if bookends is None:
             counts.append(None)
             continue
-        beg, end = int(round(bookends[0] * float(n))), int(round(bookends[1] * float(n)))
+        beg, end = round(bookends[0] * float(n)), round(bookends[1] * float(n))
         counts.append(int(lengths[beg:end].sum()))
     return counts
 
@@ -180,9 +181,8 @@ def _build(
     is_built_on_rank: Callable[[], bool] | None,
 ) -> tuple[Any, Any, Any]:
     on_rank = is_built_on_rank or (lambda: True)
-    if _dist_ready():
-        if torch.distributed.get_world_size() > 1:
-            _share_index_cache(config, sizes)
+    if _dist_ready() and torch.distributed.get_world_size() > 1:
+        _share_index_cache(config, sizes)
         # Every rank now finds the cache: rank 0 loads first, then the others (megatron-core).
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
     else:

@@ -4,7 +4,8 @@ One document of text becomes one document (a single sequence) of the indexed dat
 followed by the tokenizer's end-of-document id. Token ids are stored with
 ``DType.optimal_dtype(vocab_size)`` (uint16 below 65 500 pieces, int32 above), as Megatron-LM's
 ``preprocess_data.py`` does. Files are written under temporary names and renamed at the end, the
-``.bin`` before the ``.idx``, so a prefix whose ``.idx`` exists is always complete.
+``.bin`` before the ``.idx``: a new prefix whose ``.idx`` exists is complete, and a failed run
+leaves nothing (overwriting an existing pair is not atomic across the two renames).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
+
+from megatron_wsm.data.workers import encode, init_worker
 
 if TYPE_CHECKING:
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer
@@ -43,22 +46,6 @@ class IndexedStats:
         return dataclasses.asdict(self)
 
 
-# Worker-process state for multi-process tokenization (set by _init_worker).
-_WORKER_TOKENIZER: SentencePieceTokenizer | None = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _WORKER_TOKENIZER
-    from megatron_wsm.data.tokenizer import SentencePieceTokenizer
-
-    _WORKER_TOKENIZER = SentencePieceTokenizer(model_path)
-
-
-def _encode_in_worker(text: str) -> tuple[list[int], int]:
-    assert _WORKER_TOKENIZER is not None
-    return _WORKER_TOKENIZER.tokenize(text), len(text.encode("utf-8"))
-
-
 def _encode_all(
     texts: Iterable[str], tokenizer: SentencePieceTokenizer, workers: int
 ) -> Iterator[tuple[list[int], int]]:
@@ -70,8 +57,8 @@ def _encode_all(
     # "spawn" is safe in processes that already hold threads (torch, tqdm monitor); ordered imap
     # keeps the output identical to the single-process path.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_path,)) as pool:
-        yield from pool.imap(_encode_in_worker, texts, chunksize=16)
+    with ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer.model_path,)) as pool:
+        yield from pool.imap(encode, texts, chunksize=16)
 
 
 def write_indexed_dataset(
@@ -81,7 +68,7 @@ def write_indexed_dataset(
     *,
     append_eod: bool = True,
     workers: int = 1,
-    progress: Any = None,
+    on_document: Callable[[int], None] | None = None,
 ) -> IndexedStats:
     """Tokenize ``texts`` (one document each) into ``<output_prefix>.bin/.idx``.
 
@@ -92,7 +79,7 @@ def write_indexed_dataset(
         append_eod: append the end-of-document id after every document (needed for GPT
             pretraining so the model sees document boundaries).
         workers: tokenizer processes (1 = in-process).
-        progress: optional tqdm-like object; ``progress.update(n_bytes)`` is called per document.
+        on_document: called with the document's UTF-8 size after each input document (progress).
 
     Returns:
         Counts of what was written. Documents that tokenize to nothing are skipped (an empty
@@ -107,8 +94,8 @@ def write_indexed_dataset(
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     try:
         for ids, n_bytes in _encode_all(texts, tokenizer, workers):
-            if progress is not None:
-                progress.update(n_bytes)
+            if on_document is not None:
+                on_document(n_bytes)
             if not ids:
                 stats.empty_documents += 1
                 continue

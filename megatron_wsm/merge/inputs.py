@@ -107,13 +107,33 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
         )
     if fmt == FORMAT_TORCH_DIST and not (path / ".metadata").is_file():
         raise MergeError(f"{path}: missing .metadata: incomplete or corrupt torch_dist checkpoint")
-    iteration = manifest.iteration if manifest is not None else _iteration_from_name(path)
+    if manifest is not None:
+        iteration = manifest.iteration
+    else:
+        iteration = _iteration_from_name(path)
+        if iteration is None and fmt == FORMAT_TORCH_DIST:
+            iteration = _iteration_from_common(path)
     return CheckpointInput(path=path, format=fmt, manifest=manifest, iteration=iteration)
 
 
 def _iteration_from_name(path: Path) -> int | None:
     match = _ITER_RE.search(path.name)
     return int(match.group(1)) if match else None
+
+
+def _iteration_from_common(path: Path) -> int | None:
+    """``iteration`` of a foreign torch_dist checkpoint's ``common.pt``, if safely loadable."""
+    import argparse
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            common = torch.load(path / "common.pt", map_location="cpu", weights_only=True)
+    except Exception:  # unreadable or needs unsafe pickles: the iteration stays unknown
+        return None
+    value = common.get("iteration") if isinstance(common, dict) else None
+    return int(value) if isinstance(value, int) else None
 
 
 def order_inputs(inputs: list[CheckpointInput]) -> tuple[list[CheckpointInput], list[str]]:

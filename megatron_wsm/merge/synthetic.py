@@ -331,6 +331,26 @@ def check_loaded_shards(prefix: str, world: int, merged: dict[str, torch.Tensor]
 # shards as {key: [(global_offset, tensor), ...]} to ``out``.rank<r>.pt.
 
 
+#: The checkpoints of the merge tests (tests/unit/test_merge.py and
+#: tests/distributed/test_merge_distributed.py share one build per pytest session): a window
+#: w10/w20/w30 (the newest a full checkpoint with optimizer state) saved by 2 ranks, and
+#: checkpoints that differ from it in shapes, dtypes, and parallel layout.
+TEST_JOB: dict[str, Any] = {
+    "save": [
+        {"path": "{dir}/w10", "seed": 1, "iteration": 10, "world": 2, "spec": {"dtype": "bf16"}},
+        {"path": "{dir}/w20", "seed": 2, "iteration": 20, "world": 2, "spec": {"dtype": "bf16"}},
+        {"path": "{dir}/w30", "seed": 3, "iteration": 30, "world": 2, "spec": {"dtype": "bf16"},
+         "with_optimizer": True, "kind": "full"},
+        {"path": "{dir}/shape40", "seed": 4, "iteration": 40, "world": 2,
+         "spec": {"dtype": "bf16", "hidden": 48}},
+        {"path": "{dir}/fp32_40", "seed": 5, "iteration": 40, "world": 2,
+         "spec": {"dtype": "fp32"}},
+        {"path": "{dir}/layout40", "seed": 6, "iteration": 40, "world": 2,
+         "spec": {"dtype": "bf16", "alt_layout": True}},
+    ]
+}
+
+
 def spec_from_json(data: dict[str, Any]) -> SyntheticSpec:
     """SyntheticSpec from a JSON dict (``dtype`` as "bf16"/"fp32"/"fp16")."""
     data = dict(data)

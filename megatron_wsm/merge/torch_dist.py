@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import queue
 import shutil
+import threading
 import time
 import uuid
 import zlib
@@ -380,23 +382,48 @@ class Piece:
     cost: int
 
 
-def piece_elements(plan: Plan, chunk_bytes: int) -> int:
-    """Elements per piece so that all streaming buffers together fit in ``chunk_bytes``.
+@dataclasses.dataclass(frozen=True)
+class Buffers:
+    """Sizes of one rank's streaming buffers (see :class:`Streamer`)."""
 
-    Per element: the input read buffer (input itemsize), the fp32 accumulator (4 bytes) and,
-    for non-fp32 inputs, an fp32 conversion buffer (4 bytes). The output is written from the
-    accumulator or from the read buffer, never from a buffer of its own.
-    """
-    per_elem = 4
-    widest = 4
-    for item in plan.items:
-        if item.action == ACTION_AVERAGE:
-            assert item.in_dtype is not None
-            widest = max(widest, item.in_dtype.itemsize)
-            if item.in_dtype != _FP32:
-                per_elem = 8
-    per_elem += widest
-    return max(1024, (chunk_bytes // per_elem) // 64 * 64)
+    elems: int  #: elements per piece
+    in_bytes: int  #: one read buffer
+    out_bytes: int  #: one cast buffer (0: every output is fp32, written from the accumulator)
+    tmp: bool  #: an fp32 conversion buffer for non-fp32 inputs
+
+    @property
+    def total(self) -> int:
+        """Bytes of all buffers: READ_DEPTH read, ACC_DEPTH accumulator, cast and tmp buffers."""
+        return (
+            READ_DEPTH * self.in_bytes
+            + ACC_DEPTH * self.elems * 4
+            + ACC_DEPTH * self.out_bytes
+            + (self.elems * 4 if self.tmp else 0)
+        )
+
+
+#: Read buffers in flight: one being accumulated, the others being filled by the reader thread.
+READ_DEPTH = 3
+#: Accumulators (and cast buffers): one being computed, one being written by the writer thread.
+ACC_DEPTH = 2
+
+
+def plan_buffers(plan: Plan, chunk_bytes: int) -> Buffers:
+    """Elements per piece such that all streaming buffers together fit in ``chunk_bytes``."""
+    averaged = [it for it in plan.items if it.action == ACTION_AVERAGE]
+    widest_in = max([4] + [it.in_dtype.itemsize for it in averaged if it.in_dtype is not None])
+    widest_out = max(
+        [0] + [it.out_dtype.itemsize for it in averaged if it.out_dtype not in (None, _FP32)]
+    )
+    tmp = any(it.in_dtype != _FP32 for it in averaged)
+    per_elem = READ_DEPTH * widest_in + ACC_DEPTH * (4 + widest_out) + (4 if tmp else 0)
+    elems = max(1024, (chunk_bytes // per_elem) // 64 * 64)
+    return Buffers(elems, elems * widest_in, elems * widest_out, tmp)
+
+
+def piece_elements(plan: Plan, chunk_bytes: int) -> int:
+    """Elements per piece for a streaming-buffer budget of ``chunk_bytes`` (see plan_buffers)."""
+    return plan_buffers(plan, chunk_bytes).elems
 
 
 def make_pieces(plan: Plan, elems: int) -> list[Piece]:
@@ -412,7 +439,7 @@ def make_pieces(plan: Plan, elems: int) -> list[Piece]:
                 pieces.append(Piece(i, start, count, count * per))
         else:
             length = item.newest[2]
-            step = elems * 4
+            step = elems * 4  # read buffers hold at least 4 bytes per element
             for start in range(0, max(length, 1), step):
                 count = min(step, length - start)
                 pieces.append(Piece(i, start, count, 2 * count + 4096))
@@ -475,91 +502,228 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += n
 
 
-class Streamer:
-    """One rank's streaming engine: fixed buffers, reused for every piece."""
+class _Buffer:
+    """A reusable bytearray with a uint8 tensor view of it (same memory)."""
 
-    def __init__(self, plan: Plan, out_dir: Path, elems: int) -> None:
+    def __init__(self, nbytes: int) -> None:
+        self.data = bytearray(nbytes)
+        self.tensor = torch.frombuffer(self.data, dtype=torch.uint8) if nbytes else None
+        self.view = memoryview(self.data)
+
+    def typed(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        assert self.tensor is not None
+        return self.tensor[: numel * dtype.itemsize].view(dtype)
+
+
+class _Pool:
+    """Free buffers; ``get`` waits for one, or raises once the stream is stopping."""
+
+    def __init__(self, buffers: list[_Buffer], stop: threading.Event) -> None:
+        self._free: queue.Queue[_Buffer] = queue.Queue()
+        for buf in buffers:
+            self._free.put(buf)
+        self._stop = stop
+
+    def get(self) -> _Buffer:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Stopped() from None
+
+    def put(self, buf: _Buffer) -> None:
+        self._free.put(buf)
+
+
+class _Stopped(Exception):
+    """A pipeline stage was told to stop because another one failed."""
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise _Stopped() from None
+
+
+class Streamer:
+    """One rank's streaming engine: a reader thread, the accumulating (calling) thread and a
+    writer thread, connected by queues and fixed buffer pools.
+
+    Reading (``preadv`` into a free read buffer), accumulating (torch, fp32) and writing
+    (CRC-32 + ``pwrite`` from an accumulator or cast buffer) of consecutive pieces overlap; the
+    syscalls and zlib release the GIL. Memory is the pools' fixed size (:class:`Buffers`),
+    whatever the model size or the number of inputs.
+    """
+
+    def __init__(self, plan: Plan, out_dir: Path, buffers: Buffers) -> None:
         self.plan = plan
         self.out_dir = out_dir
-        self.elems = elems
-        widest = max(
-            [4] + [it.in_dtype.itemsize for it in plan.items if it.in_dtype is not None]
+        self.sizes = buffers
+        self.elems = buffers.elems
+        self.stop = threading.Event()
+        self.in_pool = _Pool([_Buffer(buffers.in_bytes) for _ in range(READ_DEPTH)], self.stop)
+        self.acc_pool = _Pool([_Buffer(buffers.elems * 4) for _ in range(ACC_DEPTH)], self.stop)
+        self.out_pool = _Pool(
+            [_Buffer(buffers.out_bytes) for _ in range(ACC_DEPTH if buffers.out_bytes else 0)],
+            self.stop,
         )
-        needs_tmp = any(
-            it.in_dtype is not None and it.in_dtype != _FP32 for it in plan.items
-        )
-        # bytearrays + torch.frombuffer: tensors for arithmetic, memoryviews for syscalls.
-        self._in = bytearray(elems * widest)
-        self._acc = bytearray(elems * 4)
-        self._tmp = bytearray(elems * 4) if needs_tmp else bytearray(0)
-        self.buffer_bytes = len(self._in) + len(self._acc) + len(self._tmp)
-        self.in_t = torch.frombuffer(self._in, dtype=torch.uint8)
-        self.acc_t = torch.frombuffer(self._acc, dtype=_FP32)
-        self.tmp_t = torch.frombuffer(self._tmp, dtype=_FP32) if needs_tmp else None
-        self.files = _Files()
+        self.tmp = _Buffer(buffers.elems * 4 if buffers.tmp else 0)
+        self.buffer_bytes = buffers.total
+        self.read_files = _Files()
+        self.write_files = _Files()
         # CRC of each item's storage bytes written by this rank: item -> [start, crc, length].
         self.crc_runs: dict[int, list[int]] = {}
         self.bytes_read = 0
         self.bytes_written = 0
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+        self._ready: queue.Queue = queue.Queue(maxsize=READ_DEPTH)
+        self._writes: queue.Queue = queue.Queue(maxsize=ACC_DEPTH + 1)
+        self._errors: list[BaseException] = []
+
+    def used_inputs(self, item: Item) -> list[int]:
+        """Inputs read for an averaged item (non-zero coefficient)."""
+        return [
+            j
+            for j, off in enumerate(item.data_offsets)
+            if off is not None and self.plan.coefficients[j] != 0.0
+        ]
+
+    # -- stages
 
     def run(self, pieces: list[Piece], progress: Callable[[int], None] | None = None) -> None:
         """Stream ``pieces`` (this rank's share) into the output files."""
+        reader = threading.Thread(target=self._guard, args=(self._read_all, pieces), daemon=True)
+        writer = threading.Thread(target=self._guard, args=(self._write_all, progress),
+                                  daemon=True)
+        reader.start()
+        writer.start()
+        threads = torch.get_num_threads()
+        # The reader and writer threads need cores too: torch's spinning OpenMP workers on
+        # every core would starve them (measured 2.5x slower on 2 cores).
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 2)))
         try:
-            for piece in pieces:
-                item = self.plan.items[piece.item]
-                if item.action == ACTION_AVERAGE:
-                    self._average(piece, item)
-                else:
-                    self._copy(piece, item)
-                if progress is not None:
-                    progress(piece.cost)
-                if self.delay:
-                    time.sleep(self.delay)
-            self.files.sync_outputs()
+            self._compute_all()
+            self._writes.put(None)
+        except BaseException as e:
+            self._errors.append(e)
         finally:
-            self.files.close()
+            torch.set_num_threads(threads)
+            if self._errors:
+                self.stop.set()
+            reader.join()
+            writer.join()
+            self.read_files.close()
+            self.write_files.close()
+        errors = [e for e in self._errors if not isinstance(e, _Stopped)]
+        if errors:
+            raise errors[0]
 
-    def _out_fd(self, item: Item) -> int:
-        return self.files.fd(str(self.out_dir / item.out_file), os.O_WRONLY)
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # reported by run() on the calling thread
+            self._errors.append(e)
+            self.stop.set()
 
-    def _copy(self, piece: Piece, item: Item) -> None:
-        path, offset, _ = item.newest
-        view = memoryview(self._in)[: piece.count]
-        _pread_exact(self.files.fd(path), view, offset + piece.start, path)
-        _pwrite_all(self._out_fd(item), view, item.out_offset + piece.start)
-        self.bytes_read += piece.count
-        self.bytes_written += piece.count
+    def _read_all(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            item = self.plan.items[piece.item]
+            if item.action == ACTION_AVERAGE:
+                assert item.in_dtype is not None
+                isz = item.in_dtype.itemsize
+                for j in self.used_inputs(item):
+                    buf = self.in_pool.get()
+                    src = item.sources[j]
+                    assert src is not None and item.data_offsets[j] is not None
+                    offset = item.data_offsets[j] + piece.start * isz
+                    self._pread(src[0], buf.view[: piece.count * isz], offset)
+                    self._put(self._ready, (piece, j, buf))
+            else:
+                buf = self.in_pool.get()
+                path, offset, _ = item.newest
+                self._pread(path, buf.view[: piece.count], offset + piece.start)
+                self._put(self._ready, (piece, None, buf))
+        self._put(self._ready, None)
 
-    def _average(self, piece: Piece, item: Item) -> None:
-        assert item.in_dtype is not None and item.out_dtype is not None
-        n, isz = piece.count, item.in_dtype.itemsize
-        acc = self.acc_t[:n]
-        first = True
-        for j, coef in enumerate(self.plan.coefficients):
-            data_offset = item.data_offsets[j] if j < len(item.data_offsets) else None
-            if coef == 0.0 or data_offset is None:
+    def _pread(self, path: str, view: memoryview, offset: int) -> None:
+        _pread_exact(self.read_files.fd(path), view, offset, path)
+        self.bytes_read += len(view)
+
+    def _put(self, q: queue.Queue, msg: Any) -> None:
+        while True:
+            try:
+                q.put(msg, timeout=0.1)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    raise _Stopped() from None
+
+    def _compute_all(self) -> None:
+        acc: _Buffer | None = None
+        seen = total = 0
+        while (msg := _get(self._ready, self.stop)) is not None:
+            piece, j, buf = msg
+            item = self.plan.items[piece.item]
+            if j is None:  # a copied item: straight to the writer
+                self._put(self._writes, (piece, item, buf.view[: piece.count], self.in_pool, buf))
                 continue
-            x = self._read(item, j, data_offset + piece.start * isz, n * isz)
-            self._accumulate(acc, x, coef, first, item.in_dtype)
-            first = False
-        if not torch.isfinite(acc.sum()):
-            self._raise_non_finite(piece, item)
-        out = self._cast(acc, item.out_dtype)
-        start_byte = piece.start * item.out_dtype.itemsize
-        crc_run = self.crc_runs.setdefault(piece.item, [start_byte, 0, 0])
-        crc_run[1] = zlib.crc32(out, crc_run[1])
-        crc_run[2] += len(out)
-        offset = item.data_start + piece.start * item.out_dtype.itemsize
-        _pwrite_all(self._out_fd(item), out, offset)
-        self.bytes_written += len(out)
+            assert item.in_dtype is not None and item.out_dtype is not None
+            if acc is None:  # first input of a piece
+                acc, seen, total = self.acc_pool.get(), 0, len(self.used_inputs(item))
+            a = acc.typed(_FP32, piece.count)
+            x = buf.typed(item.in_dtype, piece.count)
+            self._accumulate(a, x, self.plan.coefficients[j], seen == 0, item.in_dtype)
+            self.in_pool.put(buf)
+            seen += 1
+            if seen < total:
+                continue
+            if not torch.isfinite(a.sum()):
+                self._raise_non_finite(piece, item)
+            self._put(self._writes, self._output(piece, item, acc, a))
+            acc = None
 
-    def _read(self, item: Item, j: int, offset: int, nbytes: int) -> torch.Tensor:
-        src = item.sources[j]
-        assert src is not None and item.in_dtype is not None
-        _pread_exact(self.files.fd(src[0]), memoryview(self._in)[:nbytes], offset, src[0])
-        self.bytes_read += nbytes
-        return self.in_t[:nbytes].view(item.in_dtype)
+    def _output(
+        self, piece: Piece, item: Item, acc: _Buffer, a: torch.Tensor
+    ) -> tuple[Piece, Item, memoryview, _Pool, _Buffer]:
+        """What the writer writes for a finished piece, and the buffer to free after it."""
+        assert item.out_dtype is not None
+        if item.out_dtype == _FP32:
+            return piece, item, acc.view[: piece.count * 4], self.acc_pool, acc
+        out = self.out_pool.get()
+        out.typed(item.out_dtype, piece.count).copy_(a)
+        self.acc_pool.put(acc)
+        return piece, item, out.view[: piece.count * item.out_dtype.itemsize], self.out_pool, out
+
+    def _write_all(self, progress: Callable[[int], None] | None) -> None:
+        current = None
+        while (msg := _get(self._writes, self.stop)) is not None:
+            piece, item, view, pool, buf = msg
+            fd = self.write_files.fd(str(self.out_dir / item.out_file), os.O_WRONLY)
+            if current is not None and fd != current:
+                os.fsync(current)  # pieces come in file order: that file is done here
+            current = fd
+            if item.action == ACTION_AVERAGE:
+                assert item.out_dtype is not None
+                start = piece.start * item.out_dtype.itemsize
+                run = self.crc_runs.setdefault(piece.item, [start, 0, 0])
+                run[1] = zlib.crc32(view, run[1])
+                run[2] += len(view)
+                _pwrite_all(fd, view, item.data_start + start)
+            else:
+                _pwrite_all(fd, view, item.out_offset + piece.start)
+            self.bytes_written += len(view)
+            pool.put(buf)
+            if progress is not None:
+                progress(piece.cost)
+            if self.delay:
+                time.sleep(self.delay)
+        self.write_files.sync_outputs()
+
+    # -- arithmetic
 
     def _accumulate(
         self, acc: torch.Tensor, x: torch.Tensor, coef: float, first: bool, dtype: torch.dtype
@@ -567,33 +731,32 @@ class Streamer:
         # Mixed-dtype add_ (bf16 into fp32) is several times slower on CPU than an explicit
         # conversion into an fp32 buffer followed by a same-dtype add_, hence the tmp buffer.
         if dtype != _FP32:
-            assert self.tmp_t is not None
-            x = self.tmp_t[: acc.numel()].copy_(x)
+            x = self.tmp.typed(_FP32, acc.numel()).copy_(x)
         if first:
             torch.mul(x, coef, out=acc)
         else:
             acc.add_(x, alpha=coef)
 
-    def _cast(self, acc: torch.Tensor, dtype: torch.dtype) -> memoryview:
-        if dtype == _FP32:
-            return memoryview(self._acc)[: acc.numel() * 4]
-        # The read buffer is free once every input is accumulated: the cast lands there.
-        nbytes = acc.numel() * dtype.itemsize
-        self.in_t[:nbytes].view(dtype).copy_(acc)
-        return memoryview(self._in)[:nbytes]
-
     def _raise_non_finite(self, piece: Piece, item: Item) -> None:
         assert item.in_dtype is not None
         isz = item.in_dtype.itemsize
-        for j, data_offset in enumerate(item.data_offsets):
-            if data_offset is None or self.plan.coefficients[j] == 0.0:
-                continue
-            x = self._read(item, j, data_offset + piece.start * isz, piece.count * isz)
-            if not bool(torch.isfinite(x).all()):
-                raise MergeError(
-                    f"{self.plan.inputs[j].path}: NaN/Inf in {item.index.fqn} (elements "
-                    f"{piece.start}..{piece.start + piece.count} of the item); refusing to merge"
-                )
+        files = _Files()
+        try:
+            for j in self.used_inputs(item):
+                src, data_offset = item.sources[j], item.data_offsets[j]
+                assert src is not None and data_offset is not None
+                raw = bytearray(piece.count * isz)
+                _pread_exact(files.fd(src[0]), memoryview(raw), data_offset + piece.start * isz,
+                             src[0])
+                x = torch.frombuffer(raw, dtype=item.in_dtype)
+                if not bool(torch.isfinite(x).all()):
+                    raise MergeError(
+                        f"{self.plan.inputs[j].path}: NaN/Inf in {item.index.fqn} (elements "
+                        f"{piece.start}..{piece.start + piece.count} of the item); refusing "
+                        "to merge"
+                    )
+        finally:
+            files.close()
         raise MergeError(f"{item.index.fqn}: the merged values overflow (NaN/Inf)")
 
 
@@ -728,11 +891,11 @@ def stream(
     Returns (bytes read, bytes written, buffer bytes per rank, notes) summed over ranks.
     """
     comm.run_on_rank0(lambda: create_output_files(plan, out_dir))
-    elems = piece_elements(plan, chunk_bytes)
-    share = split_pieces(make_pieces(plan, elems), comm.size)[comm.rank]
+    buffers = plan_buffers(plan, chunk_bytes)
+    share = split_pieces(make_pieces(plan, buffers.elems), comm.size)[comm.rank]
 
     def work() -> tuple[dict[int, list[int]], int, int, int]:
-        streamer = Streamer(plan, out_dir, elems)
+        streamer = Streamer(plan, out_dir, buffers)
         with _progress_bar(share, enabled=progress and comm.rank == 0) as update:
             streamer.run(share, update)
         return streamer.crc_runs, streamer.bytes_read, streamer.bytes_written, streamer.buffer_bytes
