@@ -118,6 +118,7 @@ def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, A
         "position_embedding_type",
         "normalization",
         "untie_embeddings_and_output_weights",
+        "vocab_size",
     )
     ident = {k: model_json.get(k) for k in keys}
     ident["padded_vocab_size"] = padded_vocab
@@ -311,7 +312,9 @@ class CheckpointManager:
         layout: ParallelLayout,
         model_json: dict[str, Any],
         padded_vocab: int,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
+        self.run_info = dict(run_info or {})
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -419,6 +422,7 @@ class CheckpointManager:
             checkpoint_format="torch_dist",
             megatron_core_version=_mcore_version(),
             complete=True,
+            extra={"run": self.run_info},
         )
 
         def finalize() -> None:
@@ -525,16 +529,22 @@ class CheckpointManager:
             sharded["rng_state"] = self._rng_object(None)
         try:
             loaded = dist_checkpointing.load(sharded, str(ckpt))
-        except Exception as e:  # megatron-core raises many types; say which checkpoint failed
-            raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}") from e
-        self._bare_model().load_state_dict(loaded["model"], strict=True)
-        if "optimizer" in sharded:
-            self.optimizer.load_state_dict(loaded["optimizer"])
-        else:
-            # Master (fp32) copies must follow the loaded weights when no optimizer state is read.
-            if hasattr(self.optimizer, "reload_model_params"):
+            self._bare_model().load_state_dict(loaded["model"], strict=True)
+            if "optimizer" in sharded:
+                self.optimizer.load_state_dict(loaded["optimizer"])
+            elif hasattr(self.optimizer, "reload_model_params"):
+                # fp32 master copies must follow the loaded weights when no optimizer state
+                # is read (bf16 training).
                 self.optimizer.reload_model_params()
-        if has_optim and "opt_param_scheduler" in loaded:
+        except Exception as e:  # megatron-core raises many types; say which checkpoint failed
+            hint = ""
+            if "optimizer" in sharded:
+                hint = (
+                    " (optimizer state reloads only into the parallel layout it was saved "
+                    "with; add --no-load-optim --no-load-rng to load the weights alone)"
+                )
+            raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}{hint}") from e
+        if has_optim and load_optim and "opt_param_scheduler" in loaded:
             try:
                 self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
             except AssertionError as e:

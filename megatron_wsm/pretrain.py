@@ -167,15 +167,25 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
         from megatron_wsm.moe_metrics import ExpertLoadTracker
 
         comp.load_tracker = ExpertLoadTracker.for_model(model, tconfig)
+    # What tools/evaluate.py needs to rebuild this model and its data from a checkpoint alone.
+    run_info = {
+        "model": cfg.model.to_json(),
+        "seq_length": cfg.model.seq_length,
+        "data_path": cfg.data.data_path,
+        "tokenizer_model": cfg.data.tokenizer_model,
+        "vocab_size": cfg.data.vocab_size,
+        "split": cfg.data.split,
+        "seed": cfg.training.seed,
+    }
     manager = CheckpointManager(
-        model, optimizer, scheduler, _layout(cfg), cfg.model.to_json(), padded
+        model, optimizer, scheduler, _layout(cfg), cfg.model.to_json(), padded, run_info
     )
     t = cfg.training
     if t.load:
         info = manager.load(
             t.load,
-            load_optim=not t.no_load_optim,
-            load_rng=not t.no_load_rng,
+            load_optim=not (t.no_load_optim or t.eval_only),
+            load_rng=not (t.no_load_rng or t.eval_only),
             finetune=t.finetune,
         )
         comp.state = TrainState(
