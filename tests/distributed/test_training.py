@@ -46,6 +46,13 @@ def test_layout_matches_single_process(layout, single_process, data_cache, tmp_p
     assert got[0] == pytest.approx(want[0], abs=1e-4), (layout, got, want)
     # Later steps follow within float reassociation noise.
     assert got == pytest.approx(want, abs=5e-3), (layout, got, want)
+    # MoE load-balance violations, counted on every rank and reduced, do not depend on the
+    # layout either (issue 7): per layer and their means.
+    moe, ref = result["moe"], reference["moe"]
+    assert moe["moe_layers"] == ref["moe_layers"] == [1, 2]
+    for key in ("global_max_violation", "global_min_violation"):
+        assert moe[key] == pytest.approx(ref[key], abs=1e-6), (layout, key)
+    assert moe["expert_load"] == ref["expert_load"]
 
 
 def test_tensorboard_has_loss_and_lr(single_process):
@@ -58,6 +65,16 @@ def test_tensorboard_has_loss_and_lr(single_process):
     assert {"lm loss", "learning-rate", "grad-norm"} <= tags, tags
     assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3, 4]
     assert all(e.value == pytest.approx(3e-3) for e in acc.Scalars("learning-rate"))
+    moe_tags = {
+        "moe/global_max_violation/layer_1", "moe/global_min_violation/layer_2",
+        "moe/mean_global_max_violation", "moe/mean_global_min_violation",
+        "moe/mean_batch_max_violation", "moe/mean_batch_min_violation",
+        "load_balancing_loss", "throughput/tokens-per-sec",
+    }
+    assert moe_tags <= tags, moe_tags - tags
+    assert "moe/expert_load/layer_1" in acc.Tags()["histograms"]
+    for e in acc.Scalars("moe/mean_global_max_violation"):
+        assert 0.0 <= e.value <= 1.0  # top-2 of 4 experts: max load <= 2x the mean
 
 
 def test_resume_is_bitwise(data_cache, tmp_path):
