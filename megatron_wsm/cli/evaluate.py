@@ -66,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     base: list[str] = []
     if manifest is not None:
-        base = flags_from_manifest(manifest.extra.get("run", {}))
+        run = manifest.extra.get("run")
+        if not run:  # e.g. a merge of checkpoints from an older version: shapes only
+            run = {"model": manifest.model_config,
+                   "vocab_size": manifest.model_config.get("vocab_size")}
+        base = flags_from_manifest(run)
     from megatron_wsm.pretrain import main as pretrain_main
 
     return pretrain_main([*base, "--eval-only", "--no-progress-bar", *argv])
