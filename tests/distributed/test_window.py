@@ -13,7 +13,16 @@ import torch
 
 from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints, list_window
 from megatron_wsm.manifest import read_manifest
-from tests.helpers import ROOT, TINY_MODEL, _env, losses, run_pretrain, torchrun_cmd
+from megatron_wsm.schedule import merge_coefficients
+from tests.helpers import (
+    ROOT,
+    TINY_MODEL,
+    _env,
+    losses,
+    run_pretrain,
+    run_script,
+    torchrun_cmd,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -67,6 +76,53 @@ def test_window_saves_retention_and_reload(layout, data_cache, tmp_path):
         tmp_path / "eval.json",
     )
     assert reloaded["loss"] == pytest.approx(result["loss"], abs=2e-4)
+
+    # Issue 6: merging this window, in the layout it was saved in, with 1 and 2 merge ranks,
+    # equals the float64 weighted average of every input tensor (fp32 output tolerance).
+    inputs = [c.path for c in window]
+    coeffs = merge_coefficients("1-sqrt", len(inputs) - 1)
+    tensors = [_read_model(p) for p in inputs]
+    for nproc in (1, 2):
+        out = tmp_path / f"merged_{nproc}"
+        run_script(
+            "tools/merge_wsm.py",
+            ["--inputs", *inputs, "--method", "1-sqrt", "--save", out, "--no-progress-bar"],
+            nproc=nproc,
+        )
+        merged = _read_model(out)
+        assert merged.keys() == tensors[0].keys()
+        for key, value in merged.items():
+            ref = sum(c * t[key].double() for c, t in zip(coeffs, tensors))
+            assert value.dtype == tensors[0][key].dtype
+            torch.testing.assert_close(value.double(), ref, atol=1e-6, rtol=1e-6)
+        assert read_manifest(out).kind == "merged"
+
+
+def test_merged_checkpoint_evaluates_like_naive_average(data_cache, tmp_path):
+    """The merge output loads in the trainer (1 process and the saved EP=2 layout) and gives
+    the eval loss of a naive reference: every checkpoint loaded whole, averaged in memory."""
+    save = tmp_path / "ckpt"
+    args = [*TINY_MODEL, "--data-cache-dir", data_cache]
+    run_pretrain(
+        [*args, "--train-iters", "6", "--save", save, "--wsm-interval", "2",
+         "--expert-model-parallel-size", "2"],
+        tmp_path / "train.json", nproc=2,
+    )
+    inputs = [str(c.path) for c in list_window(save / "wsm_window")]
+    merged = tmp_path / "merged"
+    run_script("tools/merge_wsm.py",
+               ["--inputs", *inputs, "--method", "mean", "--save", merged, "--no-progress-bar"])
+    coeffs = merge_coefficients("mean", len(inputs) - 1)
+    naive = run_script(
+        "tests/naive_merge_eval.py",
+        [*args, "--coefficients", ",".join(map(str, coeffs)), "--inputs", *inputs],
+    )
+    reference = json.loads(naive.stdout.strip().splitlines()[-1])
+    one = run_pretrain([*args, "--eval-only", "--load", merged], tmp_path / "e1.json")
+    two = run_pretrain([*args, "--eval-only", "--load", merged, "--expert-model-parallel-size",
+                        "2"], tmp_path / "e2.json", nproc=2)
+    assert one["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert two["loss"] == pytest.approx(reference["loss"], abs=1e-4)
 
 
 def test_kill_during_window_save_then_resume(data_cache, tmp_path):

@@ -518,3 +518,23 @@ def test_non_zip_item_is_refused():
     junk = b"x" * 300
     with pytest.raises(fmt.FormatError, match="not a torch.save zip blob"):
         fmt.describe_tensor_blob(fmt.BlobReader(lambda o, n: junk[o : o + n], len(junk)))
+
+
+@pytest.mark.parametrize("k", [2, 4, 16])
+@pytest.mark.parametrize(("in_dtype", "out_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+])
+def test_streaming_buffers_fit_the_chunk_budget(k, in_dtype, out_dtype):
+    from types import SimpleNamespace
+
+    from megatron_wsm.merge.torch_dist import ACTION_AVERAGE, plan_buffers
+
+    item = SimpleNamespace(action=ACTION_AVERAGE, in_dtype=in_dtype, out_dtype=out_dtype)
+    plan = SimpleNamespace(items=[item], coefficients=[1.0 / k] * k)
+    chunk = 64 * 2**20
+    buffers = plan_buffers(plan, chunk)
+    assert buffers.total <= chunk and buffers.inputs == k
+    # More inputs: smaller pieces, same memory.
+    fewer = plan_buffers(SimpleNamespace(items=[item], coefficients=[0.5, 0.5]), chunk)
+    assert buffers.elems <= fewer.elems and fewer.total <= chunk
