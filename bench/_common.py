@@ -14,10 +14,29 @@ if ROOT not in sys.path:
 
 #: A small MoE whose CPU step takes ~100 ms: big enough that per-step overheads show.
 BENCH_MODEL = [
-    "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
-    "--num-experts", "8", "--moe-router-topk", "2", "--seq-length", "128",
-    "--micro-batch-size", "4", "--global-batch-size", "8", "--log-interval", "1000000",
-    "--eval-interval", "0", "--no-progress-bar", "--train-iters", "100000",
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--num-experts",
+    "8",
+    "--moe-router-topk",
+    "2",
+    "--seq-length",
+    "128",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--log-interval",
+    "1000000",
+    "--eval-interval",
+    "0",
+    "--no-progress-bar",
+    "--train-iters",
+    "100000",
 ]
 
 

@@ -42,8 +42,13 @@ def main() -> None:
     def switch(fn, attach: bool):
         def block_step() -> None:
             if attach and not tracker._handles:
-                tracker.attach(comp.model, num_layers=tracker_layers, num_experts=experts,
-                               topk=topk, reduce_fn=tracker.reduce_fn)
+                tracker.attach(
+                    comp.model,
+                    num_layers=tracker_layers,
+                    num_experts=experts,
+                    topk=topk,
+                    reduce_fn=tracker.reduce_fn,
+                )
             if not attach and tracker._handles:
                 tracker.detach()
             fn()
@@ -55,14 +60,17 @@ def main() -> None:
     for _ in range(3):
         switch(on, True)()
         switch(off, False)()
-    times = time_blocks({"off": switch(off, False), "on": switch(on, True)},
-                        args.steps, args.rounds)
+    times = time_blocks(
+        {"off": switch(off, False), "on": switch(on, True)}, args.steps, args.rounds
+    )
     result = summary(times, "off")
     if rank0():
         for name, r in result.items():
             print(f"metrics {name:3s}: {r['median_s'] * 1000:8.1f} ms/step  ratio {r['ratio']:.4f}")
-        print(f"metrics on/off = {result['on']['ratio']:.4f} (goal <= 1.01); "
-              f"interval metrics: {tracker.interval_metrics()}")
+        print(
+            f"metrics on/off = {result['on']['ratio']:.4f} (goal <= 1.01); "
+            f"interval metrics: {tracker.interval_metrics()}"
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)

@@ -37,8 +37,13 @@ def main() -> None:
     nmb = comp.num_microbatches
     batches = list(
         global_batch_iterator(
-            comp.datasets["train"], 0, cfg.training.micro_batch_size,
-            ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), nmb, device(),
+            comp.datasets["train"],
+            0,
+            cfg.training.micro_batch_size,
+            ps.get_data_parallel_world_size(),
+            ps.get_data_parallel_rank(),
+            nmb,
+            device(),
         )
     )
 
@@ -54,10 +59,14 @@ def main() -> None:
             chunk.zero_grad_buffer()
         comp.optimizer.zero_grad()
         forward_backward(
-            forward_step_func=bare_forward, data_iterator=iter(batches), model=comp.model,
-            num_microbatches=nmb, seq_length=cfg.model.seq_length,
+            forward_step_func=bare_forward,
+            data_iterator=iter(batches),
+            model=comp.model,
+            num_microbatches=nmb,
+            seq_length=cfg.model.seq_length,
             micro_batch_size=cfg.training.micro_batch_size,
-            decoder_seq_length=cfg.model.seq_length, forward_only=False,
+            decoder_seq_length=cfg.model.seq_length,
+            forward_only=False,
         )
         comp.optimizer.step()
         comp.scheduler.step(increment=cfg.training.global_batch_size)
@@ -68,16 +77,21 @@ def main() -> None:
     for _ in range(3):  # warm-up both paths
         bare_step()
         our_step()
-    times = time_blocks({"bare_megatron_core": bare_step, "megatron_wsm": our_step},
-                        args.steps, args.rounds)
+    times = time_blocks(
+        {"bare_megatron_core": bare_step, "megatron_wsm": our_step}, args.steps, args.rounds
+    )
     result = summary(times, "bare_megatron_core")
     tokens = comp.tokens_per_iteration
     if rank0():
-        print(f"model: {comp.cfg.model.num_layers} layers, hidden {comp.cfg.model.hidden_size}, "
-              f"{comp.cfg.model.num_experts} experts; {tokens} tokens/iteration")
+        print(
+            f"model: {comp.cfg.model.num_layers} layers, hidden {comp.cfg.model.hidden_size}, "
+            f"{comp.cfg.model.num_experts} experts; {tokens} tokens/iteration"
+        )
         for name, r in result.items():
-            print(f"{name:20s} {r['median_s'] * 1000:8.1f} ms/it  {tokens / r['median_s']:10.0f} "
-                  f"tok/s")
+            print(
+                f"{name:20s} {r['median_s'] * 1000:8.1f} ms/it  {tokens / r['median_s']:10.0f} "
+                f"tok/s"
+            )
         ratio = 1.0 / result["megatron_wsm"]["ratio"]
         print(f"throughput ratio megatron_wsm / bare megatron-core = {ratio:.3f} (goal >= 0.98)")
         if args.json:

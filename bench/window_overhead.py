@@ -46,8 +46,13 @@ def main() -> None:
             state["n"] += 1
             if mode != "off" and state["n"] % args.interval == 0:
                 counter[mode] += 1
-                manager.save(f"{root}/{mode}", KIND_WINDOW, comp.state, comp.last_lr,
-                             async_save=(mode == "async"))
+                manager.save(
+                    f"{root}/{mode}",
+                    KIND_WINDOW,
+                    comp.state,
+                    comp.last_lr,
+                    async_save=(mode == "async"),
+                )
                 if wdist.rank() == 0:
                     prune_window_dir(f"{root}/{mode}", 0, None)  # keep only the newest
 
@@ -69,14 +74,20 @@ def main() -> None:
 
         sizes = {c.manifest.kind: c.size_bytes() for c in list_checkpoints(f"{root}/size")}
         for name, r in result.items():
-            print(f"window saving {name:5s}: {r['median_s'] * 1000:8.1f} ms/step  "
-                  f"ratio {r['ratio']:.3f}")
+            print(
+                f"window saving {name:5s}: {r['median_s'] * 1000:8.1f} ms/step  "
+                f"ratio {r['ratio']:.3f}"
+            )
         print(f"saves per variant: {counter}; one every {args.interval} steps")
-        print(f"window checkpoint {sizes['window'] / 2**20:.2f} MiB, full checkpoint "
-              f"{sizes['full'] / 2**20:.2f} MiB: window = "
-              f"{100 * sizes['window'] / sizes['full']:.1f}% of full")
-        print(f"async ratio {result['async']['ratio']:.3f} (goal <= 1.02), "
-              f"sync ratio {result['sync']['ratio']:.3f}")
+        print(
+            f"window checkpoint {sizes['window'] / 2**20:.2f} MiB, full checkpoint "
+            f"{sizes['full'] / 2**20:.2f} MiB: window = "
+            f"{100 * sizes['window'] / sizes['full']:.1f}% of full"
+        )
+        print(
+            f"async ratio {result['async']['ratio']:.3f} (goal <= 1.02), "
+            f"sync ratio {result['sync']['ratio']:.3f}"
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"variants": result, "bytes": sizes}, f, indent=2)

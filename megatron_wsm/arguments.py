@@ -72,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument(
-        "--sequence-parallel", action="store_true", help="required for MoE with TP > 1"
-    )
+    g.add_argument("--sequence-parallel", action="store_true", help="required for MoE with TP > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
 

@@ -35,7 +35,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     batch: dict[str, torch.Tensor] = {}
     for key in BATCH_KEYS:
         values = [s[key] for s in samples]
-        arr = torch.stack([v if torch.is_tensor(v) else torch.from_numpy(np.asarray(v)) for v in values])
+        arr = torch.stack(
+            [v if torch.is_tensor(v) else torch.from_numpy(np.asarray(v)) for v in values]
+        )
         batch[key] = arr.float() if key == "loss_mask" else arr.long()
     return batch
 
@@ -51,6 +53,8 @@ def global_batch_iterator(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Iterator over this rank's micro-batches of one global batch (wraps around the dataset)."""
     n = len(dataset)
-    for indices in micro_batch_indices(consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro):
+    for indices in micro_batch_indices(
+        consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro
+    ):
         batch = collate([dataset[i % n] for i in indices])
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -24,8 +24,9 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def window_to_prune(
 
 
 def full_to_prune(iterations: list[int], keep_last: int | None) -> list[int]:
-    """Iterations of complete full checkpoints beyond the newest ``keep_last`` (never the newest)."""
+    """Iterations of complete full checkpoints beyond the newest ``keep_last`` (never newest)."""
     if keep_last is None:
         return []
     keep_last = max(1, keep_last)
@@ -145,7 +146,9 @@ class CheckpointInfo:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
-def list_checkpoints(root: str | os.PathLike, include_incomplete: bool = True) -> list[CheckpointInfo]:
+def list_checkpoints(
+    root: str | os.PathLike, include_incomplete: bool = True
+) -> list[CheckpointInfo]:
     """Checkpoints under ``root`` (``iter_*`` dirs and in-progress ``.tmp-iter_*`` ones), oldest
     first. Incomplete ones (no manifest, ``complete: false``, unreadable manifest, or a
     temporary dir) are listed only when ``include_incomplete``."""
@@ -158,7 +161,7 @@ def list_checkpoints(root: str | os.PathLike, include_incomplete: bool = True) -
             continue
         name = child.name
         is_tmp = name.startswith(_TMP_PREFIX)
-        match = _ITER_RE.match(name[len(_TMP_PREFIX):] if is_tmp else name)
+        match = _ITER_RE.match(name[len(_TMP_PREFIX) :] if is_tmp else name)
         if not match:
             continue
         iteration = int(match.group(1))
@@ -435,7 +438,10 @@ class CheckpointManager:
                 if kind == KIND_FULL:
                     _write_text_atomic(root / TRACKER_FILE, str(iteration))
                 result = SaveResult(
-                    final, kind, iteration, _dir_bytes(final),
+                    final,
+                    kind,
+                    iteration,
+                    _dir_bytes(final),
                     time.perf_counter() - start,
                 )
                 if on_complete is not None:
@@ -557,8 +563,13 @@ class CheckpointManager:
             set_rng_state(loaded["rng_state"])
         wdist.barrier()
         if finetune:
-            return {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0, "kind": kind,
-                    "path": str(ckpt)}
+            return {
+                "iteration": 0,
+                "consumed_samples": 0,
+                "consumed_tokens": 0,
+                "kind": kind,
+                "path": str(ckpt),
+            }
         return {
             "iteration": int(loaded.get("iteration", 0)),
             "consumed_samples": int(loaded.get("consumed_samples", 0)),
@@ -582,7 +593,6 @@ def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-
 
 
 def _mcore_version() -> str:

@@ -20,7 +20,8 @@ import contextlib
 import logging
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class _NullStream:
     def wait_event(self, *args: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> "_NullEvent":
+    def record_event(self, event: Any = None) -> _NullEvent:
         return event or _NullEvent()
 
     def synchronize(self) -> None:

@@ -106,7 +106,9 @@ def lr_curve(optim: OptimizerSettings, train_iters: int, global_batch_size: int)
     Iteration ``i`` trains with the LR the scheduler holds after ``i - 1`` steps, as in the loop.
     """
     holder = _ParamGroupsOnly()
-    sched = OptimizerParamScheduler(holder, **scheduler_kwargs(optim, train_iters, global_batch_size))
+    sched = OptimizerParamScheduler(
+        holder, **scheduler_kwargs(optim, train_iters, global_batch_size)
+    )
     lrs = []
     for _ in range(train_iters):
         lrs.append(float(holder.param_groups[0]["lr"]))

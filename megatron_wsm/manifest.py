@@ -82,7 +82,7 @@ class CheckpointManifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "CheckpointManifest":
+    def from_json(cls, data: dict[str, Any]) -> CheckpointManifest:
         """Inverse of :meth:`to_json`; raises ValueError on a foreign or malformed file."""
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"not a megatron-wsm manifest (format={data.get('format')!r})")

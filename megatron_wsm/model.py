@@ -157,9 +157,7 @@ def build_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpe
     return _replace_norms(spec)
 
 
-def build_gpt_model(
-    config: TransformerConfig, model: ModelConfig, vocab_size: int
-) -> GPTModel:
+def build_gpt_model(config: TransformerConfig, model: ModelConfig, vocab_size: int) -> GPTModel:
     """One pipeline stage of the GPT model (pre/post process by stage position)."""
     layer_spec: Any = build_layer_spec(config, model)
     if not transformer_engine_usable():
@@ -201,9 +199,7 @@ def _key_seed(seed: int, key: str, row: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode()) * 7919 + row) % (2**63 - 1)
 
 
-def layout_independent_init(
-    model: torch.nn.Module, config: TransformerConfig, seed: int
-) -> None:
+def layout_independent_init(model: torch.nn.Module, config: TransformerConfig, seed: int) -> None:
     """Re-initialise weights so their values do not depend on the TP/PP/EP layout.
 
     megatron-core draws initial weights per rank, so a PP=2 or EP=2 model starts from other
@@ -215,8 +211,8 @@ def layout_independent_init(
     weights stay 1. Costs one global row per local row; meant for tests and small models
     (``--layout-independent-init``).
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
@@ -234,9 +230,7 @@ def layout_independent_init(
                 raise ValueError(f"{sh.key}: flattened shards are not supported here")
             sigma = out_std if ("linear_proj" in sh.key or "linear_fc2" in sh.key) else std
             local_full_shape = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
-            slices = tuple(
-                slice(o, o + n) for o, n in zip(sh.global_offset, local_full_shape)
-            )
+            slices = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, local_full_shape))
             rows = []
             for row in range(slices[0].start, slices[0].stop):
                 gen = torch.Generator().manual_seed(_key_seed(seed, sh.key, row))

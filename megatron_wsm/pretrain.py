@@ -21,10 +21,10 @@ from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW, ParallelLayout
 from megatron_wsm.model import padded_vocab_size
 from megatron_wsm.training import (
     Components,
-    moe_console,
     TrainState,
     build_model_and_optimizer,
     evaluate,
+    moe_console,
     print_rank0,
     should_exit,
     train,
@@ -143,14 +143,22 @@ class CheckpointHook:
         t = self.cfg.training
         if self.window_root and should_save(it, self.window_interval):
             self.manager.save(
-                self.window_root, KIND_WINDOW, comp.state, lr,
-                async_save=self.cfg.wsm.wsm_async, on_complete=self._window_done,
+                self.window_root,
+                KIND_WINDOW,
+                comp.state,
+                lr,
+                async_save=self.cfg.wsm.wsm_async,
+                on_complete=self._window_done,
             )
         last = it == t.train_iters or should_exit(comp)
         if t.save and (should_save(it, t.save_interval) or last):
             self.manager.save(
-                t.save, KIND_FULL, comp.state, lr,
-                async_save=t.async_save, on_complete=self._full_done,
+                t.save,
+                KIND_FULL,
+                comp.state,
+                lr,
+                async_save=t.async_save,
+                on_complete=self._full_done,
             )
 
 
@@ -222,8 +230,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     result["checkpoint"] = t.load
     print_rank0(
         f"final validation | iteration {comp.state.iteration} | lm loss {result['loss']:.4f} "
-        f"| ppl {result['perplexity']:.2f}"
-        + moe_console(result.get("moe"))
+        f"| ppl {result['perplexity']:.2f}" + moe_console(result.get("moe"))
     )
     if t.output_json:
         write_json(t.output_json, result)

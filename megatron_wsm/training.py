@@ -14,8 +14,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,12 +32,12 @@ from megatron_wsm import metric_names as names
 from megatron_wsm.batches import global_batch_iterator
 from megatron_wsm.config import RunConfig
 from megatron_wsm.lr import build_scheduler
+from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
 from megatron_wsm.moe_metrics import (
     MEAN_GLOBAL_MAX_VIOLATION,
     MEAN_GLOBAL_MIN_VIOLATION,
     format_console,
 )
-from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
 
 
 @dataclasses.dataclass
@@ -66,7 +67,9 @@ class Components:
     @property
     def num_microbatches(self) -> int:
         t = self.cfg.training
-        return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
+        return t.global_batch_size // (
+            t.micro_batch_size * parallel_state.get_data_parallel_world_size()
+        )
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -89,9 +92,7 @@ def print_rank0(*args: Any) -> None:
 # ----------------------------------------------------------------------------- setup
 
 
-def build_model_and_optimizer(
-    cfg: RunConfig, vocab_size: int
-) -> tuple[Any, list[DDP], Any, Any]:
+def build_model_and_optimizer(cfg: RunConfig, vocab_size: int) -> tuple[Any, list[DDP], Any, Any]:
     """megatron-core GPTModel wrapped in its DDP, its optimizer and LR scheduler."""
     tconfig = build_transformer_config(cfg.model, cfg.parallel)
     gpt = build_gpt_model(tconfig, cfg.model, vocab_size)
@@ -142,7 +143,9 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[Any, Any,
     return loss_sum, num_tokens, {names.LM_LOSS: report}
 
 
-def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: DDP) -> tuple[Any, Callable]:
+def _forward_step(
+    data_iterator: Iterator[dict[str, torch.Tensor]], model: DDP
+) -> tuple[Any, Callable]:
     batch = next(data_iterator)
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]

@@ -18,10 +18,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: A tiny MoE that trains in seconds on 2 CPU cores.
 TINY_MODEL = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--num-experts", "4", "--moe-router-topk", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--vocab-size", "512",
-    "--log-interval", "1", "--eval-interval", "0", "--eval-iters", "2", "--no-progress-bar",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--num-experts",
+    "4",
+    "--moe-router-topk",
+    "2",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--vocab-size",
+    "512",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "0",
+    "--eval-iters",
+    "2",
+    "--no-progress-bar",
 ]
 
 
@@ -42,8 +63,16 @@ def _env() -> dict[str, str]:
 def torchrun_cmd(script: str, nproc: int) -> list[str]:
     """``python -m torch.distributed.run`` for ``nproc`` local processes on a free port."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(ROOT / script),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(ROOT / script),
     ]
 
 

@@ -15,11 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main() -> None:
     argv = sys.argv[1:]
     i = argv.index("--inputs")
-    inputs = argv[i + 1:]
+    inputs = argv[i + 1 :]
     argv = argv[:i]
     j = argv.index("--coefficients")
     coeffs = [float(x) for x in argv[j + 1].split(",")]
-    argv = argv[:j] + argv[j + 2:]
+    argv = argv[:j] + argv[j + 2 :]
 
     import torch
 

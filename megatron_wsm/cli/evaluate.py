@@ -68,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if manifest is not None:
         run = manifest.extra.get("run")
         if not run:  # e.g. a merge of checkpoints from an older version: shapes only
-            run = {"model": manifest.model_config,
-                   "vocab_size": manifest.model_config.get("vocab_size")}
+            run = {
+                "model": manifest.model_config,
+                "vocab_size": manifest.model_config.get("vocab_size"),
+            }
         base = flags_from_manifest(run)
     from megatron_wsm.pretrain import main as pretrain_main
 

@@ -66,10 +66,14 @@ def test_tensorboard_has_loss_and_lr(single_process):
     assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3, 4]
     assert all(e.value == pytest.approx(3e-3) for e in acc.Scalars("learning-rate"))
     moe_tags = {
-        "moe/global_max_violation/layer_1", "moe/global_min_violation/layer_2",
-        "moe/mean_global_max_violation", "moe/mean_global_min_violation",
-        "moe/mean_batch_max_violation", "moe/mean_batch_min_violation",
-        "load_balancing_loss", "throughput/tokens-per-sec",
+        "moe/global_max_violation/layer_1",
+        "moe/global_min_violation/layer_2",
+        "moe/mean_global_max_violation",
+        "moe/mean_global_min_violation",
+        "moe/mean_batch_max_violation",
+        "moe/mean_batch_min_violation",
+        "load_balancing_loss",
+        "throughput/tokens-per-sec",
     }
     assert moe_tags <= tags, moe_tags - tags
     assert "moe/expert_load/layer_1" in acc.Tags()["histograms"]
@@ -80,9 +84,19 @@ def test_tensorboard_has_loss_and_lr(single_process):
 def test_resume_is_bitwise(data_cache, tmp_path):
     """8 iterations straight == 4 + save + load + 4 (losses and LRs identical)."""
     common = [
-        *TINY_MODEL, "--train-iters", "8", "--lr-warmup-iters", "2",
-        "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "4",
-        "--expert-model-parallel-size", "2", "--data-cache-dir", data_cache,
+        *TINY_MODEL,
+        "--train-iters",
+        "8",
+        "--lr-warmup-iters",
+        "2",
+        "--lr-decay-style",
+        "WSD",
+        "--lr-wsd-decay-iters",
+        "4",
+        "--expert-model-parallel-size",
+        "2",
+        "--data-cache-dir",
+        data_cache,
     ]
     straight = run_pretrain(common, tmp_path / "a.json", nproc=2)
     ckpt = tmp_path / "ckpt"
@@ -99,8 +113,15 @@ def test_resume_is_bitwise(data_cache, tmp_path):
 def test_bad_layout_is_one_clear_error(data_cache):
     proc = run_script(
         "pretrain_moe.py",
-        [*TINY_MODEL, "--num-experts", "3", "--expert-model-parallel-size", "2",
-         "--data-cache-dir", data_cache],
+        [
+            *TINY_MODEL,
+            "--num-experts",
+            "3",
+            "--expert-model-parallel-size",
+            "2",
+            "--data-cache-dir",
+            data_cache,
+        ],
         nproc=2,
         check=False,
     )
@@ -118,8 +139,17 @@ def test_load_of_another_model_shape_is_refused(data_cache, tmp_path):
     )
     proc = run_script(
         "pretrain_moe.py",
-        [*TINY_MODEL, "--hidden-size", "64", "--train-iters", "2", "--load", ckpt,
-         "--data-cache-dir", data_cache],
+        [
+            *TINY_MODEL,
+            "--hidden-size",
+            "64",
+            "--train-iters",
+            "2",
+            "--load",
+            ckpt,
+            "--data-cache-dir",
+            data_cache,
+        ],
         check=False,
     )
     assert proc.returncode != 0

@@ -41,7 +41,9 @@ def _read_model(ckpt) -> dict[str, torch.Tensor]:
 
     sd: dict = {}
     _load_state_dict(
-        sd, storage_reader=FileSystemReader(str(ckpt)), planner=_EmptyStateDictLoadPlanner(),
+        sd,
+        storage_reader=FileSystemReader(str(ckpt)),
+        planner=_EmptyStateDictLoadPlanner(),
         no_dist=True,
     )
     return {k: v for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()}
@@ -51,9 +53,21 @@ def _read_model(ckpt) -> dict[str, torch.Tensor]:
 def test_window_saves_retention_and_reload(layout, data_cache, tmp_path):
     save = tmp_path / "ckpt"
     result = run_pretrain(
-        [*TINY_MODEL, *LAYOUTS[layout], "--train-iters", "12", "--save", save,
-         "--wsm-interval", "2", "--wsm-window", "4", "--layout-independent-init",
-         "--data-cache-dir", data_cache],
+        [
+            *TINY_MODEL,
+            *LAYOUTS[layout],
+            "--train-iters",
+            "12",
+            "--save",
+            save,
+            "--wsm-interval",
+            "2",
+            "--wsm-window",
+            "4",
+            "--layout-independent-init",
+            "--data-cache-dir",
+            data_cache,
+        ],
         tmp_path / "train.json",
         nproc=2,
     )
@@ -104,14 +118,26 @@ def test_merged_checkpoint_evaluates_like_naive_average(data_cache, tmp_path):
     save = tmp_path / "ckpt"
     args = [*TINY_MODEL, "--data-cache-dir", data_cache]
     run_pretrain(
-        [*args, "--train-iters", "6", "--save", save, "--wsm-interval", "2",
-         "--expert-model-parallel-size", "2"],
-        tmp_path / "train.json", nproc=2,
+        [
+            *args,
+            "--train-iters",
+            "6",
+            "--save",
+            save,
+            "--wsm-interval",
+            "2",
+            "--expert-model-parallel-size",
+            "2",
+        ],
+        tmp_path / "train.json",
+        nproc=2,
     )
     inputs = [str(c.path) for c in list_window(save / "wsm_window")]
     merged = tmp_path / "merged"
-    run_script("tools/merge_wsm.py",
-               ["--inputs", *inputs, "--method", "mean", "--save", merged, "--no-progress-bar"])
+    run_script(
+        "tools/merge_wsm.py",
+        ["--inputs", *inputs, "--method", "mean", "--save", merged, "--no-progress-bar"],
+    )
     coeffs = merge_coefficients("mean", len(inputs) - 1)
     naive = run_script(
         "tests/naive_merge_eval.py",
@@ -119,16 +145,31 @@ def test_merged_checkpoint_evaluates_like_naive_average(data_cache, tmp_path):
     )
     reference = json.loads(naive.stdout.strip().splitlines()[-1])
     one = run_pretrain([*args, "--eval-only", "--load", merged], tmp_path / "e1.json")
-    two = run_pretrain([*args, "--eval-only", "--load", merged, "--expert-model-parallel-size",
-                        "2"], tmp_path / "e2.json", nproc=2)
+    two = run_pretrain(
+        [*args, "--eval-only", "--load", merged, "--expert-model-parallel-size", "2"],
+        tmp_path / "e2.json",
+        nproc=2,
+    )
     assert one["loss"] == pytest.approx(reference["loss"], abs=1e-5)
     assert two["loss"] == pytest.approx(reference["loss"], abs=1e-4)
 
 
 def test_kill_during_window_save_then_resume(data_cache, tmp_path):
-    common = [*TINY_MODEL, "--train-iters", "8", "--save-interval", "4",
-              "--wsm-interval", "2", "--wsm-window", "4", "--expert-model-parallel-size", "2",
-              "--data-cache-dir", data_cache]
+    common = [
+        *TINY_MODEL,
+        "--train-iters",
+        "8",
+        "--save-interval",
+        "4",
+        "--wsm-interval",
+        "2",
+        "--wsm-window",
+        "4",
+        "--expert-model-parallel-size",
+        "2",
+        "--data-cache-dir",
+        data_cache,
+    ]
     straight = run_pretrain([*common, "--save", tmp_path / "a"], tmp_path / "a.json", nproc=2)
 
     save = tmp_path / "b"
@@ -139,7 +180,11 @@ def test_kill_during_window_save_then_resume(data_cache, tmp_path):
     with open(tmp_path / "crash.log", "w") as log:
         proc = subprocess.Popen(
             torchrun_cmd("pretrain_moe.py", 2) + [str(a) for a in [*common, "--save", save]],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             returncode = proc.wait(timeout=300)
@@ -162,11 +207,19 @@ def test_kill_during_window_save_then_resume(data_cache, tmp_path):
 
 
 def test_async_window_checkpoint_equals_sync(data_cache, tmp_path):
-    common = [*TINY_MODEL, "--train-iters", "6", "--wsm-interval", "3",
-              "--data-cache-dir", data_cache]
+    common = [
+        *TINY_MODEL,
+        "--train-iters",
+        "6",
+        "--wsm-interval",
+        "3",
+        "--data-cache-dir",
+        data_cache,
+    ]
     run_pretrain([*common, "--save", tmp_path / "sync"], tmp_path / "s.json")
-    run_pretrain([*common, "--save", tmp_path / "async", "--wsm-async", "--async-save"],
-                 tmp_path / "a.json")
+    run_pretrain(
+        [*common, "--save", tmp_path / "async", "--wsm-async", "--async-save"], tmp_path / "a.json"
+    )
     for it in (3, 6):
         name = f"iter_{it:07d}"
         a = _read_model(tmp_path / "sync" / "wsm_window" / name)

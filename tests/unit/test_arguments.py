@@ -12,9 +12,23 @@ def _cfg(*argv):
 
 def test_megatron_flag_names_map_to_config():
     cfg = _cfg(
-        "--num-layers", "4", "--hidden-size", "128", "--num-experts", "8",
-        "--moe-router-topk", "1", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-        "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "cosine", "--lr-wsd-decay-iters", "10",
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "128",
+        "--num-experts",
+        "8",
+        "--moe-router-topk",
+        "1",
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+        "--lr-decay-style",
+        "WSD",
+        "--lr-wsd-decay-style",
+        "cosine",
+        "--lr-wsd-decay-iters",
+        "10",
     )
     assert cfg.model.num_layers == 4 and cfg.model.num_experts == 8
     assert cfg.model.max_position_embeddings == cfg.model.seq_length
@@ -30,7 +44,11 @@ def test_default_is_stable_lr():
 @pytest.mark.parametrize(
     "argv,world,msg",
     [
-        (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 3, "not divisible by TP×PP×CP"),
+        (
+            ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+            3,
+            "not divisible by TP×PP×CP",
+        ),
         (["--num-experts", "3", "--expert-model-parallel-size", "2"], 2, "--num-experts 3"),
         (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6"),
         (["--global-batch-size", "4", "--micro-batch-size", "4"], 2, "--micro-batch-size × DP"),
@@ -54,7 +72,15 @@ def test_invalid_configs_fail_with_one_clear_message(argv, world, msg):
 
 
 def test_window_interval_in_tokens_converts_to_iterations():
-    cfg = _cfg("--wsm-interval-tokens", "2048", "--global-batch-size", "8", "--seq-length", "128",
-               "--save", "x")
+    cfg = _cfg(
+        "--wsm-interval-tokens",
+        "2048",
+        "--global-batch-size",
+        "8",
+        "--seq-length",
+        "128",
+        "--save",
+        "x",
+    )
     validate(cfg, 1, cuda=False)
     assert window_interval_iters(cfg) == 2

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from megatron_wsm.checkpointing import (
+    CheckpointError,
     checkpoint_name,
     full_to_prune,
     list_checkpoints,
@@ -12,7 +13,6 @@ from megatron_wsm.checkpointing import (
     prune_full_dir,
     prune_window_dir,
     resolve_load_dir,
-    CheckpointError,
     should_save,
     window_to_prune,
 )
