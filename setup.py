@@ -31,6 +31,11 @@ setup(
         "console_scripts": [
             "wsm-pretrain=megatron_wsm.pretrain:main",
             "wsm-weights=megatron_wsm.cli.wsm_weights:main",
+            "wsm-merge=megatron_wsm.cli.merge_wsm:main",
+            "wsm-evaluate=megatron_wsm.cli.evaluate:main",
+            "wsm-list-checkpoints=megatron_wsm.cli.list_checkpoints:main",
+            "wsm-train-tokenizer=megatron_wsm.cli.train_tokenizer:main",
+            "wsm-preprocess-data=megatron_wsm.cli.preprocess_data:main",
         ]
     },
 )

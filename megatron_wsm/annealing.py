@@ -68,6 +68,7 @@ __all__ = [
     "Run",
     "RunFit",
     "annealing_area",
+    "default_fit_start",
     "default_smooth_window",
     "evaluate",
     "final_loss",
@@ -91,9 +92,10 @@ LAW = "L(s) = L0 + A*S1(s)^(-alpha) - C*S2(s)"
 DEFAULT_HUBER_DELTA = 0.005
 #: Bounds of the exponent α; loss-vs-area exponents reported are ~0.3-0.6.
 DEFAULT_ALPHA_BOUNDS = (0.02, 2.0)
-#: Bounds of the momentum factor λ (searched as log10(1 - λ)). λ → 1: a drop keeps paying
-#: off linearly in time; λ = 0.9: the benefit is almost immediate (~10 steps).
-DEFAULT_LAM_BOUNDS = (0.9, 0.9999)
+#: Bounds of the momentum factor λ (searched as log10(1 - λ)). The benefit of an LR drop
+#: builds up over ~1/(1-λ) steps: λ → 1 keeps paying off long after the drop (what Tissue et
+#: al. see on LLMs, λ ≈ 0.999); λ = 0.5 means the loss follows the LR within a couple of steps.
+DEFAULT_LAM_BOUNDS = (0.5, 0.9999)
 #: WSD decay shapes of the trainer (``--lr-wsd-decay-style``).
 WSD_SHAPES = ("linear", "cosine", "exponential", "1-sqrt")
 #: Merge methods of :mod:`megatron_wsm.schedule` that make sense to plan with.
@@ -337,26 +339,23 @@ def _dedup(steps: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarr
     return st[keep], va[keep]
 
 
+def default_fit_start(run: Run) -> int:
+    """First iteration fitted/scored by default: after warmup and after 10 % of the run.
+
+    Early training drops the loss far faster than a power law in the LR area (unigram
+    statistics are learnt in a few dozen steps); the law describes what follows.
+    """
+    last = int(run.steps[-1]) if run.has_loss else run.lrs.size
+    return max(warmup_end_step(run.lrs), int(math.ceil(0.1 * last)))
+
+
 def default_smooth_window(n_steps: int) -> int:
     """Default smoothing window (steps): about 5 % of the run, odd, at least 1."""
     w = max(1, int(round(n_steps / 20)))
     return w if w % 2 else w + 1
 
 
-def smooth(steps: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
-    """Local linear smoothing: the value at each step of a line fitted to ``window`` steps.
-
-    The window is centred on the point and slides inwards, keeping its width, at the ends.
-    A local *line* rather than a mean or an EMA because a curve that is locally linear comes
-    out unbiased — centred or not — so neither the start of a decay nor the last logged
-    points (the final loss) are shifted; an EMA lags behind a decay and would bias the
-    annealing term. ``window <= 2`` returns the values unchanged.
-    """
-    steps = np.asarray(steps, dtype=np.int64)
-    values = np.asarray(values, dtype=np.float64)
-    if window <= 2 or values.size < 3:
-        return values.copy()
-    x = (steps - steps[0]).astype(np.float64)
+def _local_linear(x: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
     width = window - 1
     lo_step = np.clip(x - width // 2, 0.0, max(0.0, x[-1] - width))
     lo = np.searchsorted(x, lo_step, side="left")
@@ -367,13 +366,42 @@ def smooth(steps: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
         return c[hi] - c[lo]
 
     n = (hi - lo).astype(np.float64)
-    sx, sy = wsum(x), wsum(values)
-    mx, my = sx / n, sy / n
+    mx, my = wsum(x) / n, wsum(values) / n
     sxx = wsum(x * x) - n * mx * mx
     sxy = wsum(x * values) - n * mx * my
     ok = sxx > 1e-9 * np.maximum(1.0, n * mx * mx)
     slope = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
     return my + slope * (x - mx)
+
+
+def smooth(
+    steps: np.ndarray, values: np.ndarray, window: int, *, clip_sigmas: float = 4.0
+) -> np.ndarray:
+    """Robust local linear smoothing: at each step, a line fitted to ``window`` steps around it.
+
+    The window is centred on the point and slides inwards, keeping its width, at the ends.
+    A local *line* rather than a mean or an EMA because a curve that is locally linear comes
+    out unbiased — centred or not — so neither the start of a decay nor the last logged
+    points (the final loss) are shifted; an EMA lags behind a decay and would bias the
+    annealing term. Robust: two passes clip residuals beyond ``clip_sigmas`` robust standard
+    deviations (1.4826 × MAD) before re-fitting, so isolated loss spikes do not leak into
+    their neighbours (a mean is not robust; the Huber fit that follows cannot undo that).
+    ``window <= 2`` returns the values unchanged.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 2 or values.size < 3:
+        return values.copy()
+    x = (steps - steps[0]).astype(np.float64)
+    fitted = _local_linear(x, values, window)
+    for _ in range(2):
+        r = values - fitted
+        sigma = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+        if sigma <= 0:
+            break
+        fitted = _local_linear(x, fitted + np.clip(r, -clip_sigmas * sigma, clip_sigmas * sigma),
+                               window)  # fmt: skip
+    return fitted
 
 
 def mape(pred: np.ndarray, obs: np.ndarray) -> float:
@@ -398,6 +426,7 @@ class RunFit:
     mape: float  #: percent, vs the smoothed loss
     mape_raw: float  #: percent, vs the raw loss
     rmse: float  #: loss units, vs the smoothed loss
+    noise_mape: float  #: percent, smoothed vs raw loss: the floor of ``mape_raw``
 
     def to_json(self) -> dict[str, Any]:
         """Summary dict (no curves)."""
@@ -405,6 +434,7 @@ class RunFit:
             "name": self.name,
             "mape": self.mape,
             "mape_raw": self.mape_raw,
+            "noise_mape": self.noise_mape,
             "rmse": self.rmse,
             "n_points": int(self.steps.size),
             "first_step": int(self.steps[0]),
@@ -453,36 +483,63 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
 
 
+def _solve_small(G: list[list[float]], h: list[float]) -> list[float] | None:
+    """Solve G x = h for a tiny SPD system (Gaussian elimination on Python floats).
+
+    numpy's per-call overhead dominates 1-3 unknowns, and the fit solves hundreds of
+    thousands of them. None when (numerically) singular.
+    """
+    n = len(h)
+    a = [row[:] + [h[i]] for i, row in enumerate(G)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(a[r][c]))
+        if abs(a[piv][c]) < 1e-12:
+            return None
+        a[c], a[piv] = a[piv], a[c]
+        for r in range(c + 1, n):
+            f = a[r][c] / a[c][c]
+            for k in range(c, n + 1):
+                a[r][k] -= f * a[c][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (a[r][n] - sum(a[r][k] * x[k] for k in range(r + 1, n))) / a[r][r]
+    return x
+
+
 def _bounded_wls(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """argmin_b Σ w (X b - y)² subject to b ≥ 0 (all columns), exactly.
 
-    Three columns, so every KKT candidate (a subset of coefficients pinned at 0, the others
-    free) is tried; the feasible candidate with the smallest objective is the optimum of this
-    convex problem. Columns are scaled to unit norm first for conditioning.
+    Few columns, so every KKT candidate (a subset of coefficients pinned at 0, the others
+    free) is tried on the normal equations; the feasible candidate with the smallest
+    objective is the optimum of this convex problem. Columns are scaled to unit weighted
+    norm first for conditioning.
     """
-    sw = np.sqrt(w)
-    Xw = X * sw[:, None]
-    yw = y * sw
-    norms = np.linalg.norm(Xw, axis=0)
-    norms[norms == 0] = 1.0
-    Xs = Xw / norms
+    Xw = X * w[:, None]
+    G = Xw.T @ X
+    h = Xw.T @ y
+    d = np.sqrt(np.diag(G))
+    d[d == 0] = 1.0
+    Gs = (G / np.outer(d, d)).tolist()
+    hs = (h / d).tolist()
     ncol = X.shape[1]
-    best, best_obj = np.zeros(ncol), float(np.dot(yw, yw))
+    best, best_obj = [0.0] * ncol, 0.0  # objective relative to Σ w y² (b = 0 gives 0)
     # Largest free set first: usually the unconstrained optimum is feasible and we stop there.
     for mask in range((1 << ncol) - 1, 0, -1):
         free = [j for j in range(ncol) if mask >> j & 1]
-        sol, *_ = np.linalg.lstsq(Xs[:, free], yw, rcond=None)
-        if np.any(sol < 0):
+        sol = _solve_small([[Gs[i][j] for j in free] for i in free], [hs[i] for i in free])
+        if sol is None or min(sol) < 0:
             continue
-        b = np.zeros(ncol)
-        b[free] = sol
+        b = [0.0] * ncol
+        for j, v in zip(free, sol):
+            b[j] = v
+        # Σ w (Xb - y)² - Σ w y² = bᵀGb - 2bᵀh; at a solution of the free block it is -bᵀh.
+        obj = -sum(b[j] * hs[j] for j in free)
         if mask == (1 << ncol) - 1:
-            return b / norms
-        res = Xs @ b - yw
-        obj = float(np.dot(res, res))
+            best = b
+            break
         if obj < best_obj:
             best, best_obj = b, obj
-    return best / norms
+    return np.asarray(best) / d
 
 
 class _Problem:
@@ -511,14 +568,14 @@ class _Problem:
         ones = np.ones_like(self.y)
         w = np.ones_like(self.y)
         b = _bounded_wls(Xr, ones, w)
-        for _ in range(30):
+        for _ in range(50):
             r = Xr @ b - ones
-            a = np.abs(r)
-            w_new = np.where(a <= self.delta, 1.0, self.delta / np.maximum(a, 1e-300))
-            if np.allclose(w_new, w, rtol=0, atol=1e-6):
+            w = np.minimum(1.0, self.delta / np.maximum(np.abs(r), 1e-300))
+            b_new = _bounded_wls(Xr, ones, w)
+            done = np.max(np.abs(b_new - b)) <= 1e-8 * max(1e-30, np.max(np.abs(b_new)))
+            b = b_new
+            if done:
                 break
-            w = w_new
-            b = _bounded_wls(Xr, ones, w)
         r = Xr @ b - ones
         return float(np.mean(_huber(r, self.delta))), b
 
@@ -579,8 +636,9 @@ def fit_law(
     - ``lam``: fix λ (e.g. 0.999) instead of fitting it within ``lam_bounds``.
     - ``smooth_window``: steps of the centred moving mean applied to each run's loss before
       fitting (:func:`smooth`); default :func:`default_smooth_window` of the run; 1 = raw.
-    - ``fit_start``: first iteration fitted in every run; default: the end of the run's warmup
-      (the law has no term for the warmup transient).
+    - ``fit_start``: first iteration fitted in every run; default :func:`default_fit_start`
+      (after warmup and the first 10 % of the run: the law has no term for the fast
+      early-training transient).
     - ``max_points``: observations per run are thinned evenly to at most this many.
 
     Raises :class:`IdentificationError` when the logs cannot pin the parameters down: no
@@ -600,7 +658,7 @@ def fit_law(
     for run in runs:
         if not run.has_loss:
             raise IdentificationError(f"{run.name}: no loss values to fit")
-        start = fit_start if fit_start is not None else warmup_end_step(run.lrs)
+        start = fit_start if fit_start is not None else default_fit_start(run)
         # Need some LR area before the first fitted point (S1 > 0).
         start = max(start, 1 + run.loss_lag + (1 if run.lrs[0] == 0 else 0))
         window = (
@@ -693,8 +751,16 @@ def fit_law(
     edge = 1e-3
     if best_x[0] < edge or best_x[0] > 1 - edge:
         warn.append(f"alpha = {alpha:.4g} is at its bound {alpha_bounds}: weakly identified")
-    if dim == 2 and (best_x[1] < edge or best_x[1] > 1 - edge):
-        warn.append(f"lam = {lam_:.6g} is at its bound {lam_bounds}: weakly identified")
+    if dim == 2 and best_x[1] < edge:
+        warn.append(
+            f"lam = {lam_:.6g} is at its upper bound: the annealing benefit keeps growing "
+            "long after the LR drop (possibly beyond the bound)"
+        )
+    if dim == 2 and best_x[1] > 1 - edge:
+        warn.append(
+            f"lam = {lam_:.6g} is at its lower bound: the loss follows LR drops within a "
+            "few steps, so lam is not identified (any small value fits alike)"
+        )
     if C <= 0:
         warn.append("C = 0: the fit finds no benefit from annealing")
     if A <= 0:
@@ -732,6 +798,7 @@ def _run_fit(name: str, steps, obs, raw, pred) -> RunFit:
         mape=mape(pred, obs),
         mape_raw=mape(pred, raw),
         rmse=float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(obs)) ** 2))),
+        noise_mape=mape(obs, raw),
     )
 
 
@@ -744,11 +811,11 @@ def evaluate(
 ) -> RunFit:
     """Compare the law's prediction with a run's observed (smoothed) loss from ``start`` on.
 
-    Defaults as in :func:`fit_law`: smoothing window 5 % of the run, start at warmup's end.
+    Defaults as in :func:`fit_law`: smoothing window 5 % of the run, :func:`default_fit_start`.
     """
     if not run.has_loss:
         raise ValueError(f"{run.name}: no observed loss to compare with")
-    st = start if start is not None else warmup_end_step(run.lrs)
+    st = start if start is not None else default_fit_start(run)
     st = max(st, 1 + run.loss_lag + (1 if run.lrs[0] == 0 else 0))
     window = (
         smooth_window

@@ -312,7 +312,10 @@ def _merged_manifest(
     base.checkpoint_format = report.format
     base.complete = True
     base.created_unix = time.time()
-    base.extra = {"provenance": prov}
+    # Keep the newest input's run description (model flags, data, seq length) so that
+    # tools/evaluate.py can rebuild the model from the merged checkpoint alone.
+    run = newest.manifest.extra.get("run") if newest.manifest is not None else None
+    base.extra = {"provenance": prov, **({"run": run} if run else {})}
     return base
 
 
