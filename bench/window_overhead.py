@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import tempfile
+import time
 
 from _common import BENCH_MODEL, build, rank0, summary, time_blocks
 
@@ -61,24 +62,30 @@ def main() -> None:
     for _ in range(3):
         train_step(comp)
     # One save of each kind first: process pools start, and gives the sizes.
-    manager.save(f"{root}/size", KIND_WINDOW, comp.state, comp.last_lr)
-    manager.save(f"{root}/size", KIND_FULL, comp.state, comp.last_lr)
+    manager.save(f"{root}/size_window", KIND_WINDOW, comp.state, comp.last_lr)
+    manager.save(f"{root}/size_full", KIND_FULL, comp.state, comp.last_lr)
     manager.save(f"{root}/warm", KIND_WINDOW, comp.state, comp.last_lr, async_save=True)
     manager.wait()
     variants = {m: make_variant(m) for m in ("off", "sync", "async")}
     times = time_blocks(variants, args.interval, args.rounds)
+    wait_start = time.perf_counter()
     manager.wait()
+    tail = time.perf_counter() - wait_start
     result = summary(times, "off")
     if rank0():
         from megatron_wsm.checkpointing import list_checkpoints
 
-        sizes = {c.manifest.kind: c.size_bytes() for c in list_checkpoints(f"{root}/size")}
+        sizes = {
+            kind: list_checkpoints(f"{root}/size_{kind}")[0].size_bytes()
+            for kind in ("window", "full")
+        }
         for name, r in result.items():
             print(
                 f"window saving {name:5s}: {r['median_s'] * 1000:8.1f} ms/step  "
                 f"ratio {r['ratio']:.3f}"
             )
-        print(f"saves per variant: {counter}; one every {args.interval} steps")
+        print(f"saves per variant: {counter}; one every {args.interval} steps; "
+              f"{tail:.2f} s waited for the last async save at the end")
         print(
             f"window checkpoint {sizes['window'] / 2**20:.2f} MiB, full checkpoint "
             f"{sizes['full'] / 2**20:.2f} MiB: window = "
