@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -109,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="first iteration fitted and scored in every run (default: end of warmup)",
     )
     g.add_argument("--starts", type=int, default=4, help="optimiser starts (default 4)")
+    g.add_argument(
+        "--max-points",
+        type=int,
+        default=2000,
+        help="observations per run used in the fit, thinned evenly (default %(default)s)",
+    )
     s = p.add_argument_group("schedules and search (defaults: taken from the first --fit run)")
     s.add_argument("--train-iters", type=int, default=None)
     s.add_argument("--lr", type=float, default=None, help="peak LR")
@@ -399,17 +404,44 @@ def format_report(report: dict[str, Any]) -> str:
     for role, entries in (("fit", report["fit_runs"]), ("predict", report["predict"])):
         for r in entries:
             if "mape" in r:
-                rows.append((
-                    role, r["name"], f"{r['first_step']}-{r['last_step']}", f"{r['mape']:.3f}",
-                    f"{r['mape_raw']:.3f}", f"{r['noise_mape']:.3f}",
-                    f"{r['final_observed']:.4f}", f"{r['final_predicted']:.4f}",
-                ))  # fmt: skip
+                rows.append(
+                    (
+                        role,
+                        r["name"],
+                        f"{r['first_step']}-{r['last_step']}",
+                        f"{r['mape']:.3f}",
+                        f"{r['mape_raw']:.3f}",
+                        f"{r['noise_mape']:.3f}",
+                        f"{r['final_observed']:.4f}",
+                        f"{r['final_predicted']:.4f}",
+                    )
+                )
             else:
-                rows.append((role, r["name"], f"1-{r['train_iters']}", "-", "-", "-", "-",
-                             f"{r['final_predicted']:.4f}"))  # fmt: skip
+                rows.append(
+                    (
+                        role,
+                        r["name"],
+                        f"1-{r['train_iters']}",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        f"{r['final_predicted']:.4f}",
+                    )
+                )
     for sc in report["schedules"]:
-        rows.append(("schedule", sc["spec"], f"1-{sc['train_iters']}", "-", "-", "-", "-",
-                     f"{sc['final_loss']:.4f}"))  # fmt: skip
+        rows.append(
+            (
+                "schedule",
+                sc["spec"],
+                f"1-{sc['train_iters']}",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"{sc['final_loss']:.4f}",
+            )
+        )
     head = ("role", "run", "steps", "MAPE %", "raw MAPE %", "noise %", "final obs", "final pred")
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     lines += [_fmt_row(head, widths)] + [_fmt_row(r, widths) for r in rows]
@@ -450,61 +482,80 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], curves: dict[str, Any], path: str, dpi: int = 120) -> None:
-    """Observed (smoothed and raw) vs fitted vs predicted losses, and the LR curves."""
+def plot(report: dict[str, Any], curves: dict[str, Any], path: str, dpi: int = 100) -> None:
+    """Observed (smoothed and raw) vs fitted vs predicted losses, a zoom on the end, the LRs."""
     # Figure + Agg canvas rather than pyplot: no global backend state, works headless.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 8), layout="constrained")
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.2))
-    colors = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"] * 10)
-    ymin, ymax = math.inf, -math.inf
+    axes = fig.subplot_mosaic([["loss", "zoom"], ["lr", "lr"]], height_ratios=(3, 1.1))
+    ax, zoom, ax_lr = axes["loss"], axes["zoom"], axes["lr"]
+    last = max(int(c["lrs"].size) for c in curves["runs"])
+    # The zoom shows the last 45 % of the steps: where decays and merges differ.
+    z0 = int(0.55 * last)
+    colors = iter([f"C{i}" for i in range(10)] * 10)
+    lims: dict[str, list[float]] = {"loss": [], "zoom": []}
     for c in curves["runs"]:
         color = next(colors)
         role = c["role"]
-        if c.get("observed") is not None:
-            st, raw, obs, pred = c["steps"], c["raw"], c["observed"], c["predicted"]
-            ax.plot(st, raw, color=color, alpha=0.15, lw=0.6)
-            ax.plot(st, obs, color=color, lw=1.6, label=f"{c['name']} observed ({role})")
-            style = "-" if role == "fit" else "--"
-            tag = "fitted" if role == "fit" else f"predicted, MAPE {c['mape']:.2f} %"
-            ax.plot(
-                st,
-                pred,
-                color="k" if role == "fit" else color,
-                ls=style,
-                lw=1.0,
-                label=f"{c['name']} {tag}",
-            )
-            ymin, ymax = min(ymin, obs.min(), pred.min()), max(ymax, obs.max(), pred.max())
-        else:
-            st, pred = c["steps"], c["predicted"]
-            ax.plot(
-                st,
-                pred,
-                color=color,
-                ls="-." if role == "schedule" else "--",
-                lw=1.2,
-                label=f"{c['name']} ({role})",
-            )
-            if c.get("merge"):
-                ax.plot([st[-1]], [c["final"]], marker="*", ms=12, color=color, ls="none")
-            ymin, ymax = min(ymin, pred.min()), max(ymax, pred.max())
-        ax_lr.plot(np.arange(1, c["lrs"].size + 1), c["lrs"], color=color, lw=1.0)
-    if math.isfinite(ymin) and math.isfinite(ymax):
-        pad = 0.05 * (ymax - ymin + 1e-9)
-        ax.set_ylim(ymin - pad, ymax + pad)
+        st, pred = c["steps"], c["predicted"]
+        for name, a in (("loss", ax), ("zoom", zoom)):
+            sel = st >= (z0 if name == "zoom" else 0)
+            label = name == "loss"
+            if c.get("observed") is not None:
+                raw, obs = c["raw"][sel], c["observed"][sel]
+                a.plot(st[sel], raw, color=color, alpha=0.12, lw=0.6)
+                a.plot(
+                    st[sel],
+                    obs,
+                    color=color,
+                    lw=1.2,
+                    alpha=0.8,
+                    label=f"{c['name']} observed ({role})" if label else None,
+                )
+                # Fitted: dotted; predicted (held out): dashed; both in the run's colour.
+                tag = "fitted" if role == "fit" else f"predicted, MAPE {c['mape']:.2f} %"
+                a.plot(
+                    st[sel],
+                    pred[sel],
+                    color=color,
+                    ls=":" if role == "fit" else "--",
+                    lw=2.0,
+                    label=f"{c['name']} {tag}" if label else None,
+                )
+                lims[name] += [float(obs.min()), float(obs.max())] if obs.size else []
+            else:
+                a.plot(
+                    st[sel],
+                    pred[sel],
+                    color=color,
+                    ls="-.",
+                    lw=1.4,
+                    label=f"{c['name']} ({role})" if label else None,
+                )
+                if c.get("merge"):  # the merged model exists only at the end
+                    a.plot([st[-1]], [c["final"]], marker="*", ms=12, color=color, ls="none")
+            fin = pred[sel][np.isfinite(pred[sel])]
+            lims[name] += [float(fin.min()), float(fin.max())] if fin.size else []
+        ax_lr.plot(np.arange(1, c["lrs"].size + 1), c["lrs"], color=color, lw=1.2)
+    for name, a in (("loss", ax), ("zoom", zoom)):
+        if lims[name]:
+            lo, hi = min(lims[name]), max(lims[name])
+            pad = 0.05 * (hi - lo + 1e-9)
+            a.set_ylim(lo - pad, hi + pad)
+        a.grid(alpha=0.3)
+        a.set_xlabel("iteration")
     p = report["params"]
-    ax.set_title(
-        f"{report['law']}\nL0={p['L0']:.4g} A={p['A']:.4g} alpha={p['alpha']:.4g} "
-        f"C={p['C']:.4g} lam={p['lam']:.5g}; fit MAPE {report['fit_error']['mape']:.2f} %",
-        fontsize=10,
+    fig.suptitle(
+        f"{report['law']}:  L0={p['L0']:.4g}  A={p['A']:.4g}  alpha={p['alpha']:.4g}  "
+        f"C={p['C']:.4g}  lam={p['lam']:.5g};  fit MAPE {report['fit_error']['mape']:.2f} %",
+        fontsize=11,
     )
-    ax.set_ylabel("loss (smoothed; raw faint)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("loss (smoothed; raw faint)", fontsize=10)
+    zoom.set_title(f"zoom: iterations {z0}-{last}", fontsize=10)
+    ax.legend(fontsize=8, ncol=1 if len(curves["runs"]) < 4 else 2)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("iteration")
     ax_lr.grid(alpha=0.3)
@@ -545,12 +596,36 @@ def _curve_steps(lrs: np.ndarray, fit_start: int | None) -> np.ndarray:
 # --------------------------------------------------------------------------- main
 
 
+def _budget_iters(args: argparse.Namespace, fit_runs: list[an.Run]) -> tuple[int, float | None]:
+    """Iterations of new schedules (budget, --train-iters or the longest fit run), tokens/step."""
+    tps = args.tokens_per_step
+    if tps is None:
+        tps = next((r.tokens_per_step for r in fit_runs if r.tokens_per_step), None)
+    T = args.train_iters
+    if args.budget_tokens is not None:
+        if not tps:
+            raise ValueError(
+                "--budget-tokens needs tokens per step: none found in the runs' logs "
+                f"({names.CONSUMED_TOKENS!r} / {names.LEARNING_RATE_VS_TOKENS!r} tags, or a "
+                "CSV 'tokens' column); pass --tokens-per-step"
+            )
+        T = int(args.budget_tokens // tps)
+        if T < 2:
+            raise ValueError(f"--budget-tokens {args.budget_tokens:g} is under 2 iterations")
+    return int(T or max(r.lrs.size for r in fit_runs)), tps
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Do the work; returns (report for JSON/table, curves for the plot)."""
     fit_runs = [load_run(p, loss=args.loss) for p in args.fit]
     pred_runs = [load_run(p, loss=args.loss) for p in args.predict]
     _unique_names(fit_runs + pred_runs)
     paths = {r.name: p for r, p in zip(fit_runs + pred_runs, args.fit + args.predict)}
+    # Everything that can be wrong with the request is checked before the (slower) fit.
+    T, tps = _budget_iters(args, fit_runs)
+    template = _template(args, fit_runs, T)
+    schedules = [(spec, *schedule_lrs(spec, template)) for spec in args.schedule]
+
     result = an.fit_law(
         fit_runs,
         lam=args.lam,
@@ -558,6 +633,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         smooth_window=args.smooth,
         fit_start=args.fit_start,
         n_starts=args.starts,
+        max_points=args.max_points,
     )
     params = result.params
     report: dict[str, Any] = result.to_json()
@@ -569,7 +645,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         "S2": "sum over steps of m_i = lam*m_(i-1) + (lr_(i-1) - lr_i), drops counted from the "
         "first step at peak LR",
         "step": "optimizer iteration; training loss at iteration s sees s-1 updates",
-        "mape": "percent, vs the smoothed observed loss from the fit start on; mape_raw vs raw",
+        "mape": "percent, vs the smoothed observed loss from the fit start on; mape_raw vs the "
+        "logged loss; noise_mape: smoothed vs logged (the floor of mape_raw)",
     }
     warnings = list(report.pop("warnings"))
     for r in fit_runs + pred_runs:
@@ -592,23 +669,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             curves["runs"].append(_curve("predict", r.name, r.lrs, pred=pred, steps=steps))
         report["predict"].append(entry)
 
-    tps = args.tokens_per_step
-    if tps is None:
-        tps = next((r.tokens_per_step for r in fit_runs if r.tokens_per_step), None)
     longest = max(r.lrs.size for r in fit_runs)
-    T = args.train_iters
-    if args.budget_tokens is not None:
-        if not tps:
-            raise ValueError(
-                "--budget-tokens needs tokens per step: none found in the runs' logs "
-                f"({names.CONSUMED_TOKENS!r} / {names.LEARNING_RATE_VS_TOKENS!r} tags, or a "
-                "CSV 'tokens' column); pass --tokens-per-step"
-            )
-        T = int(args.budget_tokens // tps)
-        if T < 2:
-            raise ValueError(f"--budget-tokens {args.budget_tokens:g} is under 2 iterations")
-    T = T or longest
-    template = _template(args, fit_runs, T)
     report["template"] = dict(template, tokens_per_step=tps)
     if T > 2 * longest:
         warnings.append(
@@ -616,8 +677,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         )
 
     report["schedules"] = []
-    for spec in args.schedule:
-        lrs, info = schedule_lrs(spec, template)
+    for spec, lrs, info in schedules:
         info["final_loss"] = an.final_loss(params, lrs)
         report["schedules"].append(info)
         steps = _curve_steps(lrs, args.fit_start)
@@ -632,6 +692,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         )
 
     if args.budget_tokens is not None:
+        assert tps is not None
         common = dict(train_iters=T, lr=template["lr"], warmup_iters=template["warmup_iters"])
         wsd = an.search_decay_ratio(
             params, min_lr=template["min_lr"], shapes=args.search_shapes, **common
@@ -640,6 +701,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             params, methods=args.search_methods, interval=args.merge_interval, **common
         )
         const = an.trainer_lr_curve(style="stable", **common)
+        for cands, key, what in ((wsd, "ratio", "decay ratio"), (merge, "fraction", "window")):
+            values = [c[key] for c in cands]
+            if cands[0][key] in (min(values), max(values)):
+                warnings.append(
+                    f"the best {what} ({cands[0][key]:.3f}) is at the edge of the searched range "
+                    f"({min(values):.3f}-{max(values):.3f}): the law favours it beyond what the "
+                    "fitted runs show; check it with a run"
+                )
         report["search"] = {
             "budget_tokens": float(args.budget_tokens),
             "tokens_per_step": float(tps),
