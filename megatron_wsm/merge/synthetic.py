@@ -383,6 +383,9 @@ def _job_worker(rank: int, world: int, port: int, entries: list[dict[str, Any]],
                 )
             else:
                 _load_with_megatron(entry, spec, rank, world)
+        # Let every rank finish its collectives before any tears the group down: a gloo
+        # peer destroyed mid-operation aborts the other ("terminate called ...").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -447,10 +450,13 @@ def run_job_cached(job: dict[str, Any], directory: str | os.PathLike, timeout: f
             env = dict(os.environ)
             repo = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
-            proc = subprocess.run(
-                [sys.executable, "-m", "megatron_wsm.merge.synthetic", str(job_file)],
-                capture_output=True, text=True, timeout=timeout, env=env,
-            )
+            for _attempt in range(2):  # one retry: a crash at gloo teardown is not ours
+                proc = subprocess.run(
+                    [sys.executable, "-m", "megatron_wsm.merge.synthetic", str(job_file)],
+                    capture_output=True, text=True, timeout=timeout, env=env,
+                )
+                if proc.returncode == 0:
+                    break
             if proc.returncode != 0:
                 raise RuntimeError(
                     f"synthetic job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
