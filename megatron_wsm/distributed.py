@@ -45,8 +45,15 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_distributed() -> None:
-    """Tear down model-parallel groups and the default group (safe to call twice)."""
+def destroy_distributed(barrier_first: bool = True) -> None:
+    """Tear down model-parallel groups and the default group (safe to call twice).
+
+    The barrier lets every rank finish its collectives first: a gloo peer torn down while the
+    other is still in an operation aborts that process. Skip it on error paths, where a peer
+    may never arrive.
+    """
+    if barrier_first and dist.is_initialized():
+        dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         if wdist.rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        wdist.destroy_distributed()
+        wdist.destroy_distributed(barrier_first=False)
         return 2
     wdist.destroy_distributed()
     return 0
