@@ -1,0 +1,201 @@
+"""Table and loss-curve plot of an ``examples/wsm_vs_wsd.sh`` output directory.
+
+Reads ``OUT/{wsd,stable}/result.json`` (``train_history``: per-iteration loss and LR),
+``OUT/eval/*.json`` (``tools/evaluate.py`` results on the held-out split) and the merge
+provenance of ``OUT/merged_1sqrt`` (which window checkpoints were merged, with which
+coefficients). Prints one table, optionally writes it as Markdown, and draws a PNG.
+
+    python examples/plot_wsm_vs_wsd.py --out runs/wsm_vs_wsd --png runs/wsm_vs_wsd/wsm_vs_wsd.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+#: Rows of the main table: eval JSON name -> label. Order = how a reader compares them.
+ROWS = [
+    ("stable", "WSM stable (last iterate)"),
+    ("wsd", "WSD (1-sqrt decay)"),
+    ("merged_1sqrt", "WSM merge 1-sqrt"),
+    ("merged_mean", "WSM merge mean"),
+    ("merged_ema", "WSM merge EMA"),
+]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _row(label: str, result: dict) -> tuple[str, float, float, float, float]:
+    moe = result.get("moe") or {}
+    return (
+        label,
+        float(result["loss"]),
+        float(result["perplexity"]),
+        float(moe.get("mean_global_max_violation", math.nan)),
+        float(moe.get("mean_global_min_violation", math.nan)),
+    )
+
+
+def collect_rows(out: Path) -> list[tuple[str, float, float, float, float]]:
+    rows = []
+    for name, label in ROWS:
+        result = _load(out / "eval" / f"{name}.json")
+        if result is not None:
+            rows.append(_row(label, result))
+    # Optional granularity grid (GRID=1 in the script): eval/grid_I<interval>_N<count>.json.
+    grid = sorted(
+        (out / "eval").glob("grid_*.json"),
+        key=lambda p: [int(x[1:]) for x in p.stem.split("_")[1:]],
+    )
+    for path in grid:
+        interval, count = (int(x[1:]) for x in path.stem.split("_")[1:])
+        rows.append(_row(f"grid 1-sqrt ({interval} it, {count})", json.loads(path.read_text())))
+    return rows
+
+
+def format_table(rows: list[tuple[str, float, float, float, float]]) -> str:
+    head = "| checkpoint | eval loss | perplexity | mean global max vio | mean global min vio |"
+    lines = [head, "|---|---:|---:|---:|---:|"]
+    for label, loss, ppl, vmax, vmin in rows:
+        lines.append(f"| {label} | {loss:.4f} | {ppl:.2f} | {vmax:.4f} | {vmin:.4f} |")
+    return "\n".join(lines)
+
+
+def _smooth(values: list[float], width: int) -> list[float]:
+    """Trailing running mean: per-iteration losses of an 8-sequence batch are very noisy."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= width:
+            acc -= values[i - width]
+        out.append(acc / min(i + 1, width))
+    return out
+
+
+def plot(out: Path, png: Path, smooth: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: CI and the 2-core box have no display
+    import matplotlib.pyplot as plt
+
+    runs = {name: _load(out / name / "result.json") for name in ("wsd", "stable")}
+    prov = _load(out / "merged_1sqrt" / "wsm_merge_provenance.json")
+    evals = {name: _load(out / "eval" / f"{name}.json") for name, _ in ROWS}
+
+    fig, (ax, ax_lr) = plt.subplots(
+        2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    colors = {"wsd": "tab:red", "stable": "tab:gray"}
+    labels = {"wsd": "WSD (1-sqrt decay) train loss", "stable": "stable LR (WSM) train loss"}
+    last_iter = 0
+    for name, run in runs.items():
+        if run is None:
+            continue
+        hist = run["train_history"]
+        its = [h["iteration"] for h in hist]
+        last_iter = max(last_iter, its[-1])
+        ax.plot(
+            its,
+            _smooth([h["loss"] for h in hist], smooth),
+            color=colors[name],
+            lw=1.2,
+            label=f"{labels[name]} (mean of {smooth})",
+        )
+        ax_lr.plot(its, [h["lr"] for h in hist], color=colors[name], lw=1.2)
+
+    # Held-out losses of the final checkpoints, drawn at the last iteration.
+    markers = {
+        "stable": ("tab:gray", "o"),
+        "wsd": ("tab:red", "s"),
+        "merged_1sqrt": ("tab:blue", "*"),
+        "merged_mean": ("tab:cyan", "D"),
+        "merged_ema": ("tab:purple", "^"),
+    }
+    for (name, label), (color, marker) in zip(ROWS, markers.values()):
+        if evals.get(name) is not None:
+            ax.scatter(
+                [last_iter],
+                [evals[name]["loss"]],
+                color=color,
+                marker=marker,
+                s=60,
+                zorder=4,
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"held-out: {label} {evals[name]['loss']:.3f}",
+            )
+
+    # Zoom on the part where the schedules differ: the first iterations dwarf the rest.
+    finals = [e["loss"] for e in evals.values() if e is not None]
+    if finals and last_iter > 50:
+        tail = [
+            v
+            for run in runs.values()
+            if run
+            for v in _smooth([h["loss"] for h in run["train_history"]], smooth)[
+                len(run["train_history"]) // 4 :
+            ]
+        ]
+        lo, hi = min(finals + tail), max(finals + tail)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    if prov is not None:
+        inputs = prov["inputs"]
+        its = [i["iteration"] for i in inputs]
+        for a in (ax, ax_lr):
+            a.axvspan(min(its), max(its), color="tab:blue", alpha=0.08, lw=0)
+        # Merge points: the window checkpoints on the bottom edge (after the zoom above),
+        # marker size ~ their 1-sqrt coefficient.
+        ymin = ax.get_ylim()[0]
+        ax.scatter(
+            its,
+            [ymin] * len(its),
+            s=[10 + 300 * i["coefficient"] for i in inputs],
+            color="tab:blue",
+            marker="^",
+            zorder=3,
+            clip_on=False,
+            label="merged checkpoints (size ~ 1-sqrt coefficient)",
+        )
+
+    ax.set_ylabel("loss")
+    ax.set_title("WSM vs WSD, tiny MoE on the embedded corpus (equal tokens)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    ax_lr.set_ylabel("LR")
+    ax_lr.set_xlabel("iteration (window shaded)")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="the script's OUT directory")
+    p.add_argument("--png", type=Path, help="write the loss-curve plot here")
+    p.add_argument("--table", type=Path, help="also write the table here (Markdown)")
+    p.add_argument("--smooth", type=int, default=20, help="running-mean width of train loss")
+    args = p.parse_args(argv)
+
+    rows = collect_rows(args.out)
+    if not rows:
+        raise SystemExit(f"no evaluation results under {args.out}/eval")
+    table = format_table(rows)
+    print()
+    print(table)
+    if args.table:
+        args.table.write_text(table + "\n")
+    if args.png:
+        plot(args.out, args.png, args.smooth)
+        print(f"\nloss curves: {args.png}")
+    bad = [r[0] for r in rows if not math.isfinite(r[1])]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

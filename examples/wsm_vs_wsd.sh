@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# WSM vs WSD end to end on the embedded corpus (issue 9):
+#   (a) WSD: warmup, stable, then a 1-sqrt decay of the LR over the last DECAY_FRAC of training;
+#   (b) WSM: the same run at a stable LR to the end, saving a model-only window checkpoint every
+#       WSM_INTERVAL iterations over the last WINDOW_ITERS, then merged offline with the 1-sqrt,
+#       mean and EMA coefficients.
+# Both runs see the same data in the same order (same seed) and the same number of tokens. Every
+# checkpoint (stable last iterate, decayed, each merge) is evaluated on the held-out split with
+# tools/evaluate.py; one table is printed (and written to $OUT/table.md) and the loss curves with
+# the merge window go to $OUT/wsm_vs_wsd.png.
+#
+# Assumes the package's environment is active (README set-up: `. .venv/bin/activate`); it installs
+# nothing. CPU by default (2 gloo processes, EP=2); the trainer uses the GPU by itself when there is
+# one (set NPROC to the number of GPUs to use, EP to match).
+#
+# Resumable: a stage whose output (result JSON / merged dir) exists is skipped, so a second run only
+# reprints the table; an interrupted training stage is restarted from scratch. Shortened run for
+# CI: ITERS=20 WSM_INTERVAL=2 EVAL_ITERS=2 OUT=/tmp/x bash examples/wsm_vs_wsd.sh
+#
+# Default settings: 8 min measured on 2 shared CPU cores, no GPU (see docs/results.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# ---- settings (override from the environment) ----
+OUT=${OUT:-runs/wsm_vs_wsd}
+ITERS=${ITERS:-800}                      # training iterations of each run (equal tokens)
+DECAY_FRAC_PCT=${DECAY_FRAC_PCT:-20}     # WSD decays over the last 20 % of ITERS
+DECAY_ITERS=${DECAY_ITERS:-$((ITERS * DECAY_FRAC_PCT / 100))}
+WINDOW_ITERS=${WINDOW_ITERS:-$DECAY_ITERS}  # merge duration = decay duration (the fair comparison)
+WSM_INTERVAL=${WSM_INTERVAL:-10}         # window checkpoint every N iterations
+EMA_ALPHA=${EMA_ALPHA:-0.2}              # weight of the newest checkpoint in the EMA merge
+LR=${LR:-6e-3}                           # high enough that decaying/merging visibly helps
+MIN_LR=${MIN_LR:-0}                      # the decay goes to 0, as the 1-sqrt merge emulates
+WARMUP=${WARMUP:-$((ITERS / 20))}
+SEED=${SEED:-1234}
+NPROC=${NPROC:-2}                        # training processes (EP x DP)
+EP=${EP:-2}
+MERGE_NPROC=${MERGE_NPROC:-1}            # merge processes: 1 is fastest for a 4 MB model; raise it for big ones
+GRID=${GRID:-0}                          # 1: also the (interval, count) grid at duration WINDOW_ITERS
+EVAL_ITERS=${EVAL_ITERS:-16}             # 16 x 8 x 128 tokens ~ the whole valid split
+DATA_CACHE=${DATA_CACHE:-data_cache}
+MODEL_ARGS=${MODEL_ARGS:-"--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 \
+--moe-router-topk 2 --seq-length 128 --micro-batch-size 4 --global-batch-size 8"}
+LOG_INTERVAL=${LOG_INTERVAL:-10}
+
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+launch() {  # launch NPROC SCRIPT ARGS...: torchrun for >1 process, plain python for 1 (faster)
+    local n=$1; shift
+    if [ "$n" -gt 1 ]; then
+        # --standalone: torchrun picks a free local port, so several runs can share a machine.
+        torchrun --standalone --nproc-per-node "$n" "$@"
+    else
+        python "$@"
+    fi
+}
+
+train() {  # train NAME EXTRA_FLAGS...: one run to $OUT/NAME, skipped when its result exists
+    local name=$1; shift
+    local dir="$OUT/$name"
+    if [ -f "$dir/result.json" ]; then echo "== $name: done, reusing $dir"; return; fi
+    # A run killed half-way left checkpoints of an unfinished run: start it again cleanly.
+    rm -rf "$dir"; mkdir -p "$dir"
+    echo "== train $name: $ITERS iterations $*"
+    # shellcheck disable=SC2086
+    launch "$NPROC" pretrain_moe.py --expert-model-parallel-size "$EP" $MODEL_ARGS \
+        --train-iters "$ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" \
+        --seed "$SEED" --save "$dir/ckpt" --save-interval "$ITERS" \
+        --tensorboard-dir "$dir/tb" --log-interval "$LOG_INTERVAL" --eval-interval 0 \
+        --eval-iters "$EVAL_ITERS" --data-cache-dir "$DATA_CACHE" --no-progress-bar \
+        --output-json "$dir/result.tmp.json" "$@" > "$dir/train.log" 2>&1 \
+        || { tail -n 40 "$dir/train.log"; exit 1; }
+    mv "$dir/result.tmp.json" "$dir/result.json"   # last: its presence means the stage is done
+}
+
+merge() {  # merge NAME INPUT_AND_METHOD_FLAGS...: merge window checkpoints to $OUT/NAME
+    local name=$1; shift
+    # The merge tool writes a temp dir and renames it: an existing dir is a finished merge.
+    if [ -d "$OUT/$name" ]; then echo "== $name: done, reusing"; return; fi
+    echo "== merge $name: $*"
+    launch "$MERGE_NPROC" tools/merge_wsm.py "$@" --save "$OUT/$name" --no-progress-bar \
+        > "$OUT/$name.merge.log" 2>&1 || { tail -n 40 "$OUT/$name.merge.log"; exit 1; }
+}
+
+evaluate() {  # evaluate NAME CKPT: held-out loss/ppl/violations to $OUT/eval/NAME.json
+    local name=$1 ckpt=$2
+    mkdir -p "$OUT/eval"
+    if [ -f "$OUT/eval/$name.json" ]; then return; fi
+    echo "== evaluate $name"
+    python tools/evaluate.py --load "$ckpt" --eval-iters "$EVAL_ITERS" \
+        --data-cache-dir "$DATA_CACHE" --no-progress-bar --output-json "$OUT/eval/$name.tmp.json" \
+        > "$OUT/eval/$name.log" 2>&1 || { tail -n 40 "$OUT/eval/$name.log"; exit 1; }
+    mv "$OUT/eval/$name.tmp.json" "$OUT/eval/$name.json"
+}
+
+start=$SECONDS
+train wsd --lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS"
+train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS"
+
+WINDOW=(--load-dir "$OUT/stable/ckpt/wsm_window" --window-iters "$WINDOW_ITERS")
+merge merged_1sqrt "${WINDOW[@]}" --method 1-sqrt
+merge merged_mean "${WINDOW[@]}" --method mean
+merge merged_ema "${WINDOW[@]}" --method ema --alpha "$EMA_ALPHA"
+
+evaluate stable "$OUT/stable/ckpt"
+evaluate wsd "$OUT/wsd/ckpt"
+evaluate merged_1sqrt "$OUT/merged_1sqrt"
+evaluate merged_mean "$OUT/merged_mean"
+evaluate merged_ema "$OUT/merged_ema"
+
+if [ "$GRID" = 1 ]; then
+    # Merge granularity at a fixed duration (the slides' (interval, count) grid, scaled down):
+    # the newest checkpoint and every I-th one before it over WINDOW_ITERS, count = WINDOW_ITERS/I
+    # intervals (count+1 inputs; 1-sqrt gives the oldest weight 0). I = WINDOW_ITERS is a single
+    # interval: 1-sqrt then puts all weight on the newest, i.e. the stable last iterate.
+    I=$WSM_INTERVAL
+    while [ "$I" -lt "$WINDOW_ITERS" ]; do
+        inputs=()
+        for ((it = ITERS - WINDOW_ITERS; it <= ITERS; it += I)); do
+            inputs+=("$OUT/stable/ckpt/wsm_window/$(printf 'iter_%07d' "$it")")
+        done
+        merge "grid_I${I}_N$((WINDOW_ITERS / I))" --inputs "${inputs[@]}" --method 1-sqrt
+        evaluate "grid_I${I}_N$((WINDOW_ITERS / I))" "$OUT/grid_I${I}_N$((WINDOW_ITERS / I))"
+        I=$((I * 2))
+    done
+fi
+
+python examples/plot_wsm_vs_wsd.py --out "$OUT" --png "$OUT/wsm_vs_wsd.png" --table "$OUT/table.md"
+echo "(this invocation: $((SECONDS - start)) s; outputs in $OUT)"
