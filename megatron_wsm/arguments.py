@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=50, help="0: no periodic evaluation")
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument(
+        "--eval-iters", type=int, default=10, help="global batches per evaluation; 0: whole split"
+    )
     g.add_argument("--eval-only", action="store_true", help="evaluate --load and exit")
     g.add_argument("--output-json", default=None, help="write final evaluation here")
     g.add_argument("--tensorboard-dir", default=None)
@@ -258,6 +260,8 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size × "
             f"DP = {t.micro_batch_size} × {dp} = {per_step}"
         )
+    if t.eval_iters < 0:
+        raise ConfigError("--eval-iters must be >= 0 (0: the whole held-out split)")
     if t.train_iters < 1 and not t.eval_only:
         raise ConfigError("--train-iters must be >= 1")
     if t.save_interval is not None and t.save_interval < 1:

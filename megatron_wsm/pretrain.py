@@ -39,11 +39,9 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
 
     t = cfg.training
     # Sample counts GPTDataset must be able to serve (it repeats epochs as needed).
-    num_samples = (
-        max(t.train_iters, 1) * t.global_batch_size,
-        max(t.eval_iters, 1) * t.global_batch_size,
-        max(t.eval_iters, 1) * t.global_batch_size,
-    )
+    # --eval-iters 0 = the whole held-out split, one pass (None: GPTDataset's single epoch).
+    held_out = t.eval_iters * t.global_batch_size if t.eval_iters > 0 else None
+    num_samples = (max(t.train_iters, 1) * t.global_batch_size, held_out, held_out)
     if cfg.data.data_path is None:
         from megatron_wsm.data.prepare import prepare_embedded_data
 

@@ -247,13 +247,22 @@ def evaluate(comp: Components, split: str = "valid", iters: int | None = None) -
     from different checkpoints are comparable), plus MoE violations over the whole set."""
     iters = iters or comp.cfg.training.eval_iters
     dataset = comp.datasets[split]
+    gbs = comp.cfg.training.global_batch_size
+    if iters <= 0:
+        # The whole split, in full global batches (a last partial batch is left out so every
+        # batch has the same shape on every rank).
+        iters = len(dataset) // gbs
+        if iters == 0:
+            raise ValueError(
+                f"the {split} split has {len(dataset)} samples, fewer than one global batch "
+                f"({gbs}); lower --global-batch-size or use --eval-iters N"
+            )
     for chunk in comp.model:
         chunk.eval()
     tracker = comp.load_tracker
     if tracker is not None:
         tracker.begin_eval()
     total_loss = 0.0
-    gbs = comp.cfg.training.global_batch_size
     for i in range(iters):
         total_loss += run_global_batch(comp, dataset, i * gbs, forward_only=True)
     for chunk in comp.model:

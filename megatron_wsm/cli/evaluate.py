@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or "--load" not in argv:
         print(
             "usage: [torchrun ...] tools/evaluate.py --load CKPT [--output-json F] "
-            "[--eval-iters N] [any pretrain_moe.py flag]\n\n" + (__doc__ or "")
+            "[--eval-iters N (default 0: the whole split)] [any pretrain_moe.py flag]\n\n"
+            + (__doc__ or "")
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     ckpt = argv[argv.index("--load") + 1]
@@ -75,4 +76,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = flags_from_manifest(run)
     from megatron_wsm.pretrain import main as pretrain_main
 
-    return pretrain_main([*base, "--eval-only", "--no-progress-bar", *argv])
+    # Default: the whole held-out split (comparable across checkpoints); --eval-iters overrides.
+    return pretrain_main([*base, "--eval-iters", "0", "--eval-only", "--no-progress-bar", *argv])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -155,3 +156,30 @@ def test_load_of_another_model_shape_is_refused(data_cache, tmp_path):
     assert proc.returncode != 0
     assert "holds another model" in proc.stderr and "hidden_size" in proc.stderr
     assert "]: Traceback" not in proc.stderr
+
+
+def test_evaluate_tool_reads_manifest_and_covers_whole_split(data_cache, tmp_path):
+    """tools/evaluate.py rebuilds the model from the checkpoint's manifest (no model flags) and
+    by default evaluates the whole held-out split, in full global batches."""
+    ckpt = tmp_path / "ckpt"
+    run_pretrain(
+        [
+            *TINY_MODEL,
+            "--hidden-size",
+            "48",
+            "--train-iters",
+            "1",
+            "--save",
+            ckpt,
+            "--data-cache-dir",
+            data_cache,
+        ],
+        tmp_path / "a.json",
+    )
+    out = tmp_path / "eval.json"
+    run_script("tools/evaluate.py", ["--load", ckpt, "--output-json", out])
+    result = json.loads(out.read_text())
+    tokens_per_batch = 4 * 32
+    assert result["tokens"] % tokens_per_batch == 0
+    assert result["tokens"] > 2 * tokens_per_batch  # more than --eval-iters 2 of TINY_MODEL
+    assert math.isfinite(result["loss"]) and result["moe"]["moe_layers"] == [1, 2]
