@@ -237,6 +237,11 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
             "--context-parallel-size > 1 needs Transformer Engine attention (GPU); megatron-core's "
             "local attention does not support context parallelism"
         )
+    if par.use_distributed_optimizer and not cuda:
+        raise ConfigError(
+            "--use-distributed-optimizer needs CUDA: megatron-core 0.16's distributed optimizer "
+            "accepts only torch.cuda tensor types (no CPU shim yet); drop the flag on CPU"
+        )
     if m.num_layers % pp:
         raise ConfigError(
             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
