@@ -242,6 +242,11 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
             "--use-distributed-optimizer needs CUDA: megatron-core 0.16's distributed optimizer "
             "accepts only torch.cuda tensor types (no CPU shim yet); drop the flag on CPU"
         )
+    if m.params_dtype != "fp32" and not cuda:
+        raise ConfigError(
+            "--bf16 needs CUDA: megatron-core 0.16's mixed-precision optimizer accepts only "
+            "torch.cuda tensor types; train in fp32 on CPU"
+        )
     if m.num_layers % pp:
         raise ConfigError(
             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"

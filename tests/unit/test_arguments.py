@@ -66,6 +66,7 @@ def test_default_is_stable_lr():
         (["--save-keep-last", "0", "--save", "x"], 1, "--save-keep-last"),
         (["--eval-iters", "-1"], 1, "--eval-iters"),
         (["--use-distributed-optimizer"], 2, "needs CUDA"),
+        (["--bf16"], 1, "--bf16 needs CUDA"),
     ],
 )
 def test_invalid_configs_fail_with_one_clear_message(argv, world, msg):
