@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_wsm import distributed as wdist
 from megatron_wsm.manifest import (
@@ -143,7 +142,7 @@ class CheckpointInfo:
         return self.manifest is not None and self.manifest.complete
 
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return _dir_bytes(self.path)
 
 
 def list_checkpoints(
@@ -206,7 +205,7 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
         if manifest is not None and not manifest.complete:
             raise CheckpointError(f"--load {path}: checkpoint is marked incomplete")
         return path
-    complete = [c for c in list_checkpoints(path, include_incomplete=False)]
+    complete = list_checkpoints(path, include_incomplete=False)
     if not complete:
         listed = list_checkpoints(path)
         hint = f" ({len(listed)} incomplete ones found)" if listed else ""
@@ -627,12 +626,3 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(src, dst)
-
-
-def all_ranks_ok(ok: bool) -> bool:
-    """True when ``ok`` holds on every rank (a MIN all-reduce)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())

@@ -76,11 +76,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def is_last_rank() -> bool:
-    """The last rank is on the last pipeline stage, where the loss lives."""
-    return rank() == world_size() - 1
-
-
 def _free_port() -> int:
     import socket
 
