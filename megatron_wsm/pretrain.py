@@ -58,6 +58,9 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
             t.seed,
             num_samples,
             path_to_cache=os.path.join(cfg.data.data_cache_dir, "index_cache"),
+            # The model is called with attention_mask=None (causal mask type), so a dense
+            # [1, S, S] mask per sample would be built for nothing.
+            create_attention_mask=False,
         )
         source = f"embedded corpus (cache: {cfg.data.data_cache_dir})"
     else:
@@ -70,6 +73,7 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
             cfg.model.seq_length,
             t.seed,
             num_samples,
+            create_attention_mask=False,
         )
         source = cfg.data.data_path
     datasets = {"train": train_ds, "valid": valid_ds, "test": test_ds}
