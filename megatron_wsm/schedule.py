@@ -739,8 +739,7 @@ def _resolve_at(
     if convention != "wsm":
         what = "sampling 'mean'" if sampling == "mean" else "unevenly spaced checkpoints"
         raise ValueError(
-            f"convention {convention!r} weights checkpoints by index; {what} need "
-            "convention 'wsm'"
+            f"convention {convention!r} weights checkpoints by index; {what} need convention 'wsm'"
         )
     rho = _resolve_final_ratio(str(method), final_ratio)
     r = _check_min_lr_ratio(min_lr_ratio)

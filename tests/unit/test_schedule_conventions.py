@@ -96,9 +96,11 @@ def test_ema_and_custom_do_not_depend_on_the_convention() -> None:
         assert merge_coefficients("ema", k, alpha=0.3) == merge_coefficients(
             "ema", k, alpha=0.3, convention="megatron-lm"
         )
-    assert merge_coefficients(
-        "custom", None, decay=[1.0, 0.5], convention="megatron-lm"
-    ) == [0.0, 0.5, 0.5]
+    assert merge_coefficients("custom", None, decay=[1.0, 0.5], convention="megatron-lm") == [
+        0.0,
+        0.5,
+        0.5,
+    ]
 
 
 def test_even_positions_follow_the_convention() -> None:

@@ -43,9 +43,7 @@ def test_even_positions_equal_index_coefficients(method: str, min_lr_ratio: floa
         positions = [start + j * spacing for j in range(k + 1)]
         kw = {"min_lr_ratio": min_lr_ratio}
         # Bit-identical, not approximately equal: saved provenance compares numbers.
-        assert merge_coefficients_at(method, positions, **kw) == merge_coefficients(
-            method, k, **kw
-        )
+        assert merge_coefficients_at(method, positions, **kw) == merge_coefficients(method, k, **kw)
         assert decay_weights_at(method, positions, **kw) == decay_weights(method, k, **kw)
 
 
@@ -59,9 +57,7 @@ def test_position_formula_itself_reduces_bit_exactly(method: str) -> None:
     rho = schedule._resolve_final_ratio(method, None)
     for k, spacing in itertools.product(range(1, 17), (1, 250, 3 * 2**33)):
         positions = [10**6 + j * spacing for j in range(k + 1)]
-        got = schedule._uneven_shape_weights(
-            method, window_fractions(positions), 0.0, rho, "start"
-        )
+        got = schedule._uneven_shape_weights(method, window_fractions(positions), 0.0, rho, "start")
         assert got == decay_weights(method, k)
 
 
@@ -202,9 +198,9 @@ def test_custom_with_positions_checks_count() -> None:
 
 # --------------------------------------------------------------------------- properties
 
-_positions = st.lists(
-    st.integers(min_value=1, max_value=10**12), min_size=1, max_size=30
-).map(lambda gaps: list(itertools.accumulate([0, *gaps])))
+_positions = st.lists(st.integers(min_value=1, max_value=10**12), min_size=1, max_size=30).map(
+    lambda gaps: list(itertools.accumulate([0, *gaps]))
+)
 
 
 @PROPS
