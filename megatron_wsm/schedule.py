@@ -3,9 +3,10 @@
 Pure Python on ``float`` (IEEE float64); nothing here needs torch or numpy, but any
 sequence of real numbers (lists, tuples, numpy arrays) is accepted as input.
 
-Setting (DESIGN.md §1). A merge window holds k+1 checkpoints θ_n, θ_{n+1}, …, θ_{n+k}
-saved every ``interval`` steps at a constant learning rate η (θ_n the oldest). Interval
-i (1 ≤ i ≤ k) is the stretch of training from θ_{n+i-1} to θ_{n+i}. A decay schedule
+Setting (derivations and worked examples: docs/schedule.md). A merge window holds k+1
+checkpoints θ_n, θ_{n+1}, …, θ_{n+k} saved every ``interval`` steps at a constant learning
+rate η (θ_n the oldest). Interval i (1 ≤ i ≤ k) is the stretch of training from θ_{n+i-1}
+to θ_{n+i}. A decay schedule
 scales the learning rate of interval i by w_i, and merging with coefficients c_j gives
 
     Σ_j c_j θ_{n+j} = θ_n - η Σ_i (Σ_{j≥i} c_j) · (sum of the gradients of interval i)
@@ -31,6 +32,18 @@ Under it linear decay is exactly the plain mean of the newest k checkpoints.
 A floor ``min_lr_ratio`` r turns any decay w into r + (1 - r)·w (Megatron's
 ``min_lr + coeff·(max_lr - min_lr)`` with r = min_lr / max_lr); in coefficient space it
 is c ↦ (1 - r)·c + r·[newest checkpoint].
+
+Conventions (``convention=``). ``"wsm"`` is the default above. ``"megatron-lm"`` is the
+discretisation of Megatron-LM's ``tools/checkpoint/weighted_merge.py``: w_i = f(i/(k+1)),
+i.e. the decay starts one interval *before* the oldest checkpoint, so every input gets
+weight (``mean`` is 1/(k+1) each, ``linear`` too). It equals the ``"wsm"`` coefficients of
+k+1 intervals with the (zero-weight) anchor dropped.
+
+Uneven windows (:func:`merge_coefficients_at`). With checkpoints at positions
+p_0 < … < p_k (iterations or consumed tokens) the shape is evaluated at the real window
+fractions t_j = (p_j - p_0)/(p_k - p_0): ``sampling="start"`` takes w_i = f(t_{i-1}) (the
+default discretisation, exactly; evenly spaced positions take the index path above),
+``sampling="mean"`` the average of f over [t_{i-1}, t_i].
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 __all__ = [
+    "CONVENTIONS",
+    "DEFAULT_CONVENTION",
     "DEFAULT_EMA_ALPHA",
     "DEFAULT_FINAL_RATIO",
     "DEFAULT_TOL",
@@ -51,14 +66,21 @@ __all__ = [
     "FORMULAS",
     "MAIN_METHODS",
     "METHODS",
+    "SAMPLINGS",
     "SHAPE_METHODS",
     "coefficients_from_decay",
     "decay_from_coefficients",
     "decay_shape",
     "decay_weights",
+    "decay_weights_at",
+    "describe_convention",
+    "discretisation",
+    "is_evenly_spaced",
     "load_custom",
     "merge_coefficients",
+    "merge_coefficients_at",
     "validate_coefficients",
+    "window_fractions",
 ]
 
 #: Methods defined by a decay shape f(t), discretised as w_i = f((i-1)/k).
@@ -126,6 +148,16 @@ FORMULAS: Mapping[str, str] = MappingProxyType(
 )
 
 _FINAL_RATIO_METHODS = ("exponential", "inverse-sqrt")
+
+#: Discretisation conventions: ``wsm`` (default, w_i = f((i-1)/k)) and ``megatron-lm``
+#: (w_i = f(i/(k+1)), as Megatron-LM's ``tools/checkpoint/weighted_merge.py``).
+CONVENTIONS: tuple[str, ...] = ("wsm", "megatron-lm")
+DEFAULT_CONVENTION = "wsm"
+#: How a shape is turned into one weight per interval of an uneven window: its value at the
+#: interval's start (``start``, the default discretisation) or its mean over the interval.
+SAMPLINGS: tuple[str, ...] = ("start", "mean")
+#: Relative tolerance under which checkpoint gaps count as equal (:func:`is_evenly_spaced`).
+EVEN_SPACING_RTOL = 1e-9
 
 
 # --------------------------------------------------------------------------- helpers
@@ -212,10 +244,50 @@ def _shape_fn(method: str, final_ratio: float) -> Callable[[float], float]:
     raise AssertionError(method)  # callers validate first
 
 
+def _shape_integral(method: str, final_ratio: float) -> Callable[[float], float]:
+    """An antiderivative F of the shape f (any constant), for interval means of f."""
+    rho = final_ratio
+    if method == "linear":
+        return lambda t: t - 0.5 * t * t
+    if method == "cosine":
+        return lambda t: 0.5 * (t + math.sin(math.pi * t) / math.pi)
+    if method == "1-sqrt":
+        return lambda t: t - (2.0 / 3.0) * t * math.sqrt(t)
+    if method == "inverse-sqrt":
+        scale = rho**-2 - 1.0
+        if scale == 0.0:  # rho = 1: f = 1
+            return lambda t: t
+        return lambda t: 2.0 * math.sqrt(1.0 + scale * t) / scale
+    if method == "exponential":
+        if rho == 1.0:
+            return lambda t: t
+        log_rho = math.log(rho)
+        return lambda t: rho**t / log_rho
+    if method == "wsd-exponential":
+        return lambda t: 2.0 * 0.5**t / math.log(0.5) - t
+    if method == "constant":
+        return lambda t: t
+    raise AssertionError(method)  # callers validate first
+
+
 def _check_method(method: object) -> str:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     return method
+
+
+def _check_convention(convention: object) -> str:
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise ValueError(
+            f"unknown convention {convention!r}; choose one of: {', '.join(CONVENTIONS)}"
+        )
+    return convention
+
+
+def _check_sampling(sampling: object) -> str:
+    if not isinstance(sampling, str) or sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose one of: {', '.join(SAMPLINGS)}")
+    return sampling
 
 
 def _check_min_lr_ratio(min_lr_ratio: object) -> float:
@@ -384,8 +456,11 @@ def decay_from_coefficients(
 # --------------------------------------------------------------------------- methods
 
 
-def _direct_coefficients(method: str, k: int, alpha: float) -> list[float]:
+def _direct_coefficients(method: str, k: int, alpha: float, convention: str) -> list[float]:
     if method == "mean":
+        if convention == "megatron-lm":
+            # Every input equally: the linear decay of this convention (c_j = 1/(k+1)).
+            return [1.0 / (k + 1)] * (k + 1)
         return [0.0] + [1.0 / k] * k
     # ema: the EMA θ̄ ← (1-alpha) θ̄ + alpha θ over θ_{n+1} … θ_{n+k}, started at θ̄ = θ_n.
     keep = 1.0 - alpha
@@ -402,9 +477,11 @@ def _resolve(
     coefficients: object,
     decay: object,
     allow_negative: bool,
+    convention: object = DEFAULT_CONVENTION,
 ) -> tuple[list[float], list[float]]:
     """Shared body of :func:`decay_weights` and :func:`merge_coefficients`: returns (w, c)."""
     method = _check_method(method)
+    convention = _check_convention(convention)
     r = _check_min_lr_ratio(min_lr_ratio)
     if method != "ema" and alpha is not None:
         raise ValueError(f"alpha only applies to ema, not {method!r}")
@@ -422,7 +499,7 @@ def _resolve(
 
     kk = _check_k(k)
     if method in DIRECT_METHODS:
-        c = _direct_coefficients(method, kk, _resolve_alpha(method, alpha))
+        c = _direct_coefficients(method, kk, _resolve_alpha(method, alpha), convention)
         if r:
             # Floor in coefficient space: mix in r of the newest checkpoint (w -> r + (1-r) w).
             c = [(1.0 - r) * cj for cj in c]
@@ -431,8 +508,14 @@ def _resolve(
         return decay_from_coefficients(c), c
 
     f = _shape_fn(method, _resolve_final_ratio(method, final_ratio))
+    # wsm: interval i sampled at its start, (i-1)/k. megatron-lm: i/(k+1), the same float
+    # expression as Megatron-LM's ``index / n_checkpoints`` so its weights come out equal.
+    if convention == "megatron-lm":
+        ts = [i / (kk + 1) for i in range(1, kk + 1)]
+    else:
+        ts = [(i - 1) / kk for i in range(1, kk + 1)]
     # Clamp: cos/pow may land a rounding error outside [0, 1] near the ends.
-    w = [_apply_floor(min(1.0, max(0.0, f((i - 1) / kk))), r) for i in range(1, kk + 1)]
+    w = [_apply_floor(min(1.0, max(0.0, f(t))), r) for t in ts]
     return w, coefficients_from_decay(w)
 
 
@@ -468,6 +551,7 @@ def decay_weights(
     coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
     decay: Iterable[float] | str | os.PathLike[str] | None = None,
     allow_negative: bool = False,
+    convention: str = DEFAULT_CONVENTION,
 ) -> list[float]:
     """Decay weights w_1 … w_k (LR scale of each interval) of a method.
 
@@ -485,6 +569,11 @@ def decay_weights(
     ``final_ratio`` rho ∈ (0, 1] (defaults :data:`DEFAULT_FINAL_RATIO`) is f(1) of
     ``exponential`` and ``inverse-sqrt``. A parameter that does not apply to the method,
     or any invalid value, raises ``ValueError``.
+
+    ``convention`` (:data:`CONVENTIONS`): ``"wsm"`` as above; ``"megatron-lm"`` samples
+    shapes at w_i = f(i/(k+1)) (w_1 < 1, every checkpoint weighted) and makes ``mean`` the
+    plain mean of all k+1 checkpoints (w_i = (k + 1 - i)/(k + 1)). ``ema`` and ``custom``
+    are the same under both.
     """
     w, _ = _resolve(
         method,
@@ -495,6 +584,7 @@ def decay_weights(
         coefficients=coefficients,
         decay=decay,
         allow_negative=allow_negative,
+        convention=convention,
     )
     return w
 
@@ -509,6 +599,7 @@ def merge_coefficients(
     coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
     decay: Iterable[float] | str | os.PathLike[str] | None = None,
     allow_negative: bool = False,
+    convention: str = DEFAULT_CONVENTION,
 ) -> list[float]:
     """Merge coefficients c_0 … c_k (oldest checkpoint first) of a method; they sum to 1.
 
@@ -523,6 +614,8 @@ def merge_coefficients(
     - ``custom``: ``coefficients`` as given (validated), or Theorem 3.1 of ``decay``.
 
     Parameters as in :func:`decay_weights`; the floor r maps c ↦ (1 - r)·c + r·e_k.
+    With ``convention="megatron-lm"`` shapes use w_i = f(i/(k+1)) and ``mean`` is
+    c_j = 1/(k+1): every input weighted, as Megatron-LM's ``weighted_merge.py``.
     """
     _, c = _resolve(
         method,
@@ -533,8 +626,288 @@ def merge_coefficients(
         coefficients=coefficients,
         decay=decay,
         allow_negative=allow_negative,
+        convention=convention,
     )
     return c
+
+
+# --------------------------------------------------------------------------- uneven windows
+
+
+def _check_positions(positions: object) -> list[int | float]:
+    """Checkpoint positions as numbers (ints kept exact), at least 2, strictly increasing."""
+    if isinstance(positions, (str, bytes)):
+        raise ValueError("positions must be a sequence of numbers, got a string")  # noqa: TRY004
+    try:
+        items = list(positions)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"positions must be a sequence of numbers, got {positions!r}") from None
+    out: list[int | float] = []
+    for idx, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise ValueError(f"positions[{idx}] is not a real number: {v!r}")  # noqa: TRY004
+        # Integral positions (iterations, token counts) stay Python ints so that offsets and
+        # their ratios are computed exactly, whatever their size.
+        num: int | float = int(v) if isinstance(v, Integral) else float(v)
+        if isinstance(num, float) and not math.isfinite(num):
+            raise ValueError(f"positions[{idx}] is not finite ({num})")
+        out.append(num)
+    if len(out) < 2:
+        raise ValueError(f"need at least 2 checkpoint positions (k >= 1), got {len(out)}")
+    for j in range(1, len(out)):
+        if not out[j] > out[j - 1]:
+            raise ValueError(
+                f"checkpoint positions must increase strictly (oldest first): "
+                f"positions[{j - 1}] = {out[j - 1]} >= positions[{j}] = {out[j]}"
+            )
+    return out
+
+
+def is_evenly_spaced(positions: Iterable[float], *, rtol: float = EVEN_SPACING_RTOL) -> bool:
+    """Whether checkpoint positions p_0 < … < p_k have equal gaps.
+
+    Integer positions must match exactly; float gaps may differ by ``rtol`` (relative).
+    Raises ``ValueError`` for fewer than 2 positions or positions that do not increase.
+    """
+    pos = _check_positions(positions)
+    rtol = _check_real("rtol", rtol)
+    gaps = [b - a for a, b in zip(pos, pos[1:], strict=False)]
+    first = gaps[0]
+    if all(isinstance(g, int) for g in gaps):
+        return all(g == first for g in gaps)
+    return all(math.isclose(g, first, rel_tol=rtol, abs_tol=0.0) for g in gaps)
+
+
+def window_fractions(positions: Iterable[float]) -> list[float]:
+    """t_j = (p_j - p_0)/(p_k - p_0): where each checkpoint sits in the window [0, 1].
+
+    t_0 = 0 and t_k = 1 exactly. Integer positions give correctly rounded ratios, so an
+    even window of integers gives exactly j/k.
+    """
+    pos = _check_positions(positions)
+    first, span = pos[0], pos[-1] - pos[0]
+    return [(p - first) / span for p in pos]
+
+
+def _uneven_shape_weights(
+    method: str, fractions: list[float], r: float, rho: float, sampling: str
+) -> list[float]:
+    f = _shape_fn(method, rho)
+    if sampling == "start":
+        raw = [f(t) for t in fractions[:-1]]
+    else:
+        big_f = _shape_integral(method, rho)
+        raw = []
+        for a, b in zip(fractions, fractions[1:], strict=False):
+            # Below ~1e-7 the difference F(b) - F(a) loses too many digits; the midpoint
+            # value is then the mean to within the curvature over a tiny interval.
+            raw.append(f(0.5 * (a + b)) if b - a < 1e-7 else (big_f(b) - big_f(a)) / (b - a))
+    return [_apply_floor(min(1.0, max(0.0, x)), r) for x in raw]
+
+
+def _resolve_at(
+    method: object,
+    positions: object,
+    *,
+    min_lr_ratio: object,
+    alpha: object,
+    final_ratio: object,
+    coefficients: object,
+    decay: object,
+    allow_negative: bool,
+    convention: object,
+    sampling: object,
+) -> tuple[list[float], list[float]]:
+    pos = _check_positions(positions)
+    k = len(pos) - 1
+    sampling = _check_sampling(sampling)
+    # The index path validates every parameter and is the answer for all but shapes on
+    # uneven windows (or mean sampling): direct and custom methods weight by index.
+    w, c = _resolve(
+        method,
+        k,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        coefficients=coefficients,
+        decay=decay,
+        allow_negative=allow_negative,
+        convention=convention,
+    )
+    if method not in SHAPE_METHODS or (sampling == "start" and is_evenly_spaced(pos)):
+        return w, c
+    if convention != "wsm":
+        what = "sampling 'mean'" if sampling == "mean" else "unevenly spaced checkpoints"
+        raise ValueError(
+            f"convention {convention!r} weights checkpoints by index; {what} need convention 'wsm'"
+        )
+    rho = _resolve_final_ratio(str(method), final_ratio)
+    r = _check_min_lr_ratio(min_lr_ratio)
+    w = _uneven_shape_weights(str(method), window_fractions(pos), r, rho, sampling)
+    return w, coefficients_from_decay(w)
+
+
+def decay_weights_at(
+    method: str,
+    positions: Iterable[float],
+    *,
+    min_lr_ratio: float = 0.0,
+    alpha: float | None = None,
+    final_ratio: float | None = None,
+    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
+    decay: Iterable[float] | str | os.PathLike[str] | None = None,
+    allow_negative: bool = False,
+    convention: str = DEFAULT_CONVENTION,
+    sampling: str = "start",
+) -> list[float]:
+    """Decay weights w_1 … w_k for checkpoints at ``positions`` p_0 < … < p_k.
+
+    Positions are iterations or consumed tokens — whatever the LR schedule counts in —
+    oldest first; k = len(positions) - 1. For shape methods with t_j = (p_j - p_0)/(p_k -
+    p_0) (:func:`window_fractions`):
+
+    - ``sampling="start"``: w_i = f(t_{i-1}), the shape at the start of interval i. Evenly
+      spaced positions take the index path of :func:`decay_weights`, so the result is
+      identical to it bit for bit.
+    - ``sampling="mean"``: w_i = mean of f over [t_{i-1}, t_i] (the LR area of interval i
+      divided by its length), also for evenly spaced positions.
+
+    ``mean``, ``ema`` and ``custom`` weight checkpoints by index; positions only fix k.
+    ``convention="megatron-lm"`` is defined by index too: with uneven positions or
+    ``sampling="mean"`` a shape method raises ``ValueError``. Other parameters as in
+    :func:`decay_weights`.
+    """
+    w, _ = _resolve_at(
+        method,
+        positions,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        coefficients=coefficients,
+        decay=decay,
+        allow_negative=allow_negative,
+        convention=convention,
+        sampling=sampling,
+    )
+    return w
+
+
+def merge_coefficients_at(
+    method: str,
+    positions: Iterable[float],
+    *,
+    min_lr_ratio: float = 0.0,
+    alpha: float | None = None,
+    final_ratio: float | None = None,
+    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
+    decay: Iterable[float] | str | os.PathLike[str] | None = None,
+    allow_negative: bool = False,
+    convention: str = DEFAULT_CONVENTION,
+    sampling: str = "start",
+) -> list[float]:
+    """Merge coefficients c_0 … c_k for checkpoints at ``positions`` (oldest first).
+
+    Theorem 3.1 of :func:`decay_weights_at` — see there for positions, ``sampling`` and
+    which methods follow the positions. Evenly spaced positions with the default
+    ``sampling="start"`` give exactly :func:`merge_coefficients` of k = len(positions) - 1.
+    """
+    _, c = _resolve_at(
+        method,
+        positions,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        coefficients=coefficients,
+        decay=decay,
+        allow_negative=allow_negative,
+        convention=convention,
+        sampling=sampling,
+    )
+    return c
+
+
+def discretisation(
+    convention: str = DEFAULT_CONVENTION, *, uneven: bool = False, sampling: str = "start"
+) -> str:
+    """One-line formula of how a shape f becomes w_1 … w_k, for tables and provenance."""
+    convention = _check_convention(convention)
+    sampling = _check_sampling(sampling)
+    if convention == "megatron-lm":
+        if uneven or sampling != "start":
+            raise ValueError("convention 'megatron-lm' is defined for evenly spaced checkpoints")
+        return "w_i = f(i/(k+1)), i = 1..k (Megatron-LM weighted_merge.py; every input weighted)"
+    if sampling == "mean":
+        return "w_i = mean of f over [t_(i-1), t_i], t_j = (p_j - p_0)/(p_k - p_0)"
+    if uneven:
+        return "w_i = f(t_(i-1)), t_j = (p_j - p_0)/(p_k - p_0) (interval start)"
+    return "w_i = f((i-1)/k), i = 1..k (the oldest checkpoint anchors the window)"
+
+
+def _describe_formula(
+    method: str | None, convention: str, uneven_shape: bool, even: bool | None, sampling: str
+) -> str:
+    if method in SHAPE_METHODS:
+        return discretisation(
+            convention, uneven=bool(uneven_shape and even is False), sampling=sampling
+        )
+    if method == "mean" and convention == "megatron-lm":
+        return "c_j = 1/(k+1) (every input equally)"
+    if method in DIRECT_METHODS:
+        return FORMULAS[method]
+    return "explicit weights (Theorem 3.1 only)"
+
+
+def describe_convention(
+    coefficients: Iterable[float],
+    *,
+    method: str | None = None,
+    convention: str = DEFAULT_CONVENTION,
+    positions: Iterable[float] | None = None,
+    sampling: str = "start",
+) -> dict[str, object]:
+    """What a set of coefficients means, for ``--dry-run`` output and merge provenance.
+
+    Returns a JSON-ready dict: ``convention``, ``sampling``, ``discretisation`` (formula),
+    ``positions`` and ``evenly_spaced`` (None without positions), ``zero_weight_inputs``
+    (indices j with c_j == 0: those checkpoints do not change the merge) and ``notes``
+    (plain sentences explaining the zeros and what the positions did).
+    """
+    cs = _as_floats(coefficients, "coefficients")
+    convention = _check_convention(convention)
+    sampling = _check_sampling(sampling)
+    pos = None if positions is None else _check_positions(positions)
+    if pos is not None and len(pos) != len(cs):
+        raise ValueError(f"{len(pos)} positions given for {len(cs)} coefficients")
+    even = None if pos is None else is_evenly_spaced(pos)
+    is_shape = method in SHAPE_METHODS
+    uneven_shape = is_shape and (even is False or sampling == "mean")
+    zeros = [j for j, cj in enumerate(cs) if cj == 0.0]
+    notes: list[str] = []
+    if zeros and zeros[0] == 0 and convention == "wsm" and (is_shape or method == "mean"):
+        notes.append(
+            "input 0 (the oldest) has weight 0: under convention 'wsm' the decay starts at "
+            "the oldest checkpoint, which only marks where the window begins; convention "
+            "'megatron-lm' gives every input weight"
+        )
+    others = [j for j in zeros if j != 0 or not notes]
+    if others:
+        notes.append(f"inputs {others} have weight 0 and do not change the merge")
+    if pos is not None and even is False and not is_shape:
+        notes.append(
+            f"method {method!r} weights checkpoints by index: the uneven positions do not "
+            "change its coefficients (a shape method such as 'linear' follows them)"
+        )
+    if method == "custom":
+        notes.append("explicit weights: the convention does not change them")
+    return {
+        "convention": convention,
+        "sampling": sampling,
+        "discretisation": _describe_formula(method, convention, uneven_shape, even, sampling),
+        "positions": pos,
+        "evenly_spaced": even,
+        "zero_weight_inputs": zeros,
+        "notes": notes,
+    }
 
 
 # --------------------------------------------------------------------------- custom input

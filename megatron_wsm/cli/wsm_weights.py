@@ -6,6 +6,8 @@ Examples::
     python tools/wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
     python tools/wsm_weights.py --coefficients 0,0.2,0.3,0.5          # implied decay of c
     python tools/wsm_weights.py --decay weights.txt --method 1-sqrt    # compare with 1-sqrt
+    python tools/wsm_weights.py --method 1-sqrt mean --k 3 --convention megatron-lm
+    python tools/wsm_weights.py --method 1-sqrt --positions 0,100,200,400  # uneven window
     python tools/wsm_weights.py --k 8 --method linear cosine 1-sqrt inverse-sqrt \\
         exponential mean ema --plot docs/wsm_weights_k8.png
 
@@ -24,16 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from megatron_wsm.schedule import (
+    CONVENTIONS,
+    DEFAULT_CONVENTION,
     DEFAULT_EMA_ALPHA,
     DEFAULT_FINAL_RATIO,
     FORMULAS,
     METHODS,
+    SAMPLINGS,
     SHAPE_METHODS,
     decay_from_coefficients,
     decay_shape,
     decay_weights,
+    decay_weights_at,
+    describe_convention,
+    discretisation,
+    is_evenly_spaced,
     load_custom,
     merge_coefficients,
+    merge_coefficients_at,
+    window_fractions,
 )
 
 PROG = "wsm_weights"
@@ -42,10 +53,26 @@ EPILOG = """examples:
   wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
   wsm_weights.py --coefficients 0,0.2,0.3,0.5        # the decay these weights emulate
   wsm_weights.py --decay weights.txt --method 1-sqrt # custom decay beside 1-sqrt
+  wsm_weights.py --method 1-sqrt mean --k 3 --convention megatron-lm
+                                                     # Megatron-LM weighted_merge.py weights
+  wsm_weights.py --method 1-sqrt --positions 0,100,200,400
+                                                     # uneven window (iterations or tokens)
   wsm_weights.py --k 8 --method linear cosine 1-sqrt inverse-sqrt exponential mean ema \\
       --plot docs/wsm_weights_k8.png                 # the figure in docs/
 """
 DISCRETISATION = "w_i = f((i-1)/k), i = 1..k; c_0..c_k oldest checkpoint first"
+
+
+def discretisation_line(
+    convention: str = DEFAULT_CONVENTION,
+    positions: Sequence[float] | None = None,
+    sampling: str = "start",
+) -> str:
+    """The discretisation in force, as printed in tables, JSON and plot titles."""
+    uneven = positions is not None and not is_evenly_spaced(positions)
+    return f"{discretisation(convention, uneven=uneven, sampling=sampling)}; " + (
+        "c_0..c_k oldest checkpoint first"
+    )
 
 
 @dataclass
@@ -57,6 +84,8 @@ class MethodResult:
     coefficients: list[float]
     decay: list[float]
     formula: str = field(default="")
+    #: :func:`megatron_wsm.schedule.describe_convention` of the coefficients.
+    info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (floats keep full float64 precision through ``json``)."""
@@ -66,6 +95,8 @@ class MethodResult:
             "params": self.params,
             "coefficients": self.coefficients,
             "decay": self.decay,
+            "zero_weight_inputs": self.info.get("zero_weight_inputs", []),
+            "notes": self.info.get("notes", []),
         }
 
 
@@ -94,6 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="every named method (all of --method's choices except custom)",
     )
     p.add_argument("--k", type=int, help="number of merged intervals (k+1 checkpoints)")
+    p.add_argument(
+        "--convention",
+        choices=CONVENTIONS,
+        default=DEFAULT_CONVENTION,
+        help=(
+            "wsm (default): w_i = f((i-1)/k), the oldest checkpoint only anchors the window; "
+            "megatron-lm: w_i = f(i/(k+1)) as Megatron-LM's weighted_merge.py, every input "
+            "weighted (mean = 1/(k+1) each)"
+        ),
+    )
+    p.add_argument(
+        "--positions",
+        metavar="LIST",
+        help=(
+            "checkpoint positions p_0..p_k, oldest first (iterations or consumed tokens, "
+            "comma list): shape methods are evaluated at t_j = (p_j - p_0)/(p_k - p_0), so "
+            "an uneven window emulates the intended decay; sets k"
+        ),
+    )
+    p.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="start",
+        help=(
+            "weight of interval i for shape methods: f at its start (default; the even "
+            "discretisation) or the mean of f over it (conserves each interval's LR area)"
+        ),
+    )
     p.add_argument(
         "--min-lr-ratio",
         type=float,
@@ -164,9 +223,42 @@ def _selected_methods(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return methods
 
 
+def parse_positions(text: str) -> list[int | float]:
+    """Checkpoint positions from a comma/whitespace list; integers stay exact ints."""
+    tokens = text.replace(",", " ").split()
+    if not tokens:
+        raise ValueError("--positions is empty: give p_0,...,p_k (iterations or tokens)")
+    out: list[int | float] = []
+    for tok in tokens:
+        try:
+            out.append(int(tok))
+        except ValueError:
+            try:
+                out.append(float(tok))
+            except ValueError:
+                raise ValueError(f"--positions: not a number: {tok!r}") from None
+    return out
+
+
+def _positions(args: argparse.Namespace, k: int | None) -> list[int | float] | None:
+    if args.positions is None:
+        return None
+    positions = parse_positions(args.positions)
+    if k is not None and len(positions) != k + 1:
+        raise ValueError(
+            f"--positions gives {len(positions)} checkpoints but k = {k} means {k + 1}"
+        )
+    return positions
+
+
 def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list[MethodResult]]:
     """Resolve k and compute every method; raises ``ValueError`` on any invalid input."""
     k = args.k
+    convention = getattr(args, "convention", DEFAULT_CONVENTION)
+    sampling = getattr(args, "sampling", "start")
+    positions = _positions(args, k) if getattr(args, "positions", None) is not None else None
+    if positions is not None:
+        k = len(positions) - 1
     custom_result = None
     if "custom" in methods:
         source = args.coefficients if args.coefficients is not None else args.decay
@@ -184,9 +276,16 @@ def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list
         # A custom list fixes k; named methods shown beside it use the same k.
         k = len(w)
         params = {key: str(source), "allow_negative": args.allow_negative}
-        custom_result = MethodResult("custom", params, c, w, f"custom {key}")
+        info = describe_convention(
+            c, method="custom", convention=convention, positions=positions, sampling=sampling
+        )
+        custom_result = MethodResult("custom", params, c, w, f"custom {key}", info)
     if k is None:
         raise ValueError("--k is required (number of merged intervals, k+1 checkpoints)")
+    # Without --positions the window is 0..k: the index path, or its mean sampling.
+    at = positions if positions is not None else None
+    if at is None and sampling != "start":
+        at = list(range(max(k, 0) + 1))
 
     results = []
     for m in methods:
@@ -201,14 +300,29 @@ def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list
             if final_ratio is None:
                 final_ratio = DEFAULT_FINAL_RATIO[m]
         kw = {"min_lr_ratio": args.min_lr_ratio, "alpha": alpha, "final_ratio": final_ratio}
-        c = merge_coefficients(m, k, **kw)
-        w = decay_weights(m, k, **kw)
+        where = {"convention": convention, "sampling": sampling}
+        if at is None:
+            c = merge_coefficients(m, k, **kw, convention=convention)
+            w = decay_weights(m, k, **kw, convention=convention)
+        else:
+            c = merge_coefficients_at(m, at, **kw, **where)
+            w = decay_weights_at(m, at, **kw, **where)
         params = {key: val for key, val in kw.items() if val is not None}
-        results.append(MethodResult(m, params, c, w, FORMULAS[m]))
+        info = describe_convention(c, method=m, positions=positions, **where)
+        formula = FORMULAS[m]
+        if m == "mean" and convention == "megatron-lm":
+            formula = str(info["discretisation"])
+        results.append(MethodResult(m, params, c, w, formula, info))
     return k, results
 
 
-def format_table(k: int, results: Sequence[MethodResult]) -> str:
+def format_table(
+    k: int,
+    results: Sequence[MethodResult],
+    *,
+    positions: Sequence[float] | None = None,
+    line: str = DISCRETISATION,
+) -> str:
     """Human-readable table: one block per method, a row per checkpoint."""
     lines = []
     for r in results:
@@ -217,17 +331,25 @@ def format_table(k: int, results: Sequence[MethodResult]) -> str:
         lines.append(f"  {'j':>3}  {'checkpoint':<10}  {'c_j (merge)':>12}  {'w_j (decay)':>12}")
         for j, cj in enumerate(r.coefficients):
             name = "n" if j == 0 else f"n+{j}"
+            if positions is not None:
+                name = f"{name}@{positions[j]}"
             wj = f"{r.decay[j - 1]:12.8f}" if j >= 1 else f"{'-':>12}"
             lines.append(f"  {j:>3}  {name:<10}  {cj:12.8f}  {wj}")
         total = math.fsum(r.coefficients)
-        mean_w = math.fsum(r.decay) / len(r.decay)
+        if positions is None:
+            mean_w = math.fsum(r.decay) / len(r.decay)
+        else:
+            # Uneven intervals: the LR area weights each w_i by its interval's length.
+            t = window_fractions(positions)
+            mean_w = math.fsum(w * (b - a) for w, a, b in zip(r.decay, t, t[1:], strict=False))
         lines.append(f"  sum c = {total:.12f}   mean w (LR area of the window) = {mean_w:.6f}")
+        lines.extend(f"  note: {note}" for note in r.info.get("notes", []))
         lines.append("")
     lines.append(
         "c_j weights checkpoint n+j (j = 0 oldest); w_j scales the LR of interval j "
         "(checkpoint n+j-1 -> n+j)."
     )
-    lines.append(f"Discretisation: {DISCRETISATION}.")
+    lines.append(f"Discretisation: {line}.")
     return "\n".join(lines)
 
 
@@ -235,7 +357,15 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def plot(k: int, results: Sequence[MethodResult], path: str, dpi: int = 120) -> None:
+def plot(
+    k: int,
+    results: Sequence[MethodResult],
+    path: str,
+    dpi: int = 120,
+    *,
+    positions: Sequence[float] | None = None,
+    line: str = DISCRETISATION,
+) -> None:
     """Draw, per method, the implied decay (top) and the merge coefficients (bottom)."""
     # Figure + Agg canvas rather than pyplot: no global backend state, works headless.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -249,7 +379,7 @@ def plot(k: int, results: Sequence[MethodResult], path: str, dpi: int = 120) -> 
     grid = fig.add_gridspec(2 * nblocks, ncols)
     cmax = max(max(r.coefficients) for r in results)
     cmin = min(0.0, min(min(r.coefficients) for r in results))
-    edges = [i / k for i in range(k + 1)]
+    edges = window_fractions(positions) if positions is not None else [i / k for i in range(k + 1)]
     starts = edges[:-1]
     ts = [i / 400 for i in range(401)]
     for idx, r in enumerate(results):
@@ -281,7 +411,12 @@ def plot(k: int, results: Sequence[MethodResult], path: str, dpi: int = 120) -> 
         )
         title = f"{r.method}  ({shown})" if shown else r.method
         ax_w.set_title(f"{title}\n{r.formula}", fontsize=9)
-        ax_w.set_xlabel("window fraction t (interval i spans [(i-1)/k, i/k])", fontsize=7)
+        ax_w.set_xlabel(
+            "window fraction t (interval i spans [t_(i-1), t_i])"
+            if positions is not None
+            else "window fraction t (interval i spans [(i-1)/k, i/k])",
+            fontsize=7,
+        )
         ax_w.tick_params(labelsize=7)
         ax_w.grid(alpha=0.3)
         if idx == 0:
@@ -297,7 +432,7 @@ def plot(k: int, results: Sequence[MethodResult], path: str, dpi: int = 120) -> 
         ax_c.tick_params(labelsize=7)
         ax_c.grid(alpha=0.3, axis="y")
     fig.suptitle(
-        f"WSM: merge coefficients and the decay they emulate, k = {k}  ({DISCRETISATION})",
+        f"WSM: merge coefficients and the decay they emulate, k = {k}  ({line})",
         fontsize=10,
     )
     # Drop the version stamp so regenerating the committed figure gives a stable file.
@@ -318,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         k, results = compute(args, methods)
+        positions = _positions(args, k)
+        line = discretisation_line(args.convention, positions, args.sampling)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -325,16 +462,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         doc = {
             "k": k,
-            "discretisation": DISCRETISATION,
+            "discretisation": line,
+            "convention": args.convention,
+            "sampling": args.sampling,
+            "positions": positions,
             "methods": [r.to_json() for r in results],
         }
         print(json.dumps(doc, indent=2))
     else:
-        print(format_table(k, results))
+        print(format_table(k, results, positions=positions, line=line))
 
     if args.plot:
         try:
-            plot(k, results, args.plot, dpi=args.dpi)
+            plot(k, results, args.plot, dpi=args.dpi, positions=positions, line=line)
         except (OSError, ValueError) as exc:
             # ValueError: matplotlib rejects an unknown image extension.
             print(f"{PROG}: error: cannot write plot {args.plot!r}: {exc}", file=sys.stderr)

@@ -172,3 +172,74 @@ def test_unknown_method_from_subprocess() -> None:
 
 def test_committed_figure_is_valid() -> None:
     assert_valid_png(REPO / "docs" / "wsm_weights_k8.png", min_bytes=30_000)
+
+
+# --------------------------------------------------------------------------- conventions, positions
+
+
+def test_convention_megatron_lm_in_process(capsys) -> None:
+    assert (
+        main(["--method", "1-sqrt", "mean", "--k", "3", "--convention", "megatron-lm", "--json"])
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["convention"] == "megatron-lm"
+    assert "f(i/(k+1))" in doc["discretisation"]
+    by_method = {m["method"]: m for m in doc["methods"]}
+    assert [round(x, 3) for x in by_method["1-sqrt"]["coefficients"]] == [0.5, 0.207, 0.159, 0.134]
+    assert by_method["mean"]["coefficients"] == [0.25] * 4
+    assert by_method["mean"]["zero_weight_inputs"] == []
+
+
+def test_default_convention_reports_the_anchor(capsys) -> None:
+    assert main(["--method", "1-sqrt", "--k", "3", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["convention"] == "wsm" and doc["positions"] is None
+    (m,) = doc["methods"]
+    assert m["coefficients"] == merge_coefficients("1-sqrt", 3)
+    assert m["zero_weight_inputs"] == [0]
+    assert any("oldest" in n for n in m["notes"])
+
+
+def test_positions_uneven_window(capsys) -> None:
+    assert main(["--method", "linear", "--positions", "0,100,300,400"]) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()
+    ]
+    assert [r[1] for r in rows] == ["n@0", "n+1@100", "n+2@300", "n+3@400"]
+    assert [float(r[2]) for r in rows] == pytest.approx([0.0, 0.25, 0.5, 0.25], abs=1e-8)
+    # LR area weights the intervals by length: (1*1 + 0.75*2 + 0.25*1) / 4.
+    assert "mean w (LR area of the window) = 0.687500" in out
+    assert "t_(i-1)" in out
+
+
+def test_positions_errors(capsys) -> None:
+    assert main(["--method", "linear", "--positions", "0,100,300", "--k", "3"]) == 2
+    assert "--positions gives 3 checkpoints but k = 3" in capsys.readouterr().err
+    assert main(["--method", "linear", "--positions", "0,100,100"]) == 2
+    assert "increase strictly" in capsys.readouterr().err
+    assert main(["--method", "linear", "--positions", "0,1,3", "--convention", "megatron-lm"]) == 2
+    assert "need convention 'wsm'" in capsys.readouterr().err
+    assert main(["--method", "linear", "--positions", "0,x"]) == 2
+    assert "not a number: 'x'" in capsys.readouterr().err
+
+
+def test_positions_plot(tmp_path: Path) -> None:
+    out = tmp_path / "uneven.png"
+    assert (
+        main(
+            [
+                "--method",
+                "1-sqrt",
+                "--positions",
+                "0,1,2,5,6",
+                "--sampling",
+                "mean",
+                "--plot",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert_valid_png(out)
