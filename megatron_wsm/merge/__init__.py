@@ -67,8 +67,8 @@ OUTPUT_DTYPES = ("same", "fp32", "bf16")
 #: Human-readable provenance written next to the manifest.
 PROVENANCE_NAME = "wsm_merge_provenance.json"
 _OPTIMIZER_NOTE = (
-    "optimizer state dropped: the merged checkpoint holds model weights only (evaluate it, or "
-    "continue training from it with a fresh optimizer)"
+    "optimizer state and RNG state dropped: the merged checkpoint holds model weights only "
+    "(evaluate it, or continue training from it with a fresh optimizer)"
 )
 
 
@@ -365,7 +365,7 @@ def provenance(
         },
         "copied_from_newest": {
             "count": len(report.copied_keys),
-            "rule": "non-float tensors, _extra_state, RNG and other objects, common.pt",
+            "rule": "non-float tensors, _extra_state and other objects, common.pt",
             "keys": report.copied_keys,
         },
         "dropped": {

@@ -133,8 +133,10 @@ def test_merged_checkpoint_metadata_and_provenance(window: list[Path], tmp_path:
     assert "opt_param_scheduler" in common  # scheduler state comes from the newest input
     assert (out / "metadata.json").read_text() == (window[-1] / "metadata.json").read_text()
     # Objects (_extra_state) are the newest input's, byte for byte; RNG state is dropped.
-    assert raw_item(out, "linear_qkv._extra_state") == raw_item(window[-1], "linear_qkv._extra_state")
-    assert not any(k.startswith("rng_state") for k in fmt.read_metadata(str(out)).state_dict_metadata)
+    extra = "linear_qkv._extra_state"
+    assert raw_item(out, extra) == raw_item(window[-1], extra)
+    keys = fmt.read_metadata(str(out)).state_dict_metadata
+    assert not any(k.startswith("rng_state") for k in keys)
     # Every merged item is a valid zip with correct CRCs, loadable by torch.
     blob = raw_item(out, "linear_fc1.weight")
     assert zipfile.ZipFile(io.BytesIO(blob)).testzip() is None
