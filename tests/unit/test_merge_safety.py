@@ -261,7 +261,7 @@ def test_corrupt_manifest_inside_the_window_is_an_error(tmp_path):
     for it in (100, 200, 300, 400):
         _manifest_only(tmp_path, f"iter_{it:07d}", it)
     (tmp_path / "iter_0000200" / "wsm_manifest.json").write_text("{not json")
-    for selection in ({"window_iters": 300}, {"count": 2}):  # both span iteration 200
+    for selection in ({"window_iters": 300}, {"count": 3}):  # both span iteration 200
         with pytest.raises(MergeError, match="unreadable checkpoint.*iter_0000200"):
             select_window(tmp_path, **selection)
     # Outside the selected window it does not matter.
@@ -379,3 +379,29 @@ def test_report_counts_what_was_dropped(window, tmp_path):
     assert not [k for k in out_keys if is_dropped(k)]
     assert all(classify(k, v) == ACTION_AVERAGE for k, v in out_keys.items()
                if k in report.averaged_keys)
+
+
+def test_input_crcs_of_pieces_from_several_ranks_are_combined():
+    """An item read in pieces by two ranks: the runs are combined with crc32_combine and
+    compared with the zip record; one changed byte in either rank's part is caught."""
+    import zlib
+
+    from megatron_wsm.merge.torch_dist import Item, Plan, check_input_crcs
+
+    data = bytes(range(256)) * 40
+    item = Item(index=type("I", (), {"fqn": "w"})(), action=ACTION_AVERAGE, out_file="a.distcp",
+                newest=("/in/a.distcp", 0, len(data)), sources=[("/in/a.distcp", 0, len(data))],
+                in_dtype=torch.bfloat16, numel=len(data) // 2, data_crcs=[zlib.crc32(data)])
+    plan = Plan([type("C", (), {"path": Path("/in")})()], [1.0], None, [item], {}, "same", [])
+    cut = 2048
+
+    def runs(blob: bytes) -> list[dict]:
+        return [{(0, 0): [0, zlib.crc32(blob[:cut]), cut]},
+                {(0, 0): [cut, zlib.crc32(blob[cut:]), len(blob) - cut]}]
+
+    check_input_crcs(plan, runs(data))
+    for pos in (10, cut + 10):
+        rotten = bytearray(data)
+        rotten[pos] ^= 1
+        with pytest.raises(MergeError, match="CRC-32 mismatch in a.distcp item w"):
+            check_input_crcs(plan, runs(bytes(rotten)))
