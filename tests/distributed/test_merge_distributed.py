@@ -82,7 +82,7 @@ def test_two_rank_bit_rot_is_refused(window: list[Path], tmp_path: Path):
     out = tmp_path / "merged"
     proc = run_script(MERGE, _args([window[0], bad, window[2]], out, "--chunk-mb", "0.005"),
                       nproc=2, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode != 0, proc.stderr[-2000:]  # torchrun: 1 when a rank exits 2
     assert "CRC-32 mismatch" in proc.stderr and str(bad) in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".merged.merging-*"))
 
