@@ -125,7 +125,7 @@ def test_merged_checkpoint_metadata_and_provenance(window: list[Path], tmp_path:
     assert prov["coefficients"] == COEFS
     assert prov["implied_decay"] == pytest.approx([0.8, 0.5])
     assert [row["iteration"] for row in prov["inputs"]] == [10, 20, 30]
-    assert "optimizer state dropped" in prov["dropped"]["note"]
+    assert "optimizer state and RNG state dropped" in prov["dropped"]["note"]
     assert prov["averaged"]["floating_buffers"] == ["decoder.layers.mlp.router.expert_bias"]
     assert manifest.extra["provenance"]["coefficients"] == COEFS
     common = torch.load(out / "common.pt", weights_only=True)
