@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dtype", choices=OUTPUT_DTYPES, default="same",
         help="dtype of the averaged tensors: as the inputs (default), fp32 or bf16",
     )
-    o.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    o.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing --save that is a merged checkpoint written by this tool "
+        "(anything else is refused)",
+    )
     o.add_argument(
         "--dry-run", action="store_true",
         help="check the inputs and print inputs, coefficients, implied decay and bytes to "
@@ -147,6 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="collective timeout under torchrun (default 30)",
     )
     return p
+
+
+#: Options whose value is a comma list that may start with a minus sign.
+_LIST_OPTIONS = ("--weights", "--decay")
+
+
+def join_negative_lists(argv: Sequence[str]) -> list[str]:
+    """``--weights -0.5,0.7`` as ``--weights=-0.5,0.7``: argparse would take the leading ``-``
+    of a comma list for an option (it only knows plain negative numbers)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in _LIST_OPTIONS and nxt is not None and nxt.startswith("-") and nxt[1:2] in (
+            *"0123456789", "."
+        ):
+            out.append(f"{arg}={nxt}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _flag_names(message: str) -> str:
+    """The CLI flag in messages of the library, which names its keyword argument."""
+    return message.replace("allow_negative=True", "--allow-negative")
 
 
 def _coefficients(args: argparse.Namespace, n_inputs: int) -> tuple[list[float], dict[str, Any]]:
@@ -188,6 +220,13 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None]
         if any(x is not None for x in (args.window_iters, args.window_tokens, args.count)):
             raise ValueError("--window-iters/--window-tokens/--count need --load-dir")
         return list(args.inputs), None
+    if args.count is not None and args.count < 2:
+        raise ValueError(f"--count {args.count}: give at least 2 (leave it out for the whole "
+                         "window)")
+    for name, value in (("--window-iters", args.window_iters),
+                        ("--window-tokens", args.window_tokens)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} {value}: must be >= 0")
     paths = select_window(
         args.load_dir,
         window_iters=args.window_iters,
@@ -240,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the merge tool; returns the process exit code (0 ok, 2 refused or bad arguments)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(join_negative_lists(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # --help and usage errors: argparse's own exit codes
         return int(e.code or 0)
     if args.save is None and not args.dry_run:
@@ -288,10 +327,11 @@ def _run(args: argparse.Namespace, rank: int) -> int:
             method=method,
             progress=not args.no_progress_bar,
             dry_run=args.dry_run,
+            protected=[args.load_dir] if args.load_dir is not None else [],
         )
     except (MergeError, ValueError) as e:
         if rank == 0:
-            print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(f"{PROG}: error: {_flag_names(str(e).splitlines()[0])}", file=sys.stderr)
         return 2
     if report.dry_run:
         report.buffer_bytes_per_rank = int(args.chunk_mb * 2**20)

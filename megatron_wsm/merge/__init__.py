@@ -32,7 +32,9 @@ from typing import Any
 
 from megatron_wsm.manifest import (
     KIND_MERGED,
+    MANIFEST_NAME,
     CheckpointManifest,
+    read_manifest,
     write_manifest,
 )
 from megatron_wsm.merge import legacy, torch_dist
@@ -52,6 +54,7 @@ __all__ = [
     "PROVENANCE_NAME",
     "MergeError",
     "MergeReport",
+    "check_output_location",
     "merge_checkpoints",
     "resolve_coefficients",
     "select_window",
@@ -64,8 +67,8 @@ OUTPUT_DTYPES = ("same", "fp32", "bf16")
 #: Human-readable provenance written next to the manifest.
 PROVENANCE_NAME = "wsm_merge_provenance.json"
 _OPTIMIZER_NOTE = (
-    "optimizer state dropped: the merged checkpoint holds model weights only (evaluate it, or "
-    "continue training from it with a fresh optimizer)"
+    "optimizer state and RNG state dropped: the merged checkpoint holds model weights only "
+    "(evaluate it, or continue training from it with a fresh optimizer)"
 )
 
 
@@ -114,6 +117,8 @@ def merge_checkpoints(
     method: dict[str, Any] | None = None,
     progress: bool = False,
     dry_run: bool = False,
+    protected: Sequence[str | os.PathLike] = (),
+    verify_crc: bool = True,
 ) -> MergeReport:
     """Average ``inputs`` with ``coefficients`` into the checkpoint directory ``output``.
 
@@ -132,7 +137,12 @@ def merge_checkpoints(
         allow_no_manifest: accept checkpoints without ``wsm_manifest.json`` (other tools').
         method: description of how the coefficients were chosen, for the provenance.
         progress: show a tqdm bar on rank 0.
-        dry_run: validate and plan only; nothing is written.
+        dry_run: validate and plan only; nothing is written (``output``'s placement and
+            writability are still checked).
+        protected: directories ``output`` must not lie in, equal or contain besides the
+            inputs (the CLI passes ``--load-dir``: the trainer prunes what lies there).
+        verify_crc: check every input byte read against its zip record's CRC-32 (only a
+            benchmark turns this off).
 
     Returns:
         A :class:`MergeReport` (identical on every rank).
@@ -151,10 +161,14 @@ def merge_checkpoints(
         raise MergeError(f"chunk_mb must be positive, got {chunk_mb}")
     coefs = _check_coefficients(coefficients, len(inputs), allow_negative)
     ordered, notes = comm.run_on_rank0(
-        lambda: _prepare_inputs(inputs, allow_no_manifest, output, overwrite)
+        lambda: _prepare_inputs(inputs, allow_no_manifest, output, overwrite, protected)
     )
-    engine = legacy if ordered[0].format == FORMAT_TORCH else torch_dist
-    plan = engine.build_plan(ordered, coefs, output_dtype, comm)
+    if ordered[0].format == FORMAT_TORCH:
+        plan = legacy.build_plan(ordered, coefs, output_dtype, comm)
+        engine: Any = legacy
+    else:
+        plan = torch_dist.build_plan(ordered, coefs, output_dtype, comm, verify_crc=verify_crc)
+        engine = torch_dist
     notes = notes + plan.notes
     report = _report(plan, ordered, coefs, output, output_dtype, comm, notes, dry_run)
     if dry_run:
@@ -168,7 +182,8 @@ def merge_checkpoints(
         report.bytes_read, report.bytes_written = read, written
         report.buffer_bytes_per_rank = buffers
         report.seconds = time.perf_counter() - start
-        comm.run_on_rank0(lambda: _publish(tmp, output, overwrite, report, ordered, method))
+        comm.run_on_rank0(lambda: _publish_naming_output(tmp, output, overwrite, report,
+                                                         ordered, method))
     except BaseException:
         # Handled errors and interrupts alike: no temporary directory is left behind.
         if comm.rank == 0:
@@ -198,6 +213,7 @@ def _prepare_inputs(
     allow_no_manifest: bool,
     output: Path | None,
     overwrite: bool,
+    protected: Sequence[str | os.PathLike] = (),
 ) -> tuple[list[CheckpointInput], list[str]]:
     inputs = [inspect_input(p, allow_no_manifest=allow_no_manifest) for p in paths]
     ordered, notes = order_inputs(inputs)
@@ -205,16 +221,78 @@ def _prepare_inputs(
     notes.append(_OPTIMIZER_NOTE)
     if output is None:
         return ordered, notes
-    resolved_out = output.resolve()
-    for inp in ordered:
-        if inp.path.resolve() == resolved_out or resolved_out in inp.path.resolve().parents:
-            raise MergeError(f"--save {output} would overwrite the input {inp.path}")
-    if output.exists() and not overwrite:
-        raise MergeError(f"{output} already exists; pass --overwrite to replace it")
+    check_output_location(output, [inp.path for inp in ordered], protected, overwrite)
     stale = sorted(p.name for p in output.parent.glob(f".{output.name}.merging-*"))
     if stale:
         notes.append(f"stale temporary directories of interrupted merges (remove them): {stale}")
     return ordered, notes
+
+
+#: What a merged checkpoint directory holds; ``--overwrite`` refuses a directory with more.
+_MERGED_ENTRIES = (".metadata", "common.pt", "metadata.json", MANIFEST_NAME, PROVENANCE_NAME)
+
+
+def check_output_location(
+    output: Path,
+    inputs: Sequence[str | os.PathLike],
+    protected: Sequence[str | os.PathLike],
+    overwrite: bool,
+) -> None:
+    """Refuse an ``output`` the merge must not create or replace (MergeError, nothing written).
+
+    ``output`` (symlinks resolved) must not equal, lie inside or contain an input or a
+    ``protected`` directory; it must not exist, unless ``overwrite`` and it is a merged
+    checkpoint this tool wrote (only those files, manifest kind ``merged``); its parent must
+    exist or be creatable, and be writable.
+    """
+    out = output.resolve()
+    for other in [*inputs, *protected]:
+        real = Path(other).resolve()
+        if out == real or real in out.parents:
+            raise MergeError(f"--save {output} lies inside {other}: its checkpoints are inputs "
+                             "and get pruned by the trainer; save elsewhere")
+        if out in real.parents:
+            raise MergeError(f"--save {output} contains the input {other}; save elsewhere")
+    if os.path.lexists(output):
+        if not overwrite:
+            raise MergeError(f"{output} already exists; pass --overwrite to replace it")
+        why = _not_replaceable(output)
+        if why:
+            raise MergeError(
+                f"--overwrite replaces only a merged checkpoint written by this tool; {output} "
+                f"{why}: refusing to delete it"
+            )
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MergeError(f"--save {output}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MergeError(f"--save {output}: {ancestor} is not writable")
+
+
+def _not_replaceable(output: Path) -> str | None:
+    """Why ``--overwrite`` must not delete ``output`` (None: a merged checkpoint of ours)."""
+    if output.is_symlink():
+        return "is a symbolic link"
+    if not output.is_dir():
+        return "is not a directory"
+    try:
+        manifest = read_manifest(output)
+    except ValueError:
+        return f"has an unreadable {MANIFEST_NAME}"
+    if manifest is None:
+        return f"has no {MANIFEST_NAME}"
+    if manifest.kind != KIND_MERGED:
+        return f"is a {manifest.kind!r} checkpoint, not a merged one"
+    for entry in output.iterdir():
+        name = entry.name
+        known = name in _MERGED_ENTRIES or (
+            entry.is_file() and name.endswith(".distcp") and not entry.is_symlink()
+        ) or (entry.is_dir() and not entry.is_symlink() and name.startswith("mp_rank_"))
+        if not known:
+            return f"holds {name}, which no merge writes"
+    return None
 
 
 def _report(
@@ -287,7 +365,7 @@ def provenance(
         },
         "copied_from_newest": {
             "count": len(report.copied_keys),
-            "rule": "non-float tensors, _extra_state, RNG and other objects, common.pt",
+            "rule": "non-float tensors, _extra_state and other objects, common.pt",
             "keys": report.copied_keys,
         },
         "dropped": {
@@ -319,6 +397,16 @@ def _merged_manifest(
     return base
 
 
+def _publish_naming_output(
+    tmp: Path, output: Path, overwrite: bool, report: MergeReport,
+    inputs: list[CheckpointInput], method: dict[str, Any] | None,
+) -> None:
+    try:
+        _publish(tmp, output, overwrite, report, inputs, method)
+    except OSError as e:  # ENOSPC writing the manifest, a failed rename...
+        raise MergeError(torch_dist.write_failed(e.filename or output, e)) from e
+
+
 def _publish(
     tmp: Path,
     output: Path,
@@ -335,9 +423,12 @@ def _publish(
     write_manifest(tmp, _merged_manifest(inputs, report, prov))  # last: marks it complete
     _fsync_dir(tmp)
     old = None
-    if output.exists():
+    if os.path.lexists(output):
         if not overwrite:
             raise MergeError(f"{output} appeared during the merge; pass --overwrite to replace it")
+        why = _not_replaceable(output)  # it may have changed since the merge started
+        if why:
+            raise MergeError(f"--overwrite: {output} {why}: refusing to delete it")
         old = output.parent / f".{output.name}.replaced-{os.getpid()}"
         os.rename(output, old)
     try:

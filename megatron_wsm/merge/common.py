@@ -41,7 +41,7 @@ class MergeReport:
         lines = [
             f"{verb} {len(self.inputs)} {self.format} checkpoints -> {self.output}",
             f"  averaged {len(self.averaged_keys)} tensors, copied {len(self.copied_keys)} "
-            f"from the newest input, dropped {len(self.dropped_keys)} (optimizer state)",
+            f"from the newest input, dropped {len(self.dropped_keys)} (optimizer and RNG state)",
             f"  read {_gib(self.bytes_read)}, wrote {_gib(self.bytes_written)}"
             + ("" if self.dry_run else f" in {self.seconds:.1f} s with {self.merge_ranks} rank(s)"),
         ]

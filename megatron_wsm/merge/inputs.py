@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from megatron_wsm import ckpt_integrity
 from megatron_wsm.manifest import (
     KIND_FULL,
     KIND_WINDOW,
@@ -219,6 +220,18 @@ def check_compatible(inputs: list[CheckpointInput]) -> list[str]:
 def list_complete(load_dir: str | os.PathLike) -> list[tuple[Path, CheckpointManifest]]:
     """Complete full/window checkpoints directly under ``load_dir`` (and one level deeper, for a
     root holding separate full and window directories), oldest first."""
+    return scan_load_dir(load_dir)[0]
+
+
+def scan_load_dir(
+    load_dir: str | os.PathLike,
+) -> tuple[list[tuple[Path, CheckpointManifest]], list[tuple[Path, int | None, str]]]:
+    """(complete full/window checkpoints oldest first, unreadable ones) under ``load_dir``.
+
+    Unreadable: a corrupt ``wsm_manifest.json``, given as (path, iteration from its ``iter_N``
+    name or None, reason), so a window that contains one is refused rather than merged with a
+    gap.
+    """
     root = Path(load_dir)
     if not root.is_dir():
         raise MergeError(f"--load-dir {root}: no such directory")
@@ -231,15 +244,17 @@ def list_complete(load_dir: str | os.PathLike) -> list[tuple[Path, CheckpointMan
         if q.is_dir() and not q.name.startswith(".")
     ]
     found = []
+    unreadable: list[tuple[Path, int | None, str]] = []
     for path in candidates:
         try:
             manifest = read_manifest(path)
-        except ValueError:
-            continue  # corrupt manifest: not a usable checkpoint, never selected
+        except ValueError as e:
+            unreadable.append((path, _iteration_from_name(path), str(e).splitlines()[0]))
+            continue
         if manifest is not None and manifest.complete and manifest.kind in (KIND_WINDOW, KIND_FULL):
             found.append((path, manifest))
     found.sort(key=lambda pm: (pm[1].iteration, pm[1].kind != KIND_WINDOW))
-    return found
+    return found, unreadable
 
 
 def select_window(
@@ -256,7 +271,7 @@ def select_window(
     ``window_tokens`` the same in consumed tokens; ``count=K`` keeps the newest K of those.
     One checkpoint per iteration (a window one preferred over a full one).
     """
-    found = list_complete(load_dir)
+    found, unreadable = scan_load_dir(load_dir)
     by_iteration: dict[int, tuple[Path, CheckpointManifest]] = {}
     for path, manifest in found:
         by_iteration.setdefault(manifest.iteration, (path, manifest))
@@ -270,7 +285,26 @@ def select_window(
         limit = newest.consumed_tokens - window_tokens
         entries = [e for e in entries if e[1].consumed_tokens >= limit]
     if count is not None:
+        if count < 2:
+            raise MergeError(f"--count {count}: a merge needs at least 2 checkpoints")
         entries = entries[-count:]
+    oldest = entries[0][1].iteration if entries else newest.iteration
+    # A corrupt checkpoint inside (or newer than) the window would silently leave a gap.
+    bad = [
+        f"{path} ({why})"
+        for path, iteration, why in unreadable
+        if iteration is None or iteration >= oldest
+    ]
+    for path, _ in entries:
+        if (path / ".metadata").exists() or any(path.glob("*.distcp")):
+            problems = ckpt_integrity.storage_problems(path)
+            if problems:
+                bad.append(f"{path} ({problems[0]})")
+    if bad:
+        raise MergeError(
+            f"--load-dir {load_dir}: unreadable checkpoint(s) in the selected window: "
+            f"{'; '.join(bad)}; repair or remove them, or pass --inputs explicitly"
+        )
     if len(entries) < 2:
         raise MergeError(
             f"--load-dir {load_dir}: the selected window holds {len(entries)} checkpoint(s); a "

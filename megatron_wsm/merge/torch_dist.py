@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -32,12 +33,19 @@ from typing import Any
 
 import torch
 
+from megatron_wsm import ckpt_integrity
 from megatron_wsm.merge import dcp_format as fmt
 from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.inputs import CheckpointInput
 
-#: Keys of the optimizer in megatron-core's sharded state dict; dropped by the merge.
-DROPPED_PREFIXES = ("optimizer.",)
+#: Keys of optimizer state in megatron-core's sharded state dict, whatever the optimizer:
+#: ``optimizer.state.exp_avg.<param>`` (plain), ``optimizer.distributed.dp_group_idx_N.<...>``
+#: (distributed optimizer), each behind ``chained_N.`` when a ChainedOptimizer (e.g. dense and
+#: expert parameters) adds its prefix. Dropped by the merge: never averaged, never copied.
+OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer(_state_dict)?\.")
+#: The trainer's (and Megatron-LM's) per-rank RNG state, a ShardedObject: ``rng_state`` or
+#: ``rng_state/shard_<offset>_<shape>``. Meaningless for a merged model; dropped.
+RNG_KEY = re.compile(r"^rng_state($|[/.])")
 #: Environment hook for tests: sleep this many seconds after each piece (to kill mid-merge).
 DELAY_ENV = "MEGATRON_WSM_MERGE_TEST_DELAY"
 
@@ -48,11 +56,17 @@ ACTION_DROP = "drop"
 _FP32 = torch.float32
 
 
+def is_dropped(fqn: str) -> bool:
+    """Whether a key is optimizer state or RNG state (dropped by the merge)."""
+    return bool(OPTIMIZER_KEY.match(fqn) or RNG_KEY.match(fqn))
+
+
 def classify(fqn: str, storage_md: Any) -> str:
-    """What the merge does with one key: average float tensors, copy the rest, drop optimizer."""
+    """What the merge does with one key: average float tensors, copy the rest, drop optimizer
+    and RNG state."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    if fqn.startswith(DROPPED_PREFIXES):
+    if is_dropped(fqn):
         return ACTION_DROP
     if isinstance(storage_md, TensorStorageMetadata):
         if storage_md.properties.dtype.is_floating_point:
@@ -76,6 +90,9 @@ class Item:
     out_dtype: torch.dtype | None = None
     numel: int = 0  # storage elements (average) — filled by inspection
     data_offsets: list[int | None] = dataclasses.field(default_factory=list)  # absolute
+    #: CRC-32 each used input's zip stores for the item's storage bytes (checked while
+    #: streaming: bit rot in an input must not be merged and hidden under a fresh CRC).
+    data_crcs: list[int | None] = dataclasses.field(default_factory=list)
     template: fmt.BlobTemplate | None = None
     out_offset: int = -1
     out_length: int = 0
@@ -98,6 +115,10 @@ class Plan:
     actions: dict[str, str]  # fqn -> action, for every key of the newest input
     output_dtype: str
     notes: list[str]
+    #: Compare the CRC-32 of every byte read with the one its input's zip records.
+    verify_crc: bool = True
+    #: The newest input's ``common.pt`` minus optimizer/RNG entries (None: it has none).
+    common: Any = None
 
     def bytes_to_read(self) -> int:
         """Input bytes the merge reads (zero-coefficient inputs are skipped)."""
@@ -129,15 +150,27 @@ def _few(keys: set[str] | list[str], n: int = 4) -> str:
 
 
 def _load_metadata(inputs: list[CheckpointInput]) -> list[Any]:
+    """Every input's DCP metadata, through the restricted unpickler (a crafted ``.metadata``
+    cannot run code, not even in a dry run)."""
     metas = []
     for inp in inputs:
+        if not inp.path.is_dir():
+            raise MergeError(gone_message(inp.path))
         try:
-            metas.append(fmt.read_metadata(str(inp.path)))
-        except FileNotFoundError as e:
-            raise MergeError(f"{inp.path}: missing .metadata: incomplete checkpoint") from e
-        except Exception as e:  # an unreadable pickle is corruption, whatever torch raises
-            raise MergeError(f"{inp.path}: unreadable .metadata ({type(e).__name__}: {e})") from e
+            metas.append(ckpt_integrity.load_metadata(inp.path))
+        except ckpt_integrity.IntegrityError as e:
+            if not inp.path.is_dir():  # removed between the two checks
+                raise MergeError(gone_message(inp.path)) from e
+            raise MergeError(f"{e} (incomplete, corrupt or crafted checkpoint)") from e
     return metas
+
+
+def gone_message(path: str | Path) -> str:
+    """The error for an input that disappeared after it was checked (pruned by a trainer)."""
+    return (
+        f"{path}: disappeared during the merge (removed or pruned by the trainer's retention?); "
+        "nothing was written"
+    )
 
 
 def check_metadata(inputs: list[CheckpointInput], metas: list[Any]) -> dict[str, str]:
@@ -151,7 +184,7 @@ def check_metadata(inputs: list[CheckpointInput], metas: list[Any]) -> dict[str,
         return {
             k: v
             for k, v in md.state_dict_metadata.items()
-            if not k.startswith(DROPPED_PREFIXES) and not isinstance(v, BytesStorageMetadata)
+            if not is_dropped(k) and not isinstance(v, BytesStorageMetadata)
         }
 
     def extra_states(md: Any) -> set[str]:
@@ -214,14 +247,19 @@ def _skeleton_items(
         if info is None:
             raise MergeError(f"{inp.path}: no storage item for {index.fqn} at {index.offset}")
         try:
-            rel, offset, length = fmt.storage_location(info)
-        except fmt.FormatError as e:
+            # Checked name first: a crafted relative_path (``../x.distcp``) must not make the
+            # merge read outside the input, nor write outside --save (output names are these).
+            rel, offset, length = ckpt_integrity.storage_location(info)
+            fmt.storage_location(info)  # refuses transformed (e.g. compressed) items
+        except (ckpt_integrity.IntegrityError, fmt.FormatError) as e:
             raise MergeError(f"{inp.path}: {index.fqn}: {e}") from e
         path = str(inp.path / rel)
         if path not in sizes:
             try:
                 sizes[path] = os.stat(path).st_size
             except FileNotFoundError as e:
+                if not inp.path.is_dir():
+                    raise MergeError(gone_message(inp.path)) from e
                 raise MergeError(f"{inp.path}: shard file {rel} is missing") from e
         if offset + length > sizes[path]:
             raise MergeError(
@@ -272,9 +310,13 @@ def inspect_item(item: Item, inputs: list[CheckpointInput]) -> Item:
         path, offset, length = src if src is not None else item.newest
         try:
             reader = fmt.BlobReader(_reader(path, offset), length)
-            blobs.append(fmt.describe_tensor_blob(reader))
+            blob = fmt.describe_tensor_blob(reader)
         except fmt.FormatError as e:
             raise MergeError(f"{inputs[j].path}: item {item.index.fqn}: {e}") from e
+        except FileNotFoundError as e:
+            raise MergeError(gone_message(inputs[j].path)) from e
+        _check_small_records(blob, reader, inputs[j].path, path, item.index.fqn)
+        blobs.append(blob)
         newest_reader = reader
     newest = blobs[-1]
     assert newest is not None and newest_reader is not None
@@ -291,6 +333,10 @@ def inspect_item(item: Item, inputs: list[CheckpointInput]) -> Item:
                 f"than in {inputs[-1].path}"
             )
     item.numel = newest.data_size // isz
+    item.data_crcs = [
+        None if (blob is None or item.sources[j] is None) else blob.storage_record.crc
+        for j, blob in enumerate(blobs)
+    ]
     item.data_offsets = [
         None if (blob is None or item.sources[j] is None) else item.sources[j][1] + blob.data_offset
         for j, blob in enumerate(blobs)
@@ -300,6 +346,26 @@ def inspect_item(item: Item, inputs: list[CheckpointInput]) -> Item:
     else:
         item.template = _retyped_template(item, newest, newest_reader, inputs[-1].path)
     return item
+
+
+def _check_small_records(
+    blob: fmt.TensorBlob, reader: fmt.BlobReader, inp: Path, path: str, fqn: str
+) -> None:
+    """CRC-32 of the blob's records other than the storage (``data.pkl``, ``byteorder``…):
+    small, and copied into the output's template, so checked here rather than streamed."""
+    for record in blob.records:
+        if record is blob.storage_record:
+            continue
+        if zlib.crc32(reader.read(record.data_offset, record.size)) != record.crc:
+            raise MergeError(crc_mismatch(inp, path, fqn, record.name))
+
+
+def crc_mismatch(inp: Path | str, path: str, fqn: str, record: str) -> str:
+    """The one-line error for data whose CRC-32 differs from the one its zip record stores."""
+    return (
+        f"{inp}: CRC-32 mismatch in {os.path.basename(path)} item {fqn} (record {record}): "
+        "the bytes changed after they were saved (bit rot or tampering); refusing to merge"
+    )
 
 
 def _retyped_template(
@@ -337,36 +403,99 @@ def build_plan(
     coefficients: list[float],
     output_dtype: str,
     comm: Comm,
+    *,
+    verify_crc: bool = True,
 ) -> Plan:
-    """Validate the inputs and compute the output layout, collectively (nothing is written)."""
+    """Validate the inputs and compute the output layout, collectively (nothing is written).
 
-    def skeleton() -> tuple[Any, list[Item], dict[str, str]]:
+    With ``verify_crc`` every byte the merge takes from an input is checked against the CRC-32
+    its zip record stores: copied items here, averaged items while they are streamed.
+    """
+
+    def skeleton() -> tuple[Any, list[Item], dict[str, str], Any, list[str]]:
         metas = _load_metadata(inputs)
         actions = check_metadata(inputs, metas)
         items = _skeleton_items(inputs, metas, coefficients, actions, output_dtype)
-        return metas[-1], items, actions
+        common, notes = load_common(inputs[-1].path)
+        return metas[-1], items, actions, common, notes
 
-    metadata, items, actions = comm.run_on_rank0(skeleton)
+    metadata, items, actions, common, notes = comm.run_on_rank0(skeleton)
 
     def inspect_share() -> dict[int, Item]:
-        return {
-            i: inspect_item(item, inputs)
-            for i, item in enumerate(items)
-            if i % comm.size == comm.rank and item.action == ACTION_AVERAGE
-        }
+        mine = [(i, item) for i, item in enumerate(items) if i % comm.size == comm.rank]
+        if verify_crc:
+            for _, item in mine:
+                if item.action == ACTION_COPY:
+                    _check_copied_crc(item, inputs[-1].path)
+        return {i: inspect_item(item, inputs) for i, item in mine if item.action == ACTION_AVERAGE}
 
     for share in comm.run_everywhere(inspect_share):
         for i, item in share.items():
             items[i] = item
     layout_output(items)
-    notes = []
     if any(c == 0.0 for c in coefficients):
         skipped = [str(inp.path) for inp, c in zip(inputs, coefficients) if c == 0.0]
         notes.append(
             f"coefficient 0 for {len(skipped)} input(s): their metadata and files were checked, "
-            "their tensors were not read (nor checked for NaN/Inf)"
+            "their tensors were not read (nor checked for NaN/Inf or CRC-32)"
         )
-    return Plan(inputs, coefficients, metadata, items, actions, output_dtype, notes)
+    if not verify_crc:
+        notes.append("CRC-32 of the input data NOT checked (verify_crc=False)")
+    return Plan(
+        inputs, coefficients, metadata, items, actions, output_dtype, notes,
+        verify_crc=verify_crc, common=common,
+    )
+
+
+def _check_copied_crc(item: Item, inp: Path) -> None:
+    """CRC-32 of a copied item's records (the newest input's bytes go out verbatim)."""
+    path, offset, length = item.newest
+    try:
+        with open(path, "rb") as f:
+
+            def read_at(pos: int, size: int) -> bytes:
+                return os.pread(f.fileno(), size, offset + pos)
+
+            problems = ckpt_integrity.blob_crc_problems(read_at, length, "")
+    except FileNotFoundError as e:
+        raise MergeError(gone_message(inp)) from e
+    if problems:
+        raise MergeError(
+            f"{inp}: {os.path.basename(path)} item {item.index.fqn}{problems[0]}; refusing to "
+            "merge"
+        )
+
+
+#: Entries of ``common.pt`` that are optimizer or RNG state (never copied into a merged model).
+COMMON_DROPPED = ("optimizer", "rng_state")
+
+
+def load_common(newest: Path) -> tuple[Any, list[str]]:
+    """The newest input's ``common.pt`` (``weights_only``) minus optimizer/RNG, with notes.
+
+    A ``common.pt`` that does not load with ``weights_only`` is refused rather than copied
+    byte for byte: the merged checkpoint would carry an unverified pickle under our manifest.
+    """
+    import argparse
+
+    common = newest / "common.pt"
+    if not common.is_file():
+        return None, []
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(common, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for unsafe or corrupt pickles
+        raise MergeError(
+            f"{common}: not loadable with weights_only ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); refusing to copy an unverified pickle"
+        ) from e
+    notes = []
+    if isinstance(state, dict):
+        removed = [k for k in COMMON_DROPPED if k in state]
+        if removed:
+            state = {k: v for k, v in state.items() if k not in COMMON_DROPPED}
+            notes.append(f"{', '.join(removed)} entries removed from common.pt")
+    return state, notes
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -492,9 +621,12 @@ class _Files:
         return self._fds[key]
 
     def sync_outputs(self) -> None:
-        for (_, flags), fd in self._fds.items():
+        for (path, flags), fd in self._fds.items():
             if flags != os.O_RDONLY:
-                os.fsync(fd)
+                try:
+                    os.fsync(fd)
+                except OSError as e:  # ENOSPC/EIO may only surface here
+                    raise MergeError(write_failed(path, e)) from e
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -511,12 +643,20 @@ def _pread_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
         done += n
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+def write_failed(path: str | Path, error: OSError) -> str:
+    """The one-line error for a failed write of the output (names the file: ENOSPC, EIO…)."""
+    return f"writing the merged checkpoint failed at {path}: {error.strerror or error}"
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int, path: str) -> None:
     view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    try:
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as e:
+        raise MergeError(write_failed(path, e)) from e
 
 
 class _Buffer:
@@ -602,6 +742,8 @@ class Streamer:
         self.write_files = _Files()
         # CRC of each item's storage bytes written by this rank: item -> [start, crc, length].
         self.crc_runs: dict[int, list[int]] = {}
+        # CRC of the storage bytes read from each input: (item, input) -> [start, crc, length].
+        self.in_crc_runs: dict[tuple[int, int], list[int]] = {}
         self.bytes_read = 0
         self.bytes_written = 0
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
@@ -665,7 +807,14 @@ class Streamer:
                     src, data_offset = item.sources[j], item.data_offsets[j]
                     assert src is not None and data_offset is not None
                     offset = data_offset + piece.start * isz
-                    self._pread(src[0], buf.view[: piece.count * isz], offset)
+                    view = buf.view[: piece.count * isz]
+                    self._pread(src[0], view, offset)
+                    if self.plan.verify_crc:
+                        # This rank's pieces of an item are contiguous and in order: one run.
+                        key = (piece.item, j)
+                        run = self.in_crc_runs.setdefault(key, [piece.start * isz, 0, 0])
+                        run[1] = zlib.crc32(view, run[1])
+                        run[2] += len(view)
             else:
                 path, offset, _ = item.newest
                 self._pread(path, group.bufs[0].view[: piece.count], offset + piece.start)
@@ -673,7 +822,12 @@ class Streamer:
         self._put(self._ready, None)
 
     def _pread(self, path: str, view: memoryview, offset: int) -> None:
-        _pread_exact(self.read_files.fd(path), view, offset, path)
+        try:
+            fd = self.read_files.fd(path)
+        except FileNotFoundError as e:
+            inp = next((i.path for i in self.plan.inputs if path.startswith(f"{i.path}/")), path)
+            raise MergeError(gone_message(inp)) from e
+        _pread_exact(fd, view, offset, path)
         self.bytes_read += len(view)
 
     def _put(self, q: queue.Queue, msg: Any) -> None:
@@ -714,26 +868,31 @@ class Streamer:
         self.write_files.sync_outputs()
 
     def _sync_all(self, to_sync: queue.Queue) -> None:
-        while (fd := to_sync.get()) is not None:
-            os.fsync(fd)
+        while (msg := to_sync.get()) is not None:
+            fd, path = msg
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise MergeError(write_failed(path, e)) from e
 
     def _write_pieces(self, progress: Callable[[int], None] | None, to_sync: queue.Queue) -> None:
         current = None
         while (msg := _get(self._writes, self.stop)) is not None:
             piece, item, view, pool, buf = msg
-            fd = self.write_files.fd(str(self.out_dir / item.out_file), os.O_WRONLY)
-            if current is not None and fd != current:
+            path = str(self.out_dir / item.out_file)
+            fd = self.write_files.fd(path, os.O_WRONLY)
+            if current is not None and fd != current[0]:
                 to_sync.put(current)
-            current = fd
+            current = (fd, path)
             if item.action == ACTION_AVERAGE:
                 assert item.out_dtype is not None
                 start = piece.start * item.out_dtype.itemsize
                 run = self.crc_runs.setdefault(piece.item, [start, 0, 0])
                 run[1] = zlib.crc32(view, run[1])
                 run[2] += len(view)
-                _pwrite_all(fd, view, item.data_start + start)
+                _pwrite_all(fd, view, item.data_start + start, path)
             else:
-                _pwrite_all(fd, view, item.out_offset + piece.start)
+                _pwrite_all(fd, view, item.out_offset + piece.start, path)
             self.bytes_written += len(view)
             pool.put(buf)
             if progress is not None:
@@ -823,6 +982,44 @@ def combine_crcs(plan: Plan, runs_per_rank: list[dict[int, list[int]]]) -> dict[
     return crcs
 
 
+def _combine_runs(parts: list[list[int]]) -> tuple[int, int] | None:
+    """(CRC, length) of contiguous runs [start, crc, length] from offset 0; None on a gap."""
+    crc, covered = 0, 0
+    for start, part_crc, length in sorted(parts):
+        if start != covered:
+            return None
+        crc = fmt.crc32_combine(crc, part_crc, length) if covered else part_crc
+        covered += length
+    return crc, covered
+
+
+def check_input_crcs(
+    plan: Plan, runs_per_rank: list[dict[tuple[int, int], list[int]]]
+) -> None:
+    """Compare the CRC-32 of the storage bytes streamed from every input with the CRC its zip
+    record stores; MergeError naming the input, file and item at the first mismatch."""
+    runs: dict[tuple[int, int], list[list[int]]] = {}
+    for per_rank in runs_per_rank:
+        for key, run in per_rank.items():
+            runs.setdefault(key, []).append(run)
+    for i, item in enumerate(plan.items):
+        if item.action != ACTION_AVERAGE:
+            continue
+        for j, expected in enumerate(item.data_crcs):
+            if expected is None:
+                continue
+            src = item.sources[j]
+            assert src is not None
+            combined = _combine_runs(runs.get((i, j), []))
+            size = item.numel * (item.in_dtype.itemsize if item.in_dtype is not None else 1)
+            if combined is None or combined[1] != size:
+                raise MergeError(f"internal error: {item.index.fqn} of {src[0]} not fully read")
+            if combined[0] != expected:
+                raise MergeError(
+                    crc_mismatch(plan.inputs[j].path, src[0], item.index.fqn, "data")
+                )
+
+
 def write_item_frames(plan: Plan, out_dir: Path, crcs: dict[int, int]) -> None:
     """Write the zip headers/trailers of every averaged item (rank 0, after streaming)."""
     files = _Files()
@@ -832,9 +1029,10 @@ def write_item_frames(plan: Plan, out_dir: Path, crcs: dict[int, int]) -> None:
                 continue
             assert item.template is not None
             prefix, suffix = item.template.render(crcs[i])
-            fd = files.fd(str(out_dir / item.out_file), os.O_WRONLY)
-            _pwrite_all(fd, prefix, item.out_offset)
-            _pwrite_all(fd, suffix, item.data_start + item.template.data_size)
+            path = str(out_dir / item.out_file)
+            fd = files.fd(path, os.O_WRONLY)
+            _pwrite_all(fd, prefix, item.out_offset, path)
+            _pwrite_all(fd, suffix, item.data_start + item.template.data_size, path)
         files.sync_outputs()
     finally:
         files.close()
@@ -888,31 +1086,13 @@ def merged_metadata(plan: Plan, out_dir: Path) -> Any:
     return md
 
 
-def write_common(plan: Plan, out_dir: Path) -> list[str]:
-    """Copy ``metadata.json`` and ``common.pt`` from the newest input, without the optimizer's
-    non-sharded part (its sharded part is dropped); returns notes."""
+def write_common(plan: Plan, out_dir: Path) -> None:
+    """Write ``metadata.json`` and the planned ``common.pt`` (optimizer/RNG entries removed)."""
     newest = plan.inputs[-1].path
-    notes = []
     if (newest / "metadata.json").is_file():
         shutil.copyfile(newest / "metadata.json", out_dir / "metadata.json")
-    common = newest / "common.pt"
-    if not common.is_file():
-        return notes
-    try:
-        import argparse
-
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(common, map_location="cpu", weights_only=True)
-    except Exception as e:  # not loadable without trusting pickles: keep it byte for byte
-        shutil.copyfile(common, out_dir / "common.pt")
-        why = type(e).__name__
-        notes.append(f"common.pt copied verbatim (not loadable with weights_only: {why})")
-        return notes
-    if isinstance(state, dict) and "optimizer" in state:
-        state = {k: v for k, v in state.items() if k != "optimizer"}
-        notes.append("optimizer entries removed from common.pt")
-    torch.save(state, out_dir / "common.pt")
-    return notes
+    if plan.common is not None:
+        torch.save(plan.common, out_dir / "common.pt")
 
 
 def stream(
@@ -926,25 +1106,29 @@ def stream(
 
     Returns (bytes read, bytes written, buffer bytes per rank, notes) summed over ranks.
     """
-    comm.run_on_rank0(lambda: create_output_files(plan, out_dir))
+    comm.run_on_rank0(lambda: _naming_output(create_output_files, plan, out_dir))
     buffers = plan_buffers(plan, chunk_bytes)
     share = split_pieces(make_pieces(plan, buffers), comm.size)[comm.rank]
 
-    def work() -> tuple[dict[int, list[int]], int, int, int]:
+    def work() -> tuple[dict[int, list[int]], int, int, int, dict[tuple[int, int], list[int]]]:
         streamer = Streamer(plan, out_dir, buffers)
         with _progress_bar(share, enabled=progress and comm.rank == 0) as update:
             streamer.run(share, update)
-        return streamer.crc_runs, streamer.bytes_read, streamer.bytes_written, streamer.buffer_bytes
+        return (streamer.crc_runs, streamer.bytes_read, streamer.bytes_written,
+                streamer.buffer_bytes, streamer.in_crc_runs)
 
     results = comm.run_everywhere(work)
 
-    def finish() -> list[str]:
+    def finish() -> None:
+        if plan.verify_crc:
+            check_input_crcs(plan, [r[4] for r in results])
         crcs = combine_crcs(plan, [r[0] for r in results])
         write_item_frames(plan, out_dir, crcs)
         fmt.write_metadata(str(out_dir / fmt.METADATA_FILE), merged_metadata(plan, out_dir))
-        return write_common(plan, out_dir)
+        write_common(plan, out_dir)
 
-    notes = comm.run_on_rank0(finish)
+    comm.run_on_rank0(lambda: _naming_output(lambda _p, _d: finish(), plan, out_dir))
+    notes: list[str] = []
     frame_bytes = sum(
         len(it.template.prefix) + len(it.template.suffix)
         for it in plan.items
@@ -953,6 +1137,14 @@ def stream(
     read = sum(r[1] for r in results)
     written = sum(r[2] for r in results) + frame_bytes
     return read, written, max(r[3] for r in results), notes
+
+
+def _naming_output(fn: Callable[[Plan, Path], Any], plan: Plan, out_dir: Path) -> Any:
+    """``fn(plan, out_dir)`` with OSErrors (ENOSPC…) turned into errors naming the file."""
+    try:
+        return fn(plan, out_dir)
+    except OSError as e:
+        raise MergeError(write_failed(e.filename or out_dir, e)) from e
 
 
 class _progress_bar:

@@ -73,7 +73,21 @@ def test_two_rank_refusal_writes_nothing(window: list[Path], tmp_path: Path):
     assert not out.exists() and not list(tmp_path.glob(".merged.merging-*"))
 
 
-def _poison_last_item(ckpt: Path) -> None:
+def test_two_rank_bit_rot_is_refused(window: list[Path], tmp_path: Path):
+    """A flipped bit in an item streamed by merge rank 1: its partial CRCs reach rank 0, are
+    combined and compared with the input's zip record."""
+    bad = tmp_path / "w20"
+    shutil.copytree(window[1], bad)
+    _poison_last_item(bad, b"\x01")  # the last item of the last file: rank 1's share
+    out = tmp_path / "merged"
+    proc = run_script(MERGE, _args([window[0], bad, window[2]], out, "--chunk-mb", "0.005"),
+                      nproc=2, check=False)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # torchrun: 1 when a rank exits 2
+    assert "CRC-32 mismatch" in proc.stderr and str(bad) in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".merged.merging-*"))
+
+
+def _poison_last_item(ckpt: Path, value: bytes | None = None) -> None:
     md = fmt.read_metadata(str(ckpt))
     floats = [
         (info.relative_path, info.offset, info.length)
@@ -84,6 +98,13 @@ def _poison_last_item(ckpt: Path) -> None:
     with open(ckpt / rel, "r+b") as f:
         read = lambda o, n: (f.seek(offset + o), f.read(n))[1]  # noqa: E731
         blob = fmt.describe_tensor_blob(fmt.BlobReader(read, length))
+        if value is not None:  # flip low bits in the middle of the item (stays finite)
+            pos = offset + blob.data_offset + blob.data_size // 2
+            f.seek(pos)
+            old = f.read(1)
+            f.seek(pos)
+            f.write(bytes([old[0] ^ value[0]]))
+            return
         f.seek(offset + blob.data_offset + blob.data_size - 8)
         f.write(b"\xc0\x7f" * 4)  # bf16 NaN
 
@@ -118,3 +139,41 @@ def test_two_rank_legacy_merge(tmp_path: Path):
         assert a.keys() == b.keys()
         for key, value in a.items():
             assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key]
+
+
+@pytest.mark.slow
+def test_trainer_full_and_window_checkpoints_merge_model_only(data_cache, tmp_path: Path):
+    """Issues 18 and 12.6: full checkpoints of the real trainer merge into a model-only
+    checkpoint (optimizer and RNG dropped, counted), with 1 and 2 merge processes; a save root
+    holding full and window checkpoints merges through --load-dir; the output evaluates."""
+    import json
+
+    from megatron_wsm import ckpt_integrity
+    from megatron_wsm.merge.torch_dist import is_dropped
+    from tests.helpers import TINY_MODEL, run_pretrain
+
+    save = tmp_path / "ckpt"
+    args = [*TINY_MODEL, "--data-cache-dir", data_cache]
+    run_pretrain([*args, "--train-iters", "6", "--save", save, "--save-interval", "2",
+                  "--wsm-interval", "3"], tmp_path / "train.json")
+    full = [save / f"iter_{it:07d}" for it in (2, 4, 6)]
+    in_keys = ckpt_integrity.load_metadata(full[-1]).state_dict_metadata
+    dropped = sorted(k for k in in_keys if is_dropped(k))
+    assert any(".exp_avg_sq." in k for k in dropped) and any("rng_state" in k for k in dropped)
+    for nproc in (1, 2):
+        out = tmp_path / f"merged_{nproc}"
+        proc = run_script(MERGE, ["--inputs", *map(str, full), "--method", "mean", "--save",
+                                  str(out), "--no-progress-bar", "--json"], nproc=nproc)
+        report = json.loads(proc.stdout[proc.stdout.index("{"):])
+        assert report["dropped_keys"] == dropped
+        out_keys = ckpt_integrity.load_metadata(out).state_dict_metadata
+        assert not [k for k in out_keys if is_dropped(k) or "optimizer" in k]
+        assert read_manifest(out).extra["provenance"]["dropped"]["count"] == len(dropped)
+    mixed = tmp_path / "mixed"
+    proc = run_script(MERGE, ["--load-dir", str(save), "--window-iters", "4", "--method",
+                              "mean", "--save", str(mixed), "--no-progress-bar", "--json"])
+    kinds = [row["kind"] for row in json.loads(proc.stdout[proc.stdout.index("{"):])["inputs"]]
+    assert kinds == ["full", "window", "full", "window"]  # iterations 2, 3, 4, 6
+    result = run_pretrain([*args, "--eval-only", "--load", tmp_path / "merged_1"],
+                          tmp_path / "eval.json")
+    assert result["loss"] == result["loss"] and 0 < result["loss"] < 20

@@ -29,7 +29,7 @@ from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import MergeError, merge_checkpoints, select_window
 from megatron_wsm.merge import dcp_format as fmt
 from megatron_wsm.merge import synthetic as syn
-from megatron_wsm.merge.torch_dist import DELAY_ENV
+from megatron_wsm.merge.torch_dist import DELAY_ENV, is_dropped
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOW = ("w10", "w20", "w30")
@@ -112,7 +112,7 @@ def test_merge_matches_float64_reference(window: list[Path], tmp_path: Path, out
     assert report.merge_ranks == 1 and report.bytes_written > 0
     assert bias in report.averaged_keys  # a float buffer: averaged, and said so
     assert "decoder.layers.mlp.router.token_counts" in report.copied_keys
-    assert all(k.startswith("optimizer.") for k in report.dropped_keys) and report.dropped_keys
+    assert all(is_dropped(k) for k in report.dropped_keys) and report.dropped_keys
 
 
 def test_merged_checkpoint_metadata_and_provenance(window: list[Path], tmp_path: Path):
@@ -125,16 +125,18 @@ def test_merged_checkpoint_metadata_and_provenance(window: list[Path], tmp_path:
     assert prov["coefficients"] == COEFS
     assert prov["implied_decay"] == pytest.approx([0.8, 0.5])
     assert [row["iteration"] for row in prov["inputs"]] == [10, 20, 30]
-    assert "optimizer state dropped" in prov["dropped"]["note"]
+    assert "optimizer state and RNG state dropped" in prov["dropped"]["note"]
     assert prov["averaged"]["floating_buffers"] == ["decoder.layers.mlp.router.expert_bias"]
     assert manifest.extra["provenance"]["coefficients"] == COEFS
     common = torch.load(out / "common.pt", weights_only=True)
     assert common["iteration"] == 30 and "optimizer" not in common
     assert "opt_param_scheduler" in common  # scheduler state comes from the newest input
     assert (out / "metadata.json").read_text() == (window[-1] / "metadata.json").read_text()
-    # Objects (_extra_state, RNG) are the newest input's, byte for byte.
-    for part in ("linear_qkv._extra_state", "rng_state"):
-        assert raw_item(out, part) == raw_item(window[-1], part)
+    # Objects (_extra_state) are the newest input's, byte for byte; RNG state is dropped.
+    extra = "linear_qkv._extra_state"
+    assert raw_item(out, extra) == raw_item(window[-1], extra)
+    keys = fmt.read_metadata(str(out)).state_dict_metadata
+    assert not any(k.startswith("rng_state") for k in keys)
     # Every merged item is a valid zip with correct CRCs, loadable by torch.
     blob = raw_item(out, "linear_fc1.weight")
     assert zipfile.ZipFile(io.BytesIO(blob)).testzip() is None
@@ -173,13 +175,13 @@ def test_dry_run_writes_nothing(window: list[Path], tmp_path: Path):
 
 def test_overwrite_replaces_existing_output(window: list[Path], tmp_path: Path):
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    merge_checkpoints(window, [1 / 3] * 3, out)
+    before = read_manifest(out).extra["provenance"]["coefficients"]
     with pytest.raises(MergeError, match="already exists; pass --overwrite"):
         merge_checkpoints(window, COEFS, out)
-    assert (out / "stale.txt").exists()
     merge_checkpoints(window, COEFS, out, overwrite=True)
-    assert not (out / "stale.txt").exists() and read_manifest(out).kind == "merged"
+    after = read_manifest(out).extra["provenance"]["coefficients"]
+    assert before != after == COEFS and read_manifest(out).kind == "merged"
 
 
 def test_foreign_checkpoints_need_allow_no_manifest(window: list[Path], tmp_path: Path):
@@ -310,7 +312,7 @@ def test_refuses_bad_coefficients(window: list[Path], tmp_path: Path, coefs, mes
 def test_refuses_duplicates_and_output_inside_input(window: list[Path], tmp_path: Path):
     with pytest.raises(MergeError, match="given twice"):
         merge_checkpoints([window[0], window[0], window[1]], COEFS, tmp_path / "m")
-    with pytest.raises(MergeError, match="would overwrite the input"):
+    with pytest.raises(MergeError, match="lies inside"):
         merge_checkpoints(window, COEFS, window[0], overwrite=True)
     assert read_manifest(window[0]).kind == "window"
 
