@@ -108,19 +108,34 @@ _JSON_LOAD = "expert_load"
 _JSON_LAYERS = "moe_layers"
 
 
+def tag_index(layer: int) -> int:
+    """The index a per-layer TensorBoard tag uses for global (1-based) layer ``layer``.
+
+    megatron-core names its per-layer scalars ``moe/<name>_layer_{i}`` with ``i`` counted from
+    0 (``enumerate`` over the tracker's rows, row ``layer_number - 1``); our tags use the same
+    index so both series line up for the same layer.
+    """
+    if layer < 1:
+        raise ValueError(f"layer numbers are 1-based, got {layer}")
+    return layer - 1
+
+
 def global_max_violation_tag(layer: int) -> str:
-    """TensorBoard tag of the global max violation of global (1-based) layer ``layer``."""
-    return f"{_PREFIX}/global_max_violation/layer_{layer}"
+    """TensorBoard tag of the global max violation of global (1-based) layer ``layer``; the tag
+    counts layers from 0 like megatron-core's (``layer_0`` is layer 1)."""
+    return f"{_PREFIX}/global_max_violation/layer_{tag_index(layer)}"
 
 
 def global_min_violation_tag(layer: int) -> str:
-    """TensorBoard tag of the global min violation of global (1-based) layer ``layer``."""
-    return f"{_PREFIX}/global_min_violation/layer_{layer}"
+    """TensorBoard tag of the global min violation of global (1-based) layer ``layer``; the tag
+    counts layers from 0 like megatron-core's (``layer_0`` is layer 1)."""
+    return f"{_PREFIX}/global_min_violation/layer_{tag_index(layer)}"
 
 
 def expert_load_tag(layer: int) -> str:
-    """TensorBoard histogram tag of the per-expert load of global (1-based) layer ``layer``."""
-    return f"{_PREFIX}/expert_load/layer_{layer}"
+    """TensorBoard histogram tag of the per-expert load of global (1-based) layer ``layer``; the
+    tag counts layers from 0 like megatron-core's (``layer_0`` is layer 1)."""
+    return f"{_PREFIX}/expert_load/layer_{tag_index(layer)}"
 
 
 def console_name(tag: str) -> str:

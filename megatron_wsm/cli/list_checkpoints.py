@@ -1,57 +1,215 @@
-"""``tools/list_checkpoints.py DIR``: the checkpoints under a directory and their state."""
+"""``tools/list_checkpoints.py PATH...``: the checkpoints at or under each path and their state.
+
+A path may be one checkpoint directory, a checkpoint root (``--save``: its ``iter_*``), or a run
+directory whose direct subdirectories are checkpoint roots (``<save>/wsm_window``). A checkpoint
+is shown complete only when its manifest says so *and* its torch_dist files hold every byte
+range its ``.metadata`` names; ``--verify`` also re-computes the CRC-32 of all tensor data.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from megatron_wsm.checkpointing import list_checkpoints
+from megatron_wsm import ckpt_integrity
+from megatron_wsm.checkpointing import CheckpointInfo, list_checkpoints
+from megatron_wsm.manifest import MANIFEST_NAME, read_manifest
+
+PROG = "list_checkpoints.py"
+#: Exit codes: a problem found by --verify; a path missing or holding no checkpoint.
+EXIT_PROBLEMS = 1
+EXIT_NOT_FOUND = 2
+
+# The checkpoint-layout rules below (what marks a checkpoint directory, iter_N names) mirror
+# megatron_wsm.checkpointing and belong there; they live here until that module exposes them.
+_CHECKPOINT_MARKERS = (ckpt_integrity.METADATA_FILE, "metadata.json", MANIFEST_NAME)
+_ITER_RE = re.compile(r"^(?:\.tmp-)?iter_(\d{7,})$")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print a table (or JSON) of the checkpoints under each directory given."""
-    parser = argparse.ArgumentParser(
-        prog="list_checkpoints.py",
-        description="List full / window / merged checkpoints: iteration, tokens, LR, size, "
-        "complete or not. Incomplete ones (interrupted saves) are shown and marked.",
-    )
-    parser.add_argument("dirs", nargs="+", help="checkpoint roots (--save, --wsm-save)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--complete-only", action="store_true", help="hide incomplete ones")
-    args = parser.parse_args(argv)
-    rows = []
-    for root in args.dirs:
-        for c in list_checkpoints(root, include_incomplete=not args.complete_only):
-            m = c.manifest
-            rows.append(
-                {
-                    "path": str(c.path),
-                    "kind": m.kind if m else "?",
-                    "iteration": c.iteration,
-                    "consumed_tokens": m.consumed_tokens if m else None,
-                    "learning_rate": m.learning_rate if m else None,
-                    "bytes": c.size_bytes(),
-                    "complete": c.complete,
-                    "note": c.error or "",
-                }
-            )
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-        return 0
-    if not rows:
-        print("no checkpoints found")
-        return 0
+class ListError(RuntimeError):
+    """A path given on the command line holds no checkpoint; the message is one line."""
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """True when ``path`` itself is a checkpoint (torch_dist metadata, Megatron's
+    ``metadata.json`` or our manifest), as opposed to a root holding ``iter_*`` ones."""
+    return path.is_dir() and any((path / name).is_file() for name in _CHECKPOINT_MARKERS)
+
+
+def single_checkpoint(path: Path) -> CheckpointInfo:
+    """A :class:`CheckpointInfo` for one checkpoint directory given directly."""
+    manifest, error = None, None
+    try:
+        manifest = read_manifest(path)
+        if manifest is None:
+            error = "no manifest (incomplete or not written by megatron-wsm)"
+    except ValueError as e:
+        error = str(e)
+    match = _ITER_RE.match(path.name)
+    if manifest is not None:
+        iteration = manifest.iteration
+    else:
+        iteration = int(match.group(1)) if match else -1
+    if path.name.startswith(".tmp-"):
+        manifest, error = None, "save in progress or interrupted"
+    return CheckpointInfo(path, iteration, manifest, error)
+
+
+def find_checkpoints(path: str | Path) -> list[CheckpointInfo]:
+    """Checkpoints at ``path``: itself, its ``iter_*``, then those of each direct subdirectory
+    holding ``iter_*`` (e.g. ``wsm_window``), each group oldest first.
+
+    Raises:
+        ListError: ``path`` does not exist, is not a directory, or holds no checkpoint.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ListError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise ListError(f"{root}: not a directory")
+    if is_checkpoint_dir(root):
+        return [single_checkpoint(root)]
+    found = list_checkpoints(root)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not _ITER_RE.match(p.name)):
+        found += list_checkpoints(sub)
+    if not found:
+        raise ListError(f"{root}: no checkpoint found (no iter_* here or one level below)")
+    return found
+
+
+def storage_note(info: CheckpointInfo) -> str | None:
+    """Why a checkpoint complete by its manifest is not usable: its torch_dist files do not hold
+    what its ``.metadata`` names (missing or short shard); None when they do or not torch_dist.
+
+    Cheap (one ``stat`` per shard file), so the plain listing runs it for every checkpoint.
+    """
+    if not info.complete or not _is_torch_dist(info):
+        return None
+    problems = ckpt_integrity.storage_problems(info.path)
+    return _summarise(problems) if problems else None
+
+
+def verify_problems(info: CheckpointInfo) -> list[str] | None:
+    """Every integrity problem of a checkpoint, CRC-32 of all data included (empty: OK).
+
+    None when it cannot be verified: not a torch_dist checkpoint (no ``.metadata`` and no
+    manifest naming torch_dist), or an incomplete save whose files are expected to be partial.
+    """
+    if info.manifest is None or not info.manifest.complete:
+        return None
+    if not _is_torch_dist(info):
+        return None
+    return ckpt_integrity.verify(info.path, crc=True)
+
+
+def _is_torch_dist(info: CheckpointInfo) -> bool:
+    if (info.path / ckpt_integrity.METADATA_FILE).is_file():
+        return True
+    # A manifest that promises torch_dist shards without .metadata is a broken checkpoint.
+    return info.manifest is not None and info.manifest.checkpoint_format == "torch_dist"
+
+
+def _summarise(problems: list[str]) -> str:
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"files do not match .metadata: {problems[0]}{more}"
+
+
+def _row(info: CheckpointInfo, verify: bool) -> dict[str, Any]:
+    m = info.manifest
+    note = info.error or ""
+    complete = info.complete
+    bad_storage = storage_note(info)
+    if bad_storage is not None:
+        complete, note = False, bad_storage
+    row: dict[str, Any] = {
+        "path": str(info.path),
+        "kind": m.kind if m else "?",
+        "iteration": info.iteration if info.iteration >= 0 else None,
+        "consumed_tokens": m.consumed_tokens if m else None,
+        "learning_rate": m.learning_rate if m else None,
+        "bytes": info.size_bytes(),
+        "complete": complete,
+        "note": note,
+    }
+    if verify:
+        if not _is_torch_dist(info):
+            row["verify"], row["problems"] = "not torch_dist (no .metadata): not verified", []
+        elif not info.complete:
+            row["verify"], row["problems"] = "incomplete: not verified", []
+        else:
+            problems = verify_problems(info) or []
+            row["verify"] = "OK" if not problems else f"{len(problems)} problem(s)"
+            row["problems"] = problems
+    return row
+
+
+def _print_table(rows: list[dict[str, Any]], verify: bool) -> None:
     print(f"{'kind':7} {'iteration':>9} {'tokens':>12} {'lr':>10} {'MiB':>8}  complete  path")
     for r in rows:
         tokens = f"{r['consumed_tokens']:,}" if r["consumed_tokens"] is not None else "-"
         lr = f"{r['learning_rate']:.3e}" if r["learning_rate"] is not None else "-"
+        iteration = r["iteration"] if r["iteration"] is not None else "-"
         done = "yes" if r["complete"] else "NO"
         note = f"  ({r['note']})" if r["note"] else ""
         print(
-            f"{r['kind']:7} {r['iteration']:>9} {tokens:>12} {lr:>10} "
+            f"{r['kind']:7} {iteration:>9} {tokens:>12} {lr:>10} "
             f"{r['bytes'] / 2**20:>8.2f}  {done:8}  {r['path']}{note}"
         )
-    return 0
+        if verify:
+            print(f"{'':9}verify: {r['verify']}")
+            for p in r["problems"]:
+                print(f"{'':11}- {p}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="List full / window / merged checkpoints: iteration, tokens, LR, size, "
+        "complete or not. Incomplete ones (interrupted saves, shard files that do not match "
+        ".metadata) are shown and marked. Exit status: 0 ok, 1 --verify found a problem, "
+        "2 a path is missing or holds no checkpoint.",
+    )
+    parser.add_argument(
+        "dirs", nargs="+", metavar="PATH",
+        help="a checkpoint directory, a checkpoint root (--save, --wsm-save) or a run "
+        "directory (its subdirectories holding iter_* are listed too, e.g. wsm_window)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--complete-only", action="store_true", help="hide incomplete ones")
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="also check every complete torch_dist checkpoint fully: metadata, shard names and "
+        "ranges, and the CRC-32 of all tensor data (reads every byte)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print a table (or JSON) of the checkpoints at or under each path given."""
+    args = build_parser().parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    rc = 0
+    for path in args.dirs:
+        try:
+            infos = find_checkpoints(path)
+        except ListError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            rc = EXIT_NOT_FOUND
+            continue
+        rows += [_row(info, args.verify) for info in infos]
+    if args.complete_only:
+        rows = [r for r in rows if r["complete"]]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    elif rows:
+        _print_table(rows, args.verify)
+    if args.verify and rc == 0 and any(r["problems"] for r in rows):
+        rc = EXIT_PROBLEMS
+    return rc

@@ -19,8 +19,9 @@ import datetime
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 PROG = "merge_wsm"
 DEFAULT_METHOD = "1-sqrt"
@@ -276,7 +277,11 @@ def _print_report(report: Any, as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the merge tool; returns the process exit code (0 ok, 2 refused or bad arguments)."""
+    """Run the merge tool; returns the process exit code (0 ok, 2 refused or bad arguments).
+
+    Under torchrun (WORLD_SIZE > 1) it does not return: after the process group is torn down
+    the process ends with that exit code (see :func:`_teardown_and_exit`).
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(join_negative_lists(sys.argv[1:] if argv is None else argv))
@@ -286,25 +291,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: --save is required (or --dry-run)", file=sys.stderr)
         return 2
-    distributed = _init_distributed(args)
-    rank = 0
-    if distributed:
-        import torch.distributed as dist
+    if not _init_distributed(args):
+        return _run(args, 0)
+    import torch.distributed as dist
 
-        rank = dist.get_rank()
     rc = 1
     try:
-        rc = _run(args, rank)
-        return rc
-    finally:
-        if distributed:
-            import torch.distributed as dist
+        rc = _run(args, dist.get_rank())
+    except KeyboardInterrupt:
+        rc = 130
+    except BaseException:  # noqa: BLE001 - reported here: the process ends without unwinding
+        traceback.print_exc()
+        rc = 1
+    _teardown_and_exit(rc)
+    return rc  # not reached
 
-            if rc == 0:
-                # Every rank leaves its last collective before any tears gloo down; a peer
-                # destroyed mid-operation aborts the other at exit (seen ~1 in 6 runs).
-                dist.barrier()
-            dist.destroy_process_group()
+
+def _teardown_and_exit(rc: int) -> NoReturn:
+    """Leave the process group and end this torchrun worker with ``rc``, skipping interpreter
+    finalisation.
+
+    Why not a plain return: gloo's worker threads drop the last reference to a finished
+    collective (e.g. the broadcast of the merge's final result, held by the final barrier)
+    *after* ``wait()`` has returned, and the tensors of object collectives are owned by Python
+    objects, so dropping them takes the GIL. If that happens while the interpreter finalises,
+    the worker thread is ended by ``pthread_exit`` and the forced unwind through a ``noexcept``
+    destructor calls ``std::terminate`` ("terminate called without an active exception",
+    SIGABRT, ~1 run in 30). ``destroy_process_group`` does not join those threads here, because
+    the process group object stays referenced from C++ once ``torch._dynamo`` has been imported
+    (lazily, after ``init_process_group``), so only not finalising is deterministic. The merged
+    checkpoint is already fsynced; stdio and logging are flushed by hand.
+    """
+    import logging
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if rc == 0:
+            # Every rank leaves its last collective before any tears gloo down: a peer gone
+            # mid-operation makes the other rank fail.
+            dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be said
+            pass
+    os._exit(rc)
 
 
 def _run(args: argparse.Namespace, rank: int) -> int:

@@ -241,14 +241,38 @@ def _load_csv(p: Path) -> an.Run:
                 tk_v.append(float(cell("tokens")))
         except ValueError:
             raise ValueError(f"{p}:{n}: not a number in {row}") from None
-    return an.Run.from_points(
+    first = min(lr_s + lo_s + tk_s, default=1)
+    if first < 0:
+        raise ValueError(f"{p}: negative step {first}; steps are iterations (from 1, or from 0)")
+    # Runs are 1-based iterations (the trainer's, and what the law's loss_lag assumes). A log
+    # whose steps start at 0 counts from 0: its step k is iteration k + 1 (LR of update k + 1,
+    # loss before it), so shift every column alike rather than dropping or misplacing step 0.
+    shift = 1 if first == 0 else 0
+    lr_s, lo_s, tk_s = ([s + shift for s in col] for col in (lr_s, lo_s, tk_s))
+    run = an.Run.from_points(
         _run_name(p),
         lr_s,
         lr_v,
         lo_s,
         lo_v,
-        tokens_per_step=_tokens_per_step(tk_s, tk_v) if tk_s else None,
+        tokens_per_step=_tokens_per_step_slope(tk_s, tk_v) if tk_s else None,
     )
+    if shift:
+        run.notes.insert(0, "steps counted from 0: step k read as iteration k + 1")
+    return run
+
+
+def _tokens_per_step_slope(steps: Sequence[int], tokens: Sequence[float]) -> float | None:
+    """Tokens per step from a ``tokens`` column: the median slope between logged rows, which
+    does not depend on whether a row's tokens are counted before or after its step; a single
+    row falls back to tokens / step."""
+    st = np.asarray(steps, dtype=np.float64)
+    tk = np.asarray(tokens, dtype=np.float64)
+    d_st, d_tk = np.diff(st), np.diff(tk)
+    ok = d_st > 0
+    if not np.any(ok):
+        return _tokens_per_step(steps, tokens)
+    return float(np.median(d_tk[ok] / d_st[ok]))
 
 
 def _run_name(p: Path) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from megatron_wsm import annealing as an
 from megatron_wsm import metric_names as names
-from megatron_wsm.cli.plan_anneal import main
+from megatron_wsm.cli.plan_anneal import load_run, main
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "plan_anneal.py"
@@ -422,3 +422,34 @@ def test_tool_wrapper_runs_from_anywhere(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--budget-tokens" in proc.stdout and "merge:window=0.2" in proc.stdout
+
+
+def _shift_csv_steps(src: Path, dst: Path, by: int) -> Path:
+    rows = list(csv.reader(src.read_text().splitlines()))
+    with open(dst, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(rows[0])
+        for row in rows[1:]:
+            w.writerow([int(row[0]) + by, *row[1:]])
+    return dst
+
+
+def test_csv_with_steps_from_zero_is_the_same_run(runs, tmp_path: Path) -> None:
+    # A logger counting steps from 0 writes step k for the trainer's iteration k + 1.
+    one_based = write_csv(tmp_path / "wsd20.csv", runs["wsd20"], tokens_per_step=4096)
+    zero_based = _shift_csv_steps(one_based, tmp_path / "wsd20_0.csv", -1)
+    assert zero_based.read_text().splitlines()[1].startswith("0,")
+    ref, run = load_run(str(one_based)), load_run(str(zero_based))
+    np.testing.assert_array_equal(run.lrs, ref.lrs)
+    np.testing.assert_array_equal(run.steps, ref.steps)
+    np.testing.assert_array_equal(run.loss, ref.loss)
+    assert run.tokens_per_step == ref.tokens_per_step == 4096
+    assert any("from 0" in n for n in run.notes)
+    assert not any("from 0" in n for n in ref.notes)
+
+
+def test_csv_with_negative_steps_is_refused(runs, tmp_path: Path) -> None:
+    csv_path = _shift_csv_steps(write_csv(tmp_path / "c.csv", runs["const"]), tmp_path / "n.csv",
+                                -2)
+    with pytest.raises(ValueError, match="negative step"):
+        load_run(str(csv_path))

@@ -100,13 +100,31 @@ def test_property_vectorised_equals_rowwise(rows: list[list[int]]) -> None:
 
 
 def test_metric_names_are_the_issue_names() -> None:
-    assert mm.global_max_violation_tag(3) == "moe/global_max_violation/layer_3"
-    assert mm.global_min_violation_tag(12) == "moe/global_min_violation/layer_12"
+    assert mm.global_max_violation_tag(3) == "moe/global_max_violation/layer_2"
+    assert mm.global_min_violation_tag(12) == "moe/global_min_violation/layer_11"
     assert mm.MEAN_GLOBAL_MAX_VIOLATION == "moe/mean_global_max_violation"
     assert mm.MEAN_GLOBAL_MIN_VIOLATION == "moe/mean_global_min_violation"
     assert mm.MEAN_BATCH_MAX_VIOLATION == "moe/mean_batch_max_violation"
     assert mm.MEAN_BATCH_MIN_VIOLATION == "moe/mean_batch_min_violation"
-    assert mm.expert_load_tag(1) == "moe/expert_load/layer_1"
+    assert mm.expert_load_tag(1) == "moe/expert_load/layer_0"
+
+
+def test_per_layer_tags_count_from_zero_like_megatron_core() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core keeps layer_number n (1-based) in row n-1 of its tracker and tags row i
+    # ``moe/<name>_layer_{i}``: our tag for the same layer must carry the same i.
+    try:
+        moe_utils.save_to_aux_losses_tracker("probe", torch.tensor(5.0), 2, 3)
+        rows = moe_utils.get_moe_layer_wise_logging_tracker()["probe"]["values"].tolist()
+    finally:
+        moe_utils.get_moe_layer_wise_logging_tracker().pop("probe", None)
+    mcore_index = rows.index(5.0)
+    assert mm.global_max_violation_tag(2).endswith(f"/layer_{mcore_index}")
+    assert mm.global_min_violation_tag(2).endswith(f"/layer_{mcore_index}")
+    assert mm.expert_load_tag(2).endswith(f"/layer_{mcore_index}")
+    with pytest.raises(ValueError, match="1-based"):
+        mm.expert_load_tag(0)
 
 
 def test_format_console() -> None:
@@ -130,17 +148,17 @@ def test_summarize_excludes_dense_layers() -> None:
     counts = torch.tensor([[4, 2, 2, 0], [0, 0, 0, 0], [3, 3, 3, 3], [0, 0, 0, 0]])
     out = mm.summarize(counts)
     assert out == {
-        "moe/global_max_violation/layer_1": 1.0,
-        "moe/global_min_violation/layer_1": 1.0,
-        "moe/global_max_violation/layer_3": 0.0,
-        "moe/global_min_violation/layer_3": 0.0,
+        "moe/global_max_violation/layer_0": 1.0,
+        "moe/global_min_violation/layer_0": 1.0,
+        "moe/global_max_violation/layer_2": 0.0,
+        "moe/global_min_violation/layer_2": 0.0,
         "moe/mean_global_max_violation": 0.5,
         "moe/mean_global_min_violation": 0.5,
     }
     # Explicit layers: the same when they match, and a given zero row counts as 0.0.
     assert mm.summarize(counts, [1, 3]) == out
     explicit = mm.summarize(counts, [1, 2, 3])
-    assert explicit["moe/global_max_violation/layer_2"] == 0.0
+    assert explicit["moe/global_max_violation/layer_1"] == 0.0
     assert explicit["moe/mean_global_max_violation"] == pytest.approx(1.0 / 3.0)
     assert mm.summarize(torch.zeros(2, 4, dtype=torch.int64)) == {}
     with pytest.raises(ValueError):
@@ -162,8 +180,8 @@ def test_eval_summary_and_histograms_are_serialisable() -> None:
     empty = mm.eval_summary(torch.zeros(2, 3, dtype=torch.int64))
     assert empty["mean_global_max_violation"] is None and empty["moe_layers"] == []
     hist = mm.histograms(counts)
-    assert list(hist) == ["moe/expert_load/layer_1", "moe/expert_load/layer_3"]
-    assert hist["moe/expert_load/layer_3"].tolist() == [1, 2, 3, 6]
+    assert list(hist) == ["moe/expert_load/layer_0", "moe/expert_load/layer_2"]
+    assert hist["moe/expert_load/layer_2"].tolist() == [1, 2, 3, 6]
 
 
 def test_batch_accumulator_averages_ratios_not_counts() -> None:
@@ -383,8 +401,8 @@ def test_layers_micro_batches_intervals(cpu_router) -> None:
         **{k: metrics[k] for k in (mm.MEAN_BATCH_MAX_VIOLATION, mm.MEAN_BATCH_MIN_VIOLATION)},
     }
     assert list(tracker.interval_histograms()) == [
-        "moe/expert_load/layer_1",
-        "moe/expert_load/layer_3",
+        "moe/expert_load/layer_0",
+        "moe/expert_load/layer_2",
     ]
     tracker.reset_interval()
     assert tracker.interval_metrics() == {} and tracker.interval_counts().sum() == 0
@@ -506,7 +524,7 @@ def test_for_model_default_reduction_eval_and_histograms(cpu_router) -> None:
 
     writer = Writer()
     tracker.write_histograms(writer, 7)
-    assert writer.calls == [("moe/expert_load/layer_3", [5, 3, 2, 0], 7)]
+    assert writer.calls == [("moe/expert_load/layer_2", [5, 3, 2, 0], 7)]
     # begin_eval / end_eval, as a trainer's evaluate() would use them.
     model.eval()
     tracker.begin_eval()
