@@ -360,7 +360,9 @@ class CheckpointManager:
         }
         if kind == KIND_FULL:
             sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
-            sd["opt_param_scheduler"] = self.scheduler.state_dict()
+            from megatron_wsm import lr as lr_schedule
+
+            sd["opt_param_scheduler"] = lr_schedule.scheduler_state(self.scheduler)
             sd["rng_state"] = self._rng_object(rng_state())
         return sd
 
@@ -526,6 +528,35 @@ class CheckpointManager:
 
     # -- loading
 
+    def _load_scheduler(self, saved: dict[str, Any]) -> None:
+        """Take over the checkpoint's scheduler position (samples trained so far).
+
+        With neither --override-opt-param-scheduler nor --use-checkpoint-opt-param-scheduler,
+        megatron-core refuses any difference in lengths, yet a longer (or differently ending)
+        run of a stable phase is the point of WSM. So we compare only what changes the LR of
+        the resumed steps (:func:`lr.schedule_conflicts`) and, when nothing does, load with this
+        command line's schedule.
+        """
+        from megatron_wsm import lr as lr_schedule
+
+        sched = self.scheduler
+        if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
+            sched.load_state_dict(saved)  # the user chose whose values win
+            return
+        conflicts = lr_schedule.schedule_conflicts(saved, lr_schedule.scheduler_state(sched))
+        if conflicts:
+            raise CheckpointError(
+                "the LR schedule of this run differs from the checkpoint's where it changes "
+                f"the LR from here on ({'; '.join(conflicts)}); pass "
+                "--override-opt-param-scheduler to use this command line's schedule, or "
+                "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+            )
+        sched.override_opt_param_scheduler = True  # keep our values, take only num_steps
+        try:
+            sched.load_state_dict(saved)
+        finally:
+            sched.override_opt_param_scheduler = False
+
     def load(
         self,
         path: str | os.PathLike,
@@ -582,14 +613,7 @@ class CheckpointManager:
                 )
             raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}{hint}") from e
         if has_optim and load_optim and "opt_param_scheduler" in loaded:
-            try:
-                self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-            except AssertionError as e:
-                raise CheckpointError(
-                    f"the LR schedule of this run differs from the checkpoint's ({e}); pass "
-                    "--override-opt-param-scheduler to use this command line's schedule, or "
-                    "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
-                ) from e
+            self._load_scheduler(loaded["opt_param_scheduler"])
         if "rng_state" in sharded and loaded.get("rng_state") is not None:
             set_rng_state(loaded["rng_state"])
         wdist.barrier()
