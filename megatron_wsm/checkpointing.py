@@ -541,6 +541,12 @@ class CheckpointManager:
 
         sched = self.scheduler
         if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
+            if not sched.override_opt_param_scheduler:
+                # megatron-core restores neither the WSD decay nor the warmup start: take them
+                # from the checkpoint too (before load_state_dict steps to its position).
+                for key in ("init_lr", "wsd_decay_steps", "lr_wsd_decay_style"):
+                    if key in saved:
+                        setattr(sched, key, saved[key])
             sched.load_state_dict(saved)  # the user chose whose values win
             return
         conflicts = lr_schedule.schedule_conflicts(saved, lr_schedule.scheduler_state(sched))

@@ -97,3 +97,39 @@ def test_no_conflict_means_the_resumed_lrs_are_the_new_schedules():
 @pytest.mark.parametrize("key", ["wsd_decay_steps", "lr_wsd_decay_style", "init_lr"])
 def test_state_records_what_megatron_core_leaves_out(key):
     assert key in _state(100, lr_decay_style="WSD", lr_wsd_decay_iters=20)
+
+
+def _manager_with(sched):
+    from megatron_wsm.checkpointing import CheckpointManager
+
+    return CheckpointManager([], None, sched, None, {}, 0)
+
+
+def _scheduler(train_iters: int, **kw) -> OptimizerParamScheduler:
+    base = dict(lr=1e-3, min_lr=1e-5, lr_warmup_iters=10, lr_decay_style="stable")
+    base.update(kw)
+    return OptimizerParamScheduler(
+        _ParamGroupsOnly(), **scheduler_kwargs(OptimizerSettings(**base), train_iters, GBS)
+    )
+
+
+def test_manager_loads_a_longer_stable_run_at_the_checkpoints_position():
+    sched = _scheduler(2000)
+    _manager_with(sched)._load_scheduler(_state(100, 100))
+    assert sched.num_steps == 100 * GBS and sched.lr_decay_steps == 2000 * GBS
+    assert sched.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_manager_refuses_a_real_conflict_with_the_two_ways_out():
+    from megatron_wsm.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--override-opt-param-scheduler.*--use-checkpoint"):
+        _manager_with(_scheduler(100, lr=2e-3))._load_scheduler(_state(100, 50))
+
+
+def test_use_checkpoint_scheduler_takes_the_wsd_decay_too():
+    wsd = dict(lr_decay_style="WSD", lr_wsd_decay_style="linear")
+    sched = _scheduler(200, use_checkpoint_opt_param_scheduler=True, lr_wsd_decay_iters=50, **wsd)
+    _manager_with(sched)._load_scheduler(_state(100, 90, lr_wsd_decay_iters=20, **wsd))
+    assert sched.wsd_decay_steps == 20 * GBS and sched.lr_decay_steps == 100 * GBS
+    assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
