@@ -8,8 +8,12 @@ Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for win
 
 Every rank writes only its own shards into ``.tmp-iter_*``; after all ranks finished, rank 0
 writes the manifest (``complete: true``) and renames the directory into place — one atomic
-step, so a crash can never leave a directory that looks complete. Retention runs after that
-and only deletes complete checkpoints of ours, never the newest one.
+step, so a crash can never leave a directory that looks complete. Before that, rank 0 checks
+that the ``.metadata`` describes exactly the shards in the directory (``ckpt_integrity``); a
+save that fails the check fails on every rank and stays a ``.tmp-`` directory. At most one
+save is in flight at a time (async ones included: see :meth:`CheckpointManager.save`), and
+the helper processes saving starts die with the trainer. Retention runs after that and only
+deletes complete checkpoints of ours, never the newest one.
 
 Policy (which iterations to save, which checkpoints to keep) is in pure functions at the top;
 I/O is in :class:`CheckpointManager`.
