@@ -8,8 +8,12 @@ Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for win
 
 Every rank writes only its own shards into ``.tmp-iter_*``; after all ranks finished, rank 0
 writes the manifest (``complete: true``) and renames the directory into place — one atomic
-step, so a crash can never leave a directory that looks complete. Retention runs after that
-and only deletes complete checkpoints of ours, never the newest one.
+step, so a crash can never leave a directory that looks complete. Before that, rank 0 checks
+that the ``.metadata`` describes exactly the shards in the directory (``ckpt_integrity``); a
+save that fails the check fails on every rank and stays a ``.tmp-`` directory. At most one
+save is in flight at a time (async ones included: see :meth:`CheckpointManager.save`), and
+the helper processes saving starts die with the trainer. Retention runs after that and only
+deletes complete checkpoints of ours, never the newest one.
 
 Policy (which iterations to save, which checkpoints to keep) is in pure functions at the top;
 I/O is in :class:`CheckpointManager`.
@@ -20,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import random
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_wsm import ckpt_integrity
 from megatron_wsm import distributed as wdist
 from megatron_wsm.manifest import (
     KIND_FULL,
@@ -357,7 +364,9 @@ class CheckpointManager:
         }
         if kind == KIND_FULL:
             sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
-            sd["opt_param_scheduler"] = self.scheduler.state_dict()
+            from megatron_wsm import lr as lr_schedule
+
+            sd["opt_param_scheduler"] = lr_schedule.scheduler_state(self.scheduler)
             sd["rng_state"] = self._rng_object(rng_state())
         return sd
 
@@ -398,6 +407,14 @@ class CheckpointManager:
         """
         from megatron.core import dist_checkpointing
 
+        # megatron-core 0.16 hands every torch_dist save's write results back through ONE
+        # process-global queue (filesystem_async._results_queue), sync saves included (they run
+        # as an async request executed in place), and each save's finalisation takes whatever
+        # result is at the queue's head. With another save in flight, the two saves take each
+        # other's results and each .metadata describes the other save's shards. So no save
+        # starts while one is in flight: finish (blocking) every pending one first.
+        self._finish_pending()
+        bind_helper_processes_to_trainer()
         start = time.perf_counter()
         root = Path(root)
         # Async finalisation runs iterations later: capture the values now.
@@ -428,12 +445,25 @@ class CheckpointManager:
         )
 
         def finalize() -> None:
-            # Runs on every rank after every rank's shards are on disk.
+            # Runs on every rank after every rank's shards and the .metadata are on disk.
+            _maybe_inject_crash(kind, iteration, "before-finalize")
+            error = ""
             if wdist.rank() == 0:
-                _check_disk_write(tmp)
-                manifest.created_unix = time.time()
-                write_manifest(tmp, manifest)
-                _replace_dir(tmp, final)
+                try:
+                    _check_saved_files(tmp)
+                    manifest.created_unix = time.time()
+                    write_manifest(tmp, manifest)
+                    _replace_dir(tmp, final)
+                except (CheckpointError, OSError) as e:
+                    error = str(e)
+            # Every rank learns rank 0's verdict, so a refused save fails on all of them (the
+            # directory stays a .tmp- one: never listed as complete) instead of leaving the
+            # other ranks in a barrier.
+            if not wdist.all_ranks_true(not error):
+                raise CheckpointError(
+                    error or f"{kind} checkpoint of iteration {iteration} refused on rank 0"
+                )
+            if wdist.rank() == 0:
                 if kind == KIND_FULL:
                     _write_text_atomic(root / TRACKER_FILE, str(iteration))
                 result = SaveResult(
@@ -468,6 +498,14 @@ class CheckpointManager:
             self._async_queue = AsyncCallsQueue(persistent=False)
         return self._async_queue
 
+    def _finish_pending(self) -> None:
+        """Finalise every async save in flight (blocking), then drop any write result left in
+        megatron-core's shared results queue: it belongs to no save in flight, and the next
+        save's finalisation would otherwise take it for its own."""
+        if self._async_queue is not None and self._async_queue.get_num_unfinalized_calls():
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+        _drain_results_queue()
+
     def poll(self) -> None:
         """Finalise async saves that finished (non-blocking; call every iteration, all ranks)."""
         if self._async_queue is not None:
@@ -493,6 +531,41 @@ class CheckpointManager:
         return prune_full_dir(root, keep_last) if wdist.rank() == 0 else []
 
     # -- loading
+
+    def _load_scheduler(self, saved: dict[str, Any]) -> None:
+        """Take over the checkpoint's scheduler position (samples trained so far).
+
+        With neither --override-opt-param-scheduler nor --use-checkpoint-opt-param-scheduler,
+        megatron-core refuses any difference in lengths, yet a longer (or differently ending)
+        run of a stable phase is the point of WSM. So we compare only what changes the LR of
+        the resumed steps (:func:`lr.schedule_conflicts`) and, when nothing does, load with this
+        command line's schedule.
+        """
+        from megatron_wsm import lr as lr_schedule
+
+        sched = self.scheduler
+        if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
+            if not sched.override_opt_param_scheduler:
+                # megatron-core restores neither the WSD decay nor the warmup start: take them
+                # from the checkpoint too (before load_state_dict steps to its position).
+                for key in ("init_lr", "wsd_decay_steps", "lr_wsd_decay_style"):
+                    if key in saved:
+                        setattr(sched, key, saved[key])
+            sched.load_state_dict(saved)  # the user chose whose values win
+            return
+        conflicts = lr_schedule.schedule_conflicts(saved, lr_schedule.scheduler_state(sched))
+        if conflicts:
+            raise CheckpointError(
+                "the LR schedule of this run differs from the checkpoint's where it changes "
+                f"the LR from here on ({'; '.join(conflicts)}); pass "
+                "--override-opt-param-scheduler to use this command line's schedule, or "
+                "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
+            )
+        sched.override_opt_param_scheduler = True  # keep our values, take only num_steps
+        try:
+            sched.load_state_dict(saved)
+        finally:
+            sched.override_opt_param_scheduler = False
 
     def load(
         self,
@@ -550,14 +623,7 @@ class CheckpointManager:
                 )
             raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}{hint}") from e
         if has_optim and load_optim and "opt_param_scheduler" in loaded:
-            try:
-                self.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-            except AssertionError as e:
-                raise CheckpointError(
-                    f"the LR schedule of this run differs from the checkpoint's ({e}); pass "
-                    "--override-opt-param-scheduler to use this command line's schedule, or "
-                    "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
-                ) from e
+            self._load_scheduler(loaded["opt_param_scheduler"])
         if "rng_state" in sharded and loaded.get("rng_state") is not None:
             set_rng_state(loaded["rng_state"])
         wdist.barrier()
@@ -582,15 +648,15 @@ class CheckpointManager:
 
 #: Test-only fault injection: ``KIND:ITERATION:POINT`` (e.g. ``window:6:after-shards``) makes
 #: rank 0 SIGKILL itself at that point of that save, to prove a crash leaves nothing that looks
-#: complete. Unset in normal runs.
+#: complete. Points: ``before-write``, ``after-shards`` (sync saves), ``before-finalize`` (all
+#: shards and the .metadata written, nothing marked complete yet; for async saves this is the
+#: trainer finalising iterations later). Unset in normal runs.
 CRASH_ENV = "MEGATRON_WSM_TEST_CRASH_DURING_SAVE"
 
 
 def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
     spec = os.environ.get(CRASH_ENV)
     if spec and spec == f"{kind}:{iteration}:{point}" and wdist.rank() == 0:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -604,10 +670,94 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _check_disk_write(path: Path) -> None:
-    """Fail the save (before it is marked complete) if the shards look truncated."""
-    if not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: torch_dist metadata missing after save (disk full?)")
+def _check_saved_files(path: Path) -> None:
+    """Fail the save (before it is marked complete) unless its ``.metadata`` describes exactly
+    the shards in ``path`` (missing metadata or files, truncated shards, another save's index)."""
+    problems = ckpt_integrity.storage_problems(path)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(
+            f"{path}: saved files are inconsistent, not marking it complete: "
+            + "; ".join(problems[:3])
+            + more
+        )
+
+
+def _drain_results_queue() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    q = filesystem_async._results_queue
+    if q is None:
+        return
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+        logger.warning("dropped a stale torch_dist write result no save in flight owns")
+
+
+# ----------------------------------------------------------------------------- helper processes
+
+_helpers_bound = False
+_fork_parent_pid = 0
+_results_manager: Any = None
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(expected_parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; exit now if it already has.
+
+    The parent may die between this process's start and the ``prctl`` call, so ``getppid`` is
+    checked after it. A no-op where ``prctl`` is not available (not Linux).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def _before_fork() -> None:
+    global _fork_parent_pid
+    _fork_parent_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    die_with_parent(_fork_parent_pid)
+
+
+def bind_helper_processes_to_trainer() -> None:
+    """Make the helper processes checkpoint saving starts die with the trainer (idempotent).
+
+    megatron-core's torch_dist saves start two kinds: forked writers (the async save process and
+    its per-file workers) and, once per process, a spawn-context ``multiprocessing`` Manager
+    serving the shared write-results queue. Neither watches its parent, so a trainer killed
+    with SIGKILL left them (the Manager re-imports the main script: ~350 MB each) asleep under
+    init forever. Forked children get a parent-death signal from an at-fork hook; the Manager
+    is started here, with the same signal set by its initializer, and installed as
+    megatron-core's queue before its first save would start one of its own. Linux only (a
+    no-op elsewhere). Note the signal fires when the forking *thread* exits: megatron-core forks
+    from the main thread of the trainer and of its writer process.
+    """
+    global _helpers_bound, _results_manager
+    if _helpers_bound:
+        return
+    _helpers_bound = True
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch import multiprocessing as mp
+
+    if filesystem_async._results_queue is None:
+        from multiprocessing.managers import SyncManager
+
+        _results_manager = SyncManager(ctx=mp.get_context("spawn"))
+        _results_manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = _results_manager.Queue()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

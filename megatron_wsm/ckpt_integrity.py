@@ -7,9 +7,11 @@ One owner for the checks every tool runs before trusting a checkpoint's files:
   crafted file cannot run code. torch's own ``FileSystemReader.read_metadata`` uses plain
   ``pickle``; call :func:`load_metadata` first to refuse a hostile file before megatron-core or
   torch unpickle it.
-- :func:`storage_problems` checks that every storage item names a plain shard file *inside* the
-  checkpoint (no ``/``, no ``..``), that the file exists, and that the item's byte range lies
-  within it — the check that catches a ``.metadata`` describing another save's shards.
+- :func:`storage_problems` checks that every described item has a storage record and no record
+  is of an undescribed item (:func:`coverage_problems`), and that every storage item names a
+  plain shard file *inside* the checkpoint (no ``/``, no ``..``), that the file exists, and that
+  the item's byte range lies within it — the checks that catch a ``.metadata`` describing
+  another save's shards.
 - :func:`crc_problems` re-computes the CRC-32 of every record of every item's ``torch.save``
   blob (an uncompressed zip) and compares it with the CRC the zip stores: bit rot in tensor data.
 
@@ -150,11 +152,49 @@ def storage_location(info: Any) -> tuple[str, int, int]:
     return check_relative_path(rel), offset, length
 
 
+def _chunk_key(fqn: str, offsets: Any) -> tuple[str, tuple[int, ...] | None]:
+    return fqn, None if offsets is None else tuple(int(o) for o in offsets)
+
+
+def coverage_problems(metadata: Any) -> list[str]:
+    """Items the state dict describes without a storage record, and records of no item.
+
+    A ``.metadata`` whose storage index came from another save (two saves' write results
+    crossed) lists that save's items: for the bigger save some items have no record at all,
+    even when every byte range it does list happens to fit inside this directory's files.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    items = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(items, dict):
+        return ["the metadata has no item index (state_dict_metadata)"]
+    described: set[tuple[str, tuple[int, ...] | None]] = set()
+    for fqn, item in items.items():
+        if isinstance(item, TensorStorageMetadata):
+            described.update(_chunk_key(fqn, c.offsets) for c in item.chunks)
+        else:
+            described.add(_chunk_key(fqn, None))
+    stored = {
+        _chunk_key(getattr(i, "fqn", i), getattr(i, "offset", None)) for i in metadata.storage_data
+    }
+    problems = [
+        f"{fqn} (chunk at {off}): described but has no storage record"
+        for fqn, off in sorted(described - stored, key=str)
+    ]
+    problems += [
+        f"{fqn} (chunk at {off}): storage record of an item the metadata does not describe"
+        for fqn, off in sorted(stored - described, key=str)
+    ]
+    return problems
+
+
 def storage_problems(checkpoint_dir: str | os.PathLike, metadata: Any = None) -> list[str]:
     """What is wrong with the storage items of a torch_dist checkpoint (empty: consistent).
 
-    Every item must name a plain shard file of this directory that exists and is long enough for
-    the item's byte range. Cheap: one ``stat`` per file, no data read.
+    Every described item must have exactly the storage records the state dict lists
+    (:func:`coverage_problems`), and every record must name a plain shard file of this directory
+    that exists and is long enough for the item's byte range. Cheap: one ``stat`` per file, no
+    data read.
     """
     root = Path(checkpoint_dir)
     if metadata is None:
@@ -163,7 +203,7 @@ def storage_problems(checkpoint_dir: str | os.PathLike, metadata: Any = None) ->
         except IntegrityError as e:
             return [str(e)]
     sizes: dict[str, int | None] = {}
-    problems: list[str] = []
+    problems: list[str] = coverage_problems(metadata)
     for index, info in metadata.storage_data.items():
         fqn = getattr(index, "fqn", index)
         try:

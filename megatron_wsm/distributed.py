@@ -76,6 +76,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_ranks_true(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank (a collective; all ranks call it).
+
+    Lets one rank's local verdict (rank 0 checking a checkpoint) decide for all, so no peer
+    waits forever in a barrier the failing rank never reaches.
+    """
+    if not dist.is_initialized():
+        return flag
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def _free_port() -> int:
     import socket
 

@@ -114,3 +114,84 @@ def lr_curve(optim: OptimizerSettings, train_iters: int, global_batch_size: int)
         lrs.append(float(holder.param_groups[0]["lr"]))
         sched.step(increment=global_batch_size)
     return lrs
+
+
+# ----------------------------------------------------------------------------- resuming
+
+#: Decay styles whose LR after warmup depends on the decay length at every step.
+_LENGTH_DEPENDENT = ("linear", "cosine", "inverse-square-root")
+
+
+def scheduler_state(sched: OptimizerParamScheduler) -> dict[str, Any]:
+    """megatron-core's scheduler state plus the fields it leaves out that decide the LR
+    (warmup start, WSD decay length and shape), so a resumed run can compare them."""
+    state = dict(sched.state_dict())
+    state["init_lr"] = sched.init_lr
+    state["wsd_decay_steps"] = sched.wsd_decay_steps
+    state["lr_wsd_decay_style"] = sched.lr_wsd_decay_style
+    return state
+
+
+def _phase(state: dict[str, Any], steps: int) -> str:
+    """Where ``steps`` lies in a schedule: ``warmup``, ``flat`` (the LR is the peak and stays
+    so whatever the run's length: constant, or WSD before its decay starts) or ``decay``."""
+    warmup = int(state["lr_warmup_steps"])
+    if warmup > 0 and steps < warmup:
+        return "warmup"
+    style = state["lr_decay_style"]
+    if style == "constant":
+        return "flat"
+    if style == "WSD":
+        wsd = state.get("wsd_decay_steps")
+        if wsd is None:  # an older checkpoint that did not record it: cannot tell
+            return "decay"
+        return "flat" if steps <= int(state["lr_decay_steps"]) - int(wsd) else "decay"
+    return "decay"
+
+
+def schedule_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Why this run's LR schedule cannot take over from a checkpoint's (empty: it can).
+
+    ``saved`` is the checkpoint's scheduler state (with ``num_steps``, the samples trained so
+    far), ``current`` this command line's (:func:`scheduler_state` of both). Only what changes
+    the LR of the resumed steps matters, so a run in a flat phase (stable, or WSD before its
+    decay starts) under both schedules may change its length (``--train-iters``,
+    ``--lr-decay-iters``, the WSD decay length, stable → WSD): that is continuing or decaying a
+    stable run. A different peak LR, a warmup not finished under one of them, or a decay
+    already under way under either (cosine with another length, WSD already decaying) is a
+    conflict. Weight decay must match too.
+    """
+    steps = int(saved["num_steps"])
+    problems: list[str] = []
+
+    def differs(key: str, what: str) -> None:
+        if key in saved and key in current and saved[key] != current[key]:
+            problems.append(f"{what}: checkpoint {saved[key]!r}, this run {current[key]!r}")
+
+    differs("max_lr", "--lr")
+    differs("start_wd", "--weight-decay (start)")
+    differs("end_wd", "--weight-decay (end)")
+    if current["start_wd"] != current["end_wd"]:
+        differs("wd_incr_steps", "weight-decay increment length")
+        differs("wd_incr_style", "weight-decay increment style")
+    phases = (_phase(saved, steps), _phase(current, steps))
+    if "warmup" in phases:
+        differs("lr_warmup_steps", "--lr-warmup-iters (in samples; warmup not finished)")
+        differs("init_lr", "--lr-warmup-init")
+        if saved["lr_warmup_steps"] == current["lr_warmup_steps"]:
+            # Same warmup: what follows it must still agree unless it is flat in both.
+            after = int(saved["lr_warmup_steps"])
+            phases = (_phase(saved, after), _phase(current, after))
+    if "decay" in phases:
+        differs("lr_decay_style", "--lr-decay-style (a decay is under way)")
+        differs("lr_decay_steps", "decay length in samples (--lr-decay-iters or --train-iters)")
+        differs("min_lr", "--min-lr")
+        if "WSD" in (saved["lr_decay_style"], current["lr_decay_style"]):
+            if saved.get("wsd_decay_steps") is None:
+                problems.append(
+                    "the checkpoint does not record its WSD decay length, so a WSD decay "
+                    "under way cannot be checked"
+                )
+            differs("wsd_decay_steps", "--lr-wsd-decay-iters (in samples)")
+            differs("lr_wsd_decay_style", "--lr-wsd-decay-style")
+    return problems

@@ -112,3 +112,21 @@ def test_flipped_bit_in_tensor_data_is_found(tmp_path):
     problems = ci.verify(ckpt, crc=True)
     assert len(problems) == 1 and "CRC-32 mismatch" in problems[0] and "item a" in problems[0]
     assert ci.crc_problems(ckpt, fqns=["b"]) == []
+
+
+def test_storage_index_of_another_save_is_found(tmp_path):
+    """Two saves' write results crossed: each ``.metadata`` holds the other's storage index."""
+    small = tmp_path / "small"
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"a": torch.zeros(8)}, storage_writer=dcp.FileSystemWriter(str(small)), no_dist=True)
+    big = _save(tmp_path / "big")
+    small_md, big_md = ci.load_metadata(small), ci.load_metadata(big)
+    # The big save's metadata with the small save's records: every listed range fits, yet "b"
+    # and most of "a" are gone — only the coverage check can tell.
+    _rewrite_metadata(big, lambda md: setattr(md, "storage_data", small_md.storage_data))
+    problems = ci.storage_problems(big)
+    assert any("b (chunk at (0, 0)): described but has no storage record" in p for p in problems)
+    _rewrite_metadata(small, lambda md: setattr(md, "storage_data", big_md.storage_data))
+    assert any("does not describe" in p for p in ci.storage_problems(small))
+    assert ci.verify(_save(tmp_path / "clean")) == []

@@ -1,0 +1,244 @@
+"""Checkpoint data safety under concurrent saves, kills and continued training (issue 12).
+
+- a window and a full save at the same iteration (sync and async, 1 and 2 processes) each give a
+  checkpoint whose ``.metadata`` describes its own shards (CRC-checked), and resuming from the
+  full one is bitwise equal to not stopping;
+- a rank killed at any point of an async save leaves nothing incomplete that is listed as
+  complete, and the newest complete checkpoint resumes;
+- a trainer killed with SIGKILL leaves no helper process (async writers, the results-queue
+  Manager) behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_wsm import ckpt_integrity
+from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints
+from tests.helpers import ROOT, TINY_MODEL, _env, losses, run_pretrain, torchrun_cmd
+
+pytestmark = pytest.mark.distributed
+
+MARKER_ENV = "MEGATRON_WSM_TEST_MARKER"
+
+
+def _common(data_cache: str, nproc: int, async_saves: bool, iters: int = 12) -> list:
+    args = [
+        *TINY_MODEL,
+        "--train-iters",
+        str(iters),
+        "--save-interval",
+        "6",
+        "--wsm-interval",
+        "3",
+        "--wsm-window",
+        "6",
+        "--data-cache-dir",
+        data_cache,
+    ]
+    if nproc == 2:
+        args += ["--expert-model-parallel-size", "2"]
+    if async_saves:
+        args += ["--wsm-async", "--async-save"]
+    return args
+
+
+def _assert_complete_ones_verify(save: Path) -> list[int]:
+    """Every checkpoint listed as complete is consistent down to the CRC of each record;
+    returns the iterations of the complete full checkpoints."""
+    full = []
+    for root in (save, save / "wsm_window"):
+        for c in list_checkpoints(root):
+            if c.complete:
+                assert not c.path.name.startswith("."), c.path
+                assert ckpt_integrity.verify(c.path, crc=True) == [], c.path
+                if root == save:
+                    full.append(c.iteration)
+    return full
+
+
+def _window_and_full_then_resume(data_cache: str, tmp_path: Path, nproc: int, async_saves: bool):
+    common = _common(data_cache, nproc, async_saves)
+    save = tmp_path / "a"
+    straight = run_pretrain([*common, "--save", save], tmp_path / "a.json", nproc=nproc)
+    assert _assert_complete_ones_verify(save) == [6, 12]
+    windows = [c.iteration for c in list_checkpoints(save / "wsm_window") if c.complete]
+    assert windows == [6, 9, 12]
+    resumed = run_pretrain(
+        [*common, "--save", tmp_path / "b", "--load", save / "iter_0000006"],
+        tmp_path / "b.json",
+        nproc=nproc,
+    )
+    assert [h["iteration"] for h in resumed["train_history"]] == list(range(7, 13))
+    assert losses(resumed) == losses(straight)[6:]  # bitwise on CPU
+    assert _assert_complete_ones_verify(tmp_path / "b") == [12]
+
+
+def test_async_window_and_full_save_at_same_iteration_2proc(data_cache, tmp_path):
+    """The reported corruption: --wsm-async with EP=2, window and full save at iteration 6."""
+    _window_and_full_then_resume(data_cache, tmp_path, 2, async_saves=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nproc", "async_saves"), [(1, False), (1, True), (2, False)])
+def test_window_and_full_save_at_same_iteration(data_cache, tmp_path, nproc, async_saves):
+    _window_and_full_then_resume(data_cache, tmp_path, nproc, async_saves)
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+
+def _run_until_killed(args: list, env: dict, log_path: Path) -> int:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            torchrun_cmd("pretrain_moe.py", 2) + [str(a) for a in args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _kill_during_async_save_then_resume(data_cache: str, tmp_path: Path, spec: str):
+    common = _common(data_cache, 2, async_saves=True)
+    straight = run_pretrain(
+        [*common, "--save", tmp_path / "straight"], tmp_path / "straight.json", nproc=2
+    )
+    save = tmp_path / "ckpt"
+    env = _env()
+    env[CRASH_ENV] = spec  # rank 0 SIGKILLs itself at that point of that save
+    returncode = _run_until_killed([*common, "--save", save], env, tmp_path / "crash.log")
+    assert returncode != 0, (tmp_path / "crash.log").read_text()[-3000:]
+    kind, iteration, _ = spec.split(":")
+    root = save if kind == "full" else save / "wsm_window"
+    killed = {c.iteration: c for c in list_checkpoints(root)}
+    assert not killed[int(iteration)].complete  # the save that was killed is not complete
+    full = _assert_complete_ones_verify(save)
+    assert full, "the test needs a complete full checkpoint before the killed save"
+    resumed = run_pretrain([*common, "--save", save, "--load", save], tmp_path / "r.json", nproc=2)
+    first = full[-1] + 1
+    assert [h["iteration"] for h in resumed["train_history"]] == list(range(first, 13))
+    assert losses(resumed) == losses(straight)[first - 1 :]
+    assert _assert_complete_ones_verify(save)[-1] == 12
+
+
+#: (kind, iteration, point) of the killed save; iteration 6's full save comes first so that a
+#: complete checkpoint exists to resume from.
+KILL_POINTS = [
+    "window:9:before-finalize",
+    "window:9:before-write",
+    "full:12:before-write",
+    "full:12:before-finalize",
+]
+
+
+def test_kill_during_async_window_finalize_then_resume(data_cache, tmp_path):
+    _kill_during_async_save_then_resume(data_cache, tmp_path, KILL_POINTS[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", KILL_POINTS[1:])
+def test_kill_during_async_save_then_resume(data_cache, tmp_path, spec):
+    _kill_during_async_save_then_resume(data_cache, tmp_path, spec)
+
+
+# ----------------------------------------------------------------------------- orphans
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARKER_ENV) == marker and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _sigkill_trainer_and_look_for_survivors(data_cache: str, tmp_path: Path, delay: float):
+    marker = uuid.uuid4().hex
+    env = _env()
+    env[MARKER_ENV] = marker
+    args = [
+        *_common(data_cache, 2, async_saves=True, iters=400),
+        "--save-interval",
+        "2",
+        "--wsm-interval",
+        "1",
+        "--save",
+        tmp_path / "ckpt",
+    ]
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            torchrun_cmd("pretrain_moe.py", 2) + [str(a) for a in args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    survivors: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while "saved full checkpoint" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no save within 240 s"
+            time.sleep(0.2)
+        time.sleep(delay)  # land somewhere in the stream of async saves
+        launcher = psutil.Process(proc.pid)
+        ranks = launcher.children()  # torchrun's own children are the rank processes
+        assert ranks
+        for p in [launcher, *ranks]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            survivors = _marked(marker)
+            if not survivors:
+                break
+            time.sleep(0.5)
+    finally:
+        for p in _marked(marker):  # never leave anything behind, even when the test fails
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    described = []
+    for p in survivors:
+        try:
+            described.append((p.pid, p.ppid(), " ".join(p.cmdline())[:120]))
+        except psutil.Error:
+            continue  # died between the last look and now
+    assert not described, f"helper processes outlived the killed trainer: {described}"
+    _assert_complete_ones_verify(tmp_path / "ckpt")
+
+
+def test_sigkilled_trainer_leaves_no_helper_process(data_cache, tmp_path):
+    _sigkill_trainer_and_look_for_survivors(data_cache, tmp_path, delay=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 1.3, 2.1, 3.7])
+def test_sigkilled_trainer_leaves_no_helper_process_loop(data_cache, tmp_path, delay):
+    _sigkill_trainer_and_look_for_survivors(data_cache, tmp_path, delay)
