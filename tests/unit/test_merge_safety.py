@@ -288,10 +288,17 @@ def test_count_below_two_is_refused(window, tmp_path, capsys):
 
 
 def test_negative_weights_in_plain_form(window, capsys):
+    from megatron_wsm.schedule import validate_coefficients
+
     args = ["--inputs", *map(str, window), "--weights", "-0.5,0.7,0.8", "--dry-run"]
     assert merge_wsm.main(args) == 2
     err = capsys.readouterr().err
-    assert "--allow-negative" in err and "allow_negative=True" not in err
+    # The library's message names the flag and the keyword; the CLI prints it unchanged.
+    with pytest.raises(ValueError) as library:
+        validate_coefficients([-0.5, 0.7, 0.8])
+    assert err == f"merge_wsm: error: {library.value}\n"
+    assert "--allow-negative" in err and "allow_negative=True in Python" in err
+    assert not hasattr(merge_wsm, "_flag_names")
     assert merge_wsm.main([*args, "--allow-negative", "--no-progress-bar"]) == 0
     assert "-0.500000" in capsys.readouterr().out
     assert merge_wsm.join_negative_lists(["--decay", "-.1,2", "--save", "-x"]) == [
