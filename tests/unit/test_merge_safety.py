@@ -330,8 +330,28 @@ def test_no_space_left_names_the_output(window, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch_dist.os, "pwrite", full)
     out = tmp_path / "merged"
-    with pytest.raises(MergeError, match=r"failed at .*\.merged\.merging-.*distcp: No space left"):
+    with pytest.raises(MergeError) as e:
         merge_checkpoints(window, COEFS, out)
+    # The --save path the user gave first; the hidden temporary file only as detail.
+    message = str(e.value)
+    assert message.startswith(f"writing --save {out} failed: No space left on device (at ")
+    assert ".merged.merging-" in message and message.endswith(".distcp)")
+    _nothing_published(out)
+
+
+def test_failed_manifest_write_names_the_output(window, tmp_path, monkeypatch, capsys):
+    import megatron_wsm.merge as merge
+
+    def full(path, _manifest):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "wsm_manifest.json"))
+
+    monkeypatch.setattr(merge, "write_manifest", full)
+    out = tmp_path / "merged"
+    args = ["--inputs", *map(str, window), "--method", "mean", "--save", str(out)]
+    assert merge_wsm.main([*args, "--no-progress-bar"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"merge_wsm: error: writing --save {out} failed: No space left")
+    assert "wsm_manifest.json)" in err
     _nothing_published(out)
 
 
