@@ -148,6 +148,14 @@ def test_uneven_load_dir_window_follows_the_iterations(window, tmp_path):
                                                                               1 / 3])
 
 
+def test_index_methods_ignore_uneven_positions_and_say_so(window, tmp_path):
+    root = uneven_root(window, tmp_path / "root")
+    code, stdout, err = run_cli("--load-dir", str(root), "--method", "mean", "--dry-run")
+    assert code == 0, err
+    assert "coefficients: 0.000000, 0.333333, 0.333333, 0.333333" in stdout
+    assert "why: method 'mean' weights checkpoints by index" in stdout
+
+
 def test_uneven_inputs_follow_tokens_and_1_sqrt(window, tmp_path):
     root = uneven_root(window, tmp_path / "root")
     given = [root / n for n in ("iter_0000040", "iter_0000000", "iter_0000020", "iter_0000010")]
