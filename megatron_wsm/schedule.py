@@ -156,6 +156,11 @@ DEFAULT_CONVENTION = "wsm"
 #: How a shape is turned into one weight per interval of an uneven window: its value at the
 #: interval's start (``start``, the default discretisation) or its mean over the interval.
 SAMPLINGS: tuple[str, ...] = ("start", "mean")
+#: How to accept negative coefficients, named for both callers: the command-line tools and the
+#: Python API (one message, so no tool has to rewrite the library's text).
+_ALLOW_NEGATIVE_HINT = (
+    "pass --allow-negative, or allow_negative=True in Python, to extrapolate anyway"
+)
 #: Relative tolerance under which checkpoint gaps count as equal (:func:`is_evenly_spaced`).
 EVEN_SPACING_RTOL = 1e-9
 
@@ -393,7 +398,7 @@ def validate_coefficients(
             if cj < -tol:
                 raise ValueError(
                     f"coefficient c_{j} = {_fmt(cj)} is negative: the decay it emulates rises "
-                    "or leaves [0, 1] (pass allow_negative=True to extrapolate anyway)"
+                    f"or leaves [0, 1] ({_ALLOW_NEGATIVE_HINT})"
                 )
     return cs
 
@@ -415,7 +420,7 @@ def coefficients_from_decay(
             if not -tol <= wi <= 1.0 + tol:
                 raise ValueError(
                     f"decay weight w_{i} = {_fmt(wi)} is outside [0, 1] "
-                    "(pass allow_negative=True to extrapolate anyway)"
+                    f"({_ALLOW_NEGATIVE_HINT})"
                 )
     c = [1.0 - ws[0]]
     c.extend(ws[j] - ws[j + 1] for j in range(len(ws) - 1))
@@ -426,7 +431,7 @@ def coefficients_from_decay(
                 raise ValueError(
                     f"decay rises from w_{j} = {_fmt(ws[j - 1])} to w_{j + 1} = {_fmt(ws[j])}, "
                     f"giving a negative coefficient c_{j} = {_fmt(c[j])}; a decay must be "
-                    "non-increasing (pass allow_negative=True to extrapolate anyway)"
+                    f"non-increasing ({_ALLOW_NEGATIVE_HINT})"
                 )
     return c
 

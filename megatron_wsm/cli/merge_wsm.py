@@ -28,8 +28,11 @@ DEFAULT_METHOD = "1-sqrt"
 EPILOG = """coefficients:
   c_0..c_k belong to the k+1 inputs ordered oldest first (by iteration when the manifests or
   iter_N names tell it). --method derives them from a decay shape (Theorem 3.1: the merge then
-  equals training with that decay over the window); --weights gives them directly. Either way
-  the decay they emulate is printed. See tools/wsm_weights.py to explore methods.
+  equals training with that decay over the window), evaluated where the checkpoints really are
+  (--positions-from: iterations by default, so a skipped checkpoint leaves an uneven window that
+  the weights follow; evenly spaced checkpoints give the same weights as by index); --weights
+  gives them directly. The decay they emulate, the convention and every input of weight 0 (and
+  why) are printed. See tools/wsm_weights.py to explore methods.
 
 what is merged:
   floating-point model tensors (buffers such as MoE expert_bias included) are averaged in fp32;
@@ -45,8 +48,8 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    from megatron_wsm.merge import DEFAULT_CHUNK_MB, OUTPUT_DTYPES
-    from megatron_wsm.schedule import METHODS
+    from megatron_wsm.merge import DEFAULT_CHUNK_MB, OUTPUT_DTYPES, POSITION_UNITS
+    from megatron_wsm.schedule import CONVENTIONS, DEFAULT_CONVENTION, METHODS, SAMPLINGS
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -86,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --load-dir: at most the newest K checkpoints (all of the window by default)",
     )
     src.add_argument(
+        "--skip-incomplete", action="store_true",
+        help="with --load-dir: leave out unfinished checkpoints (complete: false, no manifest, "
+        ".tmp-iter_*) inside the window instead of refusing; needs --positions-from iteration "
+        "or tokens, so the coefficients see the gap (the report lists what was skipped)",
+    )
+    src.add_argument(
         "--allow-no-manifest", action="store_true",
         help="accept checkpoints without wsm_manifest.json (e.g. written by Megatron-LM); they "
         "are then checked through their torch_dist metadata only",
@@ -116,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--allow-negative", action="store_true",
         help="accept negative coefficients (an extrapolation beyond the window)",
+    )
+    w.add_argument(
+        "--positions-from", choices=POSITION_UNITS, default="iteration",
+        help="where the checkpoints sit for --method: their iteration (default) or consumed "
+        "tokens from the manifests, or their index (even spacing assumed); an input lacking "
+        "the number falls back to index, with a note",
+    )
+    w.add_argument(
+        "--convention", choices=CONVENTIONS, default=DEFAULT_CONVENTION,
+        help="discretisation of --method: wsm (default, w_i = f((i-1)/k): the oldest input "
+        "anchors the window, weight 0) or megatron-lm (w_i = f(i/(k+1)), every input weighted, "
+        "as Megatron-LM's weighted_merge.py; evenly spaced windows only)",
+    )
+    w.add_argument(
+        "--sampling", choices=SAMPLINGS, default="start",
+        help="per interval between checkpoints, the decay's value at its start (default) or "
+        "its mean over it (convention wsm)",
     )
 
     o = p.add_argument_group("output")
@@ -177,16 +203,13 @@ def join_negative_lists(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _flag_names(message: str) -> str:
-    """The CLI flag in messages of the library, which names its keyword argument."""
-    return message.replace("allow_negative=True", "--allow-negative")
-
-
-def _coefficients(args: argparse.Namespace, n_inputs: int) -> tuple[list[float], dict[str, Any]]:
+def _coefficients(
+    args: argparse.Namespace, positions: list[int]
+) -> tuple[list[float], dict[str, Any]]:
     from megatron_wsm.merge import resolve_coefficients
-    from megatron_wsm.schedule import merge_coefficients
+    from megatron_wsm.schedule import is_evenly_spaced, merge_coefficients
 
-    k = n_inputs - 1
+    k = len(positions) - 1
     chosen = [x for x in (args.weights, args.decay) if x is not None]
     if len(chosen) + (args.method is not None) > 1:
         raise ValueError("give only one of --method, --weights, --decay")
@@ -202,9 +225,16 @@ def _coefficients(args: argparse.Namespace, n_inputs: int) -> tuple[list[float],
         )
         return coefs, {"method": "custom", "weights": args.weights}
     method = args.method or DEFAULT_METHOD
+    if args.convention == "megatron-lm" and not is_evenly_spaced(positions):
+        raise ValueError(
+            f"--convention megatron-lm weights checkpoints by index, but they are unevenly "
+            f"spaced ({args.positions_from} {', '.join(map(str, positions))}); use --convention "
+            "wsm, or --positions-from index to treat them as evenly spaced"
+        )
     coefs = resolve_coefficients(
         method, k, alpha=args.alpha, min_lr_ratio=args.min_lr_ratio,
         final_ratio=args.final_ratio, allow_negative=args.allow_negative,
+        positions=positions, convention=args.convention, sampling=args.sampling,
     )
     info = {"method": method, "k": k, "min_lr_ratio": args.min_lr_ratio}
     if args.alpha is not None:
@@ -214,13 +244,21 @@ def _coefficients(args: argparse.Namespace, n_inputs: int) -> tuple[list[float],
     return coefs, info
 
 
-def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None]:
-    from megatron_wsm.merge import select_window
+def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None, list[str]]:
+    """(input paths, the --load-dir selection for the provenance, notes)."""
+    from megatron_wsm.merge import choose_window
 
+    if args.skip_incomplete and args.positions_from == "index":
+        raise ValueError(
+            "--skip-incomplete needs --positions-from iteration or tokens: with index positions "
+            "the checkpoints around a skipped one would be weighted as if evenly spaced"
+        )
     if args.inputs is not None:
         if any(x is not None for x in (args.window_iters, args.window_tokens, args.count)):
             raise ValueError("--window-iters/--window-tokens/--count need --load-dir")
-        return list(args.inputs), None
+        if args.skip_incomplete:
+            raise ValueError("--skip-incomplete needs --load-dir")
+        return list(args.inputs), None, []
     if args.count is not None and args.count < 2:
         raise ValueError(f"--count {args.count}: give at least 2 (leave it out for the whole "
                          "window)")
@@ -228,19 +266,27 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None]
                         ("--window-tokens", args.window_tokens)):
         if value is not None and value < 0:
             raise ValueError(f"{name} {value}: must be >= 0")
-    paths = select_window(
+    window = choose_window(
         args.load_dir,
         window_iters=args.window_iters,
         window_tokens=args.window_tokens,
         count=args.count,
+        skip_incomplete=args.skip_incomplete,
     )
+    skipped = [{"path": str(p), "iteration": it, "why": why} for p, it, why in window.skipped]
     selection = {
         "load_dir": args.load_dir,
         "window_iters": args.window_iters,
         "window_tokens": args.window_tokens,
         "count": args.count,
+        "skipped_incomplete": skipped,
     }
-    return [str(p) for p in paths], selection
+    notes = [
+        f"skipped unfinished checkpoint {row['path']} (iteration {row['iteration']}, "
+        f"{row['why']}): the coefficients follow the remaining checkpoints' {args.positions_from}"
+        for row in skipped
+    ]
+    return [str(p) for p in window.paths], selection, notes
 
 
 def _init_distributed(args: argparse.Namespace) -> bool:
@@ -257,9 +303,9 @@ def _init_distributed(args: argparse.Namespace) -> bool:
     return True
 
 
-def _print_report(report: Any, as_json: bool) -> None:
+def _print_report(report: Any, rule: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report.__dict__, indent=2, default=str))
+        print(json.dumps({**report.__dict__, "coefficient_rule": rule}, indent=2, default=str))
         return
     print(report.summary())
     print("  inputs (oldest first):")
@@ -271,9 +317,28 @@ def _print_report(report: Any, as_json: bool) -> None:
         )
     print("  coefficients: " + ", ".join(f"{c:.6f}" for c in report.coefficients))
     print("  implied decay w_1..w_k: " + ", ".join(f"{w:.6f}" for w in report.implied_decay))
+    for line in rule_lines(rule, [row["path"] for row in report.inputs]):
+        print(f"  {line}")
     if report.dry_run:
         mib = report.buffer_bytes_per_rank / 2**20
         print(f"  streaming buffers per merge process: <= {mib:.0f} MiB")
+
+
+def rule_lines(rule: dict[str, Any], paths: Sequence[str]) -> list[str]:
+    """How the coefficients were derived, as printed: convention, positions, weight-0 inputs."""
+    spacing = "evenly spaced" if rule["evenly_spaced"] else "unevenly spaced"
+    lines = [
+        f"convention: {rule['convention']}, sampling {rule['sampling']}: "
+        f"{rule['discretisation']}",
+        f"positions ({rule['position_unit']}): "
+        + ", ".join(str(p) for p in rule["positions"]) + f" ({spacing})",
+    ]
+    zeros = rule["zero_weight_inputs"]
+    if zeros:
+        named = ", ".join(f"input {j} ({paths[j]})" for j in zeros)
+        lines.append(f"weight 0 (not read): {named}")
+    lines.extend(f"why: {note}" for note in rule["notes"])
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -342,15 +407,29 @@ def _teardown_and_exit(rc: int) -> NoReturn:
 
 
 def _run(args: argparse.Namespace, rank: int) -> int:
-    from megatron_wsm.merge import MergeError, merge_checkpoints
+    from megatron_wsm.merge import (
+        MergeError,
+        describe_coefficients,
+        input_positions,
+        merge_checkpoints,
+    )
 
     try:
-        inputs, selection = _inputs(args)
-        coefs, method = _coefficients(args, len(inputs))
+        paths, selection, notes = _inputs(args)
+        where = input_positions(
+            paths, positions_from=args.positions_from, allow_no_manifest=args.allow_no_manifest
+        )
+        coefs, method = _coefficients(args, where.positions)
+        rule = describe_coefficients(
+            coefs, method=method["method"], positions=where.positions, unit=where.unit,
+            convention=args.convention, sampling=args.sampling,
+        )
+        method["positions_from"] = args.positions_from
+        method["coefficient_rule"] = rule
         if selection is not None:
             method["selection"] = selection
         report = merge_checkpoints(
-            inputs,
+            where.paths,
             coefs,
             args.save,
             output_dtype=args.output_dtype,
@@ -362,15 +441,16 @@ def _run(args: argparse.Namespace, rank: int) -> int:
             progress=not args.no_progress_bar,
             dry_run=args.dry_run,
             protected=[args.load_dir] if args.load_dir is not None else [],
+            notes=[*where.notes, *notes],
         )
     except (MergeError, ValueError) as e:
         if rank == 0:
-            print(f"{PROG}: error: {_flag_names(str(e).splitlines()[0])}", file=sys.stderr)
+            print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     if report.dry_run:
         report.buffer_bytes_per_rank = int(args.chunk_mb * 2**20)
     if rank == 0:
-        _print_report(report, args.json)
+        _print_report(report, rule, args.json)
     return 0
 
 

@@ -41,8 +41,12 @@ from megatron_wsm.merge import legacy, torch_dist
 from megatron_wsm.merge.common import Comm, MergeError, MergeReport
 from megatron_wsm.merge.inputs import (
     FORMAT_TORCH,
+    POSITION_UNITS,
     CheckpointInput,
+    WindowSelection,
     check_compatible,
+    checkpoint_positions,
+    choose_window,
     inspect_input,
     order_inputs,
     select_window,
@@ -51,10 +55,16 @@ from megatron_wsm.merge.inputs import (
 __all__ = [
     "DEFAULT_CHUNK_MB",
     "OUTPUT_DTYPES",
+    "POSITION_UNITS",
     "PROVENANCE_NAME",
+    "InputPositions",
     "MergeError",
     "MergeReport",
+    "WindowSelection",
     "check_output_location",
+    "choose_window",
+    "describe_coefficients",
+    "input_positions",
     "merge_checkpoints",
     "resolve_coefficients",
     "select_window",
@@ -81,11 +91,23 @@ def resolve_coefficients(
     min_lr_ratio: float = 0.0,
     final_ratio: float | None = None,
     allow_negative: bool = False,
+    positions: Sequence[float] | None = None,
+    convention: str = "wsm",
+    sampling: str = "start",
 ) -> list[float]:
     """Merge coefficients c_0…c_k (oldest first) for k+1 checkpoints from a schedule method or
-    explicit ``weights``; ValueError (from :mod:`megatron_wsm.schedule`) when invalid."""
+    explicit ``weights``; ValueError (from :mod:`megatron_wsm.schedule`) when invalid.
+
+    ``positions`` p_0 < … < p_k (iterations or tokens, oldest first) evaluate a shape method's
+    decay at the checkpoints' real places (:func:`megatron_wsm.schedule.merge_coefficients_at`);
+    evenly spaced positions, or none, give exactly the index-based coefficients.
+    ``convention`` and ``sampling`` as in :mod:`megatron_wsm.schedule`. Explicit ``weights``
+    are taken as given whatever the positions.
+    """
     from megatron_wsm import schedule  # lazy: the merge engine itself needs only numbers
 
+    if positions is not None and len(positions) != k + 1:
+        raise ValueError(f"{len(positions)} positions given for {k + 1} checkpoints")
     if weights is not None:
         values = schedule.load_custom(weights) if isinstance(weights, str) else list(weights)
         if len(values) != k + 1:
@@ -93,14 +115,72 @@ def resolve_coefficients(
         return schedule.validate_coefficients(values, allow_negative=allow_negative)
     if method is None:
         raise ValueError("give a method or explicit weights")
-    return schedule.merge_coefficients(
-        method,
-        k,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        allow_negative=allow_negative,
+    params: dict[str, Any] = {
+        "min_lr_ratio": min_lr_ratio,
+        "alpha": alpha,
+        "final_ratio": final_ratio,
+        "allow_negative": allow_negative,
+        "convention": convention,
+    }
+    if positions is None and sampling == "start":
+        return schedule.merge_coefficients(method, k, **params)
+    at = list(positions) if positions is not None else list(range(k + 1))
+    return schedule.merge_coefficients_at(method, at, sampling=sampling, **params)
+
+
+def describe_coefficients(
+    coefficients: Sequence[float],
+    *,
+    method: str | None,
+    positions: Sequence[float],
+    unit: str,
+    convention: str = "wsm",
+    sampling: str = "start",
+) -> dict[str, Any]:
+    """What the coefficients mean, for the report and the provenance: positions and their
+    ``unit``, convention, sampling, discretisation formula, zero-weight inputs and why
+    (:func:`megatron_wsm.schedule.describe_convention`), and the coefficients themselves."""
+    from megatron_wsm import schedule
+
+    info = schedule.describe_convention(
+        coefficients, method=method, convention=convention, positions=positions,
+        sampling=sampling,
     )
+    return {"position_unit": unit, **info, "coefficients": list(coefficients)}
+
+
+@dataclasses.dataclass
+class InputPositions:
+    """Merge inputs in merge order (oldest first) and where each sits (:func:`input_positions`)."""
+
+    paths: list[str]
+    positions: list[int]
+    #: ``iteration``, ``tokens`` or ``index`` (also after a fallback to the index).
+    unit: str
+    notes: list[str]
+
+
+def input_positions(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    positions_from: str = "iteration",
+    allow_no_manifest: bool = False,
+    group: Any = None,
+) -> InputPositions:
+    """Order ``inputs`` as the merge will (oldest first) and read their positions.
+
+    Collective over ``group`` like :func:`merge_checkpoints` (rank 0 reads the manifests and
+    shares the answer). ``positions_from`` is one of :data:`POSITION_UNITS`; when an input
+    lacks that number (no manifest, iteration unknown) the index is used and a note says so.
+    Pass ``paths`` to :func:`merge_checkpoints` so the coefficients match its order.
+    """
+    def read() -> InputPositions:
+        checked = [inspect_input(p, allow_no_manifest=allow_no_manifest) for p in inputs]
+        ordered, notes = order_inputs(checked)
+        positions, unit, more = checkpoint_positions(ordered, positions_from)
+        return InputPositions([str(inp.path) for inp in ordered], positions, unit, notes + more)
+
+    return Comm(group).run_on_rank0(read)
 
 
 def merge_checkpoints(
@@ -119,6 +199,7 @@ def merge_checkpoints(
     dry_run: bool = False,
     protected: Sequence[str | os.PathLike] = (),
     verify_crc: bool = True,
+    notes: Sequence[str] = (),
 ) -> MergeReport:
     """Average ``inputs`` with ``coefficients`` into the checkpoint directory ``output``.
 
@@ -143,6 +224,8 @@ def merge_checkpoints(
             inputs (the CLI passes ``--load-dir``: the trainer prunes what lies there).
         verify_crc: check every input byte read against its zip record's CRC-32 (only a
             benchmark turns this off).
+        notes: the caller's notes for the report and the provenance (positions, skipped
+            checkpoints, zero weights), before the merge's own.
 
     Returns:
         A :class:`MergeReport` (identical on every rank).
@@ -160,9 +243,10 @@ def merge_checkpoints(
     if not chunk_mb or chunk_mb <= 0:
         raise MergeError(f"chunk_mb must be positive, got {chunk_mb}")
     coefs = _check_coefficients(coefficients, len(inputs), allow_negative)
-    ordered, notes = comm.run_on_rank0(
+    ordered, found = comm.run_on_rank0(
         lambda: _prepare_inputs(inputs, allow_no_manifest, output, overwrite, protected)
     )
+    notes = [*notes, *found]
     if ordered[0].format == FORMAT_TORCH:
         plan = legacy.build_plan(ordered, coefs, output_dtype, comm)
         engine: Any = legacy
@@ -184,6 +268,10 @@ def merge_checkpoints(
         report.seconds = time.perf_counter() - start
         comm.run_on_rank0(lambda: _publish_naming_output(tmp, output, overwrite, report,
                                                          ordered, method))
+    except MergeError as e:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(_naming_save(str(e), tmp, output)) from e
     except BaseException:
         # Handled errors and interrupts alike: no temporary directory is left behind.
         if comm.rank == 0:
@@ -404,7 +492,28 @@ def _publish_naming_output(
     try:
         _publish(tmp, output, overwrite, report, inputs, method)
     except OSError as e:  # ENOSPC writing the manifest, a failed rename...
-        raise MergeError(torch_dist.write_failed(e.filename or output, e)) from e
+        raise MergeError(_save_failed(output, e.strerror or str(e), e.filename or tmp)) from e
+
+
+def _save_failed(output: Path, why: str, where: str | os.PathLike) -> str:
+    return f"writing --save {output} failed: {why} (at {where})"
+
+
+def _naming_save(message: str, tmp: Path, output: Path | None) -> str:
+    """A write error in terms of the user's ``--save``, the temporary file as detail.
+
+    The engines write into the hidden ``.<save>.merging-…`` sibling and name the file that
+    failed there (:func:`torch_dist.write_failed`); a user looking for ``--save`` would not
+    recognise it.
+    """
+    where = str(tmp)
+    if output is None or where not in message or message.startswith("writing --save "):
+        return message
+    prefix = torch_dist.write_failed(where, OSError("")).rsplit(":", 1)[0]
+    if message.startswith(prefix + ": ") or message.startswith(prefix + "/"):
+        file, _, why = message[len(prefix):].partition(": ")
+        return _save_failed(output, why, f"{where}{file}")
+    return f"writing --save {output} failed: {message}"
 
 
 def _publish(

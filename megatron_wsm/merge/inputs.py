@@ -163,6 +163,50 @@ def order_inputs(inputs: list[CheckpointInput]) -> tuple[list[CheckpointInput], 
     return list(inputs), notes
 
 
+#: Units of checkpoint positions (``--positions-from``): the iteration, the consumed tokens (both
+#: from the manifests), or the index in the window (evenly spaced by assumption).
+POSITION_UNITS = ("iteration", "tokens", "index")
+
+
+def checkpoint_positions(
+    inputs: list[CheckpointInput], unit: str
+) -> tuple[list[int], str, list[str]]:
+    """Positions of ordered ``inputs`` (oldest first) in ``unit``: (positions, unit used, notes).
+
+    ``iteration`` uses each input's known iteration (manifest, else ``iter_N`` name or
+    ``common.pt``: the one that ordered them); ``tokens`` the manifests' ``consumed_tokens``;
+    ``index`` 0..k. When some input lacks the number, the index is used and a note says why.
+    Positions that do not increase with the iteration order raise MergeError.
+    """
+    if unit not in POSITION_UNITS:
+        raise MergeError(f"positions unit must be one of {POSITION_UNITS}, got {unit!r}")
+    index = list(range(len(inputs)))
+    if unit == "index":
+        return index, unit, []
+    if unit == "iteration":
+        values = [inp.iteration for inp in inputs]
+        missing = [inp.path for inp, v in zip(inputs, values) if v is None]
+        why = "iteration unknown"
+    else:
+        values = [inp.manifest.consumed_tokens if inp.manifest else None for inp in inputs]
+        missing = [inp.path for inp, v in zip(inputs, values) if v is None]
+        why = "no manifest, so consumed tokens unknown"
+    if missing:
+        names = ", ".join(str(p) for p in missing)
+        return index, "index", [
+            f"--positions-from {unit}: {why} for {names}; coefficients computed by index "
+            "(evenly spaced checkpoints assumed)"
+        ]
+    positions = [int(v) for v in values if v is not None]
+    for a, b, inp in zip(positions, positions[1:], inputs[1:]):
+        if b <= a:
+            raise MergeError(
+                f"--positions-from {unit}: {inp.path} is at {unit} {b}, not after the previous "
+                f"input's {a}; check the manifests or use --positions-from index"
+            )
+    return positions, unit, []
+
+
 _LAYOUT_FIELDS = (
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",
@@ -220,41 +264,77 @@ def check_compatible(inputs: list[CheckpointInput]) -> list[str]:
 def list_complete(load_dir: str | os.PathLike) -> list[tuple[Path, CheckpointManifest]]:
     """Complete full/window checkpoints directly under ``load_dir`` (and one level deeper, for a
     root holding separate full and window directories), oldest first."""
-    return scan_load_dir(load_dir)[0]
+    return scan_load_dir(load_dir).complete
 
 
-def scan_load_dir(
-    load_dir: str | os.PathLike,
-) -> tuple[list[tuple[Path, CheckpointManifest]], list[tuple[Path, int | None, str]]]:
-    """(complete full/window checkpoints oldest first, unreadable ones) under ``load_dir``.
+#: Prefix of the trainer's in-progress save directories (``.tmp-iter_0000120``).
+_TMP_PREFIX = ".tmp-"
 
-    Unreadable: a corrupt ``wsm_manifest.json``, given as (path, iteration from its ``iter_N``
-    name or None, reason), so a window that contains one is refused rather than merged with a
-    gap.
+
+@dataclasses.dataclass
+class LoadDirScan:
+    """What :func:`scan_load_dir` found under a checkpoint root."""
+
+    #: Complete full/window checkpoints, oldest first.
+    complete: list[tuple[Path, CheckpointManifest]]
+    #: (path, iteration from its ``iter_N`` name or None, reason): a corrupt manifest.
+    unreadable: list[tuple[Path, int | None, str]]
+    #: (path, iteration, reason): saves not finished — ``complete: false``, an ``iter_N``
+    #: directory without manifest, or the trainer's ``.tmp-iter_N`` directory.
+    incomplete: list[tuple[Path, int, str]]
+
+
+def scan_load_dir(load_dir: str | os.PathLike) -> LoadDirScan:
+    """Complete, unreadable and unfinished checkpoints under ``load_dir`` (one level deep, or
+    two for a root holding separate full and window directories).
+
+    Unreadable and unfinished ones are reported, not dropped, so that a window containing one
+    is refused (or its gap stated) rather than merged with a silent gap.
     """
     root = Path(load_dir)
     if not root.is_dir():
         raise MergeError(f"--load-dir {root}: no such directory")
-    candidates = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    candidates += [
-        q
-        for p in candidates
-        if not (p / MANIFEST_NAME).exists()
-        for q in p.iterdir()
-        if q.is_dir() and not q.name.startswith(".")
-    ]
-    found = []
-    unreadable: list[tuple[Path, int | None, str]] = []
+    children = [p for p in root.iterdir() if p.is_dir()]
+    candidates = [p for p in children if not p.name.startswith(".")]
+    hidden = [p for p in children if p.name.startswith(_TMP_PREFIX)]
+    for parent in [p for p in candidates if not (p / MANIFEST_NAME).exists()]:
+        for q in parent.iterdir():
+            if q.is_dir():
+                (hidden if q.name.startswith(_TMP_PREFIX) else candidates).append(q)
+    scan = LoadDirScan([], [], [])
+    for path in hidden:
+        iteration = _iteration_from_name(path)
+        if iteration is not None:
+            scan.incomplete.append((path, iteration, "save in progress or interrupted"))
     for path in candidates:
         try:
             manifest = read_manifest(path)
         except ValueError as e:
-            unreadable.append((path, _iteration_from_name(path), str(e).splitlines()[0]))
+            scan.unreadable.append((path, _iteration_from_name(path), str(e).splitlines()[0]))
             continue
-        if manifest is not None and manifest.complete and manifest.kind in (KIND_WINDOW, KIND_FULL):
-            found.append((path, manifest))
-    found.sort(key=lambda pm: (pm[1].iteration, pm[1].kind != KIND_WINDOW))
-    return found, unreadable
+        if manifest is None:
+            iteration = _iteration_from_name(path)
+            if iteration is not None:
+                scan.incomplete.append((path, iteration, f"no {MANIFEST_NAME}: save unfinished?"))
+        elif manifest.kind in (KIND_WINDOW, KIND_FULL):
+            if manifest.complete:
+                scan.complete.append((path, manifest))
+            else:
+                scan.incomplete.append((path, manifest.iteration, "complete: false"))
+    scan.complete.sort(key=lambda pm: (pm[1].iteration, pm[1].kind != KIND_WINDOW))
+    scan.incomplete.sort(key=lambda entry: entry[1])
+    return scan
+
+
+@dataclasses.dataclass
+class WindowSelection:
+    """The checkpoints :func:`choose_window` picked, oldest first, and the unfinished ones it
+    skipped inside their range (only with ``skip_incomplete``)."""
+
+    paths: list[Path]
+    iterations: list[int]
+    #: (path, iteration, reason) of unfinished checkpoints inside the window, left out.
+    skipped: list[tuple[Path, int, str]]
 
 
 def select_window(
@@ -263,17 +343,43 @@ def select_window(
     window_iters: int | None = None,
     window_tokens: int | None = None,
     count: int | None = None,
+    skip_incomplete: bool = False,
 ) -> list[Path]:
+    """The newest merge window under ``load_dir``, oldest first (:func:`choose_window`)."""
+    return choose_window(
+        load_dir,
+        window_iters=window_iters,
+        window_tokens=window_tokens,
+        count=count,
+        skip_incomplete=skip_incomplete,
+    ).paths
+
+
+def choose_window(
+    load_dir: str | os.PathLike,
+    *,
+    window_iters: int | None = None,
+    window_tokens: int | None = None,
+    count: int | None = None,
+    skip_incomplete: bool = False,
+) -> WindowSelection:
     """The newest merge window under ``load_dir``, oldest first, from the manifests.
 
     ``window_iters=N`` keeps checkpoints with ``iteration >= newest - N`` (so a window of N
     iterations saved every I iterations has N/I + 1 checkpoints: the oldest one anchors it),
     ``window_tokens`` the same in consumed tokens; ``count=K`` keeps the newest K of those.
     One checkpoint per iteration (a window one preferred over a full one).
+
+    Refused (MergeError): a corrupt checkpoint in or after the window, and an unfinished one
+    (``complete: false``, no manifest, ``.tmp-iter_N``) inside its iteration range — from
+    ``newest - N`` with ``window_iters`` alone, else from the oldest selected — since merging
+    around it leaves a gap. With ``skip_incomplete`` unfinished ones are left out and listed
+    in ``skipped`` instead: only right when the coefficients follow the checkpoints' real
+    positions (iterations or tokens), which see the gap.
     """
-    found, unreadable = scan_load_dir(load_dir)
+    scan = scan_load_dir(load_dir)
     by_iteration: dict[int, tuple[Path, CheckpointManifest]] = {}
-    for path, manifest in found:
+    for path, manifest in scan.complete:
         by_iteration.setdefault(manifest.iteration, (path, manifest))
     entries = [by_iteration[it] for it in sorted(by_iteration)]
     if not entries:
@@ -292,7 +398,7 @@ def select_window(
     # A corrupt checkpoint inside (or newer than) the window would silently leave a gap.
     bad = [
         f"{path} ({why})"
-        for path, iteration, why in unreadable
+        for path, iteration, why in scan.unreadable
         if iteration is None or iteration >= oldest
     ]
     for path, _ in entries:
@@ -305,9 +411,41 @@ def select_window(
             f"--load-dir {load_dir}: unreadable checkpoint(s) in the selected window: "
             f"{'; '.join(bad)}; repair or remove them, or pass --inputs explicitly"
         )
+    gaps = _unfinished_inside(scan.incomplete, entries, newest.iteration, window_iters, count)
+    if gaps and not skip_incomplete:
+        listed = "; ".join(f"{path} (iteration {it}, {why})" for path, it, why in gaps)
+        raise MergeError(
+            f"--load-dir {load_dir}: unfinished checkpoint(s) inside the selected window: "
+            f"{listed}; merging around them leaves a gap: let the save finish, remove them, or "
+            "pass --skip-incomplete (with --positions-from iteration or tokens)"
+        )
     if len(entries) < 2:
         raise MergeError(
             f"--load-dir {load_dir}: the selected window holds {len(entries)} checkpoint(s); a "
             "merge needs at least 2 (widen --window-iters/--window-tokens or raise --count)"
         )
-    return [path for path, _ in entries]
+    return WindowSelection(
+        paths=[path for path, _ in entries],
+        iterations=[manifest.iteration for _, manifest in entries],
+        skipped=gaps,
+    )
+
+
+def _unfinished_inside(
+    incomplete: list[tuple[Path, int, str]],
+    entries: list[tuple[Path, CheckpointManifest]],
+    newest: int,
+    window_iters: int | None,
+    count: int | None,
+) -> list[tuple[Path, int, str]]:
+    """Unfinished checkpoints in the window's iteration range at an iteration it lacks."""
+    if not entries:
+        return []
+    chosen = {manifest.iteration for _, manifest in entries}
+    low = entries[0][1].iteration
+    if window_iters is not None and count is None:
+        # The window the user asked for starts at newest - N, even if its anchor is unfinished.
+        low = min(low, newest - window_iters)
+    high = entries[-1][1].iteration
+    # A save newer than the window (the trainer's current one) is no gap.
+    return [g for g in incomplete if low <= g[1] <= high and g[1] not in chosen]

@@ -427,7 +427,8 @@ def test_cli_help_explains_options():
     assert code == 0
     for flag in ("--inputs", "--load-dir", "--window-iters", "--window-tokens", "--count",
                  "--method", "--weights", "--save", "--output-dtype", "--dry-run", "--chunk-mb",
-                 "--overwrite", "--allow-no-manifest"):
+                 "--overwrite", "--allow-no-manifest", "--positions-from", "--convention",
+                 "--sampling", "--skip-incomplete"):
         assert flag in out
     wrapper = subprocess.run([sys.executable, str(ROOT / "tools/merge_wsm.py"), "--help"],
                              capture_output=True, text=True, timeout=120)

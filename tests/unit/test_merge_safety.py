@@ -288,10 +288,17 @@ def test_count_below_two_is_refused(window, tmp_path, capsys):
 
 
 def test_negative_weights_in_plain_form(window, capsys):
+    from megatron_wsm.schedule import validate_coefficients
+
     args = ["--inputs", *map(str, window), "--weights", "-0.5,0.7,0.8", "--dry-run"]
     assert merge_wsm.main(args) == 2
     err = capsys.readouterr().err
-    assert "--allow-negative" in err and "allow_negative=True" not in err
+    # The library's message names the flag and the keyword; the CLI prints it unchanged.
+    with pytest.raises(ValueError) as library:
+        validate_coefficients([-0.5, 0.7, 0.8])
+    assert err == f"merge_wsm: error: {library.value}\n"
+    assert "--allow-negative" in err and "allow_negative=True in Python" in err
+    assert not hasattr(merge_wsm, "_flag_names")
     assert merge_wsm.main([*args, "--allow-negative", "--no-progress-bar"]) == 0
     assert "-0.500000" in capsys.readouterr().out
     assert merge_wsm.join_negative_lists(["--decay", "-.1,2", "--save", "-x"]) == [
@@ -323,8 +330,28 @@ def test_no_space_left_names_the_output(window, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch_dist.os, "pwrite", full)
     out = tmp_path / "merged"
-    with pytest.raises(MergeError, match=r"failed at .*\.merged\.merging-.*distcp: No space left"):
+    with pytest.raises(MergeError) as e:
         merge_checkpoints(window, COEFS, out)
+    # The --save path the user gave first; the hidden temporary file only as detail.
+    message = str(e.value)
+    assert message.startswith(f"writing --save {out} failed: No space left on device (at ")
+    assert ".merged.merging-" in message and message.endswith(".distcp)")
+    _nothing_published(out)
+
+
+def test_failed_manifest_write_names_the_output(window, tmp_path, monkeypatch, capsys):
+    import megatron_wsm.merge as merge
+
+    def full(path, _manifest):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "wsm_manifest.json"))
+
+    monkeypatch.setattr(merge, "write_manifest", full)
+    out = tmp_path / "merged"
+    args = ["--inputs", *map(str, window), "--method", "mean", "--save", str(out)]
+    assert merge_wsm.main([*args, "--no-progress-bar"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"merge_wsm: error: writing --save {out} failed: No space left")
+    assert "wsm_manifest.json)" in err
     _nothing_published(out)
 
 
