@@ -48,6 +48,7 @@ from megatron_wsm.manifest import (
     read_manifest,
     write_manifest,
 )
+from megatron_wsm.process_guard import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -702,26 +703,6 @@ def _drain_results_queue() -> None:
 _helpers_bound = False
 _fork_parent_pid = 0
 _results_manager: Any = None
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def die_with_parent(expected_parent: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; exit now if it already has.
-
-    The parent may die between this process's start and the ``prctl`` call, so ``getppid`` is
-    checked after it. A no-op where ``prctl`` is not available (not Linux).
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != expected_parent:
-        os._exit(1)
-
-
 def _before_fork() -> None:
     global _fork_parent_pid
     _fork_parent_pid = os.getpid()

@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 
 from megatron_wsm import cpu_compat
 from megatron_wsm.config import ParallelConfig
+from megatron_wsm.process_guard import die_with_launcher
 
 
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
@@ -18,6 +19,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     megatron-core's model-parallel groups, and seed the model-parallel RNG streams."""
     if not torch.cuda.is_available():
         cpu_compat.apply()
+    die_with_launcher()  # a SIGKILLed torchrun must not leave its ranks waiting in collectives
     backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         if "RANK" not in os.environ:

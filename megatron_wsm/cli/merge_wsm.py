@@ -295,6 +295,9 @@ def _init_distributed(args: argparse.Namespace) -> bool:
         return False
     import torch.distributed as dist
 
+    from megatron_wsm.process_guard import die_with_launcher
+
+    die_with_launcher()  # a SIGKILLed torchrun must not leave merge ranks in collectives
     if not dist.is_initialized():
         dist.init_process_group(
             backend=args.distributed_backend,

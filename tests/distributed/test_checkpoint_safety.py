@@ -172,7 +172,9 @@ def _marked(marker: str) -> list[psutil.Process]:
     return found
 
 
-def _sigkill_trainer_and_look_for_survivors(data_cache: str, tmp_path: Path, delay: float):
+def _sigkill_trainer_and_look_for_survivors(
+    data_cache: str, tmp_path: Path, delay: float, launcher_only: bool = False
+):
     marker = uuid.uuid4().hex
     env = _env()
     env[MARKER_ENV] = marker
@@ -206,7 +208,8 @@ def _sigkill_trainer_and_look_for_survivors(data_cache: str, tmp_path: Path, del
         launcher = psutil.Process(proc.pid)
         ranks = launcher.children()  # torchrun's own children are the rank processes
         assert ranks
-        for p in [launcher, *ranks]:
+        # Killing torchrun alone must take its ranks down too (they die with their launcher).
+        for p in [launcher] if launcher_only else [launcher, *ranks]:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
@@ -236,6 +239,10 @@ def _sigkill_trainer_and_look_for_survivors(data_cache: str, tmp_path: Path, del
 
 def test_sigkilled_trainer_leaves_no_helper_process(data_cache, tmp_path):
     _sigkill_trainer_and_look_for_survivors(data_cache, tmp_path, delay=0.5)
+
+
+def test_sigkilled_torchrun_takes_its_ranks_and_helpers_down(data_cache, tmp_path):
+    _sigkill_trainer_and_look_for_survivors(data_cache, tmp_path, delay=0.5, launcher_only=True)
 
 
 @pytest.mark.slow
