@@ -568,6 +568,27 @@ class CheckpointManager:
         finally:
             sched.override_opt_param_scheduler = False
 
+    def _verify_before_load(self, ckpt: Path) -> None:
+        """Refuse a checkpoint whose files are not what its ``.metadata`` says (collective).
+
+        megatron-core unpickles ``.metadata`` with plain ``pickle``: every rank first reads it
+        with the restricted unpickler and checks shard names and byte ranges, so a crafted or
+        inconsistent checkpoint is refused before megatron-core touches it. Then the CRC-32 of
+        every item is checked, the shard files split over the ranks (one extra read of the
+        checkpoint in all, shared like the load itself), so bit rot is not loaded silently.
+        """
+        if not (ckpt / ckpt_integrity.METADATA_FILE).is_file():
+            return  # legacy format: megatron-core refuses it with its own message
+        problems = ckpt_integrity.storage_problems(ckpt)
+        if not problems:
+            files = ckpt_integrity.shard_files(ckpt_integrity.load_metadata(ckpt))
+            mine = files[wdist.rank() :: wdist.world_size()]
+            problems = ckpt_integrity.crc_problems(ckpt, files=mine)
+        if not wdist.all_ranks_true(not problems):
+            found = [p for per_rank in wdist.all_gather_objects(problems) for p in per_rank]
+            more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+            raise CheckpointError(f"refusing to load {ckpt}: {found[0]}{more}")
+
     def load(
         self,
         path: str | os.PathLike,
@@ -598,6 +619,7 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
             )
+        self._verify_before_load(ckpt)
         model_sd = self._model_sharded()
         sharded: dict[str, Any] = {"model": model_sd}
         has_optim = kind == KIND_FULL and not finetune

@@ -260,10 +260,25 @@ def blob_crc_problems(read_at: Any, length: int, what: str) -> list[str]:
     return problems
 
 
+def shard_files(metadata: Any) -> list[str]:
+    """The distinct (checked) shard file names a checkpoint's metadata refers to, sorted."""
+    names = set()
+    for info in metadata.storage_data.values():
+        try:
+            names.add(storage_location(info)[0])
+        except IntegrityError:
+            continue
+    return sorted(names)
+
+
 def crc_problems(
-    checkpoint_dir: str | os.PathLike, metadata: Any = None, fqns: Iterable[str] | None = None
+    checkpoint_dir: str | os.PathLike,
+    metadata: Any = None,
+    fqns: Iterable[str] | None = None,
+    files: Iterable[str] | None = None,
 ) -> list[str]:
-    """CRC-32 mismatches in the items of a checkpoint (all items, or those of ``fqns``).
+    """CRC-32 mismatches in the items of a checkpoint (all items, or those of ``fqns`` and/or
+    stored in ``files``: several processes can split the work by file).
 
     Reads every byte of the items checked; items whose range is already inconsistent are left
     to :func:`storage_problems`.
@@ -272,11 +287,14 @@ def crc_problems(
     if metadata is None:
         metadata = load_metadata(root)
     wanted = set(fqns) if fqns is not None else None
+    in_files = set(files) if files is not None else None
     problems: list[str] = []
     handles: dict[str, Any] = {}
     try:
         for index, info in metadata.storage_data.items():
             if wanted is not None and index.fqn not in wanted:
+                continue
+            if in_files is not None and getattr(info, "relative_path", None) not in in_files:
                 continue
             try:
                 rel, offset, length = storage_location(info)

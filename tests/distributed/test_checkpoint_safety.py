@@ -249,3 +249,60 @@ def test_sigkilled_torchrun_takes_its_ranks_and_helpers_down(data_cache, tmp_pat
 @pytest.mark.parametrize("delay", [0.0, 1.3, 2.1, 3.7])
 def test_sigkilled_trainer_leaves_no_helper_process_loop(data_cache, tmp_path, delay):
     _sigkill_trainer_and_look_for_survivors(data_cache, tmp_path, delay)
+
+
+class _RunsCode:
+    """A pickle that creates a file when unpickled (a crafted ``.metadata``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_trainer_refuses_to_load_bit_rot_and_crafted_metadata(data_cache, tmp_path):
+    import pickle
+    import shutil
+
+    save = tmp_path / "ckpt"
+    args = [*TINY_MODEL, "--train-iters", "2", "--data-cache-dir", data_cache,
+            "--expert-model-parallel-size", "2"]
+    run_pretrain([*args, "--save", save], tmp_path / "a.json", nproc=2)
+    ckpt = save / "iter_0000002"
+    assert ckpt_integrity.verify(ckpt, crc=True) == []
+
+    def resume(load: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            torchrun_cmd("pretrain_moe.py", 2)
+            + [str(a) for a in [*args, "--train-iters", "3", "--load", load]],
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        )
+
+    # A flipped bit in the last shard file (checked by rank 1 of 2) is refused by name.
+    rot = tmp_path / "rot"
+    shutil.copytree(ckpt, rot)
+    md = ckpt_integrity.load_metadata(rot)
+    last = ckpt_integrity.shard_files(md)[-1]
+    index, info = next(
+        (i, s) for i, s in md.storage_data.items()
+        if s.relative_path == last and "weight" in i.fqn and s.length > 4096
+    )
+    data = bytearray((rot / last).read_bytes())
+    data[info.offset + info.length - 1024] ^= 0x04
+    (rot / last).write_bytes(bytes(data))
+    proc = resume(rot)
+    assert proc.returncode != 0
+    assert "refusing to load" in proc.stderr and "CRC-32 mismatch" in proc.stderr, proc.stderr
+    assert last in proc.stderr
+
+    # A crafted .metadata is refused before megatron-core unpickles it: no code runs.
+    crafted = tmp_path / "crafted"
+    shutil.copytree(ckpt, crafted)
+    marker = tmp_path / "PWNED"
+    with open(crafted / ckpt_integrity.METADATA_FILE, "wb") as f:
+        pickle.dump(_RunsCode(str(marker)), f)
+    proc = resume(crafted)
+    assert proc.returncode != 0
+    assert "refusing to load" in proc.stderr and "unsafe" in proc.stderr, proc.stderr
+    assert not marker.exists()
