@@ -116,7 +116,6 @@ def test_readme_parser_sees_every_command():
     assert "runs/x/ckpt/iter_0000024" in shrunk and "30" in shrunk, shrunk
 
 
-@pytest.mark.slow
 def test_readme_using_it_commands_run(data_cache, tmp_path):
     commands = readme_commands((ROOT / "README.md").read_text())
     train_args: list[str] = []
