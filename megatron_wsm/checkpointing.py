@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_integrity, spec_keys
 from megatron_wsm import distributed as wdist
 from megatron_wsm.manifest import (
     KIND_FULL,
@@ -441,6 +441,7 @@ class CheckpointManager:
             model_config=self.identity,
             checkpoint_format="torch_dist",
             megatron_core_version=_mcore_version(),
+            model_spec=_model_spec(),
             complete=True,
             extra={"run": self.run_info},
         )
@@ -625,6 +626,9 @@ class CheckpointManager:
         has_optim = kind == KIND_FULL and not finetune
         if has_optim and load_optim:
             sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        if (ckpt / ckpt_integrity.METADATA_FILE).is_file():
+            # Either spec's checkpoint, and the local spec's older norm names, load here.
+            spec_keys.adapt_load_request(sharded, spec_keys.checkpoint_keys(ckpt))
         same_world = manifest is None or manifest.parallel.world_size == self.layout.world_size
         if has_optim and load_rng and same_world:
             sharded["rng_state"] = self._rng_object(None)
@@ -681,6 +685,26 @@ def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
     spec = os.environ.get(CRASH_ENV)
     if spec and spec == f"{kind}:{iteration}:{point}" and wdist.rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _model_spec() -> dict[str, Any]:
+    from megatron_wsm.model import layer_spec_name
+
+    te_version = None
+    if layer_spec_name() == "transformer_engine":
+        from importlib.metadata import PackageNotFoundError, version
+
+        for dist_name in ("transformer_engine", "transformer-engine"):
+            try:
+                te_version = version(dist_name)
+                break
+            except PackageNotFoundError:
+                continue
+    return {
+        "layer_spec": layer_spec_name(),
+        "key_scheme": spec_keys.KEY_SCHEME,
+        "transformer_engine_version": te_version,
+    }
 
 
 def _mcore_version() -> str:
