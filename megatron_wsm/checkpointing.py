@@ -355,6 +355,11 @@ class CheckpointManager:
         )
 
     def _state_dict(self, kind: str, train_state: Any) -> dict[str, Any]:
+        for chunk in self.model:
+            if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+                # With an overlapped param gather the updated weights arrive only in the next
+                # forward; a save must hold this step's weights.
+                chunk.start_param_sync(force_sync=True)
         model_sd = self._model_sharded()
         sd: dict[str, Any] = {
             "model": model_sd,
