@@ -487,7 +487,11 @@ class CheckpointManager:
         if async_save:
             _maybe_inject_crash(kind, iteration, "before-write")
             request = dist_checkpointing.save(
-                state_dict, str(tmp), self._save_strategy(), async_sharded_save=True
+                state_dict,
+                str(tmp),
+                self._save_strategy(),
+                async_sharded_save=True,
+                **async_save_kwargs(dist_checkpointing.save),
             )
             request.add_finalize_fn(finalize)
             self._async().schedule_async_request(request)
@@ -692,6 +696,16 @@ def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def async_save_kwargs(save: Callable[..., Any]) -> dict[str, Any]:
+    """Extra arguments for an async ``dist_checkpointing.save``: megatron-core >= 0.17 defaults
+    to the nvidia-resiliency-ext strategy (an optional package); ask for its own one there.
+    Decided by the signature, so 0.16 (no such argument) gets nothing."""
+    import inspect
+
+    params = inspect.signature(save).parameters
+    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
+
+
 def _model_spec() -> dict[str, Any]:
     from megatron_wsm.model import layer_spec_name
 
@@ -754,6 +768,8 @@ def _drain_results_queue() -> None:
 _helpers_bound = False
 _fork_parent_pid = 0
 _results_manager: Any = None
+
+
 def _before_fork() -> None:
     global _fork_parent_pid
     _fork_parent_pid = os.getpid()

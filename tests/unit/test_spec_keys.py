@@ -229,3 +229,20 @@ def test_overlap_flags_pass_validation_only_together_with_the_distributed_optimi
     cfg.parallel.overlap_grad_reduce = False
     with pytest.raises(ConfigError, match="needs --overlap-grad-reduce"):
         validate_accelerator_flags(cfg, cuda=True, te=True)
+
+
+def test_async_saves_ask_for_megatron_cores_own_strategy_where_there_is_a_choice():
+    from megatron_wsm.checkpointing import async_save_kwargs
+
+    def save_016(
+        sharded_state_dict, checkpoint_dir, sharded_strategy=None, async_sharded_save=False
+    ):
+        return None
+
+    def save_017(
+        sharded_state_dict, checkpoint_dir, async_sharded_save=False, async_strategy="nvrx"
+    ):
+        return None
+
+    assert async_save_kwargs(save_016) == {}
+    assert async_save_kwargs(save_017) == {"async_strategy": "mcore"}
