@@ -13,9 +13,10 @@ setup(
         # the CPU shims were checked up to 2.13/2.14. On CPU-only machines install the CPU
         # build first (`pip install torch==2.13.0` here), or pip pulls a multi-GB CUDA build.
         "torch>=2.6,<2.15",
-        # Exact: megatron_wsm.cpu_compat patches 0.16.x internals (the newest with py3.11
-        # wheels); a newer release needs the shims re-checked.
-        "megatron-core==0.16.1",
+        # 0.16.1 (the newest with Python 3.11 wheels) is the CPU baseline the shims in
+        # megatron_wsm.cpu_compat were checked on; 0.17-0.19 need Python >= 3.12 and are
+        # handled by signature/version checks (async save strategy), GPU-only so far.
+        "megatron-core>=0.16.1,<0.20",
         "sentencepiece>=0.2,<0.3",  # tokenizer of the embedded corpus and users' data
         "tensorboard>=2.16,<3",  # SummaryWriter + event reader for tests
         "numpy>=1.26,<3",

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--bf16", action="store_true", help="bf16 params with fp32 master weights")
     g.add_argument(
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="run each layer's experts as one grouped GEMM (Transformer Engine, GPU only); "
+        "checkpoints are the same as without",
+    )
+    g.add_argument(
         "--layout-independent-init",
         action="store_true",
         help="initialise weights identically for every TP/PP/EP layout (tests, small models)",
@@ -75,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true", help="required for MoE with TP > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
+    g.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="overlap the DP gradient reduce with the backward pass (megatron-core DDP)",
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="overlap the distributed optimizer's parameter all-gather with the forward pass "
+        "(needs --use-distributed-optimizer and --overlap-grad-reduce)",
+    )
 
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -315,12 +332,34 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
         raise ConfigError("--data-path needs --tokenizer-model (the model that made the data)")
     if cfg.data.tokenizer_model is not None and not os.path.isfile(cfg.data.tokenizer_model):
         raise ConfigError(f"--tokenizer-model {cfg.data.tokenizer_model}: file not found")
+    validate_accelerator_flags(cfg, cuda)
     try:
         from megatron_wsm.lr import scheduler_kwargs
 
         scheduler_kwargs(cfg.optim, max(t.train_iters, 1), t.global_batch_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def validate_accelerator_flags(cfg: RunConfig, cuda: bool, te: bool | None = None) -> None:
+    """Refuse GPU-only performance flags where they cannot run (``te``: TE usable; probed
+    when None)."""
+    m, par = cfg.model, cfg.parallel
+    if m.moe_grouped_gemm:
+        if not m.num_experts:
+            raise ConfigError("--moe-grouped-gemm needs --num-experts")
+        if te is None:
+            from megatron_wsm.model import transformer_engine_usable
+
+            te = cuda and transformer_engine_usable()
+        if not te:
+            from megatron_wsm.model import GROUPED_GEMM_NEEDS_TE
+
+            raise ConfigError(GROUPED_GEMM_NEEDS_TE)
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+    if par.overlap_param_gather and not par.overlap_grad_reduce:
+        raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (megatron-core)")
 
 
 def window_interval_iters(cfg: RunConfig) -> int | None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_integrity, spec_keys
 from megatron_wsm import distributed as wdist
 from megatron_wsm.manifest import (
     KIND_FULL,
@@ -355,6 +355,11 @@ class CheckpointManager:
         )
 
     def _state_dict(self, kind: str, train_state: Any) -> dict[str, Any]:
+        for chunk in self.model:
+            if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+                # With an overlapped param gather the updated weights arrive only in the next
+                # forward; a save must hold this step's weights.
+                chunk.start_param_sync(force_sync=True)
         model_sd = self._model_sharded()
         sd: dict[str, Any] = {
             "model": model_sd,
@@ -441,6 +446,7 @@ class CheckpointManager:
             model_config=self.identity,
             checkpoint_format="torch_dist",
             megatron_core_version=_mcore_version(),
+            model_spec=_model_spec(),
             complete=True,
             extra={"run": self.run_info},
         )
@@ -481,7 +487,11 @@ class CheckpointManager:
         if async_save:
             _maybe_inject_crash(kind, iteration, "before-write")
             request = dist_checkpointing.save(
-                state_dict, str(tmp), self._save_strategy(), async_sharded_save=True
+                state_dict,
+                str(tmp),
+                self._save_strategy(),
+                async_sharded_save=True,
+                **async_save_kwargs(dist_checkpointing.save),
             )
             request.add_finalize_fn(finalize)
             self._async().schedule_async_request(request)
@@ -625,6 +635,9 @@ class CheckpointManager:
         has_optim = kind == KIND_FULL and not finetune
         if has_optim and load_optim:
             sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        if (ckpt / ckpt_integrity.METADATA_FILE).is_file():
+            # Either spec's checkpoint, and the local spec's older norm names, load here.
+            spec_keys.adapt_load_request(sharded, spec_keys.checkpoint_keys(ckpt))
         same_world = manifest is None or manifest.parallel.world_size == self.layout.world_size
         if has_optim and load_rng and same_world:
             sharded["rng_state"] = self._rng_object(None)
@@ -683,6 +696,36 @@ def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def async_save_kwargs(save: Callable[..., Any]) -> dict[str, Any]:
+    """Extra arguments for an async ``dist_checkpointing.save``: megatron-core >= 0.17 defaults
+    to the nvidia-resiliency-ext strategy (an optional package); ask for its own one there.
+    Decided by the signature, so 0.16 (no such argument) gets nothing."""
+    import inspect
+
+    params = inspect.signature(save).parameters
+    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
+
+
+def _model_spec() -> dict[str, Any]:
+    from megatron_wsm.model import layer_spec_name
+
+    te_version = None
+    if layer_spec_name() == "transformer_engine":
+        from importlib.metadata import PackageNotFoundError, version
+
+        for dist_name in ("transformer_engine", "transformer-engine"):
+            try:
+                te_version = version(dist_name)
+                break
+            except PackageNotFoundError:
+                continue
+    return {
+        "layer_spec": layer_spec_name(),
+        "key_scheme": spec_keys.KEY_SCHEME,
+        "transformer_engine_version": te_version,
+    }
+
+
 def _mcore_version() -> str:
     from megatron.core.package_info import __version__
 
@@ -725,6 +768,8 @@ def _drain_results_queue() -> None:
 _helpers_bound = False
 _fork_parent_pid = 0
 _results_manager: Any = None
+
+
 def _before_fork() -> None:
     global _fork_parent_pid
     _fork_parent_pid = os.getpid()

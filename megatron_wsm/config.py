@@ -54,6 +54,8 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  #: DP gradient reduce overlapped with backward
+    overlap_param_gather: bool = False  #: distributed optimizer's param all-gather overlapped
     distributed_backend: str | None = None  #: None → nccl with CUDA, gloo without
 
 

@@ -55,6 +55,8 @@ class CheckpointManifest:
         model_config: the model config itself (JSON-able subset), for humans and for checks.
         checkpoint_format: dist_checkpointing backend (``torch_dist``) or ``torch`` (legacy).
         megatron_core_version: version of megatron-core that wrote the shards.
+        model_spec: the writer's layer spec (``local`` or ``transformer_engine``), the
+            checkpoint key scheme and the TE version; informational (both specs share keys).
         complete: True once every rank finished; never true on a half-written directory.
         created_unix: wall-clock time of writing the manifest.
         extra: free-form (e.g. merge provenance).
@@ -70,6 +72,7 @@ class CheckpointManifest:
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint_format: str = "torch_dist"
     megatron_core_version: str = ""
+    model_spec: dict[str, Any] = dataclasses.field(default_factory=dict)
     complete: bool = False
     created_unix: float = dataclasses.field(default_factory=time.time)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)

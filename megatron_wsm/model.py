@@ -25,6 +25,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_wsm.config import ModelConfig, ParallelConfig
+from megatron_wsm.spec_keys import is_norm_param_key
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,6 +48,12 @@ class SequenceParallelTorchNorm(torch.nn.Module):
     the norm weights see different gradients per rank; megatron-core's
     ``finalize_model_grads`` all-reduces parameters flagged ``sequence_parallel`` over the TP
     group, which is exactly what the flag set here asks for.
+
+    The parameters sit on this module itself (``weight``, ``bias``), as on Transformer Engine's
+    norms, so that checkpoint keys are the TE spec's (``…linear_qkv.layer_norm_weight``,
+    ``final_layernorm.weight``) and a checkpoint moves between the specs unchanged. The
+    arithmetic is ``torch.nn.functional.rms_norm`` / ``layer_norm``, as ``torch.nn.RMSNorm`` /
+    ``LayerNorm`` compute it.
     """
 
     def __init__(
@@ -57,16 +64,19 @@ class SequenceParallelTorchNorm(torch.nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if config.normalization == "RMSNorm":
-            self.norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
-        else:
-            self.norm = torch.nn.LayerNorm(hidden_size, eps=eps)
-        for param in self.norm.parameters():
+        self.rms = config.normalization == "RMSNorm"
+        self.shape = (hidden_size,)
+        self.eps = eps
+        dtype = config.params_dtype
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
-            param.data = param.data.to(config.params_dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+        if self.rms:
+            return torch.nn.functional.rms_norm(hidden, self.shape, self.weight, self.eps)
+        return torch.nn.functional.layer_norm(hidden, self.shape, self.weight, self.bias, self.eps)
 
 
 def _replace_norms(spec: Any) -> Any:
@@ -87,9 +97,73 @@ def _replace_norms(spec: Any) -> Any:
     return spec
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """megatron-core ``TransformerConfig`` for our model and parallel layout."""
+@dataclasses.dataclass(frozen=True)
+class FusionKernels:
+    """Which fused kernels import on this machine (see :func:`probe_fusion_kernels`)."""
+
+    cuda: bool = False
+    transformer_engine: bool = False  #: TE imports (fused RoPE, TE spec, grouped GEMM)
+    masked_softmax: bool = False  #: megatron's ``scaled_*masked_softmax_cuda`` extensions
+    wgrad_accumulation: bool = False  #: apex's ``fused_weight_gradient_mlp_cuda``
+    triton: bool = False  #: torch.compile's GPU backend (megatron-core's ``jit_fuser``)
+
+
+def _imports(module: str) -> bool:
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # a broken extension counts as absent: its fusion stays off
+        return False
+    return True
+
+
+def probe_fusion_kernels() -> FusionKernels:
+    """Try the imports each fusion needs; nothing is enabled that would fail on first use."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        return FusionKernels()
+    return FusionKernels(
+        cuda=True,
+        transformer_engine=transformer_engine_usable(),
+        masked_softmax=all(
+            _imports(m)
+            for m in ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda")
+        ),
+        wgrad_accumulation=_imports("fused_weight_gradient_mlp_cuda"),
+        triton=_imports("triton"),
+    )
+
+
+def decide_fusions(kernels: FusionKernels) -> dict[str, bool]:
+    """The megatron-core fusion switches for the kernels that import (a pure function).
+
+    - ``masked_softmax_fusion``: the local spec's softmax calls
+      ``scaled_upper_triang_masked_softmax_cuda`` for bf16/fp16 inputs; without that extension
+      it must stay off (TE's attention does its own softmax and ignores the switch).
+    - ``apply_rope_fusion``: TE's fused RoPE kernel.
+    - ``bias_dropout_fusion``: ``torch.compile`` of the bias-dropout-add, which needs triton.
+    - ``gradient_accumulation_fusion``: the output layer is megatron-core's own linear even
+      under the TE spec, and it refuses the switch without apex's wgrad kernel.
+    """
+    on = kernels.cuda
+    return {
+        "masked_softmax_fusion": on and kernels.masked_softmax,
+        "apply_rope_fusion": on and kernels.transformer_engine,
+        "bias_dropout_fusion": on and kernels.triton,
+        "gradient_accumulation_fusion": on and kernels.wgrad_accumulation,
+    }
+
+
+def build_transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, kernels: FusionKernels | None = None
+) -> TransformerConfig:
+    """megatron-core ``TransformerConfig`` for our model and parallel layout.
+
+    ``kernels`` (default: probed on this machine) decides which fusions are on.
+    """
     use_cuda = torch.cuda.is_available()
+    fusions = decide_fusions(probe_fusion_kernels() if kernels is None else kernels)
     params_dtype = _DTYPES[model.params_dtype]
     num_experts = model.num_experts or None
     ffn = model.ffn_hidden_size or 4 * model.hidden_size
@@ -120,10 +194,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Tr
         # Initialise on CPU so weights are identical whatever the device and TP layout.
         use_cpu_initialization=True,
         perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=use_cuda,
+        **fusions,
         persist_layer_norm=False,
         deterministic_mode=not use_cuda,
     )
@@ -142,18 +213,51 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Tr
     return TransformerConfig(**kwargs)
 
 
+#: Names recorded in checkpoint manifests for the two layer specs.
+SPEC_TE = "transformer_engine"
+SPEC_LOCAL = "local"
+
+
+def layer_spec_name() -> str:
+    """Which layer spec :func:`build_layer_spec` picks on this machine."""
+    return SPEC_TE if transformer_engine_usable() else SPEC_LOCAL
+
+
+class GroupedGemmUnavailable(RuntimeError):
+    """``--moe-grouped-gemm`` asked for without Transformer Engine."""
+
+
+GROUPED_GEMM_NEEDS_TE = (
+    "--moe-grouped-gemm needs Transformer Engine on CUDA (its grouped linear layers); "
+    "install transformer-engine[pytorch] (or use an NGC PyTorch container), or drop the flag"
+)
+
+
 def build_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
-    """TE spec when TE + CUDA are usable, else the local spec with SP-capable norms."""
+    """TE spec when TE + CUDA are usable, else the local spec with SP-capable norms.
+
+    Both specs give the same checkpoint keys: the local spec's norms carry TE's parameter names
+    (:class:`SequenceParallelTorchNorm`), and in an MoE layer the pre-MLP norm keeps its own
+    name, as under TE (whose MoE layer has no fused norm + fc1 to fold it into).
+    """
     num_experts = model.num_experts or None
     if transformer_engine_usable():
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=model.moe_grouped_gemm
         )
+    if model.moe_grouped_gemm and num_experts:
+        # The local spec would fall back to the legacy GroupedMLP (another package, other
+        # checkpoint layout); refuse rather than run something else than asked.
+        raise GroupedGemmUnavailable(GROUPED_GEMM_NEEDS_TE)
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
-        moe_grouped_gemm=model.moe_grouped_gemm,
+        moe_grouped_gemm=False,
         normalization=model.normalization,
     )
+    if num_experts:
+        keys_map = dict(spec.submodules.sharded_state_dict_keys_map)
+        keys_map.pop("pre_mlp_layernorm.", None)
+        spec.submodules.sharded_state_dict_keys_map = keys_map
     return _replace_norms(spec)
 
 
@@ -224,7 +328,7 @@ def layout_independent_init(model: torch.nn.Module, config: TransformerConfig, s
                 continue
             if not sh.data.is_floating_point() or not sh.key.endswith("weight"):
                 continue
-            if "norm" in sh.key.rsplit(".", 2)[-2] or "layernorm" in sh.key:
+            if is_norm_param_key(sh.key):  # TE's fused `layer_norm_weight` included
                 continue
             if sh.flattened_range is not None:
                 raise ValueError(f"{sh.key}: flattened shards are not supported here")

@@ -100,7 +100,8 @@ def build_model_and_optimizer(cfg: RunConfig, vocab_size: int) -> tuple[Any, lis
         layout_independent_init(gpt, tconfig, cfg.training.seed)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     model = [DDP(tconfig, ddp_config, gpt)]
@@ -122,6 +123,7 @@ def build_model_and_optimizer(cfg: RunConfig, vocab_size: int) -> tuple[Any, lis
         fp16=cfg.model.params_dtype == "fp16",
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = build_scheduler(
