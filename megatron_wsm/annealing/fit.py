@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.optimize
 
 from megatron_wsm.annealing.law import (
     LAW,
@@ -116,63 +117,18 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
 
 
-def _solve_small(G: list[list[float]], h: list[float]) -> list[float] | None:
-    """Solve G x = h for a tiny SPD system (Gaussian elimination on Python floats).
-
-    numpy's per-call overhead dominates 1-3 unknowns, and the fit solves hundreds of
-    thousands of them. None when (numerically) singular.
-    """
-    n = len(h)
-    a = [row[:] + [h[i]] for i, row in enumerate(G)]
-    for c in range(n):
-        piv = max(range(c, n), key=lambda r: abs(a[r][c]))
-        if abs(a[piv][c]) < 1e-12:
-            return None
-        a[c], a[piv] = a[piv], a[c]
-        for r in range(c + 1, n):
-            f = a[r][c] / a[c][c]
-            for k in range(c, n + 1):
-                a[r][k] -= f * a[c][k]
-    x = [0.0] * n
-    for r in range(n - 1, -1, -1):
-        x[r] = (a[r][n] - sum(a[r][k] * x[k] for k in range(r + 1, n))) / a[r][r]
-    return x
-
-
 def _bounded_wls(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """argmin_b Σ w (X b - y)² subject to b ≥ 0 (all columns), exactly.
 
-    Few columns, so every KKT candidate (a subset of coefficients pinned at 0, the others
-    free) is tried on the normal equations; the feasible candidate with the smallest
-    objective is the optimum of this convex problem. Columns are scaled to unit weighted
-    norm first for conditioning.
+    scipy's NNLS (an active-set method, exact for this convex problem) on the √w-scaled rows;
+    columns are scaled to unit norm first for conditioning (S2 and S1^-α differ by decades).
     """
-    Xw = X * w[:, None]
-    G = Xw.T @ X
-    h = Xw.T @ y
-    d = np.sqrt(np.diag(G))
+    sw = np.sqrt(w)
+    A = X * sw[:, None]
+    d = np.linalg.norm(A, axis=0)
     d[d == 0] = 1.0
-    Gs = (G / np.outer(d, d)).tolist()
-    hs = (h / d).tolist()
-    ncol = X.shape[1]
-    best, best_obj = [0.0] * ncol, 0.0  # objective relative to Σ w y² (b = 0 gives 0)
-    # Largest free set first: usually the unconstrained optimum is feasible and we stop there.
-    for mask in range((1 << ncol) - 1, 0, -1):
-        free = [j for j in range(ncol) if mask >> j & 1]
-        sol = _solve_small([[Gs[i][j] for j in free] for i in free], [hs[i] for i in free])
-        if sol is None or min(sol) < 0:
-            continue
-        b = [0.0] * ncol
-        for j, v in zip(free, sol):
-            b[j] = v
-        # Σ w (Xb - y)² - Σ w y² = bᵀGb - 2bᵀh; at a solution of the free block it is -bᵀh.
-        obj = -sum(b[j] * hs[j] for j in free)
-        if mask == (1 << ncol) - 1:
-            best = b
-            break
-        if obj < best_obj:
-            best, best_obj = b, obj
-    return np.asarray(best) / d
+    b, _ = scipy.optimize.nnls(A / d, y * sw)
+    return b / d
 
 
 class _Problem:
@@ -221,40 +177,31 @@ class _Problem:
 def _nelder_mead(
     f: Callable[[np.ndarray], float], x0: np.ndarray, step: float, iters: int = 200
 ) -> tuple[np.ndarray, float]:
-    """Minimise ``f`` over the unit box [0, 1]^d from ``x0`` (points clipped into the box)."""
+    """Minimise ``f`` over the unit box [0, 1]^d from ``x0`` (scipy's bounded Nelder-Mead).
+
+    The start simplex steps ``step`` from ``x0`` along each axis (inwards at the box's edge);
+    converged when the simplex is smaller than 1e-5 in every coordinate, whatever the spread
+    of ``f`` (``fatol`` = inf): the Huber objective is flat near its optimum.
+    """
     d = x0.size
-    pts = [np.clip(x0, 0, 1)]
+    simplex = [np.clip(x0, 0, 1)]
     for j in range(d):
         e = x0.copy()
         e[j] += step if x0[j] + step <= 1 else -step
-        pts.append(np.clip(e, 0, 1))
-    vals = [f(p) for p in pts]
-    for _ in range(iters):
-        order = np.argsort(vals)
-        pts = [pts[i] for i in order]
-        vals = [vals[i] for i in order]
-        if max(np.max(np.abs(p - pts[0])) for p in pts[1:]) < 1e-5:
-            break
-        centroid = np.mean(pts[:-1], axis=0)
-        xr = np.clip(centroid + (centroid - pts[-1]), 0, 1)
-        fr = f(xr)
-        if fr < vals[0]:
-            xe = np.clip(centroid + 2 * (centroid - pts[-1]), 0, 1)
-            fe = f(xe)
-            pts[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
-        elif fr < vals[-2]:
-            pts[-1], vals[-1] = xr, fr
-        else:
-            xc = np.clip(centroid + 0.5 * (pts[-1] - centroid), 0, 1)
-            fc = f(xc)
-            if fc < vals[-1]:
-                pts[-1], vals[-1] = xc, fc
-            else:  # shrink towards the best point
-                for i in range(1, d + 1):
-                    pts[i] = pts[0] + 0.5 * (pts[i] - pts[0])
-                    vals[i] = f(pts[i])
-    i = int(np.argmin(vals))
-    return pts[i], vals[i]
+        simplex.append(np.clip(e, 0, 1))
+    res = scipy.optimize.minimize(
+        f,
+        x0,
+        method="Nelder-Mead",
+        bounds=[(0.0, 1.0)] * d,
+        options={
+            "initial_simplex": np.array(simplex),
+            "xatol": 1e-5,
+            "fatol": np.inf,
+            "maxiter": iters,
+        },
+    )
+    return np.asarray(res.x), float(res.fun)
 
 
 def fit_law(
