@@ -1,4 +1,7 @@
-"""LR curves in numpy: the trainer's scheduler and the curve a WSM merge emulates."""
+"""LR curves in numpy: the trainer's scheduler and the curve a WSM merge emulates.
+
+Decay shapes come from :mod:`megatron_wsm.schedule` (their one definition).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from megatron_wsm.annealing.law import _as_lrs
+from megatron_wsm.schedule import MergeMethod, shape_function
 
 #: WSD decay shapes of the trainer (``--lr-wsd-decay-style``).
 WSD_SHAPES = ("linear", "cosine", "exponential", "1-sqrt")
@@ -78,22 +82,32 @@ def trainer_lr_curve(
     return out
 
 
+# The trainer's --lr-wsd-decay-style names -> megatron_wsm.schedule shape names (same f).
+_WSD_TO_SCHEDULE = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "exponential": "wsd-exponential",
+    "1-sqrt": "1-sqrt",
+    "minus_sqrt": "1-sqrt",
+}
+
+
 def _wsd_coeff(shape: str, t: np.ndarray) -> np.ndarray:
-    if shape == "linear":
-        return 1.0 - t
-    if shape == "cosine":
-        return 0.5 * (np.cos(np.pi * t) + 1.0)
-    if shape == "exponential":
-        return 2.0 * np.power(0.5, t) - 1.0
-    if shape in ("1-sqrt", "minus_sqrt"):
-        return 1.0 - np.sqrt(t)
-    raise ValueError(f"unknown WSD decay shape {shape!r}; choose from {WSD_SHAPES}")
+    """The trainer's WSD decay factor at decay fractions ``t``: schedule's shape f, unclamped."""
+    if shape not in _WSD_TO_SCHEDULE:
+        raise ValueError(f"unknown WSD decay shape {shape!r}; choose from {WSD_SHAPES}")
+    f = shape_function(_WSD_TO_SCHEDULE[shape])
+    out = np.ones_like(t)
+    # Only the decay part needs f (scalar math, one call per step); the rest is t = 0 -> 1.
+    live = t > 0
+    out[live] = np.fromiter((f(x) for x in t[live].tolist()), dtype=np.float64)
+    return out
 
 
 def merge_lrs(
     base_lrs: Sequence[float] | np.ndarray,
     window_iters: int,
-    method: str = "1-sqrt",
+    method: str | MergeMethod = "1-sqrt",
     *,
     interval: int | None = None,
     **method_kwargs: Any,
@@ -103,12 +117,17 @@ def merge_lrs(
     The window holds k = window_iters / interval intervals (``interval`` default: the whole
     window in 8 intervals, rounded; 1 = a checkpoint every step). By Theorem 3.1 merging with
     the coefficients of ``method`` scales the updates of interval i by its decay weight
-    w_i (:func:`megatron_wsm.schedule.decay_weights`, w_i = f((i-1)/k)), so the emulated LR
-    is ``base_lrs × w_i`` over interval i. Its :func:`final_loss` predicts the merged model.
-    ``method_kwargs`` (``alpha``, ``final_ratio``, ``min_lr_ratio``) go to ``decay_weights``.
+    w_i (:meth:`megatron_wsm.schedule.MergeMethod.decay_weights`, w_i = f((i-1)/k)), so the
+    emulated LR is ``base_lrs × w_i`` over interval i. Its :func:`final_loss` predicts the
+    merged model. ``method`` is a :class:`~megatron_wsm.schedule.MergeMethod` or a method name
+    with its parameters in ``method_kwargs`` (``alpha``, ``final_ratio``, ``min_lr_ratio``).
     """
-    from megatron_wsm.schedule import decay_weights  # pure Python, no torch
-
+    if isinstance(method, MergeMethod):
+        if method_kwargs:
+            raise ValueError("give the merge parameters in the MergeMethod, not as keywords")
+        merge = method
+    else:
+        merge = MergeMethod(method, **method_kwargs)
     base = _as_lrs(base_lrs).copy()
     if not 1 <= window_iters <= base.size:
         raise ValueError(f"window_iters must be in [1, {base.size}], got {window_iters}")
@@ -120,6 +139,6 @@ def merge_lrs(
             f"({interval} steps each)"
         )
     k = window_iters // interval
-    w = np.repeat(np.asarray(decay_weights(method, k, **method_kwargs)), interval)
+    w = np.repeat(np.asarray(merge.decay_weights(k)), interval)
     base[base.size - window_iters :] *= w
     return base

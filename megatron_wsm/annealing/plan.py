@@ -21,6 +21,7 @@ from megatron_wsm.annealing.logs import load_run, unique_names
 from megatron_wsm.annealing.lr_curve import WSD_SHAPES, merge_lrs, trainer_lr_curve
 from megatron_wsm.annealing.report import curve, curve_steps
 from megatron_wsm.annealing.runs import Run
+from megatron_wsm.schedule import MergeMethod
 
 #: Merge methods of :mod:`megatron_wsm.schedule` that make sense to plan with.
 MERGE_METHODS = ("1-sqrt", "linear", "mean", "cosine", "ema", "inverse-sqrt", "exponential")
@@ -225,8 +226,9 @@ def schedule_lrs(spec: str, template: dict[str, Any]) -> tuple[np.ndarray, dict[
         win = _length(spec, opts, "window_iters", "window", T)
         interval = int(opts["interval"]) if "interval" in opts else None
         kw = {k: float(opts[k]) for k in ("alpha", "final_ratio") if k in opts}
+        merge = MergeMethod(method, **kw)
         base = trainer_lr_curve(train_iters=T, lr=lr, warmup_iters=warm, style="stable")
-        lrs = merge_lrs(base, win, method, interval=interval, **kw)
+        lrs = merge_lrs(base, win, merge, interval=interval)
         step = interval or max(1, int(round(win / 8)))
         info.update(
             method=method,
