@@ -4,7 +4,7 @@ Examples::
 
     python tools/wsm_weights.py --method 1-sqrt --k 8
     python tools/wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
-    python tools/wsm_weights.py --coefficients 0,0.2,0.3,0.5          # implied decay of c
+    python tools/wsm_weights.py --weights 0,0.2,0.3,0.5               # implied decay of c
     python tools/wsm_weights.py --decay weights.txt --method 1-sqrt    # compare with 1-sqrt
     python tools/wsm_weights.py --method 1-sqrt mean --k 3 --convention megatron-lm
     python tools/wsm_weights.py --method 1-sqrt --positions 0,100,200,400  # uneven window
@@ -43,7 +43,7 @@ PROG = "wsm_weights"
 EPILOG = """examples:
   wsm_weights.py --method 1-sqrt --k 8
   wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
-  wsm_weights.py --coefficients 0,0.2,0.3,0.5        # the decay these weights emulate
+  wsm_weights.py --weights 0,0.2,0.3,0.5             # the decay these weights emulate
   wsm_weights.py --decay weights.txt --method 1-sqrt # custom decay beside 1-sqrt
   wsm_weights.py --method 1-sqrt mean --k 3 --convention megatron-lm
                                                      # Megatron-LM weighted_merge.py weights
