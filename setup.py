@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.2,<0.3",  # tokenizer of the embedded corpus and users' data
         "tensorboard>=2.16,<3",  # SummaryWriter + event reader for tests
         "numpy>=1.26,<3",
+        "scipy>=1.11,<2",  # NNLS and Nelder-Mead of the annealing-law fit
         "tqdm>=4.66",  # progress bars
         "matplotlib>=3.8,<4",  # plots of merge weights and loss curves
         "psutil>=5.9",  # megatron-core's checkpoint writers need it but do not declare it

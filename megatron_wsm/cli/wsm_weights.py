@@ -4,7 +4,7 @@ Examples::
 
     python tools/wsm_weights.py --method 1-sqrt --k 8
     python tools/wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
-    python tools/wsm_weights.py --coefficients 0,0.2,0.3,0.5          # implied decay of c
+    python tools/wsm_weights.py --weights 0,0.2,0.3,0.5               # implied decay of c
     python tools/wsm_weights.py --decay weights.txt --method 1-sqrt    # compare with 1-sqrt
     python tools/wsm_weights.py --method 1-sqrt mean --k 3 --convention megatron-lm
     python tools/wsm_weights.py --method 1-sqrt --positions 0,100,200,400  # uneven window
@@ -26,24 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from megatron_wsm.schedule import (
-    CONVENTIONS,
     DEFAULT_CONVENTION,
-    DEFAULT_EMA_ALPHA,
-    DEFAULT_FINAL_RATIO,
     FORMULAS,
     METHODS,
-    SAMPLINGS,
     SHAPE_METHODS,
+    MergeMethod,
     decay_from_coefficients,
     decay_shape,
-    decay_weights,
-    decay_weights_at,
     describe_convention,
     discretisation,
     is_evenly_spaced,
-    load_custom,
-    merge_coefficients,
-    merge_coefficients_at,
     window_fractions,
 )
 
@@ -51,7 +43,7 @@ PROG = "wsm_weights"
 EPILOG = """examples:
   wsm_weights.py --method 1-sqrt --k 8
   wsm_weights.py --method 1-sqrt mean ema --k 8 --alpha 0.3 --json
-  wsm_weights.py --coefficients 0,0.2,0.3,0.5        # the decay these weights emulate
+  wsm_weights.py --weights 0,0.2,0.3,0.5             # the decay these weights emulate
   wsm_weights.py --decay weights.txt --method 1-sqrt # custom decay beside 1-sqrt
   wsm_weights.py --method 1-sqrt mean --k 3 --convention megatron-lm
                                                      # Megatron-LM weighted_merge.py weights
@@ -112,29 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--method",
-        nargs="+",
-        choices=METHODS,
-        metavar="METHOD",
-        help=f"one or more of: {', '.join(METHODS)}. 'custom' needs --coefficients or --decay.",
-    )
+    MergeMethod.add_cli_flags(p, several=True, coefficients_alias=True)
     p.add_argument(
         "--all",
         action="store_true",
         help="every named method (all of --method's choices except custom)",
     )
     p.add_argument("--k", type=int, help="number of merged intervals (k+1 checkpoints)")
-    p.add_argument(
-        "--convention",
-        choices=CONVENTIONS,
-        default=DEFAULT_CONVENTION,
-        help=(
-            "wsm (default): w_i = f((i-1)/k), the oldest checkpoint only anchors the window; "
-            "megatron-lm: w_i = f(i/(k+1)) as Megatron-LM's weighted_merge.py, every input "
-            "weighted (mean = 1/(k+1) each)"
-        ),
-    )
     p.add_argument(
         "--positions",
         metavar="LIST",
@@ -143,54 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
             "comma list): shape methods are evaluated at t_j = (p_j - p_0)/(p_k - p_0), so "
             "an uneven window emulates the intended decay; sets k"
         ),
-    )
-    p.add_argument(
-        "--sampling",
-        choices=SAMPLINGS,
-        default="start",
-        help=(
-            "weight of interval i for shape methods: f at its start (default; the even "
-            "discretisation) or the mean of f over it (conserves each interval's LR area)"
-        ),
-    )
-    p.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=0.0,
-        metavar="R",
-        help="LR floor r for named methods: w = r + (1 - r) * w (default 0)",
-    )
-    p.add_argument(
-        "--alpha",
-        type=float,
-        metavar="A",
-        help=f"ema weight of the newest checkpoint, in (0, 1] (default {DEFAULT_EMA_ALPHA})",
-    )
-    p.add_argument(
-        "--final-ratio",
-        type=float,
-        metavar="RHO",
-        help=(
-            "f(1) of exponential and inverse-sqrt, in (0, 1] (defaults: "
-            + ", ".join(f"{m} {v:.4g}" for m, v in DEFAULT_FINAL_RATIO.items())
-            + ")"
-        ),
-    )
-    custom = p.add_mutually_exclusive_group()
-    custom.add_argument(
-        "--coefficients",
-        metavar="LIST|FILE",
-        help="custom merge coefficients c_0..c_k: comma list or file (JSON list or numbers)",
-    )
-    custom.add_argument(
-        "--decay",
-        metavar="LIST|FILE",
-        help="custom decay w_1..w_k: comma list or file (JSON list or numbers)",
-    )
-    p.add_argument(
-        "--allow-negative",
-        action="store_true",
-        help="accept custom weights with negative coefficients (a rising decay; extrapolation)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
@@ -207,19 +135,19 @@ def _selected_methods(args: argparse.Namespace, parser: argparse.ArgumentParser)
     for m in args.method or []:
         if m not in methods:
             methods.append(m)
-    has_custom = args.coefficients is not None or args.decay is not None
+    has_custom = args.weights is not None or args.decay is not None
     if "custom" in methods and not has_custom:
-        parser.error("--method custom needs --coefficients or --decay")
+        parser.error("--method custom needs --weights or --decay")
     if has_custom and "custom" not in methods:
         methods.append("custom")
     if not methods:
-        parser.error("choose --method (one or more), --all, --coefficients or --decay")
+        parser.error("choose --method (one or more), --all, --weights or --decay")
     if args.alpha is not None and "ema" not in methods:
         parser.error("--alpha only applies to --method ema")
     if args.final_ratio is not None and not {"exponential", "inverse-sqrt"} & set(methods):
         parser.error("--final-ratio only applies to --method exponential or inverse-sqrt")
     if args.allow_negative and not has_custom:
-        parser.error("--allow-negative only applies to --coefficients or --decay")
+        parser.error("--allow-negative only applies to --weights or --decay")
     return methods
 
 
@@ -261,20 +189,15 @@ def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list
         k = len(positions) - 1
     custom_result = None
     if "custom" in methods:
-        source = args.coefficients if args.coefficients is not None else args.decay
-        key = "coefficients" if args.coefficients is not None else "decay"
-        values = load_custom(source)
-        c = merge_coefficients(
-            "custom",
-            k,
-            min_lr_ratio=args.min_lr_ratio,
-            coefficients=values if key == "coefficients" else None,
-            decay=values if key == "decay" else None,
-            allow_negative=args.allow_negative,
-        )
+        custom = MergeMethod.from_cli(args, method="custom")
+        c = custom.coefficients(k)
         w = decay_from_coefficients(c, allow_negative=args.allow_negative)
         # A custom list fixes k; named methods shown beside it use the same k.
         k = len(w)
+        # "coefficients" in the output: the key of the JSON format (the flag is --weights).
+        key, source = (
+            ("coefficients", args.weights) if args.weights is not None else ("decay", args.decay)
+        )
         params = {key: str(source), "allow_negative": args.allow_negative}
         info = describe_convention(
             c, method="custom", convention=convention, positions=positions, sampling=sampling
@@ -282,10 +205,8 @@ def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list
         custom_result = MethodResult("custom", params, c, w, f"custom {key}", info)
     if k is None:
         raise ValueError("--k is required (number of merged intervals, k+1 checkpoints)")
-    # Without --positions the window is 0..k: the index path, or its mean sampling.
-    at = positions if positions is not None else None
-    if at is None and sampling != "start":
-        at = list(range(max(k, 0) + 1))
+    # Without --positions the window is 0..k: the index path (or its mean sampling).
+    where: int | list[int | float] = positions if positions is not None else k
 
     results = []
     for m in methods:
@@ -293,22 +214,18 @@ def compute(args: argparse.Namespace, methods: Sequence[str]) -> tuple[int, list
             assert custom_result is not None
             results.append(custom_result)
             continue
-        alpha = (DEFAULT_EMA_ALPHA if args.alpha is None else args.alpha) if m == "ema" else None
-        final_ratio = None
-        if m in ("exponential", "inverse-sqrt"):
-            final_ratio = args.final_ratio
-            if final_ratio is None:
-                final_ratio = DEFAULT_FINAL_RATIO[m]
-        kw = {"min_lr_ratio": args.min_lr_ratio, "alpha": alpha, "final_ratio": final_ratio}
-        where = {"convention": convention, "sampling": sampling}
-        if at is None:
-            c = merge_coefficients(m, k, **kw, convention=convention)
-            w = decay_weights(m, k, **kw, convention=convention)
-        else:
-            c = merge_coefficients_at(m, at, **kw, **where)
-            w = decay_weights_at(m, at, **kw, **where)
+        method = MergeMethod.from_cli(args, method=m).resolved()
+        c = method.coefficients(where)
+        w = method.decay_weights(where)
+        kw = {
+            "min_lr_ratio": method.min_lr_ratio,
+            "alpha": method.alpha,
+            "final_ratio": method.final_ratio,
+        }
         params = {key: val for key, val in kw.items() if val is not None}
-        info = describe_convention(c, method=m, positions=positions, **where)
+        info = describe_convention(
+            c, method=m, positions=positions, convention=convention, sampling=sampling
+        )
         formula = FORMULAS[m]
         if m == "mean" and convention == "megatron-lm":
             formula = str(info["discretisation"])

@@ -23,7 +23,8 @@ import pytest
 
 from megatron_wsm import annealing as an
 from megatron_wsm import metric_names as names
-from megatron_wsm.cli.plan_anneal import load_run, main
+from megatron_wsm.annealing.logs import load_run
+from megatron_wsm.cli.plan_anneal import main
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "plan_anneal.py"

@@ -121,10 +121,10 @@ def test_all_methods_table(capsys: pytest.CaptureFixture) -> None:
         (["--method", "ema", "--k", "4", "--alpha", "1.5"], r"alpha must be in \(0, 1\]"),
         (["--decay", "0.5,0.9"], "rises"),
         (["--decay", "1.3,0.5"], r"outside \[0, 1\]"),
-        (["--coefficients", "0.5,0.6"], "must sum to 1"),
-        (["--coefficients", "0.5,nan"], "NaN"),
-        (["--coefficients", "0,0.5,0.5", "--k", "3"], "k = 3 does not match"),
-        (["--coefficients", "no/such/file.json"], "neither an existing file"),
+        (["--weights", "0.5,0.6"], "must sum to 1"),
+        (["--weights", "0.5,nan"], "NaN"),
+        (["--weights", "0,0.5,0.5", "--k", "3"], "k = 3 does not match"),
+        (["--weights", "no/such/file.json"], "neither an existing file"),
         (["--method", "linear", "--k", "4", "--min-lr-ratio", "2"], "min_lr_ratio must be"),
     ],
 )
@@ -142,7 +142,7 @@ def test_bad_values_exit_2_with_message(
     [
         (["--method", "nope", "--k", "4"], "invalid choice: 'nope'"),
         (["--k", "4"], "choose --method"),
-        (["--method", "custom"], "needs --coefficients or --decay"),
+        (["--method", "custom"], "needs --weights or --decay"),
         (["--method", "linear", "--k", "4", "--alpha", "0.5"], "--alpha only applies"),
         (["--method", "mean", "--k", "4", "--final-ratio", "0.5"], "--final-ratio only"),
         (["--coefficients", "0,1", "--decay", "1"], "not allowed with"),

@@ -1,0 +1,145 @@
+"""Reading runs from logs: TensorBoard event files of the trainer, or ``step,lr,loss`` CSV."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from megatron_wsm import metric_names as names
+from megatron_wsm.annealing.runs import Run
+
+
+def load_run(path: str, *, loss: str = "train") -> Run:
+    """Read one run: a TensorBoard event directory (or file) or a ``step,lr,loss`` CSV."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    if p.is_dir() or ".tfevents." in p.name:
+        return _load_tensorboard(p, loss)
+    return _load_csv(p)
+
+
+def _load_tensorboard(p: Path, loss: str) -> Run:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # size_guidance 0 = keep every event (the default samples 10,000 per tag).
+    acc = EventAccumulator(str(p), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    loss_tag = names.LM_LOSS if loss == "train" else names.VALID_LOSS
+    missing = [t for t in (names.LEARNING_RATE, loss_tag) if t not in tags]
+    if missing:
+        raise ValueError(
+            f"{p}: TensorBoard scalars {missing} not found (has: {sorted(tags) or 'none'})"
+        )
+    lr_ev = acc.Scalars(names.LEARNING_RATE)
+    loss_ev = acc.Scalars(loss_tag)
+    tps = None
+    if names.CONSUMED_TOKENS in tags:
+        ev = acc.Scalars(names.CONSUMED_TOKENS)
+        tps = _tokens_per_step([e.step for e in ev], [e.value for e in ev])
+    elif names.LEARNING_RATE_VS_TOKENS in tags:
+        # Written right after "learning-rate" at every logged iteration: pair them in order.
+        ev = acc.Scalars(names.LEARNING_RATE_VS_TOKENS)
+        n = min(len(ev), len(lr_ev))
+        tps = _tokens_per_step([e.step for e in lr_ev[:n]], [e.step for e in ev[:n]])
+    return Run.from_points(
+        _run_name(p),
+        [e.step for e in lr_ev],
+        [e.value for e in lr_ev],
+        [e.step for e in loss_ev],
+        [e.value for e in loss_ev],
+        loss_lag=1 if loss == "train" else 0,
+        tokens_per_step=tps,
+    )
+
+
+def _tokens_per_step(steps: Sequence[int], tokens: Sequence[float]) -> float | None:
+    st = np.asarray(steps, dtype=np.float64)
+    tk = np.asarray(tokens, dtype=np.float64)
+    ok = st > 0
+    if not np.any(ok):
+        return None
+    return float(np.median(tk[ok] / st[ok]))
+
+
+def _load_csv(p: Path) -> Run:
+    with open(p, newline="") as fh:
+        rows = list(csv.reader(line for line in fh if line.strip() and not line.startswith("#")))
+    if not rows:
+        raise ValueError(f"{p}: empty CSV")
+    header = [h.strip().lower() for h in rows[0]]
+    if not {"step", "lr"} <= set(header):
+        raise ValueError(f"{p}: the CSV needs a header with columns step,lr[,loss][,tokens]")
+    col = {h: i for i, h in enumerate(header)}
+    lr_s, lr_v, lo_s, lo_v, tk_s, tk_v = [], [], [], [], [], []
+    for n, row in enumerate(rows[1:], start=2):
+
+        def cell(name: str, row: list[str] = row) -> str:
+            i = col.get(name)
+            return row[i].strip() if i is not None and i < len(row) else ""
+
+        try:
+            step = int(float(cell("step")))
+            if cell("lr"):
+                lr_s.append(step)
+                lr_v.append(float(cell("lr")))
+            if cell("loss"):
+                lo_s.append(step)
+                lo_v.append(float(cell("loss")))
+            if cell("tokens"):
+                tk_s.append(step)
+                tk_v.append(float(cell("tokens")))
+        except ValueError:
+            raise ValueError(f"{p}:{n}: not a number in {row}") from None
+    first = min(lr_s + lo_s + tk_s, default=1)
+    if first < 0:
+        raise ValueError(f"{p}: negative step {first}; steps are iterations (from 1, or from 0)")
+    # Runs are 1-based iterations (the trainer's, and what the law's loss_lag assumes). A log
+    # whose steps start at 0 counts from 0: its step k is iteration k + 1 (LR of update k + 1,
+    # loss before it), so shift every column alike rather than dropping or misplacing step 0.
+    shift = 1 if first == 0 else 0
+    lr_s, lo_s, tk_s = ([s + shift for s in col] for col in (lr_s, lo_s, tk_s))
+    run = Run.from_points(
+        _run_name(p),
+        lr_s,
+        lr_v,
+        lo_s,
+        lo_v,
+        tokens_per_step=_tokens_per_step_slope(tk_s, tk_v) if tk_s else None,
+    )
+    if shift:
+        run.notes.insert(0, "steps counted from 0: step k read as iteration k + 1")
+    return run
+
+
+def _tokens_per_step_slope(steps: Sequence[int], tokens: Sequence[float]) -> float | None:
+    """Tokens per step from a ``tokens`` column: the median slope between logged rows, which
+    does not depend on whether a row's tokens are counted before or after its step; a single
+    row falls back to tokens / step."""
+    st = np.asarray(steps, dtype=np.float64)
+    tk = np.asarray(tokens, dtype=np.float64)
+    d_st, d_tk = np.diff(st), np.diff(tk)
+    ok = d_st > 0
+    if not np.any(ok):
+        return _tokens_per_step(steps, tokens)
+    return float(np.median(d_tk[ok] / d_st[ok]))
+
+
+def _run_name(p: Path) -> str:
+    p = p.resolve()
+    return p.parent.name if ".tfevents." in p.name else (p.stem if p.is_file() else p.name)
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Rename runs in place so that names are unique (``name#2``, ``name#3``, ...)."""
+    seen: dict[str, int] = {}
+    for r in runs:
+        if r.name in seen:
+            seen[r.name] += 1
+            r.name = f"{r.name}#{seen[r.name]}"
+        else:
+            seen[r.name] = 1
