@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -713,6 +714,10 @@ def _uneven_shape_weights(
             # Below ~1e-7 the difference F(b) - F(a) loses too many digits; the midpoint
             # value is then the mean to within the curvature over a tiny interval.
             raw.append(f(0.5 * (a + b)) if b - a < 1e-7 else (big_f(b) - big_f(a)) / (b - a))
+        # Every shape is non-increasing, so are its exact interval means; F(b) - F(a) over a
+        # short interval still carries ~1e-16 / (b - a) of rounding, which can tip a mean above
+        # its predecessor and give a coefficient of -1e-11. Restore the exact order.
+        raw = list(itertools.accumulate(raw, min))
     return [_apply_floor(min(1.0, max(0.0, x)), r) for x in raw]
 
 

@@ -4,6 +4,14 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw the same examples on every run (seeded per test): a failure found once is
+# found again, and CI never fails on a draw nobody can reproduce. HYPOTHESIS_PROFILE=explore
+# searches afresh (random draws, more examples) when looking for new counterexamples.
+hypothesis_settings.register_profile("repeatable", derandomize=True, deadline=None)
+hypothesis_settings.register_profile("explore", max_examples=1000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
