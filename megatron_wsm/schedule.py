@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "CONVENTIONS",
@@ -234,26 +235,27 @@ def _fmt(x: float) -> str:
 # --------------------------------------------------------------------------- shapes
 
 
-def _shape_fn(method: str, final_ratio: float) -> Callable[[float], float]:
+def _shape_fn(method: str, final_ratio: float, xp: Any = math) -> Callable[[Any], Any]:
+    # ``xp`` supplies sqrt/cos/pi: ``math`` for floats, ``numpy`` for whole arrays at once.
     rho = final_ratio
     if method == "linear":
         return lambda t: 1.0 - t
     if method == "cosine":
-        return lambda t: 0.5 * (1.0 + math.cos(math.pi * t))
+        return lambda t: 0.5 * (1.0 + xp.cos(xp.pi * t))
     if method == "1-sqrt":
-        return lambda t: 1.0 - math.sqrt(t)
+        return lambda t: 1.0 - xp.sqrt(t)
     if method == "inverse-sqrt":
         # 1/sqrt(1 + t/tau) is the tail of an inverse-sqrt schedule with timescale tau (as a
         # fraction of the window); tau is chosen so that f(1) = rho.
         scale = rho**-2 - 1.0
-        return lambda t: 1.0 / math.sqrt(1.0 + scale * t)
+        return lambda t: 1.0 / xp.sqrt(1.0 + scale * t)
     if method == "exponential":
         return lambda t: rho**t
     if method == "wsd-exponential":
         # Megatron-LM's --lr-wsd-decay-style exponential: 2 * 0.5^t - 1 (reaches 0 at t = 1).
         return lambda t: 2.0 * 0.5**t - 1.0
     if method == "constant":
-        return lambda t: 1.0
+        return lambda t: 1.0 + 0.0 * t  # an array of ones for an array t
     raise AssertionError(method)  # callers validate first
 
 
@@ -999,17 +1001,20 @@ def _load_file(path: Path) -> list[float]:
 FINAL_RATIO_METHODS: tuple[str, ...] = _FINAL_RATIO_METHODS
 
 
-def shape_function(method: str, final_ratio: float | None = None) -> Callable[[float], float]:
+def shape_function(
+    method: str, final_ratio: float | None = None, *, xp: Any = math
+) -> Callable[[Any], Any]:
     """The decay shape f of a shape method as a function of t ∈ [0, 1], unclamped, no floor.
 
     The one definition of every shape (:func:`decay_shape` evaluates it with checks, clamp
     and floor); other modules that need f itself — e.g. the numpy LR curves of
-    :mod:`megatron_wsm.annealing` — take it from here.
+    :mod:`megatron_wsm.annealing` — take it from here. ``xp=numpy`` gives the same f over
+    whole arrays (millions of steps per LR curve: a Python call per step is far too slow).
     """
     method = _check_method(method)
     if method not in SHAPE_METHODS:
         raise ValueError(f"{method!r} is defined by its coefficients, not by a decay shape")
-    return _shape_fn(method, _resolve_final_ratio(method, final_ratio))
+    return _shape_fn(method, _resolve_final_ratio(method, final_ratio), xp)
 
 
 def _floats_or_none(values: object, what: str) -> tuple[float, ...] | None:

@@ -96,11 +96,10 @@ def _wsd_coeff(shape: str, t: np.ndarray) -> np.ndarray:
     """The trainer's WSD decay factor at decay fractions ``t``: schedule's shape f, unclamped."""
     if shape not in _WSD_TO_SCHEDULE:
         raise ValueError(f"unknown WSD decay shape {shape!r}; choose from {WSD_SHAPES}")
-    f = shape_function(_WSD_TO_SCHEDULE[shape])
+    f = shape_function(_WSD_TO_SCHEDULE[shape], xp=np)
     out = np.ones_like(t)
-    # Only the decay part needs f (scalar math, one call per step); the rest is t = 0 -> 1.
-    live = t > 0
-    out[live] = np.fromiter((f(x) for x in t[live].tolist()), dtype=np.float64)
+    live = t > 0  # only the decay part needs f; the rest is t = 0 -> 1
+    out[live] = f(t[live])
     return out
 
 

@@ -30,6 +30,8 @@ TINY_SIZES = {
     "--wsm-window": {"200": "9"},
     "--lr-warmup-iters": {"30": "2"},
     "--lr-wsd-decay-iters": {"200": "6"},
+    # The tiny runs consume 128 tokens per step: 1e9 tokens would be 7.8 M planned steps.
+    "--budget-tokens": {"1e9": "2e4"},
 }
 #: Runs whose logs the README's planner command reads: (name, extra flags) of tiny runs.
 PLANNER_RUNS = {
