@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_integrity, cpu_compat
 from megatron_wsm import distributed as wdist
 from megatron_wsm.manifest import (
+    EXTRA_OPTIMIZER,
     KIND_FULL,
     KIND_WINDOW,
     CheckpointManifest,
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
+#: Our key in megatron-core's content metadata: which optimizer wrote the state.
+_CONTENT_OPTIMIZER = "wsm_optimizer"
 
 
 class CheckpointError(RuntimeError):
@@ -131,6 +134,63 @@ def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, A
     ident = {k: model_json.get(k) for k in keys}
     ident["padded_vocab_size"] = padded_vocab
     return ident
+
+
+#: How full checkpoints can store the distributed optimizer's state (megatron-core's names).
+#: ``dp_reshardable``: each rank writes its own buckets (fast; loads into the same TP/PP/EP
+#: layout and any DP size whose buckets match); ``fully_reshardable``: gathered per parameter
+#: (slower; loads into any layout).
+OPTIM_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+
+#: The optimizer a full checkpoint's state came from (manifest ``extra``, content metadata).
+OPTIMIZER_PLAIN = "plain"
+OPTIMIZER_DISTRIBUTED = "distributed"
+
+
+def optimizer_sharding_metadata(optim_sharding: str | None) -> dict[str, Any]:
+    """megatron-core's ``sharded_state_dict`` metadata for the optimizer.
+
+    ``None`` means the plain optimizer (no metadata: today's keys). Without explicit metadata
+    the distributed optimizer picks ``fully_sharded_model_space``, which 0.16 cannot save.
+    """
+    if optim_sharding is None:
+        return {}
+    if optim_sharding not in OPTIM_SHARDINGS:
+        raise ValueError(f"unknown optimizer sharding {optim_sharding!r}; use {OPTIM_SHARDINGS}")
+    return {"distrib_optim_sharding_type": optim_sharding}
+
+
+def optimizer_record(optim_sharding: str | None) -> dict[str, Any]:
+    """What a full checkpoint records about its optimizer state (manifest and checkpoint)."""
+    if optim_sharding is None:
+        return {"optimizer": OPTIMIZER_PLAIN, "sharding": None}
+    return {"optimizer": OPTIMIZER_DISTRIBUTED, "sharding": optim_sharding}
+
+
+def optimizer_load_problem(
+    saved: dict[str, Any], optim_sharding: str | None, saved_dp: int, dp: int
+) -> str | None:
+    """Why the optimizer state recorded as ``saved`` cannot load into this run, or None.
+
+    ``saved`` is :func:`optimizer_record` of the writer. The plain and the distributed
+    optimizer store different state; ``dp_reshardable`` buckets are laid out for the writer's
+    DP size.
+    """
+    mine = optimizer_record(optim_sharding)["optimizer"]
+    theirs = saved.get("optimizer", OPTIMIZER_PLAIN)
+    if theirs != mine:
+        return (
+            f"its optimizer state is from the {theirs} optimizer and this run uses the {mine} "
+            "one (--use-distributed-optimizer must match the saving run)"
+        )
+    if theirs == OPTIMIZER_DISTRIBUTED and saved.get("sharding") == "dp_reshardable":
+        if saved_dp != dp:
+            return (
+                f"its distributed-optimizer state is dp_reshardable, saved with DP={saved_dp}, "
+                f"and this run has DP={dp}; resume with DP={saved_dp}, or save from a run with "
+                "--dist-ckpt-optim-fully-reshardable to change the DP size"
+            )
+    return None
 
 
 # ----------------------------------------------------------------------------- listing
@@ -323,8 +383,13 @@ class CheckpointManager:
         model_json: dict[str, Any],
         padded_vocab: int,
         run_info: dict[str, Any] | None = None,
+        optim_sharding: str | None = None,
     ) -> None:
+        """``optim_sharding``: None for the plain optimizer, else one of
+        :data:`OPTIM_SHARDINGS` (how the distributed optimizer's state is saved)."""
         self.run_info = dict(run_info or {})
+        self.optim_sharding = optim_sharding
+        self.optim_metadata = optimizer_sharding_metadata(optim_sharding)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -364,7 +429,9 @@ class CheckpointManager:
             "consumed_tokens": train_state.consumed_tokens,
         }
         if kind == KIND_FULL:
-            sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+            sd["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, metadata=self.optim_metadata
+            )
             from megatron_wsm import lr as lr_schedule
 
             sd["opt_param_scheduler"] = lr_schedule.scheduler_state(self.scheduler)
@@ -444,6 +511,15 @@ class CheckpointManager:
             complete=True,
             extra={"run": self.run_info},
         )
+        content_metadata = None
+        if kind == KIND_FULL:
+            manifest.extra[EXTRA_OPTIMIZER] = optimizer_record(self.optim_sharding)
+            # Megatron-LM keeps the sharding metadata with the checkpoint the same way, so a
+            # loader can rebuild the matching request without our manifest.
+            content_metadata = {
+                **self.optim_metadata,
+                _CONTENT_OPTIMIZER: manifest.extra[EXTRA_OPTIMIZER]["optimizer"],
+            }
 
         def finalize() -> None:
             # Runs on every rank after every rank's shards and the .metadata are on disk.
@@ -481,13 +557,19 @@ class CheckpointManager:
         if async_save:
             _maybe_inject_crash(kind, iteration, "before-write")
             request = dist_checkpointing.save(
-                state_dict, str(tmp), self._save_strategy(), async_sharded_save=True
+                state_dict,
+                str(tmp),
+                self._save_strategy(),
+                async_sharded_save=True,
+                content_metadata=content_metadata,
             )
             request.add_finalize_fn(finalize)
             self._async().schedule_async_request(request)
         else:
             _maybe_inject_crash(kind, iteration, "before-write")
-            dist_checkpointing.save(state_dict, str(tmp), self._save_strategy())
+            dist_checkpointing.save(
+                state_dict, str(tmp), self._save_strategy(), content_metadata=content_metadata
+            )
             _maybe_inject_crash(kind, iteration, "after-shards")
             wdist.barrier()
             finalize()
@@ -589,6 +671,20 @@ class CheckpointManager:
             more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
             raise CheckpointError(f"refusing to load {ckpt}: {found[0]}{more}")
 
+    @staticmethod
+    def _saved_optimizer(ckpt: Path, manifest: CheckpointManifest | None) -> dict[str, Any]:
+        """:func:`optimizer_record` of the checkpoint's writer (manifest, else the content
+        metadata megatron-core keeps with the checkpoint, else: the plain optimizer)."""
+        if manifest is not None and EXTRA_OPTIMIZER in manifest.extra:
+            return dict(manifest.extra[EXTRA_OPTIMIZER])
+        from megatron.core import dist_checkpointing
+
+        content = dist_checkpointing.load_content_metadata(str(ckpt)) or {}
+        return {
+            "optimizer": content.get(_CONTENT_OPTIMIZER, OPTIMIZER_PLAIN),
+            "sharding": content.get("distrib_optim_sharding_type"),
+        }
+
     def load(
         self,
         path: str | os.PathLike,
@@ -624,7 +720,22 @@ class CheckpointManager:
         sharded: dict[str, Any] = {"model": model_sd}
         has_optim = kind == KIND_FULL and not finetune
         if has_optim and load_optim:
-            sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+            saved = self._saved_optimizer(ckpt, manifest)
+            dp = self.layout.data_parallel_size
+            saved_dp = manifest.parallel.data_parallel_size if manifest else dp
+            problem = optimizer_load_problem(saved, self.optim_sharding, saved_dp, dp)
+            if problem:
+                raise CheckpointError(
+                    f"cannot load the optimizer state of {ckpt}: {problem}; or add "
+                    "--no-load-optim --no-load-rng to load the weights alone"
+                )
+            # Load with the writer's sharding (this run's --dist-ckpt-optim-* choice applies
+            # to its own saves).
+            metadata = optimizer_sharding_metadata(saved.get("sharding"))
+            cpu_compat.init_torch_adam_state(self.optimizer)
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=metadata
+            )
         same_world = manifest is None or manifest.parallel.world_size == self.layout.world_size
         if has_optim and load_rng and same_world:
             sharded["rng_state"] = self._rng_object(None)
@@ -633,6 +744,7 @@ class CheckpointManager:
             self._bare_model().load_state_dict(loaded["model"], strict=True)
             if "optimizer" in sharded:
                 self.optimizer.load_state_dict(loaded["optimizer"])
+                cpu_compat.restore_torch_adam_steps(self.optimizer)
             elif hasattr(self.optimizer, "reload_model_params"):
                 # fp32 master copies must follow the loaded weights when no optimizer state
                 # is read (bf16 training).

@@ -54,6 +54,9 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    #: how full checkpoints store the distributed optimizer's state (megatron-core's names):
+    #: dp_reshardable | fully_reshardable
+    ckpt_optim_sharding: str = "dp_reshardable"
     distributed_backend: str | None = None  #: None → nccl with CUDA, gloo without
 
 
