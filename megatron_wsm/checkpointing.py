@@ -137,9 +137,9 @@ def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, A
 
 
 #: How full checkpoints can store the distributed optimizer's state (megatron-core's names).
-#: ``dp_reshardable``: each rank writes its own buckets (fast; loads into the same TP/PP/EP
-#: layout and any DP size whose buckets match); ``fully_reshardable``: gathered per parameter
-#: (slower; loads into any layout).
+#: ``dp_reshardable``: each rank writes its own gradient-buffer buckets (fast; reloads with the
+#: same TP/PP/EP/CP sizes, any DP size); ``fully_reshardable``: gathered per parameter
+#: (slower saves; reloads into any layout).
 OPTIM_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 
 #: The optimizer a full checkpoint's state came from (manifest ``extra``, content metadata).
@@ -157,7 +157,12 @@ def optimizer_sharding_metadata(optim_sharding: str | None) -> dict[str, Any]:
         return {}
     if optim_sharding not in OPTIM_SHARDINGS:
         raise ValueError(f"unknown optimizer sharding {optim_sharding!r}; use {OPTIM_SHARDINGS}")
-    return {"distrib_optim_sharding_type": optim_sharding}
+    metadata: dict[str, Any] = {"distrib_optim_sharding_type": optim_sharding}
+    if optim_sharding == "fully_reshardable":
+        # Keys without the chained optimizers' ``chained_<i>.`` prefix: how many optimizers are
+        # chained depends on the layout (EP > 1 adds one for the experts), the keys must not.
+        metadata["chained_optim_avoid_prefix"] = True
+    return metadata
 
 
 def optimizer_record(optim_sharding: str | None) -> dict[str, Any]:
@@ -167,29 +172,59 @@ def optimizer_record(optim_sharding: str | None) -> dict[str, Any]:
     return {"optimizer": OPTIMIZER_DISTRIBUTED, "sharding": optim_sharding}
 
 
+def _model_parallel_sizes(layout: ParallelLayout) -> dict[str, int]:
+    return {
+        "TP": layout.tensor_model_parallel_size,
+        "PP": layout.pipeline_model_parallel_size,
+        "EP": layout.expert_model_parallel_size,
+        "CP": layout.context_parallel_size,
+    }
+
+
 def optimizer_load_problem(
-    saved: dict[str, Any], optim_sharding: str | None, saved_dp: int, dp: int
+    saved: dict[str, Any],
+    optim_sharding: str | None,
+    saved_layout: ParallelLayout | None,
+    layout: ParallelLayout,
+    optimizer_parts: int | None = None,
 ) -> str | None:
     """Why the optimizer state recorded as ``saved`` cannot load into this run, or None.
 
     ``saved`` is :func:`optimizer_record` of the writer. The plain and the distributed
-    optimizer store different state; ``dp_reshardable`` buckets are laid out for the writer's
-    DP size.
+    optimizer store different state. ``dp_reshardable`` state is the writer's gradient-buffer
+    buckets: it loads with another DP size (the buckets of one model-parallel rank do not
+    depend on it) but not with other TP/PP/EP/CP sizes; ``fully_reshardable`` loads anywhere
+    megatron-core 0.16 can: not between layouts with a different number of chained optimizers
+    (``optimizer_parts``; expert parallelism adds one for the experts' own DP group).
     """
     mine = optimizer_record(optim_sharding)["optimizer"]
     theirs = saved.get("optimizer", OPTIMIZER_PLAIN)
+    saved_parts, parts = saved.get("parts"), optimizer_parts
     if theirs != mine:
         return (
             f"its optimizer state is from the {theirs} optimizer and this run uses the {mine} "
             "one (--use-distributed-optimizer must match the saving run)"
         )
-    if theirs == OPTIMIZER_DISTRIBUTED and saved.get("sharding") == "dp_reshardable":
-        if saved_dp != dp:
+    if (
+        theirs == OPTIMIZER_DISTRIBUTED
+        and saved.get("sharding") == "dp_reshardable"
+        and saved_layout is not None
+    ):
+        before, now = _model_parallel_sizes(saved_layout), _model_parallel_sizes(layout)
+        changed = [f"{k} {before[k]} -> {now[k]}" for k in before if before[k] != now[k]]
+        if changed:
             return (
-                f"its distributed-optimizer state is dp_reshardable, saved with DP={saved_dp}, "
-                f"and this run has DP={dp}; resume with DP={saved_dp}, or save from a run with "
-                "--dist-ckpt-optim-fully-reshardable to change the DP size"
+                "its distributed-optimizer state is dp_reshardable, which reloads only with "
+                f"the same TP/PP/EP/CP sizes (changed: {', '.join(changed)}); resume with the "
+                "saving layout, or save from a run with --dist-ckpt-optim-fully-reshardable"
             )
+    known = saved_parts is not None and parts is not None
+    if theirs == OPTIMIZER_DISTRIBUTED and known and saved_parts != parts:
+        return (
+            f"its distributed-optimizer state has {saved_parts} chained optimizer(s) and this "
+            f"layout has {parts} (expert parallelism on one side only); megatron-core cannot "
+            "reshard between them: resume with the saving TP/EP sizes"
+        )
     return None
 
 
@@ -513,7 +548,10 @@ class CheckpointManager:
         )
         content_metadata = None
         if kind == KIND_FULL:
-            manifest.extra[EXTRA_OPTIMIZER] = optimizer_record(self.optim_sharding)
+            manifest.extra[EXTRA_OPTIMIZER] = {
+                **optimizer_record(self.optim_sharding),
+                "parts": _optimizer_parts(self.optimizer),
+            }
             # Megatron-LM keeps the sharding metadata with the checkpoint the same way, so a
             # loader can rebuild the matching request without our manifest.
             content_metadata = {
@@ -721,9 +759,13 @@ class CheckpointManager:
         has_optim = kind == KIND_FULL and not finetune
         if has_optim and load_optim:
             saved = self._saved_optimizer(ckpt, manifest)
-            dp = self.layout.data_parallel_size
-            saved_dp = manifest.parallel.data_parallel_size if manifest else dp
-            problem = optimizer_load_problem(saved, self.optim_sharding, saved_dp, dp)
+            problem = optimizer_load_problem(
+                saved,
+                self.optim_sharding,
+                manifest.parallel if manifest else None,
+                self.layout,
+                _optimizer_parts(self.optimizer),
+            )
             if problem:
                 raise CheckpointError(
                     f"cannot load the optimizer state of {ckpt}: {problem}; or add "
@@ -743,8 +785,8 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(sharded, str(ckpt))
             self._bare_model().load_state_dict(loaded["model"], strict=True)
             if "optimizer" in sharded:
-                self.optimizer.load_state_dict(loaded["optimizer"])
-                cpu_compat.restore_torch_adam_steps(self.optimizer)
+                with cpu_compat.loading_torch_adam_state(self.optimizer):
+                    self.optimizer.load_state_dict(loaded["optimizer"])
             elif hasattr(self.optimizer, "reload_model_params"):
                 # fp32 master copies must follow the loaded weights when no optimizer state
                 # is read (bf16 training).
@@ -793,6 +835,11 @@ def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:
     spec = os.environ.get(CRASH_ENV)
     if spec and spec == f"{kind}:{iteration}:{point}" and wdist.rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _optimizer_parts(optimizer: Any) -> int:
+    """How many optimizers megatron-core chained (dense and, with expert DP groups, experts)."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _mcore_version() -> str:

@@ -422,18 +422,34 @@ def init_torch_adam_state(optimizer: Any) -> None:
                 }
 
 
-def restore_torch_adam_steps(optimizer: Any) -> None:
-    """Set every parameter's Adam ``step`` from the loaded checkpoint, one tensor each.
+@contextlib.contextmanager
+def loading_torch_adam_state(optimizer: Any) -> Any:
+    """Wrap ``optimizer.load_state_dict`` of a distributed optimizer on the torch-Adam path.
 
-    Two bugs of megatron-core 0.16.1's distributed optimizer on the torch-Adam path break a
-    resume: ``load_state_dict`` puts ONE ``step`` tensor into every parameter's state (torch's
-    Adam increments each state's ``step`` in place, so the shared counter advanced once per
-    parameter per iteration), and the ``dp_reshardable`` reload then copies the ``step`` of the
-    *requesting* optimizer (0 before the first step) over it, so bias correction restarted.
-    The checkpoint's step survives in the parameter groups (``DistributedOptimizer.state_dict``
-    stores it there for torch's Adam); this copies it into each state.
+    Three bugs of megatron-core 0.16.1 there break a resume:
+
+    - ``load_state_dict`` puts ONE ``step`` tensor into every parameter's state, and torch's
+      Adam increments each state's ``step`` in place: the shared counter advanced once per
+      parameter per iteration;
+    - the ``dp_reshardable`` reload then copies the ``step`` of the *requesting* optimizer
+      (0 before the first step) over it, so bias correction restarted;
+    - the ``fully_reshardable`` reload leaves ``step`` out of the loaded tensors but copies
+      every key of the state, ``step`` included (``KeyError: 'step'``).
+
+    Inside the block a missing ``step`` is skipped; on exit every parameter gets its own
+    ``step`` from the loaded parameter groups (where ``DistributedOptimizer.state_dict``
+    stores it for torch's Adam).
     """
-    for part in _torch_adam_distributed_optimizers(optimizer):
+    parts = _torch_adam_distributed_optimizers(optimizer)
+    for part in parts:
+        # An instance attribute: the class method stays as it is for everything else.
+        part._set_main_param_and_optimizer_states = _skip_missing_step(part)
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.__dict__.pop("_set_main_param_and_optimizer_states", None)
+    for part in parts:
         inner = part.optimizer
         for group in inner.param_groups:
             step = group.get("step")
@@ -443,6 +459,25 @@ def restore_torch_adam_steps(optimizer: Any) -> None:
                 state = inner.state.get(param)
                 if state:
                     state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _skip_missing_step(part: Any) -> Callable[[Any, dict[str, Any]], None]:
+    """``part._set_main_param_and_optimizer_states`` that leaves ``step`` alone when the
+    loaded tensors have none (restored afterwards by :func:`loading_torch_adam_state`)."""
+    real = type(part)._set_main_param_and_optimizer_states
+
+    def set_states(model_param: Any, tensors: dict[str, Any]) -> None:
+        group_index, group_order = part.model_param_group_index_map[model_param]
+        main_param = part.optimizer.param_groups[group_index]["params"][group_order]
+        state = part.optimizer.state[main_param]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            real(part, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return set_states
 
 
 def apply() -> bool:
