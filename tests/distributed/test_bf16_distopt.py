@@ -48,7 +48,9 @@ def _history(result: dict) -> list[tuple[int, float, float]]:
 
 def _assert_resume_bitwise(common: list, tmp_path, nproc: int = 2) -> dict:
     """N iterations straight == 3 + full save + load + the rest (losses and LRs identical)."""
-    straight = run_pretrain(common, tmp_path / "straight.json", nproc=nproc)
+    straight = run_pretrain(
+        [*common, "--save", tmp_path / "straight_ckpt"], tmp_path / "straight.json", nproc=nproc
+    )
     ckpt = tmp_path / "ckpt"
     first = run_pretrain(
         [*common, "--save", ckpt, "--exit-interval", "3"], tmp_path / "first.json", nproc=nproc
