@@ -79,7 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true", help="required for MoE with TP > 1")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="shard the optimizer state (fp32 main weights, Adam moments) over data-parallel ranks",
+    )
+    g.add_argument(
+        "--dist-ckpt-optim-fully-reshardable",
+        dest="ckpt_optim_sharding",
+        action="store_const",
+        const="fully_reshardable",
+        default="dp_reshardable",
+        help="save the distributed optimizer's state in a layout-independent form (gathered per "
+        "parameter; slower saves) instead of its DP-sharded buckets",
+    )
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
     g.add_argument(
         "--overlap-grad-reduce",
@@ -254,16 +267,8 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
             "--context-parallel-size > 1 needs Transformer Engine attention (GPU); megatron-core's "
             "local attention does not support context parallelism"
         )
-    if par.use_distributed_optimizer and not cuda:
-        raise ConfigError(
-            "--use-distributed-optimizer needs CUDA: megatron-core 0.16's distributed optimizer "
-            "accepts only torch.cuda tensor types (no CPU shim yet); drop the flag on CPU"
-        )
-    if m.params_dtype != "fp32" and not cuda:
-        raise ConfigError(
-            "--bf16 needs CUDA: megatron-core 0.16's mixed-precision optimizer accepts only "
-            "torch.cuda tensor types; train in fp32 on CPU"
-        )
+    if par.ckpt_optim_sharding != "dp_reshardable" and not par.use_distributed_optimizer:
+        raise ConfigError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer")
     if m.num_layers % pp:
         raise ConfigError(
             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"

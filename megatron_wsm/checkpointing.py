@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_wsm import ckpt_integrity, spec_keys
+from megatron_wsm import ckpt_integrity, cpu_compat, spec_keys
 from megatron_wsm import distributed as wdist
 from megatron_wsm.manifest import (
+    EXTRA_OPTIMIZER,
     KIND_FULL,
     KIND_WINDOW,
     CheckpointManifest,
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _TMP_PREFIX = ".tmp-"
+#: Our key in megatron-core's content metadata: which optimizer wrote the state.
+_CONTENT_OPTIMIZER = "wsm_optimizer"
 
 
 class CheckpointError(RuntimeError):
@@ -131,6 +134,98 @@ def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, A
     ident = {k: model_json.get(k) for k in keys}
     ident["padded_vocab_size"] = padded_vocab
     return ident
+
+
+#: How full checkpoints can store the distributed optimizer's state (megatron-core's names).
+#: ``dp_reshardable``: each rank writes its own gradient-buffer buckets (fast; reloads with the
+#: same TP/PP/EP/CP sizes, any DP size); ``fully_reshardable``: gathered per parameter
+#: (slower saves; reloads into any layout).
+OPTIM_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+
+#: The optimizer a full checkpoint's state came from (manifest ``extra``, content metadata).
+OPTIMIZER_PLAIN = "plain"
+OPTIMIZER_DISTRIBUTED = "distributed"
+
+
+def optimizer_sharding_metadata(optim_sharding: str | None) -> dict[str, Any]:
+    """megatron-core's ``sharded_state_dict`` metadata for the optimizer.
+
+    ``None`` means the plain optimizer (no metadata: today's keys). Without explicit metadata
+    the distributed optimizer picks ``fully_sharded_model_space``, which 0.16 cannot save.
+    """
+    if optim_sharding is None:
+        return {}
+    if optim_sharding not in OPTIM_SHARDINGS:
+        raise ValueError(f"unknown optimizer sharding {optim_sharding!r}; use {OPTIM_SHARDINGS}")
+    metadata: dict[str, Any] = {"distrib_optim_sharding_type": optim_sharding}
+    if optim_sharding == "fully_reshardable":
+        # Keys without the chained optimizers' ``chained_<i>.`` prefix: how many optimizers are
+        # chained depends on the layout (EP > 1 adds one for the experts), the keys must not.
+        metadata["chained_optim_avoid_prefix"] = True
+    return metadata
+
+
+def optimizer_record(optim_sharding: str | None) -> dict[str, Any]:
+    """What a full checkpoint records about its optimizer state (manifest and checkpoint)."""
+    if optim_sharding is None:
+        return {"optimizer": OPTIMIZER_PLAIN, "sharding": None}
+    return {"optimizer": OPTIMIZER_DISTRIBUTED, "sharding": optim_sharding}
+
+
+def _model_parallel_sizes(layout: ParallelLayout) -> dict[str, int]:
+    return {
+        "TP": layout.tensor_model_parallel_size,
+        "PP": layout.pipeline_model_parallel_size,
+        "EP": layout.expert_model_parallel_size,
+        "CP": layout.context_parallel_size,
+    }
+
+
+def optimizer_load_problem(
+    saved: dict[str, Any],
+    optim_sharding: str | None,
+    saved_layout: ParallelLayout | None,
+    layout: ParallelLayout,
+    optimizer_parts: int | None = None,
+) -> str | None:
+    """Why the optimizer state recorded as ``saved`` cannot load into this run, or None.
+
+    ``saved`` is :func:`optimizer_record` of the writer. The plain and the distributed
+    optimizer store different state. ``dp_reshardable`` state is the writer's gradient-buffer
+    buckets: it loads with another DP size (the buckets of one model-parallel rank do not
+    depend on it) but not with other TP/PP/EP/CP sizes; ``fully_reshardable`` loads anywhere
+    megatron-core 0.16 can: not between layouts with a different number of chained optimizers
+    (``optimizer_parts``; expert parallelism adds one for the experts' own DP group).
+    """
+    mine = optimizer_record(optim_sharding)["optimizer"]
+    theirs = saved.get("optimizer", OPTIMIZER_PLAIN)
+    saved_parts, parts = saved.get("parts"), optimizer_parts
+    if theirs != mine:
+        return (
+            f"its optimizer state is from the {theirs} optimizer and this run uses the {mine} "
+            "one (--use-distributed-optimizer must match the saving run)"
+        )
+    if (
+        theirs == OPTIMIZER_DISTRIBUTED
+        and saved.get("sharding") == "dp_reshardable"
+        and saved_layout is not None
+    ):
+        before, now = _model_parallel_sizes(saved_layout), _model_parallel_sizes(layout)
+        changed = [f"{k} {before[k]} -> {now[k]}" for k in before if before[k] != now[k]]
+        if changed:
+            return (
+                "its distributed-optimizer state is dp_reshardable, which reloads only with "
+                f"the same TP/PP/EP/CP sizes (changed: {', '.join(changed)}); resume with the "
+                "saving layout, or save from a run with --dist-ckpt-optim-fully-reshardable"
+            )
+    known = saved_parts is not None and parts is not None
+    if theirs == OPTIMIZER_DISTRIBUTED and known and saved_parts != parts:
+        return (
+            f"its distributed-optimizer state has {saved_parts} chained optimizer(s) and this "
+            f"layout has {parts} (expert parallelism on one side only); megatron-core cannot "
+            "reshard between them: resume with the saving TP/EP sizes"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------- listing
@@ -323,8 +418,13 @@ class CheckpointManager:
         model_json: dict[str, Any],
         padded_vocab: int,
         run_info: dict[str, Any] | None = None,
+        optim_sharding: str | None = None,
     ) -> None:
+        """``optim_sharding``: None for the plain optimizer, else one of
+        :data:`OPTIM_SHARDINGS` (how the distributed optimizer's state is saved)."""
         self.run_info = dict(run_info or {})
+        self.optim_sharding = optim_sharding
+        self.optim_metadata = optimizer_sharding_metadata(optim_sharding)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -369,7 +469,9 @@ class CheckpointManager:
             "consumed_tokens": train_state.consumed_tokens,
         }
         if kind == KIND_FULL:
-            sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+            sd["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, metadata=self.optim_metadata
+            )
             from megatron_wsm import lr as lr_schedule
 
             sd["opt_param_scheduler"] = lr_schedule.scheduler_state(self.scheduler)
@@ -450,6 +552,18 @@ class CheckpointManager:
             complete=True,
             extra={"run": self.run_info},
         )
+        content_metadata = None
+        if kind == KIND_FULL:
+            manifest.extra[EXTRA_OPTIMIZER] = {
+                **optimizer_record(self.optim_sharding),
+                "parts": _optimizer_parts(self.optimizer),
+            }
+            # Megatron-LM keeps the sharding metadata with the checkpoint the same way, so a
+            # loader can rebuild the matching request without our manifest.
+            content_metadata = {
+                **self.optim_metadata,
+                _CONTENT_OPTIMIZER: manifest.extra[EXTRA_OPTIMIZER]["optimizer"],
+            }
 
         def finalize() -> None:
             # Runs on every rank after every rank's shards and the .metadata are on disk.
@@ -492,12 +606,15 @@ class CheckpointManager:
                 self._save_strategy(),
                 async_sharded_save=True,
                 **async_save_kwargs(dist_checkpointing.save),
+                content_metadata=content_metadata,
             )
             request.add_finalize_fn(finalize)
             self._async().schedule_async_request(request)
         else:
             _maybe_inject_crash(kind, iteration, "before-write")
-            dist_checkpointing.save(state_dict, str(tmp), self._save_strategy())
+            dist_checkpointing.save(
+                state_dict, str(tmp), self._save_strategy(), content_metadata=content_metadata
+            )
             _maybe_inject_crash(kind, iteration, "after-shards")
             wdist.barrier()
             finalize()
@@ -599,6 +716,20 @@ class CheckpointManager:
             more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
             raise CheckpointError(f"refusing to load {ckpt}: {found[0]}{more}")
 
+    @staticmethod
+    def _saved_optimizer(ckpt: Path, manifest: CheckpointManifest | None) -> dict[str, Any]:
+        """:func:`optimizer_record` of the checkpoint's writer (manifest, else the content
+        metadata megatron-core keeps with the checkpoint, else: the plain optimizer)."""
+        if manifest is not None and EXTRA_OPTIMIZER in manifest.extra:
+            return dict(manifest.extra[EXTRA_OPTIMIZER])
+        from megatron.core import dist_checkpointing
+
+        content = dist_checkpointing.load_content_metadata(str(ckpt)) or {}
+        return {
+            "optimizer": content.get(_CONTENT_OPTIMIZER, OPTIMIZER_PLAIN),
+            "sharding": content.get("distrib_optim_sharding_type"),
+        }
+
     def load(
         self,
         path: str | os.PathLike,
@@ -634,7 +765,26 @@ class CheckpointManager:
         sharded: dict[str, Any] = {"model": model_sd}
         has_optim = kind == KIND_FULL and not finetune
         if has_optim and load_optim:
-            sharded["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+            saved = self._saved_optimizer(ckpt, manifest)
+            problem = optimizer_load_problem(
+                saved,
+                self.optim_sharding,
+                manifest.parallel if manifest else None,
+                self.layout,
+                _optimizer_parts(self.optimizer),
+            )
+            if problem:
+                raise CheckpointError(
+                    f"cannot load the optimizer state of {ckpt}: {problem}; or add "
+                    "--no-load-optim --no-load-rng to load the weights alone"
+                )
+            # Load with the writer's sharding (this run's --dist-ckpt-optim-* choice applies
+            # to its own saves).
+            metadata = optimizer_sharding_metadata(saved.get("sharding"))
+            cpu_compat.init_torch_adam_state(self.optimizer)
+            sharded["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=metadata
+            )
         if (ckpt / ckpt_integrity.METADATA_FILE).is_file():
             # Either spec's checkpoint, and the local spec's older norm names, load here.
             spec_keys.adapt_load_request(sharded, spec_keys.checkpoint_keys(ckpt))
@@ -645,7 +795,8 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(sharded, str(ckpt))
             self._bare_model().load_state_dict(loaded["model"], strict=True)
             if "optimizer" in sharded:
-                self.optimizer.load_state_dict(loaded["optimizer"])
+                with cpu_compat.loading_torch_adam_state(self.optimizer):
+                    self.optimizer.load_state_dict(loaded["optimizer"])
             elif hasattr(self.optimizer, "reload_model_params"):
                 # fp32 master copies must follow the loaded weights when no optimizer state
                 # is read (bf16 training).
@@ -724,6 +875,11 @@ def _model_spec() -> dict[str, Any]:
         "key_scheme": spec_keys.KEY_SCHEME,
         "transformer_engine_version": te_version,
     }
+
+
+def _optimizer_parts(optimizer: Any) -> int:
+    """How many optimizers megatron-core chained (dense and, with expert DP groups, experts)."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _mcore_version() -> str:

@@ -56,6 +56,9 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False  #: DP gradient reduce overlapped with backward
     overlap_param_gather: bool = False  #: distributed optimizer's param all-gather overlapped
+    #: how full checkpoints store the distributed optimizer's state (megatron-core's names):
+    #: dp_reshardable | fully_reshardable
+    ckpt_optim_sharding: str = "dp_reshardable"
     distributed_backend: str | None = None  #: None → nccl with CUDA, gloo without
 
 

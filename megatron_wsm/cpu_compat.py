@@ -326,6 +326,160 @@ def _shim_moe_utils() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def cuda_type_name(type_name: str) -> str:
+    """``torch.BFloat16Tensor`` → ``torch.cuda.BFloat16Tensor``: the name a CPU tensor's
+    ``type()`` would have on the GPU (other names unchanged)."""
+    if type_name.startswith("torch.") and not type_name.startswith("torch.cuda."):
+        return "torch.cuda." + type_name[len("torch.") :]
+    return type_name
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Any:
+    """While active, ``Tensor.type()`` (no arguments) of CPU tensors reports CUDA type names.
+
+    Only for the constructors listed in :func:`_shim_optimizer_type_checks`: they sort
+    parameters into fp32 / 16-bit groups by comparing ``param.type()`` with
+    ``torch.cuda.*Tensor`` names and reject anything else. Calls with arguments (conversions)
+    go to the real method; outside the block the real method is back.
+    """
+    real = torch.Tensor.type
+
+    def type_as_on_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return real(self, *args, **kwargs)
+        return cuda_type_name(real(self))
+
+    torch.Tensor.type = type_as_on_cuda  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real  # type: ignore[method-assign]
+
+
+def _shim_optimizer_type_checks() -> None:
+    """The mixed-precision and distributed optimizers accept only ``torch.cuda.*Tensor`` params.
+
+    ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` (0.16.1) decide at
+    construction, by ``param.type()`` name, which parameters get fp32 main copies, and raise
+    ``TypeError`` on CPU tensors. Their constructors run under :func:`cuda_type_names`; nothing
+    after construction checks type names (gradient clipping's check is
+    :func:`_shim_clip_grads`).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        real_init = cls.__init__
+        if getattr(real_init, "_wsm_cpu_shim", False):
+            continue
+
+        def init_with_cuda_type_names(
+            self: Any, *args: Any, _real: Callable[..., None] = real_init, **kwargs: Any
+        ) -> None:
+            with cuda_type_names():
+                _real(self, *args, **kwargs)
+
+        init_with_cuda_type_names._wsm_cpu_shim = True  # type: ignore[attr-defined]
+        cls.__init__ = init_with_cuda_type_names  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------- torch Adam + DO
+# Not CPU-specific: these fix megatron-core's distributed optimizer whenever it falls back to
+# torch's Adam/AdamW (neither Transformer Engine nor apex importable), GPU included. They are
+# called around checkpoint loading, not installed by apply().
+
+
+def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
+    """The ``DistributedOptimizer`` parts of ``optimizer`` that step with torch's Adam/AdamW."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for p in parts if isinstance(p, distrib_optimizer.DistributedOptimizer)]
+
+
+def init_torch_adam_state(optimizer: Any) -> None:
+    """Give a not-yet-stepped distributed optimizer torch Adam's state (zeros, ``step`` 0).
+
+    Building a checkpoint's load request calls ``DistributedOptimizer.state_dict()``, which
+    with torch's Adam reads the one ``step`` shared by all parameter states and asserts there
+    is exactly one: before the first step there is none, so every resume failed. This creates
+    what torch's Adam creates on its first step (the loaded values then overwrite it); the
+    parameters are not touched.
+    """
+    for part in _torch_adam_distributed_optimizers(optimizer):
+        inner = part.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if inner.state.get(param):
+                    continue
+                inner.state[param] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+
+
+@contextlib.contextmanager
+def loading_torch_adam_state(optimizer: Any) -> Any:
+    """Wrap ``optimizer.load_state_dict`` of a distributed optimizer on the torch-Adam path.
+
+    Three bugs of megatron-core 0.16.1 there break a resume:
+
+    - ``load_state_dict`` puts ONE ``step`` tensor into every parameter's state, and torch's
+      Adam increments each state's ``step`` in place: the shared counter advanced once per
+      parameter per iteration;
+    - the ``dp_reshardable`` reload then copies the ``step`` of the *requesting* optimizer
+      (0 before the first step) over it, so bias correction restarted;
+    - the ``fully_reshardable`` reload leaves ``step`` out of the loaded tensors but copies
+      every key of the state, ``step`` included (``KeyError: 'step'``).
+
+    Inside the block a missing ``step`` is skipped; on exit every parameter gets its own
+    ``step`` from the loaded parameter groups (where ``DistributedOptimizer.state_dict``
+    stores it for torch's Adam).
+    """
+    parts = _torch_adam_distributed_optimizers(optimizer)
+    for part in parts:
+        # An instance attribute: the class method stays as it is for everything else.
+        part._set_main_param_and_optimizer_states = _skip_missing_step(part)
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.__dict__.pop("_set_main_param_and_optimizer_states", None)
+    for part in parts:
+        inner = part.optimizer
+        for group in inner.param_groups:
+            step = group.get("step")
+            if step is None:
+                raise RuntimeError("distributed optimizer state has no step after loading")
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state:
+                    state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _skip_missing_step(part: Any) -> Callable[[Any, dict[str, Any]], None]:
+    """``part._set_main_param_and_optimizer_states`` that leaves ``step`` alone when the
+    loaded tensors have none (restored afterwards by :func:`loading_torch_adam_state`)."""
+    real = type(part)._set_main_param_and_optimizer_states
+
+    def set_states(model_param: Any, tensors: dict[str, Any]) -> None:
+        group_index, group_order = part.model_param_group_index_map[model_param]
+        main_param = part.optimizer.param_groups[group_index]["params"][group_order]
+        state = part.optimizer.state[main_param]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            real(part, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return set_states
+
+
 def apply() -> bool:
     """Install every CPU shim once; returns True if applied (i.e. CUDA is not available)."""
     global _APPLIED
@@ -347,6 +501,7 @@ def apply() -> bool:
     _shim_cuda_factories()
     _shim_clip_grads()
     _shim_moe_utils()
+    _shim_optimizer_type_checks()
     _APPLIED = True
     logger.info("megatron-wsm: CPU compatibility shims active (no CUDA)")
     return True

@@ -27,6 +27,11 @@ KIND_WINDOW = "window"  # model only, saved densely over the trailing merge wind
 KIND_MERGED = "merged"  # output of tools/merge_wsm.py
 KINDS = (KIND_FULL, KIND_WINDOW, KIND_MERGED)
 
+#: ``extra`` key of full checkpoints: ``{"optimizer": "plain" | "distributed", "sharding":
+#: None | "dp_reshardable" | "fully_reshardable"}`` (how the optimizer state was saved).
+#: Absent in full checkpoints written before it existed: those hold plain-optimizer state.
+EXTRA_OPTIMIZER = "optimizer"
+
 
 @dataclasses.dataclass
 class ParallelLayout:

@@ -188,7 +188,16 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
         "seed": cfg.training.seed,
     }
     manager = CheckpointManager(
-        model, optimizer, scheduler, _layout(cfg), cfg.model.to_json(), padded, run_info
+        model,
+        optimizer,
+        scheduler,
+        _layout(cfg),
+        cfg.model.to_json(),
+        padded,
+        run_info,
+        optim_sharding=(
+            cfg.parallel.ckpt_optim_sharding if cfg.parallel.use_distributed_optimizer else None
+        ),
     )
     t = cfg.training
     if t.load:

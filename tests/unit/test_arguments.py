@@ -65,13 +65,20 @@ def test_default_is_stable_lr():
         (["--wsm-interval-tokens", "100", "--save", "x"], 1, "multiple of the tokens"),
         (["--save-keep-last", "0", "--save", "x"], 1, "--save-keep-last"),
         (["--eval-iters", "-1"], 1, "--eval-iters"),
-        (["--use-distributed-optimizer"], 2, "needs CUDA"),
-        (["--bf16"], 1, "--bf16 needs CUDA"),
+        (["--dist-ckpt-optim-fully-reshardable"], 2, "needs --use-distributed-optimizer"),
     ],
 )
 def test_invalid_configs_fail_with_one_clear_message(argv, world, msg):
     with pytest.raises(ConfigError, match=msg.replace("×", ".").replace("(", r"\(")):
         validate(_cfg(*argv), world_size=world, cuda=False)
+
+
+def test_bf16_and_distributed_optimizer_are_accepted_without_cuda():
+    cfg = _cfg("--bf16", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable")
+    validate(cfg, world_size=2, cuda=False)
+    assert cfg.model.params_dtype == "bf16"
+    assert cfg.parallel.ckpt_optim_sharding == "fully_reshardable"
+    assert _cfg("--use-distributed-optimizer").parallel.ckpt_optim_sharding == "dp_reshardable"
 
 
 def test_window_interval_in_tokens_converts_to_iterations():
