@@ -26,6 +26,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],  # optional fused GPU layers (TE spec)
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        # Hugging Face export (tools/export_hf.py) and offline downstream scoring. The trainer
+        # never imports these.
+        "hf": ["transformers>=4.46,<6", "safetensors>=0.4.3,<1", "lm-eval>=0.4.5,<0.5"],
     },
     entry_points={
         "console_scripts": [
@@ -36,6 +39,7 @@ setup(
             "wsm-list-checkpoints=megatron_wsm.cli.list_checkpoints:main",
             "wsm-train-tokenizer=megatron_wsm.cli.train_tokenizer:main",
             "wsm-preprocess-data=megatron_wsm.cli.preprocess_data:main",
+            "wsm-export-hf=megatron_wsm.cli.export_hf:main",
         ]
     },
 )

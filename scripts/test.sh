@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test command: set up .venv with the test tools, then run the whole suite.
+# The test command: set up .venv with the test tools and the hf extra (export parity tests),
+# then run the whole suite.
 #   bash scripts/test.sh            # everything (≈ 10 min on 2 CPU cores)
 #   bash scripts/test.sh -m "not distributed"   # only the quick unit tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=dev source scripts/setup_venv.sh
+EXTRAS=dev,hf source scripts/setup_venv.sh
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
