@@ -94,8 +94,8 @@ def export_checkpoint(
         raise ExportError(f"{path} is marked incomplete")
     if manifest.checkpoint_format != "torch_dist":
         raise ExportError(
-            f"{path} is in the {manifest.checkpoint_format!r} format; export reads torch_dist "
-            "(merge or re-save it with --ckpt-format torch_dist first)"
+            f"{path} is in the {manifest.checkpoint_format!r} format; the export reads only "
+            "torch_dist checkpoints (what the megatron-wsm trainer writes)"
         )
     run, model = _model_config(manifest)
     refusals = mapping.config_refusals(model)

@@ -78,9 +78,10 @@ def check_parity(hf_dir, ref, tokens) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, data_cache):
-    """A 1-process GQA run: its final full checkpoint."""
+    """A 1-process GQA run: its final full checkpoint (window checkpoints at 2, 4, 6 beside)."""
     tmp = tmp_path_factory.mktemp("export_1p")
     run_pretrain([*TINY_MODEL, *GQA, "--train-iters", "6", "--save", tmp / "ckpt",
+                  "--wsm-interval", "2", "--wsm-window", "4",
                   "--data-cache-dir", data_cache], tmp / "train.json")
     return tmp / "ckpt" / "iter_0000006"
 
@@ -158,3 +159,24 @@ def test_killed_export_leaves_no_directory(tiny_ckpt, data_cache, tmp_path):
     assert len(list(leftover.glob("*.safetensors"))) == 2
     export(tiny_ckpt, hf, "--data-cache-dir", data_cache)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.slow
+def test_export_merged_checkpoint_keeps_provenance(tiny_ckpt, data_cache, tmp_path):
+    window = sorted((tiny_ckpt.parent / "wsm_window").glob("iter_*"))
+    assert len(window) == 3
+    merged = tmp_path / "merged"
+    run_script("tools/merge_wsm.py", ["--inputs", *window, "--method", "1-sqrt", "--save",
+                                      merged, "--no-progress-bar"])
+    hf = tmp_path / "hf"
+    export(merged, hf, "--data-cache-dir", data_cache)
+    prov = json.loads((hf / "wsm_export.json").read_text())
+    source = json.loads((merged / "wsm_manifest.json").read_text())["extra"]["provenance"]
+    assert prov["kind"] == "merged"
+    assert prov["merge"]["coefficients"] == source["coefficients"]
+    assert prov["merge"]["inputs"] == source["inputs"] and len(source["inputs"]) == 3
+    assert prov["merge"]["method"] == source["method"]
+    card = (hf / "README.md").read_text()
+    assert "merge: method" in card and str(window[0]) in card
+    tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(1))
+    check_parity(hf, reference(merged, tmp_path, data_cache, tokens), tokens)
