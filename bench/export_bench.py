@@ -11,7 +11,8 @@ variant in its own child process so that peak RSS is clean:
 - ``export``: the full export (read, split, safetensors shards of ``--max-shard-size``, fsync,
   atomic rename).
 
-Prints time (and the ratio to ``read_once``) and peak RSS above the child's start, next to the
+Prints time (and the ratio to ``read_once``) and peak RSS (VmHWM) above the child's RSS after its
+imports, next to the
 largest single tensor of the checkpoint and the shard size: the export's memory is bounded by
 those, not by the model.
 
@@ -25,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -99,12 +99,14 @@ def _free_port() -> int:
 
 def child(variant: str, ckpt: Path, out: Path, max_shard_size: str) -> dict[str, Any]:
     """Run one variant in this process; returns seconds and peak RSS above start."""
-    import psutil
     import torch
 
+    # Imports first, so both time and memory count the work, not module loading.
+    import megatron_wsm.checkpointing  # noqa: F401
+    import megatron_wsm.export.hf  # noqa: F401
     from megatron_wsm.export.reader import CheckpointReader
 
-    start_rss = psutil.Process().memory_info().rss
+    start_rss = _status_kib("VmRSS")
     start = time.perf_counter()
     if variant == "read_once":
         reader = CheckpointReader(ckpt)
@@ -126,8 +128,16 @@ def child(variant: str, ckpt: Path, out: Path, max_shard_size: str) -> dict[str,
 
         export_checkpoint(ckpt, out, max_shard_size=max_shard_size, overwrite=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_rss
+    # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak.
+    peak = (_status_kib("VmHWM") - start_rss) * 1024
     return {"seconds": seconds, "peak_rss_mib": peak / MIB}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _indices(lead: tuple[int, ...]) -> list[tuple[int, ...]]:

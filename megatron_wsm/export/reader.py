@@ -10,6 +10,7 @@ expert's ``linear_fc1``) plus the chunks overlapping it, never the whole model.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from megatron_wsm import ckpt_integrity
 from megatron_wsm.export.mapping import ExportError
+
+
+#: Optimizer state keys: ``optimizer.…``, or ``chained_N.optimizer.…`` when megatron-core chains
+#: one optimizer per parameter group (dense and expert parameters with EP).
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
 
 
 class _TrustedMetadataReader(FileSystemReader):
@@ -98,7 +104,7 @@ class CheckpointReader:
         """Floating-point model tensors (not optimizer state) → global shape."""
         out = {}
         for key, md in self.metadata.state_dict_metadata.items():
-            if not isinstance(md, TensorStorageMetadata) or key.startswith("optimizer"):
+            if not isinstance(md, TensorStorageMetadata) or _OPTIMIZER_KEY.match(key):
                 continue
             if "/" in key or not md.properties.dtype.is_floating_point:
                 continue

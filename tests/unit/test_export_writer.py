@@ -20,7 +20,9 @@ def test_reader_reads_slices_of_global_tensors(tmp_path):
     torch.manual_seed(0)
     stacked = torch.randn(3, 4, 5, 6)
     flat = torch.randn(7, 2).to(torch.bfloat16)
-    _save_dcp(tmp_path, {"a.weight": stacked, "b.weight": flat, "count": torch.tensor(3)})
+    _save_dcp(tmp_path, {"a.weight": stacked, "b.weight": flat, "count": torch.tensor(3),
+                         "optimizer.state.exp_avg.a.weight": stacked,
+                         "chained_1.optimizer.state.exp_avg.b.weight": flat})
     r = CheckpointReader(tmp_path)
     assert r.model_tensors() == {"a.weight": (3, 4, 5, 6), "b.weight": (7, 2)}
     assert torch.equal(r.read("a.weight", (2,)), stacked[2])
