@@ -28,7 +28,7 @@ setup(
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
         # Hugging Face export (tools/export_hf.py) and offline downstream scoring. The trainer
         # never imports these.
-        "hf": ["transformers>=4.46,<6", "safetensors>=0.4.3,<1", "lm-eval>=0.4.5,<0.5"],
+        "hf": ["transformers>=4.46,<6", "safetensors>=0.4.3,<1", "lm-eval[hf]>=0.4.5,<0.5"],
     },
     entry_points={
         "console_scripts": [

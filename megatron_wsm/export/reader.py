@@ -28,7 +28,6 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from megatron_wsm import ckpt_integrity
 from megatron_wsm.export.mapping import ExportError
 
-
 #: Optimizer state keys: ``optimizer.…``, or ``chained_N.optimizer.…`` when megatron-core chains
 #: one optimizer per parameter group (dense and expert parameters with EP).
 _OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")

@@ -180,3 +180,23 @@ def test_export_merged_checkpoint_keeps_provenance(tiny_ckpt, data_cache, tmp_pa
     assert "merge: method" in card and str(window[0]) in card
     tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(1))
     check_parity(hf, reference(merged, tmp_path, data_cache, tokens), tokens)
+
+
+@pytest.mark.slow
+def test_harness_scores_exported_model(tiny_ckpt, data_cache, tmp_path):
+    """lm-eval (HF backend) runs offline on our held-out tasks and reports sane scores."""
+    pytest.importorskip("lm_eval")
+    hf = tmp_path / "hf"
+    export(tiny_ckpt, hf, "--data-cache-dir", data_cache)
+    out = tmp_path / "scores.json"
+    env = {**_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_wsm.export.harness", "--model", str(hf),
+         "--data-cache-dir", data_cache, "--output-json", str(out), "--limit", "20"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads(out.read_text())
+    assert 0.0 <= scores["wsm_heldout_cloze"]["acc"] <= 1.0
+    bpb = scores["wsm_heldout_ppl"]["bits_per_byte"]
+    # A 6-iteration model is near uniform over 512 pieces: bits/byte finite and well above 0.
+    assert 0.5 < bpb < 20
