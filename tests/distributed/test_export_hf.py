@@ -6,6 +6,7 @@ Needs the ``hf`` extra (transformers, safetensors); skipped without it.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,24 @@ def test_export_refusals_write_nothing(tiny_ckpt, data_cache, tmp_path):
     assert proc.returncode == 2 and "exists (pass --overwrite" in proc.stderr
     config = json.loads((hf / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
+
+    # What Mixtral cannot express is refused before anything is written.
+    bad = tmp_path / "layernorm"
+    shutil.copytree(tiny_ckpt, bad)
+    manifest = json.loads((bad / "wsm_manifest.json").read_text())
+    manifest["extra"]["run"]["model"]["normalization"] = "LayerNorm"
+    (bad / "wsm_manifest.json").write_text(json.dumps(manifest))
+    proc = export(bad, tmp_path / "hf_ln", "--data-cache-dir", data_cache, check=False)
+    assert proc.returncode == 2 and "no LayerNorm" in proc.stderr
+    assert not (tmp_path / "hf_ln").exists()
+    # A shard cut short is refused by the metadata/range checks, also before writing.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_ckpt, damaged)
+    shard = max(damaged.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:1000])
+    proc = export(damaged, tmp_path / "hf_dmg", "--data-cache-dir", data_cache, check=False)
+    assert proc.returncode == 2 and "is damaged" in proc.stderr
+    assert not (tmp_path / "hf_dmg").exists()
 
 
 @pytest.mark.slow
