@@ -27,8 +27,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],  # optional fused GPU layers (TE spec)
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
         # Hugging Face export (tools/export_hf.py) and offline downstream scoring. The trainer
-        # never imports these.
-        "hf": ["transformers>=4.46,<6", "safetensors>=0.4.3,<1", "lm-eval[hf]>=0.4.5,<0.5"],
+        # never imports these. transformers >= 5: the tokenizer parity (AutoTokenizer ids equal
+        # to SentencePiece's) was checked with 5.x only.
+        "hf": ["transformers>=5.0,<6", "safetensors>=0.4.3,<1", "lm-eval[hf]>=0.4.5,<0.5"],
     },
     entry_points={
         "console_scripts": [
