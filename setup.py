@@ -28,6 +28,10 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],  # optional fused GPU layers (TE spec)
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        # Hugging Face export (tools/export_hf.py) and offline downstream scoring. The trainer
+        # never imports these. transformers >= 5: the tokenizer parity (AutoTokenizer ids equal
+        # to SentencePiece's) was checked with 5.x only.
+        "hf": ["transformers>=5.0,<6", "safetensors>=0.4.3,<1", "lm-eval[hf]>=0.4.5,<0.5"],
     },
     entry_points={
         "console_scripts": [
@@ -38,6 +42,7 @@ setup(
             "wsm-list-checkpoints=megatron_wsm.cli.list_checkpoints:main",
             "wsm-train-tokenizer=megatron_wsm.cli.train_tokenizer:main",
             "wsm-preprocess-data=megatron_wsm.cli.preprocess_data:main",
+            "wsm-export-hf=megatron_wsm.cli.export_hf:main",
         ]
     },
 )

@@ -94,6 +94,8 @@ def _python_argv(argv: list[str], train_args: list[str], data_cache: str) -> lis
         rest = [*TINY_MODEL, "--data-cache-dir", data_cache, *rest]
     if script == "tools/evaluate.py":
         rest = [*rest, "--data-cache-dir", data_cache, "--eval-iters", "2"]
+    if script == "tools/export_hf.py":  # the run's tokenizer lives in its data cache
+        rest = [*rest, "--data-cache-dir", data_cache]
     return [*head, str(ROOT / script), *rest]
 
 

@@ -1,0 +1,1 @@
+"""Export checkpoints to the Hugging Face Mixtral layout."""

@@ -1,0 +1,203 @@
+"""Export a megatron-wsm checkpoint to a Hugging Face Mixtral directory (the whole pipeline).
+
+Order matters: everything that can refuse (manifest, metadata, storage ranges, what Mixtral can
+express, shapes, tokenizer) is checked before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_wsm.export import mapping, writer
+from megatron_wsm.export import tokenizer as tok
+from megatron_wsm.export.mapping import ExportError
+from megatron_wsm.export.reader import CheckpointReader
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+PROVENANCE_NAME = "wsm_export.json"
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What an export wrote."""
+
+    save: str
+    source: str
+    iteration: int
+    tensors: int
+    shards: int
+    bytes: int
+    dtype: str
+    seconds: float
+    vocab_size: int
+    padded_vocab_size: int
+
+
+def _model_config(manifest: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    run = dict(manifest.extra.get("run") or {})
+    model = dict(manifest.model_config or {})
+    model.update(run.get("model") or {})
+    return run, model
+
+
+def _tokenizer_path(run: dict[str, Any], model: dict[str, Any], override: str | None,
+                    data_cache_dir: str) -> str:
+    if override:
+        return override
+    if run.get("tokenizer_model"):
+        return str(run["tokenizer_model"])
+    # The run trained its tokenizer on the embedded corpus: the same settings find (or rebuild,
+    # deterministically) the same model in the data cache.
+    from megatron_wsm.data.prepare import prepare_embedded_data
+
+    vocab = int(run.get("vocab_size") or model.get("vocab_size") or 4096)
+    seed = int(run.get("seed", 1234))
+    prepared = prepare_embedded_data(data_cache_dir, vocab_size=vocab, seed=seed)
+    return prepared.tokenizer_model
+
+
+def export_checkpoint(
+    load: str | os.PathLike,
+    save: str | os.PathLike,
+    *,
+    dtype: str = "same",
+    max_shard_size: str = "5GB",
+    tokenizer_model: str | None = None,
+    data_cache_dir: str = "data_cache",
+    overwrite: bool = False,
+) -> ExportReport:
+    """Export checkpoint ``load`` to the HF directory ``save``; raises :class:`ExportError`."""
+    from megatron_wsm.checkpointing import CheckpointError, resolve_load_dir
+    from megatron_wsm.manifest import read_manifest
+
+    start = time.perf_counter()
+    max_bytes = writer.parse_size(max_shard_size)
+    if dtype not in ("same", *DTYPES):
+        raise ExportError(f"--dtype {dtype!r}: expected same, fp32 or bf16")
+    try:
+        path = resolve_load_dir(load)
+        manifest = read_manifest(path)
+    except (CheckpointError, ValueError) as e:
+        raise ExportError(str(e)) from e
+    if manifest is None:
+        raise ExportError(f"{path} has no wsm_manifest.json: the model config is unknown")
+    if not manifest.complete:
+        raise ExportError(f"{path} is marked incomplete")
+    if manifest.checkpoint_format != "torch_dist":
+        raise ExportError(
+            f"{path} is in the {manifest.checkpoint_format!r} format; the export reads only "
+            "torch_dist checkpoints (what the megatron-wsm trainer writes)"
+        )
+    run, model = _model_config(manifest)
+    refusals = mapping.config_refusals(model)
+    reader = CheckpointReader(path)
+    keys = reader.model_tensors()
+    refusals += mapping.key_refusals(list(keys))
+    if refusals:
+        raise ExportError("cannot export as Mixtral: " + "; ".join(refusals))
+
+    tok_path = _tokenizer_path(run, model, tokenizer_model, data_cache_dir)
+    sp = tok.load_sentencepiece(tok_path)
+    vocab = sp.get_piece_size()
+    if model.get("vocab_size") and int(model["vocab_size"]) != vocab:
+        raise ExportError(
+            f"tokenizer {tok_path} has {vocab} pieces but the model was trained with "
+            f"{model['vocab_size']}"
+        )
+    shapes = mapping.shapes_from_config(model, vocab)
+    specs = mapping.plan(shapes, keys)
+    out_dtypes = {spec.name: DTYPES.get(dtype, reader.dtype(spec.key)) for spec in specs}
+    names = {_DTYPE_NAMES.get(d, str(d)) for d in out_dtypes.values()}
+    config_dtype = names.pop() if len(names) == 1 else "float32"
+
+    def nbytes(spec: mapping.TensorSpec) -> int:
+        return spec.numel() * torch.empty((), dtype=out_dtypes[spec.name]).element_size()
+
+    shards = writer.plan_shards(specs, nbytes, max_bytes)
+
+    def produce(spec: mapping.TensorSpec) -> torch.Tensor:
+        source = reader.read(spec.key, spec.index)
+        return mapping.apply_part(spec, shapes, source).to(out_dtypes[spec.name])
+
+    provenance = _provenance(path, manifest, run, dtype, tok_path)
+    bos, eos = sp.bos_id(), sp.eos_id()
+    hf_config = mapping.mixtral_config(model, shapes, bos, eos, config_dtype)
+
+    def fill(tmp: Path) -> None:
+        index = writer.write_shards(tmp, shards, produce, {"format": "pt"})
+        if index is not None:
+            writer.write_json(tmp / writer.INDEX_NAME, index)
+        writer.write_json(tmp / "config.json", hf_config)
+        writer.write_json(tmp / "generation_config.json", {
+            "bos_token_id": bos, "eos_token_id": eos,
+            "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else eos, "do_sample": False,
+        })
+        tok.write_tokenizer_files(tmp, tok_path, int(model.get("max_position_embeddings") or 0))
+        writer.write_json(tmp / PROVENANCE_NAME, provenance)
+        (tmp / "README.md").write_text(model_card(provenance, hf_config))
+
+    writer.publish(Path(save), overwrite, fill)
+    total = sum(nbytes(s) for s in specs)
+    return ExportReport(
+        save=str(save), source=str(path), iteration=manifest.iteration, tensors=len(specs),
+        shards=len(shards), bytes=total, dtype=config_dtype,
+        seconds=round(time.perf_counter() - start, 3), vocab_size=vocab,
+        padded_vocab_size=keys[mapping.EMBEDDING][0],
+    )
+
+
+def _provenance(path: Path, manifest: Any, run: dict[str, Any], dtype: str,
+                tok_path: str) -> dict[str, Any]:
+    prov = manifest.extra.get("provenance") or {}
+    merge = None
+    if prov:
+        merge = {k: prov.get(k) for k in ("inputs", "method", "coefficients", "implied_decay",
+                                          "format", "output_dtype", "created")}
+    return {
+        "format": "megatron-wsm-hf-export",
+        "version": 1,
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(path),
+        "kind": manifest.kind,
+        "iteration": manifest.iteration,
+        "consumed_tokens": manifest.consumed_tokens,
+        "consumed_samples": manifest.consumed_samples,
+        "model_config_hash": manifest.model_config_hash,
+        "parallel": dataclasses.asdict(manifest.parallel),
+        "megatron_core_version": manifest.megatron_core_version,
+        "run": run,
+        "merge": merge,
+        "dtype": dtype,
+        "tokenizer_model": tok_path,
+    }
+
+
+def model_card(prov: dict[str, Any], config: dict[str, Any]) -> str:
+    """A short README.md saying what the model is and where it came from."""
+    lines = [
+        "---", "library_name: transformers", "tags: [mixtral, moe, megatron-wsm]", "---", "",
+        f"# megatron-wsm export: {prov['kind']} checkpoint, iteration {prov['iteration']}", "",
+        f"- source: `{prov['source']}`",
+        f"- tokens seen: {prov['consumed_tokens']:,}",
+        f"- shape: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+        f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} KV), "
+        f"{config['num_local_experts']} experts (top-{config['num_experts_per_tok']}), "
+        f"vocabulary {config['vocab_size']}",
+    ]
+    merge = prov.get("merge")
+    if merge:
+        coeffs = ", ".join(f"{c:.4g}" for c in merge.get("coefficients") or [])
+        lines += [f"- merge: method `{json.dumps(merge.get('method'))}`, coefficients [{coeffs}]",
+                  "- merge inputs:"]
+        lines += [f"  - `{i}`" for i in merge.get("inputs") or []]
+    lines += ["", f"Full provenance: `{PROVENANCE_NAME}`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,347 @@
+"""megatron-core GPT/MoE checkpoint tensors → Hugging Face Mixtral tensors (pure functions).
+
+A torch_dist checkpoint stores *global* tensors whatever the TP/PP/EP layout: transformer layers
+are stacked along a leading dimension (``decoder.layers.X`` has shape ``[num_layers, ...]``) and
+SequentialMLP experts along a second one (``decoder.layers.mlp.experts.experts.X`` has shape
+``[num_layers, num_experts, ...]``). So the mapping needs no knowledge of the writer's layout: an
+HF tensor is "this global key, at this (layer[, expert]) index, through this transform".
+
+Nothing here reads files; :mod:`megatron_wsm.export.reader` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+LAYERS = "decoder.layers."
+EXPERTS = "decoder.layers.mlp.experts.experts."
+
+#: Each HF role with the checkpoint keys that can hold it, in both norm schemes the project
+#: writes: the local spec (torch norms, ``…layer_norm_norm.weight`` / ``….norm.weight``) and
+#: Transformer Engine's fused norms (``…layer_norm_weight`` / ``pre_mlp_layernorm.weight``).
+NORM_KEYS: dict[str, tuple[str, ...]] = {
+    "input_layernorm": (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.self_attention.linear_qkv.layer_norm_norm.weight",
+        "decoder.layers.input_layernorm.weight",
+        "decoder.layers.input_layernorm.norm.weight",
+    ),
+    "post_attention_layernorm": (
+        "decoder.layers.pre_mlp_layernorm.weight",
+        "decoder.layers.pre_mlp_layernorm.norm.weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_norm.weight",
+    ),
+    "final_norm": ("decoder.final_layernorm.weight", "decoder.final_layernorm.norm.weight"),
+}
+QKV = "decoder.layers.self_attention.linear_qkv.weight"
+PROJ = "decoder.layers.self_attention.linear_proj.weight"
+ROUTER = "decoder.layers.mlp.router.weight"
+EXPERT_FC1 = (EXPERTS + "linear_fc1.weight", "decoder.layers.mlp.experts.linear_fc1.weight")
+EXPERT_FC2 = (EXPERTS + "linear_fc2.weight", "decoder.layers.mlp.experts.linear_fc2.weight")
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT = "output_layer.weight"
+#: A dense (non-MoE) MLP's weights: present only when some layer is not an MoE layer.
+DENSE_MLP = ("decoder.layers.mlp.linear_fc1.weight", "decoder.layers.mlp.linear_fc2.weight")
+
+
+class ExportError(Exception):
+    """The checkpoint cannot be exported (one line: what and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The sizes the mapping needs, from the model config and the checkpoint."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    num_experts: int
+    moe_ffn_hidden_size: int
+    vocab_size: int  #: the tokenizer's size; padded rows beyond it are dropped
+    tied: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One HF tensor: ``transform(checkpoint[key][index])``."""
+
+    name: str  #: HF parameter name
+    key: str  #: checkpoint (global) key
+    index: tuple[int, ...]  #: leading indices into the stacked global tensor
+    part: str  #: which piece of the source slice (``all``, ``q``, ``k``, ``v``, ``gate``, ``up``,
+    #: ``rows``: the first ``vocab_size`` rows)
+    shape: tuple[int, ...]  #: shape of the HF tensor
+
+    def numel(self) -> int:
+        """Number of elements of the HF tensor."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def split_qkv(
+    weight: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split megatron-core's fused QKV weight into HF ``q_proj``, ``k_proj``, ``v_proj``.
+
+    megatron-core orders the fused rows per query group: that group's ``num_heads/num_groups``
+    query heads, then its key head, then its value head (each ``head_dim`` rows). HF keeps query
+    heads in order, so query head ``h`` belongs to key/value head ``h // (num_heads/num_groups)``
+    — the same grouping ``repeat_kv`` applies.
+    """
+    if num_heads % num_groups:
+        raise ExportError(f"{num_heads} attention heads do not split into {num_groups} groups")
+    per_group = num_heads // num_groups
+    hidden = weight.shape[-1]
+    expected = num_groups * (per_group + 2) * head_dim
+    if weight.shape[0] != expected:
+        raise ExportError(
+            f"fused QKV has {weight.shape[0]} rows, expected {expected} "
+            f"({num_groups} groups × ({per_group} q + 1 k + 1 v) × head_dim {head_dim})"
+        )
+    grouped = weight.reshape(num_groups, per_group + 2, head_dim, hidden)
+    q = grouped[:, :per_group].reshape(num_heads * head_dim, hidden)
+    k = grouped[:, per_group].reshape(num_groups * head_dim, hidden)
+    v = grouped[:, per_group + 1].reshape(num_groups * head_dim, hidden)
+    return q, k, v
+
+
+def split_fc1(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU ``linear_fc1`` = ``[gate; up]`` (``silu(gate x) * up x``) → Mixtral ``w1``, ``w3``."""
+    if weight.shape[0] % 2:
+        raise ExportError(f"gated linear_fc1 has an odd number of rows ({weight.shape[0]})")
+    gate, up = torch.chunk(weight, 2, dim=0)
+    return gate, up
+
+
+def apply_part(spec: TensorSpec, shapes: Shapes, source: torch.Tensor) -> torch.Tensor:
+    """The HF tensor of ``spec`` from its source slice (a view where possible)."""
+    if spec.part == "all":
+        out = source
+    elif spec.part in ("q", "k", "v"):
+        q, k, v = split_qkv(
+            source, shapes.num_attention_heads, shapes.num_query_groups, shapes.head_dim
+        )
+        out = {"q": q, "k": k, "v": v}[spec.part]
+    elif spec.part in ("gate", "up"):
+        gate, up = split_fc1(source)
+        out = gate if spec.part == "gate" else up
+    elif spec.part == "rows":
+        out = source[: shapes.vocab_size]
+    else:  # pragma: no cover - specs are built below
+        raise ValueError(f"unknown part {spec.part!r}")
+    if tuple(out.shape) != spec.shape:
+        raise ExportError(
+            f"{spec.key}{list(spec.index)} gives {spec.name} of shape {tuple(out.shape)}, "
+            f"expected {spec.shape}"
+        )
+    return out
+
+
+def shapes_from_config(model: Mapping[str, Any], vocab_size: int) -> Shapes:
+    """:class:`Shapes` of a model config (``ModelConfig.to_json()``) and the tokenizer size."""
+    hidden = int(model["hidden_size"])
+    heads = int(model["num_attention_heads"])
+    ffn = model.get("ffn_hidden_size") or 4 * hidden
+    return Shapes(
+        num_layers=int(model["num_layers"]),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=int(model.get("num_query_groups") or heads),
+        head_dim=int(model.get("kv_channels") or hidden // heads),
+        num_experts=int(model.get("num_experts") or 0),
+        moe_ffn_hidden_size=int(model.get("moe_ffn_hidden_size") or ffn),
+        vocab_size=int(vocab_size),
+        tied=not model.get("untie_embeddings_and_output_weights", True),
+    )
+
+
+# -- what Mixtral cannot express ------------------------------------------------------------------
+
+#: Config fields (ours, or megatron-core's names should a manifest carry them) that Mixtral
+#: cannot express when set away from the value shown; message per field.
+_CONFIG_REFUSALS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("normalization", lambda v: v not in (None, "RMSNorm"),
+     "normalization {v!r}: Mixtral has only RMSNorm (no LayerNorm)"),
+    ("position_embedding_type", lambda v: v not in (None, "rope"),
+     "position_embedding_type {v!r}: Mixtral has only rotary positions (no learned absolute "
+     "positions)"),
+    ("num_experts", lambda v: not v,
+     "num_experts {v!r}: a dense model is not a Mixtral (every layer must be MoE)"),
+    ("add_bias_linear", lambda v: bool(v), "add_bias_linear: Mixtral's linear layers have no bias"),
+    ("add_qkv_bias", lambda v: bool(v), "add_qkv_bias: Mixtral's attention has no bias"),
+    ("moe_shared_expert_intermediate_size", lambda v: bool(v),
+     "moe_shared_expert_intermediate_size {v!r}: Mixtral has no shared experts"),
+    ("moe_router_score_function", lambda v: v not in (None, "softmax"),
+     "moe_router_score_function {v!r}: Mixtral's router is a softmax"),
+    ("moe_router_enable_expert_bias", lambda v: bool(v),
+     "moe_router_enable_expert_bias: Mixtral's router has no bias correction"),
+    ("moe_router_pre_softmax", lambda v: bool(v),
+     "moe_router_pre_softmax: Mixtral renormalises the top-k probabilities"),
+    ("moe_router_topk_scaling_factor", lambda v: v not in (None, 1, 1.0),
+     "moe_router_topk_scaling_factor {v!r}: Mixtral does not scale routing weights"),
+    ("moe_expert_capacity_factor", lambda v: v is not None and v >= 0,
+     "moe_expert_capacity_factor {v!r}: Mixtral never drops tokens"),
+    ("moe_layer_freq", lambda v: v not in (None, 1) and (not isinstance(v, list) or 0 in v),
+     "moe_layer_freq {v!r}: Mixtral has no dense layers between MoE layers"),
+    ("rotary_percent", lambda v: v not in (None, 1, 1.0),
+     "rotary_percent {v!r}: Mixtral rotates the whole head"),
+    ("rotary_interleaved", lambda v: bool(v),
+     "rotary_interleaved: Mixtral rotates halves, not interleaved pairs"),
+    ("qk_layernorm", lambda v: bool(v), "qk_layernorm: Mixtral has no query/key norm"),
+)
+
+
+def config_refusals(model: Mapping[str, Any]) -> list[str]:
+    """Why a model config cannot be a Mixtral (empty when it can)."""
+    out = []
+    for field, bad, message in _CONFIG_REFUSALS:
+        if field == "num_experts" or field in model:
+            value = model.get(field)
+            if bad(value):
+                out.append(message.format(v=value))
+    return out
+
+
+def key_refusals(keys: Sequence[str]) -> list[str]:
+    """Why checkpoint tensors cannot be a Mixtral's, by key (one message per kind)."""
+    checks = (
+        (lambda k: k.endswith("bias") and "layer_norm" not in k and "norm.bias" not in k
+         and "expert_bias" not in k, "has linear biases ({k}): Mixtral has none"),
+        (lambda k: k.endswith("layer_norm_bias") or k.endswith("norm.bias")
+         or k.endswith("layernorm.bias"), "has LayerNorm biases ({k}): Mixtral uses RMSNorm"),
+        (lambda k: "position_embeddings" in k,
+         "has learned absolute positions ({k}): Mixtral uses rotary positions"),
+        (lambda k: "shared_expert" in k, "has shared experts ({k}): Mixtral has none"),
+        (lambda k: "expert_bias" in k,
+         "has a bias-corrected router ({k}): Mixtral's router is a plain softmax"),
+        (lambda k: k in DENSE_MLP,
+         "has dense MLP layers ({k}): every Mixtral layer is MoE"),
+    )
+    out = []
+    for bad, message in checks:
+        hit = next((k for k in keys if bad(k)), None)
+        if hit is not None:
+            out.append("checkpoint " + message.format(k=hit))
+    return out
+
+
+def _pick(keys: Mapping[str, tuple[int, ...]], candidates: Sequence[str], role: str) -> str:
+    found = [k for k in candidates if k in keys]
+    if not found:
+        raise ExportError(f"checkpoint has no {role} tensor (looked for {', '.join(candidates)})")
+    if len(found) > 1:
+        raise ExportError(f"checkpoint has {role} twice ({', '.join(found)})")
+    return found[0]
+
+
+def plan(shapes: Shapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpec]:
+    """Every HF tensor of the export, in write order, from the checkpoint's global shapes.
+
+    ``keys`` maps each floating-point model tensor of the checkpoint to its global shape.
+    Raises :class:`ExportError` when a tensor is missing, has an unexpected shape, or a model
+    tensor would be left unexported.
+    """
+    s = shapes
+    h, layers, experts = s.hidden_size, s.num_layers, s.num_experts
+    used: set[str] = set()
+
+    def need(candidates: Sequence[str] | str, role: str, shape: tuple[int, ...]) -> str:
+        key = _pick(keys, [candidates] if isinstance(candidates, str) else candidates, role)
+        if tuple(keys[key]) != shape:
+            raise ExportError(f"{key} has global shape {tuple(keys[key])}, expected {shape}")
+        used.add(key)
+        return key
+
+    qkv_rows = (s.num_attention_heads + 2 * s.num_query_groups) * s.head_dim
+    emb = _pick(keys, [EMBEDDING], "word embedding")
+    padded = keys[emb][0]
+    if padded < s.vocab_size:
+        raise ExportError(f"{emb} has {padded} rows, fewer than the tokenizer's {s.vocab_size}")
+    need(emb, "word embedding", (padded, h))
+    in_norm = need(NORM_KEYS["input_layernorm"], "input norm", (layers, h))
+    post_norm = need(NORM_KEYS["post_attention_layernorm"], "pre-MLP norm", (layers, h))
+    qkv = need(QKV, "fused QKV", (layers, qkv_rows, h))
+    proj = need(PROJ, "attention output", (layers, h, s.num_attention_heads * s.head_dim))
+    router = need(ROUTER, "router", (layers, experts, h))
+    f = s.moe_ffn_hidden_size
+    fc1 = need(EXPERT_FC1, "expert linear_fc1", (layers, experts, 2 * f, h))
+    fc2 = need(EXPERT_FC2, "expert linear_fc2", (layers, experts, h, f))
+    final = need(NORM_KEYS["final_norm"], "final norm", (h,))
+    if not s.tied:
+        out_key = need(OUTPUT, "output layer", (padded, h))
+    elif OUTPUT in keys:  # a pipeline's last stage may store its copy of the tied embedding
+        used.add(OUTPUT)
+
+    attn_q = s.num_attention_heads * s.head_dim
+    kv = s.num_query_groups * s.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", emb, (), "rows", (s.vocab_size, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", in_norm, (i,), "all", (h,)),
+            TensorSpec(p + "self_attn.q_proj.weight", qkv, (i,), "q", (attn_q, h)),
+            TensorSpec(p + "self_attn.k_proj.weight", qkv, (i,), "k", (kv, h)),
+            TensorSpec(p + "self_attn.v_proj.weight", qkv, (i,), "v", (kv, h)),
+            TensorSpec(p + "self_attn.o_proj.weight", proj, (i,), "all", (h, attn_q)),
+            TensorSpec(p + "post_attention_layernorm.weight", post_norm, (i,), "all", (h,)),
+            TensorSpec(p + "block_sparse_moe.gate.weight", router, (i,), "all", (experts, h)),
+        ]
+        for e in range(experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            specs += [
+                # w1 and w3 next to each other: both come from one read of linear_fc1.
+                TensorSpec(q + "w1.weight", fc1, (i, e), "gate", (f, h)),
+                TensorSpec(q + "w3.weight", fc1, (i, e), "up", (f, h)),
+                TensorSpec(q + "w2.weight", fc2, (i, e), "all", (h, f)),
+            ]
+    specs.append(TensorSpec("model.norm.weight", final, (), "all", (h,)))
+    if not s.tied:
+        specs.append(TensorSpec("lm_head.weight", out_key, (), "rows", (s.vocab_size, h)))
+    left = sorted(set(keys) - used)
+    if left:
+        raise ExportError(f"checkpoint tensors Mixtral has no place for: {', '.join(left)}")
+    return specs
+
+
+def mixtral_config(
+    model: Mapping[str, Any], shapes: Shapes, bos_id: int, eos_id: int, dtype: str
+) -> dict[str, Any]:
+    """``config.json`` of the exported model (transformers' ``MixtralConfig`` fields)."""
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": shapes.vocab_size,
+        "hidden_size": shapes.hidden_size,
+        "intermediate_size": shapes.moe_ffn_hidden_size,
+        "num_hidden_layers": shapes.num_layers,
+        "num_attention_heads": shapes.num_attention_heads,
+        "num_key_value_heads": shapes.num_query_groups,
+        "head_dim": shapes.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(model.get("max_position_embeddings") or 0),
+        "initializer_range": float(model.get("init_method_std", 0.02)),
+        # megatron-core's TransformerConfig.layernorm_epsilon default; our norms pass it on.
+        "rms_norm_eps": float(model.get("layernorm_epsilon", 1e-5)),
+        "use_cache": True,
+        "rope_theta": float(model.get("rotary_base", 10000.0)),
+        "attention_dropout": 0.0,
+        "sliding_window": None,
+        "num_local_experts": shapes.num_experts,
+        "num_experts_per_tok": int(model.get("moe_router_topk", 2)),
+        "output_router_logits": False,
+        "router_aux_loss_coef": float(model.get("moe_aux_loss_coeff", 0.0)),
+        "router_jitter_noise": 0.0,
+        "tie_word_embeddings": shapes.tied,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }
