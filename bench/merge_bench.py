@@ -188,9 +188,9 @@ def variant_naive(inputs: list[Path], out: Path) -> dict[str, Any]:
 
 def ema_coefficients(n: int) -> list[float]:
     """EMA weights: every input contributes (so every input byte is read, as the floor)."""
-    from megatron_wsm.merge import resolve_coefficients
+    from megatron_wsm.schedule import MergeMethod
 
-    return resolve_coefficients("ema", n - 1, alpha=0.3)
+    return MergeMethod("ema", alpha=0.3).coefficients(n - 1)
 
 
 def run_variant_child(args: argparse.Namespace) -> None:

@@ -460,6 +460,25 @@ def test_cli_load_dir_merges_newest_window(window: list[Path], tmp_path: Path):
     assert prov["method"]["selection"]["window_iters"] == 10
 
 
+def test_cli_provenance_holds_the_merge_method(window: list[Path], tmp_path: Path):
+    from megatron_wsm.schedule import MergeMethod
+
+    code, _, err = run_cli("--inputs", *map(str, window), "--decay", "1,0.25", "--save",
+                           str(tmp_path / "m"), "--no-progress-bar")
+    assert code == 0, err
+    prov = json.loads((tmp_path / "m/wsm_merge_provenance.json").read_text())["method"]
+    assert prov["k"] == 2 and prov["positions_from"] == "iteration"
+    extra = ("k", "positions_from", "coefficient_rule", "selection")
+    fields = {key: v for key, v in prov.items() if key not in extra}
+    # The provenance reads back as the method that weighted the inputs.
+    method = MergeMethod.from_json(fields)
+    assert method == MergeMethod("custom", decay=(1.0, 0.25))
+    assert prov["coefficient_rule"]["coefficients"] == method.coefficients(2)
+    code, _, err = run_cli("--inputs", *map(str, window), "--method", "linear", "--weights",
+                           "0,0.5,0.5", "--dry-run")
+    assert code == 2 and "give only one of --method, --weights, --decay" in err
+
+
 def test_cli_errors_are_one_line_and_exit_2(window: list[Path], tmp_path: Path):
     code, _, err = run_cli("--inputs", *map(str, window), "--weights", "0.2,0.2,0.2",
                            "--save", str(tmp_path / "m"))
