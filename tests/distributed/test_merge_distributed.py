@@ -27,12 +27,6 @@ COEFS = [0.2, 0.3, 0.5]
 MERGE = "tools/merge_wsm.py"
 
 
-@pytest.fixture(scope="module")
-def window(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = syn.build_test_checkpoints(tmp_path_factory.getbasetemp())
-    return [root / name for name in syn.TEST_WINDOW]
-
-
 def distcp_bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.glob("*.distcp"))}
 

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm.testing import synthetic as syn
 from tests.helpers import run_script
 
 pytestmark = pytest.mark.distributed
 
 MERGE = "tools/merge_wsm.py"
-
-
-@pytest.fixture(scope="module")
-def window(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = syn.build_test_checkpoints(tmp_path_factory.getbasetemp())
-    return [root / name for name in syn.TEST_WINDOW]
 
 
 def _merge_repeatedly(window: list[Path], out_root: Path, runs: int) -> None:
