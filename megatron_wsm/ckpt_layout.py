@@ -55,11 +55,6 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def tmp_name(iteration: int) -> str:
-    """Directory name of that checkpoint while it is being saved."""
-    return TMP_PREFIX + checkpoint_name(iteration)
-
-
 def parse_name(name: str) -> tuple[int, bool] | None:
     """(iteration, in progress) of one of our checkpoint directory names, else None."""
     match = _NAME_RE.match(name)
