@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 #: A small MoE whose CPU step takes ~100 ms: big enough that per-step overheads show.
 BENCH_MODEL = [

@@ -29,7 +29,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_wsm.testing.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MIB = 2**20
 
@@ -77,7 +76,7 @@ def build(workdir: Path, name: str, k: int, spec: dict[str, Any]) -> list[Path]:
         job_file = workdir / f"{name}.job.json"
         job_file.write_text(json.dumps(job))
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-        subprocess.run([sys.executable, "-m", "megatron_wsm.merge.synthetic", str(job_file)],
+        subprocess.run([sys.executable, "-m", "megatron_wsm.testing.synthetic", str(job_file)],
                        check=True, env=env, stdout=subprocess.DEVNULL)
     return paths
 
@@ -188,9 +187,9 @@ def variant_naive(inputs: list[Path], out: Path) -> dict[str, Any]:
 
 def ema_coefficients(n: int) -> list[float]:
     """EMA weights: every input contributes (so every input byte is read, as the floor)."""
-    from megatron_wsm.merge import resolve_coefficients
+    from megatron_wsm.schedule import MergeMethod
 
-    return resolve_coefficients("ema", n - 1, alpha=0.3)
+    return MergeMethod("ema", alpha=0.3).coefficients(n - 1)
 
 
 def run_variant_child(args: argparse.Namespace) -> None:
@@ -207,12 +206,6 @@ def run_variant_child(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(variant: str, inputs: list[Path], out: Path, *, ranks: int = 1, chunk_mb: float = 256,

@@ -15,8 +15,9 @@ save is in flight at a time (async ones included: see :meth:`CheckpointManager.s
 the helper processes saving starts die with the trainer. Retention runs after that and only
 deletes complete checkpoints of ours, never the newest one.
 
-Policy (which iterations to save, which checkpoints to keep) is in pure functions at the top;
-I/O is in :class:`CheckpointManager`.
+Names, listing, completeness and the window rule (which checkpoints to keep) are in
+:mod:`megatron_wsm.ckpt_layout`; the save policy is a pure function at the top; I/O is in
+:class:`CheckpointManager`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import logging
 import os
 import queue
 import random
-import re
 import shutil
 import signal
 import time
@@ -39,10 +39,23 @@ import torch
 
 from megatron_wsm import ckpt_integrity, cpu_compat, spec_keys
 from megatron_wsm import distributed as wdist
+from megatron_wsm.ckpt_layout import (  # noqa: F401 - the listing and window rule re-exported
+    TMP_PREFIX,
+    TRACKER_FILE,
+    CheckpointInfo,
+    checkpoint_name,
+    dir_bytes,
+    full_to_prune,
+    has_dist_metadata,
+    list_checkpoints,
+    list_window,
+    prune_full_dir,
+    prune_window_dir,
+    window_to_prune,
+)
 from megatron_wsm.manifest import (
     EXTRA_OPTIMIZER,
     KIND_FULL,
-    KIND_WINDOW,
     CheckpointManifest,
     ParallelLayout,
     config_hash,
@@ -53,9 +66,6 @@ from megatron_wsm.process_guard import die_with_parent
 
 logger = logging.getLogger(__name__)
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
-_TMP_PREFIX = ".tmp-"
 #: Our key in megatron-core's content metadata: which optimizer wrote the state.
 _CONTENT_OPTIMIZER = "wsm_optimizer"
 
@@ -67,51 +77,10 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- pure policy
 
 
-def checkpoint_name(iteration: int) -> str:
-    """Directory name of the checkpoint taken after ``iteration``."""
-    return f"iter_{iteration:07d}"
-
-
 def should_save(iteration: int, interval: int | None) -> bool:
     """Save after ``iteration`` when it is a multiple of ``interval`` (iteration-aligned, so a
     resumed run saves at the same iterations as an uninterrupted one)."""
     return bool(interval) and iteration > 0 and iteration % interval == 0
-
-
-def window_to_prune(
-    entries: list[tuple[int, int]],
-    newest_iteration: int,
-    newest_tokens: int,
-    window_iters: int | None,
-    window_tokens: int | None,
-) -> list[int]:
-    """Iterations of window checkpoints that fell out of the trailing window.
-
-    ``entries`` are (iteration, consumed_tokens) of *complete* window checkpoints. A checkpoint
-    is kept when ``iteration >= newest - window_iters`` (or the token analogue), so a window of
-    ``k × interval`` keeps the k + 1 checkpoints a merge of k intervals needs. The newest one is
-    always kept; without a window size nothing is pruned.
-    """
-    if window_iters is None and window_tokens is None:
-        return []
-    doomed = []
-    for iteration, tokens in entries:
-        if iteration >= newest_iteration:
-            continue
-        if window_iters is not None and iteration < newest_iteration - window_iters:
-            doomed.append(iteration)
-        elif window_tokens is not None and tokens < newest_tokens - window_tokens:
-            doomed.append(iteration)
-    return sorted(doomed)
-
-
-def full_to_prune(iterations: list[int], keep_last: int | None) -> list[int]:
-    """Iterations of complete full checkpoints beyond the newest ``keep_last`` (never newest)."""
-    if keep_last is None:
-        return []
-    keep_last = max(1, keep_last)
-    ordered = sorted(iterations)
-    return ordered[:-keep_last] if len(ordered) > keep_last else []
 
 
 def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, Any]:
@@ -228,69 +197,7 @@ def optimizer_load_problem(
     return None
 
 
-# ----------------------------------------------------------------------------- listing
-
-
-@dataclasses.dataclass
-class CheckpointInfo:
-    """One checkpoint directory as found on disk."""
-
-    path: Path
-    iteration: int
-    manifest: CheckpointManifest | None
-    error: str | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.manifest is not None and self.manifest.complete
-
-    def size_bytes(self) -> int:
-        return _dir_bytes(self.path)
-
-
-def list_checkpoints(
-    root: str | os.PathLike, include_incomplete: bool = True
-) -> list[CheckpointInfo]:
-    """Checkpoints under ``root`` (``iter_*`` dirs and in-progress ``.tmp-iter_*`` ones), oldest
-    first. Incomplete ones (no manifest, ``complete: false``, unreadable manifest, or a
-    temporary dir) are listed only when ``include_incomplete``."""
-    root = Path(root)
-    found: list[CheckpointInfo] = []
-    if not root.is_dir():
-        return found
-    for child in root.iterdir():
-        if not child.is_dir():
-            continue
-        name = child.name
-        is_tmp = name.startswith(_TMP_PREFIX)
-        match = _ITER_RE.match(name[len(_TMP_PREFIX) :] if is_tmp else name)
-        if not match:
-            continue
-        iteration = int(match.group(1))
-        manifest, error = None, None
-        if is_tmp:
-            error = "save in progress or interrupted"
-        else:
-            try:
-                manifest = read_manifest(child)
-                if manifest is None:
-                    error = "no manifest (incomplete or not written by megatron-wsm)"
-            except ValueError as e:
-                error = str(e)
-        info = CheckpointInfo(child, iteration, manifest, error)
-        if info.complete or include_incomplete:
-            found.append(info)
-    found.sort(key=lambda c: (c.iteration, c.path.name))
-    return found
-
-
-def list_window(root: str | os.PathLike) -> list[CheckpointInfo]:
-    """Complete window checkpoints under ``root``, oldest first (what the merge tool uses)."""
-    return [
-        c
-        for c in list_checkpoints(root, include_incomplete=False)
-        if c.manifest is not None and c.manifest.kind == KIND_WINDOW
-    ]
+# ----------------------------------------------------------------------------- loading
 
 
 def resolve_load_dir(path: str | os.PathLike) -> Path:
@@ -299,7 +206,7 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"--load {path}: no such directory")
-    if (path / ".metadata").exists() or (path / "metadata.json").exists():
+    if has_dist_metadata(path):
         manifest = None
         try:
             manifest = read_manifest(path)
@@ -314,52 +221,6 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
         hint = f" ({len(listed)} incomplete ones found)" if listed else ""
         raise CheckpointError(f"--load {path}: no complete checkpoint found{hint}")
     return complete[-1].path
-
-
-def prune_window_dir(
-    root: str | os.PathLike, window_iters: int | None, window_tokens: int | None
-) -> list[Path]:
-    """Delete complete window checkpoints of ours that fell out of the trailing window.
-
-    Only directories with our manifest saying ``complete`` and ``kind: window`` are candidates;
-    the newest complete one is never deleted; foreign or incomplete directories are left alone.
-    """
-    window = list_window(root)
-    if not window:
-        return []
-    newest = window[-1].manifest
-    assert newest is not None
-    doomed = set(
-        window_to_prune(
-            [(c.iteration, c.manifest.consumed_tokens) for c in window if c.manifest],
-            newest.iteration,
-            newest.consumed_tokens,
-            window_iters,
-            window_tokens,
-        )
-    )
-    removed = []
-    for c in window[:-1]:
-        if c.iteration in doomed:
-            shutil.rmtree(c.path)
-            removed.append(c.path)
-    return removed
-
-
-def prune_full_dir(root: str | os.PathLike, keep_last: int | None) -> list[Path]:
-    """Delete complete full checkpoints of ours beyond the newest ``keep_last``."""
-    full = [
-        c
-        for c in list_checkpoints(root, include_incomplete=False)
-        if c.manifest is not None and c.manifest.kind == KIND_FULL
-    ]
-    doomed = set(full_to_prune([c.iteration for c in full], keep_last))
-    removed = []
-    for c in full[:-1]:
-        if c.iteration in doomed:
-            shutil.rmtree(c.path)
-            removed.append(c.path)
-    return removed
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -528,7 +389,7 @@ class CheckpointManager:
         # Async finalisation runs iterations later: capture the values now.
         iteration = train_state.iteration
         name = checkpoint_name(iteration)
-        tmp = root / (_TMP_PREFIX + name)
+        tmp = root / (TMP_PREFIX + name)
         final = root / name
         if wdist.rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -591,7 +452,7 @@ class CheckpointManager:
                     final,
                     kind,
                     iteration,
-                    _dir_bytes(final),
+                    dir_bytes(final),
                     time.perf_counter() - start,
                 )
                 if on_complete is not None:
@@ -888,10 +749,6 @@ def _mcore_version() -> str:
     return __version__
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def _check_saved_files(path: Path) -> None:
     """Fail the save (before it is marked complete) unless its ``.metadata`` describes exactly
     the shards in ``path`` (missing metadata or files, truncated shards, another save's index)."""
@@ -974,7 +831,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
     """Move a finished checkpoint into place; an existing one at ``dst`` is replaced only after
     the new one is in place (the old one is renamed aside first, then deleted)."""
     if dst.exists():
-        aside = dst.with_name(f"{_TMP_PREFIX}old-{dst.name}-{os.getpid()}")
+        aside = dst.with_name(f"{TMP_PREFIX}old-{dst.name}-{os.getpid()}")
         os.replace(dst, aside)
         os.replace(src, dst)
         shutil.rmtree(aside, ignore_errors=True)

@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron_wsm import cpu_compat
 from megatron_wsm.config import ParallelConfig
 from megatron_wsm.process_guard import die_with_launcher
+from megatron_wsm.testing.ports import free_port
 
 
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
@@ -26,7 +27,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
         if "RANK" not in os.environ:
             # Plain `python pretrain_moe.py`: a world of one on a free local port.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
@@ -105,10 +106,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     dist.all_gather_object(out, obj)
     return out
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from megatron_wsm import distributed as wdist
-from megatron_wsm.arguments import ConfigError, parse_run_config, validate, window_interval_iters
-from megatron_wsm.checkpointing import CheckpointError, CheckpointManager, SaveResult, should_save
+from megatron_wsm.arguments import ConfigError, parse_run_config, validate
+from megatron_wsm.checkpoint_hook import CheckpointHook
+from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
 from megatron_wsm.config import RunConfig
-from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW, ParallelLayout
+from megatron_wsm.manifest import ParallelLayout
 from megatron_wsm.model import padded_vocab_size
 from megatron_wsm.training import (
     Components,
@@ -26,7 +27,6 @@ from megatron_wsm.training import (
     evaluate,
     moe_console,
     print_rank0,
-    should_exit,
     train,
     write_json,
 )
@@ -94,74 +94,6 @@ def _layout(cfg: RunConfig) -> ParallelLayout:
         data_parallel_size=ps.get_data_parallel_world_size(),
         world_size=wdist.world_size(),
     )
-
-
-def _report_save(result: SaveResult) -> None:
-    print(
-        f"saved {result.kind} checkpoint at iteration {result.iteration}: {result.path} "
-        f"({result.bytes / 2**20:.1f} MiB, {result.seconds:.2f} s)",
-        flush=True,
-    )
-
-
-class CheckpointHook:
-    """After each iteration: full saves at ``--save-interval``, window saves at
-    ``--wsm-interval``, retention, and finalising async saves."""
-
-    def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
-        self.cfg = cfg
-        self.manager = manager
-        self.window_interval = window_interval_iters(cfg)
-        self.window_root = cfg.wsm.wsm_save or (
-            os.path.join(cfg.training.save, "wsm_window") if cfg.training.save else None
-        )
-        self.last_full_bytes: int | None = None
-
-    def _window_done(self, result: SaveResult) -> None:
-        note = ""
-        if self.last_full_bytes:
-            note = f", {100.0 * result.bytes / self.last_full_bytes:.1f}% of a full checkpoint"
-        print(
-            f"saved window checkpoint at iteration {result.iteration}: {result.path} "
-            f"({result.bytes / 2**20:.2f} MiB{note}, {result.seconds:.2f} s)",
-            flush=True,
-        )
-        w = self.cfg.wsm
-        for path in self.manager.prune_window(
-            result.path.parent, w.wsm_window, w.wsm_window_tokens
-        ):
-            print(f"pruned window checkpoint {path} (outside the window)", flush=True)
-
-    def _full_done(self, result: SaveResult) -> None:
-        self.last_full_bytes = result.bytes
-        _report_save(result)
-        for path in self.manager.prune_full(result.path.parent, self.cfg.training.save_keep_last):
-            print(f"pruned full checkpoint {path} (--save-keep-last)", flush=True)
-
-    def __call__(self, comp: Components) -> None:
-        self.manager.poll()
-        it = comp.state.iteration
-        lr = comp.last_lr
-        t = self.cfg.training
-        if self.window_root and should_save(it, self.window_interval):
-            self.manager.save(
-                self.window_root,
-                KIND_WINDOW,
-                comp.state,
-                lr,
-                async_save=self.cfg.wsm.wsm_async,
-                on_complete=self._window_done,
-            )
-        last = it == t.train_iters or should_exit(comp)
-        if t.save and (should_save(it, t.save_interval) or last):
-            self.manager.save(
-                t.save,
-                KIND_FULL,
-                comp.state,
-                lr,
-                async_save=t.async_save,
-                on_complete=self._full_done,
-            )
 
 
 def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:

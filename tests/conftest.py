@@ -1,7 +1,6 @@
-"""Shared pytest setup: repo root importable, GPU tests skipped without CUDA."""
+"""Shared pytest setup: repeatable hypothesis draws, GPU tests skipped without CUDA."""
 
 import os
-import sys
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -12,11 +11,6 @@ from hypothesis import settings as hypothesis_settings
 hypothesis_settings.register_profile("repeatable", derandomize=True, deadline=None)
 hypothesis_settings.register_profile("explore", max_examples=1000, deadline=None)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 
 def pytest_collection_modifyitems(config, items):
     try:

@@ -10,54 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_wsm import ckpt_integrity
-from megatron_wsm.checkpointing import CheckpointInfo, list_checkpoints
-from megatron_wsm.manifest import MANIFEST_NAME, read_manifest
+from megatron_wsm import ckpt_layout as layout
+from megatron_wsm.ckpt_layout import CheckpointInfo
 
 PROG = "list_checkpoints.py"
 #: Exit codes: a problem found by --verify; a path missing or holding no checkpoint.
 EXIT_PROBLEMS = 1
 EXIT_NOT_FOUND = 2
 
-# The checkpoint-layout rules below (what marks a checkpoint directory, iter_N names) mirror
-# megatron_wsm.checkpointing and belong there; they live here until that module exposes them.
-_CHECKPOINT_MARKERS = (ckpt_integrity.METADATA_FILE, "metadata.json", MANIFEST_NAME)
-_ITER_RE = re.compile(r"^(?:\.tmp-)?iter_(\d{7,})$")
-
 
 class ListError(RuntimeError):
     """A path given on the command line holds no checkpoint; the message is one line."""
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    """True when ``path`` itself is a checkpoint (torch_dist metadata, Megatron's
-    ``metadata.json`` or our manifest), as opposed to a root holding ``iter_*`` ones."""
-    return path.is_dir() and any((path / name).is_file() for name in _CHECKPOINT_MARKERS)
-
-
-def single_checkpoint(path: Path) -> CheckpointInfo:
-    """A :class:`CheckpointInfo` for one checkpoint directory given directly."""
-    manifest, error = None, None
-    try:
-        manifest = read_manifest(path)
-        if manifest is None:
-            error = "no manifest (incomplete or not written by megatron-wsm)"
-    except ValueError as e:
-        error = str(e)
-    match = _ITER_RE.match(path.name)
-    if manifest is not None:
-        iteration = manifest.iteration
-    else:
-        iteration = int(match.group(1)) if match else -1
-    if path.name.startswith(".tmp-"):
-        manifest, error = None, "save in progress or interrupted"
-    return CheckpointInfo(path, iteration, manifest, error)
 
 
 def find_checkpoints(path: str | Path) -> list[CheckpointInfo]:
@@ -72,11 +41,12 @@ def find_checkpoints(path: str | Path) -> list[CheckpointInfo]:
         raise ListError(f"{root}: no such file or directory")
     if not root.is_dir():
         raise ListError(f"{root}: not a directory")
-    if is_checkpoint_dir(root):
-        return [single_checkpoint(root)]
-    found = list_checkpoints(root)
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not _ITER_RE.match(p.name)):
-        found += list_checkpoints(sub)
+    if layout.is_checkpoint_dir(root):
+        return [layout.read_checkpoint(root)]
+    found = layout.list_checkpoints(root)
+    roots = [p for p in root.iterdir() if p.is_dir() and layout.parse_name(p.name) is None]
+    for sub in sorted(roots):
+        found += layout.list_checkpoints(sub)
     if not found:
         raise ListError(f"{root}: no checkpoint found (no iter_* here or one level below)")
     return found
@@ -88,9 +58,9 @@ def storage_note(info: CheckpointInfo) -> str | None:
 
     Cheap (one ``stat`` per shard file), so the plain listing runs it for every checkpoint.
     """
-    if not info.complete or not _is_torch_dist(info):
+    if not info.complete:
         return None
-    problems = ckpt_integrity.storage_problems(info.path)
+    problems = layout.storage_problems(info.path, info.manifest)
     return _summarise(problems) if problems else None
 
 
@@ -108,10 +78,8 @@ def verify_problems(info: CheckpointInfo) -> list[str] | None:
 
 
 def _is_torch_dist(info: CheckpointInfo) -> bool:
-    if (info.path / ckpt_integrity.METADATA_FILE).is_file():
-        return True
     # A manifest that promises torch_dist shards without .metadata is a broken checkpoint.
-    return info.manifest is not None and info.manifest.checkpoint_format == "torch_dist"
+    return layout.is_torch_dist(info.path, info.manifest)
 
 
 def _summarise(problems: list[str]) -> str:

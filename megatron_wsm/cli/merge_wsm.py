@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 PROG = "merge_wsm"
-DEFAULT_METHOD = "1-sqrt"
 EPILOG = """coefficients:
   c_0..c_k belong to the k+1 inputs ordered oldest first (by iteration when the manifests or
   iter_N names tell it). --method derives them from a decay shape (Theorem 3.1: the merge then
@@ -49,7 +48,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     from megatron_wsm.merge import DEFAULT_CHUNK_MB, OUTPUT_DTYPES, POSITION_UNITS
-    from megatron_wsm.schedule import CONVENTIONS, DEFAULT_CONVENTION, METHODS, SAMPLINGS
+    from megatron_wsm.schedule import MergeMethod
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -101,47 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     w = p.add_argument_group("weights (give --method or --weights)")
-    w.add_argument(
-        "--method", choices=[m for m in METHODS if m != "custom"], default=None,
-        help=f"decay shape whose merge coefficients to use (default: {DEFAULT_METHOD})",
-    )
-    w.add_argument("--alpha", type=float, help="EMA weight of the newest checkpoint (--method ema)")
-    w.add_argument(
-        "--min-lr-ratio", type=float, default=0.0,
-        help="decay floor r = min_lr / max_lr: w = r + (1 - r) f (default 0)",
-    )
-    w.add_argument(
-        "--final-ratio", type=float,
-        help="f(1) for --method exponential / inverse-sqrt (default 0.1)",
-    )
-    w.add_argument(
-        "--weights", metavar="C0,C1,...",
-        help="explicit coefficients c_0..c_k, oldest first (comma list or a file); must sum to 1",
-    )
-    w.add_argument(
-        "--decay", metavar="W1,...,WK",
-        help="explicit decay weights w_1..w_k (comma list or a file), turned into coefficients",
-    )
-    w.add_argument(
-        "--allow-negative", action="store_true",
-        help="accept negative coefficients (an extrapolation beyond the window)",
-    )
+    # --method, --alpha, --min-lr-ratio, --final-ratio, --weights | --decay, --allow-negative,
+    # --convention, --sampling: the same flags as every tool that takes a merge method.
+    MergeMethod.add_cli_flags(w)
     w.add_argument(
         "--positions-from", choices=POSITION_UNITS, default="iteration",
         help="where the checkpoints sit for --method: their iteration (default) or consumed "
         "tokens from the manifests, or their index (even spacing assumed); an input lacking "
         "the number falls back to index, with a note",
-    )
-    w.add_argument(
-        "--convention", choices=CONVENTIONS, default=DEFAULT_CONVENTION,
-        help="discretisation of --method: wsm (default, w_i = f((i-1)/k): the oldest input "
-        "anchors the window, weight 0) or megatron-lm (w_i = f(i/(k+1)), every input weighted, "
-        "as Megatron-LM's weighted_merge.py; evenly spaced windows only)",
-    )
-    w.add_argument(
-        "--sampling", choices=SAMPLINGS, default="start",
-        help="per interval between checkpoints, the decay's value at its start (default) or "
-        "its mean over it (convention wsm)",
     )
 
     o = p.add_argument_group("output")
@@ -203,45 +169,25 @@ def join_negative_lists(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _coefficients(
-    args: argparse.Namespace, positions: list[int]
-) -> tuple[list[float], dict[str, Any]]:
+def _coefficients(args: argparse.Namespace, positions: list[int]) -> tuple[list[float], Any]:
+    """(c_0..c_k, the MergeMethod) of the parsed flags for checkpoints at ``positions``."""
     from megatron_wsm.merge import resolve_coefficients
-    from megatron_wsm.schedule import is_evenly_spaced, merge_coefficients
+    from megatron_wsm.schedule import MergeMethod, is_evenly_spaced
 
-    k = len(positions) - 1
-    chosen = [x for x in (args.weights, args.decay) if x is not None]
-    if len(chosen) + (args.method is not None) > 1:
+    if args.method is not None and (args.weights is not None or args.decay is not None):
         raise ValueError("give only one of --method, --weights, --decay")
-    if args.decay is not None:
-        coefs = merge_coefficients(
-            "custom", k, decay=args.decay, min_lr_ratio=args.min_lr_ratio,
-            allow_negative=args.allow_negative,
-        )
-        return coefs, {"method": "custom", "decay": args.decay, "min_lr_ratio": args.min_lr_ratio}
-    if args.weights is not None:
-        coefs = resolve_coefficients(
-            None, k, weights=args.weights, allow_negative=args.allow_negative
-        )
-        return coefs, {"method": "custom", "weights": args.weights}
-    method = args.method or DEFAULT_METHOD
-    if args.convention == "megatron-lm" and not is_evenly_spaced(positions):
+    m = MergeMethod.from_cli(args)  # no --method: custom with --weights/--decay, else 1-sqrt
+    if (
+        m.method != "custom"
+        and m.convention == "megatron-lm"
+        and not is_evenly_spaced(positions)
+    ):
         raise ValueError(
             f"--convention megatron-lm weights checkpoints by index, but they are unevenly "
             f"spaced ({args.positions_from} {', '.join(map(str, positions))}); use --convention "
             "wsm, or --positions-from index to treat them as evenly spaced"
         )
-    coefs = resolve_coefficients(
-        method, k, alpha=args.alpha, min_lr_ratio=args.min_lr_ratio,
-        final_ratio=args.final_ratio, allow_negative=args.allow_negative,
-        positions=positions, convention=args.convention, sampling=args.sampling,
-    )
-    info = {"method": method, "k": k, "min_lr_ratio": args.min_lr_ratio}
-    if args.alpha is not None:
-        info["alpha"] = args.alpha
-    if args.final_ratio is not None:
-        info["final_ratio"] = args.final_ratio
-    return coefs, info
+    return resolve_coefficients(m, len(positions) - 1, positions=positions), m
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None, list[str]]:
@@ -422,11 +368,14 @@ def _run(args: argparse.Namespace, rank: int) -> int:
         where = input_positions(
             paths, positions_from=args.positions_from, allow_no_manifest=args.allow_no_manifest
         )
-        coefs, method = _coefficients(args, where.positions)
+        coefs, merge_method = _coefficients(args, where.positions)
         rule = describe_coefficients(
-            coefs, method=method["method"], positions=where.positions, unit=where.unit,
-            convention=args.convention, sampling=args.sampling,
+            coefs, method=merge_method.method, positions=where.positions, unit=where.unit,
+            convention=merge_method.convention, sampling=merge_method.sampling,
         )
+        # The provenance: the method's own fields, then how it met these checkpoints.
+        method: dict[str, Any] = merge_method.to_json()
+        method["k"] = len(coefs) - 1
         method["positions_from"] = args.positions_from
         method["coefficient_rule"] = rule
         if selection is not None:

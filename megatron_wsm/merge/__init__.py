@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_wsm.manifest import (
     KIND_MERGED,
@@ -51,6 +51,9 @@ from megatron_wsm.merge.inputs import (
     order_inputs,
     select_window,
 )
+
+if TYPE_CHECKING:
+    from megatron_wsm.schedule import MergeMethod
 
 __all__ = [
     "DEFAULT_CHUNK_MB",
@@ -83,49 +86,34 @@ _OPTIMIZER_NOTE = (
 
 
 def resolve_coefficients(
-    method: str | None,
+    method: MergeMethod | str | None,
     k: int,
     *,
-    weights: Sequence[float] | str | None = None,
-    alpha: float | None = None,
-    min_lr_ratio: float = 0.0,
-    final_ratio: float | None = None,
-    allow_negative: bool = False,
     positions: Sequence[float] | None = None,
-    convention: str = "wsm",
-    sampling: str = "start",
+    **legacy: Any,
 ) -> list[float]:
-    """Merge coefficients c_0…c_k (oldest first) for k+1 checkpoints from a schedule method or
-    explicit ``weights``; ValueError (from :mod:`megatron_wsm.schedule`) when invalid.
+    """Merge coefficients c_0…c_k (oldest first) of a :class:`~megatron_wsm.schedule.MergeMethod`
+    for k+1 checkpoints; ValueError (from :mod:`megatron_wsm.schedule`) when invalid.
 
     ``positions`` p_0 < … < p_k (iterations or tokens, oldest first) evaluate a shape method's
-    decay at the checkpoints' real places (:func:`megatron_wsm.schedule.merge_coefficients_at`);
-    evenly spaced positions, or none, give exactly the index-based coefficients.
-    ``convention`` and ``sampling`` as in :mod:`megatron_wsm.schedule`. Explicit ``weights``
-    are taken as given whatever the positions.
+    decay at the checkpoints' real places; evenly spaced positions, or none, give exactly the
+    index-based coefficients. Custom ``weights`` / ``decay`` are taken as given whatever the
+    positions. A method name (or None with ``weights=``) plus the method's fields as keywords is
+    still accepted and turned into a :class:`MergeMethod`.
     """
-    from megatron_wsm import schedule  # lazy: the merge engine itself needs only numbers
+    from megatron_wsm.schedule import MergeMethod  # lazy: the merge engine needs only numbers
 
+    if not isinstance(method, MergeMethod):
+        method = MergeMethod(method or "custom", **legacy)
+    elif legacy:
+        raise TypeError(f"resolve_coefficients: {sorted(legacy)} given beside a MergeMethod")
     if positions is not None and len(positions) != k + 1:
         raise ValueError(f"{len(positions)} positions given for {k + 1} checkpoints")
-    if weights is not None:
-        values = schedule.load_custom(weights) if isinstance(weights, str) else list(weights)
-        if len(values) != k + 1:
-            raise ValueError(f"{len(values)} weights given for {k + 1} checkpoints")
-        return schedule.validate_coefficients(values, allow_negative=allow_negative)
-    if method is None:
-        raise ValueError("give a method or explicit weights")
-    params: dict[str, Any] = {
-        "min_lr_ratio": min_lr_ratio,
-        "alpha": alpha,
-        "final_ratio": final_ratio,
-        "allow_negative": allow_negative,
-        "convention": convention,
-    }
-    if positions is None and sampling == "start":
-        return schedule.merge_coefficients(method, k, **params)
-    at = list(positions) if positions is not None else list(range(k + 1))
-    return schedule.merge_coefficients_at(method, at, sampling=sampling, **params)
+    if method.method == "custom":
+        if method.weights is not None and len(method.weights) != k + 1:
+            raise ValueError(f"{len(method.weights)} weights given for {k + 1} checkpoints")
+        return method.coefficients(k)
+    return method.coefficients(list(positions) if positions is not None else k)
 
 
 def describe_coefficients(

@@ -8,10 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_layout as layout
 from megatron_wsm.manifest import (
-    KIND_FULL,
-    KIND_WINDOW,
     MANIFEST_NAME,
     CheckpointManifest,
     read_manifest,
@@ -22,9 +20,7 @@ FORMAT_TORCH_DIST = "torch_dist"
 FORMAT_TORCH = "torch"  # legacy per-rank files: mp_rank_XX[_YYY[_ZZZ]]/model_optim_rng.pt
 FORMATS = (FORMAT_TORCH_DIST, FORMAT_TORCH)
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 LEGACY_FILE = "model_optim_rng.pt"
-_ITER_RE = re.compile(r"iter_(\d+)$")
 _MP_RANK_RE = re.compile(r"^mp_rank_\d{2}(_\d{3}){0,2}$")
 
 
@@ -53,7 +49,7 @@ class CheckpointInput:
 
 def detect_format(path: Path) -> str | None:
     """``torch_dist``, ``torch`` (legacy per-rank files) or None for anything else."""
-    if (path / ".metadata").exists() or (path / "metadata.json").exists():
+    if layout.has_dist_metadata(path):
         return FORMAT_TORCH_DIST
     if any(path.glob("*.distcp")) or (path / "common.pt").exists():
         return FORMAT_TORCH_DIST
@@ -77,12 +73,10 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise MergeError(f"{path}: no such checkpoint directory")
-    if detect_format(path) is None and (path / TRACKER_FILE).is_file():
-        text = (path / TRACKER_FILE).read_text().strip()
-        if text.isdigit():
-            candidate = path / f"iter_{int(text):07d}"
-            if candidate.is_dir():
-                return candidate
+    if detect_format(path) is None:
+        newest = layout.read_tracker(path)
+        if newest is not None and (path / layout.checkpoint_name(newest)).is_dir():
+            return path / layout.checkpoint_name(newest)
     return path
 
 
@@ -111,15 +105,10 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
     if manifest is not None:
         iteration = manifest.iteration
     else:
-        iteration = _iteration_from_name(path)
+        iteration = layout.iteration_in_name(path.name)
         if iteration is None and fmt == FORMAT_TORCH_DIST:
             iteration = _iteration_from_common(path)
     return CheckpointInput(path=path, format=fmt, manifest=manifest, iteration=iteration)
-
-
-def _iteration_from_name(path: Path) -> int | None:
-    match = _ITER_RE.search(path.name)
-    return int(match.group(1)) if match else None
 
 
 def _iteration_from_common(path: Path) -> int | None:
@@ -261,71 +250,6 @@ def check_compatible(inputs: list[CheckpointInput]) -> list[str]:
 # ----------------------------------------------------------------------------- --load-dir
 
 
-def list_complete(load_dir: str | os.PathLike) -> list[tuple[Path, CheckpointManifest]]:
-    """Complete full/window checkpoints directly under ``load_dir`` (and one level deeper, for a
-    root holding separate full and window directories), oldest first."""
-    return scan_load_dir(load_dir).complete
-
-
-#: Prefix of the trainer's in-progress save directories (``.tmp-iter_0000120``).
-_TMP_PREFIX = ".tmp-"
-
-
-@dataclasses.dataclass
-class LoadDirScan:
-    """What :func:`scan_load_dir` found under a checkpoint root."""
-
-    #: Complete full/window checkpoints, oldest first.
-    complete: list[tuple[Path, CheckpointManifest]]
-    #: (path, iteration from its ``iter_N`` name or None, reason): a corrupt manifest.
-    unreadable: list[tuple[Path, int | None, str]]
-    #: (path, iteration, reason): saves not finished — ``complete: false``, an ``iter_N``
-    #: directory without manifest, or the trainer's ``.tmp-iter_N`` directory.
-    incomplete: list[tuple[Path, int, str]]
-
-
-def scan_load_dir(load_dir: str | os.PathLike) -> LoadDirScan:
-    """Complete, unreadable and unfinished checkpoints under ``load_dir`` (one level deep, or
-    two for a root holding separate full and window directories).
-
-    Unreadable and unfinished ones are reported, not dropped, so that a window containing one
-    is refused (or its gap stated) rather than merged with a silent gap.
-    """
-    root = Path(load_dir)
-    if not root.is_dir():
-        raise MergeError(f"--load-dir {root}: no such directory")
-    children = [p for p in root.iterdir() if p.is_dir()]
-    candidates = [p for p in children if not p.name.startswith(".")]
-    hidden = [p for p in children if p.name.startswith(_TMP_PREFIX)]
-    for parent in [p for p in candidates if not (p / MANIFEST_NAME).exists()]:
-        for q in parent.iterdir():
-            if q.is_dir():
-                (hidden if q.name.startswith(_TMP_PREFIX) else candidates).append(q)
-    scan = LoadDirScan([], [], [])
-    for path in hidden:
-        iteration = _iteration_from_name(path)
-        if iteration is not None:
-            scan.incomplete.append((path, iteration, "save in progress or interrupted"))
-    for path in candidates:
-        try:
-            manifest = read_manifest(path)
-        except ValueError as e:
-            scan.unreadable.append((path, _iteration_from_name(path), str(e).splitlines()[0]))
-            continue
-        if manifest is None:
-            iteration = _iteration_from_name(path)
-            if iteration is not None:
-                scan.incomplete.append((path, iteration, f"no {MANIFEST_NAME}: save unfinished?"))
-        elif manifest.kind in (KIND_WINDOW, KIND_FULL):
-            if manifest.complete:
-                scan.complete.append((path, manifest))
-            else:
-                scan.incomplete.append((path, manifest.iteration, "complete: false"))
-    scan.complete.sort(key=lambda pm: (pm[1].iteration, pm[1].kind != KIND_WINDOW))
-    scan.incomplete.sort(key=lambda entry: entry[1])
-    return scan
-
-
 @dataclasses.dataclass
 class WindowSelection:
     """The checkpoints :func:`choose_window` picked, oldest first, and the unfinished ones it
@@ -377,7 +301,9 @@ def choose_window(
     in ``skipped`` instead: only right when the coefficients follow the checkpoints' real
     positions (iterations or tokens), which see the gap.
     """
-    scan = scan_load_dir(load_dir)
+    if not Path(load_dir).is_dir():
+        raise MergeError(f"--load-dir {load_dir}: no such directory")
+    scan = layout.scan_root(Path(load_dir))
     by_iteration: dict[int, tuple[Path, CheckpointManifest]] = {}
     for path, manifest in scan.complete:
         by_iteration.setdefault(manifest.iteration, (path, manifest))
@@ -385,11 +311,15 @@ def choose_window(
     if not entries:
         raise MergeError(f"--load-dir {load_dir}: no complete window or full checkpoint found")
     newest = entries[-1][1]
-    if window_iters is not None:
-        entries = [e for e in entries if e[1].iteration >= newest.iteration - window_iters]
-    if window_tokens is not None:
-        limit = newest.consumed_tokens - window_tokens
-        entries = [e for e in entries if e[1].consumed_tokens >= limit]
+    # The trainer's retention keeps exactly these (ckpt_layout.window_to_prune): one rule.
+    entries = [
+        (path, m)
+        for path, m in entries
+        if layout.in_window(
+            m.iteration, m.consumed_tokens, newest.iteration, newest.consumed_tokens,
+            window_iters, window_tokens,
+        )
+    ]
     if count is not None:
         if count < 2:
             raise MergeError(f"--count {count}: a merge needs at least 2 checkpoints")
@@ -402,10 +332,11 @@ def choose_window(
         if iteration is None or iteration >= oldest
     ]
     for path, _ in entries:
-        if (path / ".metadata").exists() or any(path.glob("*.distcp")):
-            problems = ckpt_integrity.storage_problems(path)
-            if problems:
-                bad.append(f"{path} ({problems[0]})")
+        # Files on disk only: a manifest promising torch_dist without them is refused later,
+        # per input, with its own message (inspect_input).
+        problems = layout.storage_problems(path)
+        if problems:
+            bad.append(f"{path} ({problems[0]})")
     if bad:
         raise MergeError(
             f"--load-dir {load_dir}: unreadable checkpoint(s) in the selected window: "

@@ -18,19 +18,13 @@ import torch
 from megatron_wsm.manifest import read_manifest
 from megatron_wsm.merge import dcp_format as fmt
 from megatron_wsm.merge import merge_checkpoints
-from megatron_wsm.merge import synthetic as syn
+from megatron_wsm.testing import synthetic as syn
 from tests.helpers import run_script
 
 pytestmark = pytest.mark.distributed
 
 COEFS = [0.2, 0.3, 0.5]
 MERGE = "tools/merge_wsm.py"
-
-
-@pytest.fixture(scope="module")
-def window(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = syn.run_job_cached(syn.TEST_JOB, tmp_path_factory.getbasetemp() / "merge_ckpts")
-    return [root / name for name in ("w10", "w20", "w30")]
 
 
 def distcp_bytes(path: Path) -> dict[str, bytes]:

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm.merge import synthetic as syn
 from tests.helpers import run_script
 
 pytestmark = pytest.mark.distributed
 
 MERGE = "tools/merge_wsm.py"
-
-
-@pytest.fixture(scope="module")
-def window(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = syn.run_job_cached(syn.TEST_JOB, tmp_path_factory.getbasetemp() / "merge_ckpts")
-    return [root / name for name in ("w10", "w20", "w30")]
 
 
 def _merge_repeatedly(window: list[Path], out_root: Path, runs: int) -> None:

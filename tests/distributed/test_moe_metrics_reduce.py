@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_wsm import moe_metrics as mm
+from megatron_wsm.testing.router import patch_router_for_cpu
 
 pytestmark = pytest.mark.distributed
 
@@ -134,31 +135,6 @@ def _reference() -> tuple[torch.Tensor, dict[str, float]]:
     return total, metrics
 
 
-def _patch_megatron_router_for_cpu() -> None:
-    """Same two patches as tests/unit/test_moe_metrics.py::patch_megatron_router_for_cpu.
-
-    (1) ``moe_utils.te_general_gemm`` is undefined without Transformer Engine (NameError in
-    RouterGatingLinearFunction); (2) ``Router.gating`` moves CPU weights to CUDA. Applied for
-    the life of the spawned process only.
-    """
-    from megatron.core.transformer.moe import moe_utils
-    from megatron.core.transformer.moe.router import Router
-
-    moe_utils.te_general_gemm = None
-    if torch.cuda.is_available():
-        return
-
-    def cpu_gating(self: Router, input: torch.Tensor) -> torch.Tensor:
-        router_dtype = input.dtype
-        if self.config.moe_router_dtype == "fp32":
-            router_dtype = torch.float32
-        elif self.config.moe_router_dtype == "fp64":
-            router_dtype = torch.float64
-        return moe_utils.router_gating_linear(input, self.weight, self.bias, router_dtype)
-
-    Router.gating = cpu_gating
-
-
 LAYOUTS = {
     # name: (tp, pp, ep, sequence_parallel)
     "dp2": (1, 1, 1, False),
@@ -176,7 +152,7 @@ def _layout(rank: int, layout: str) -> None:
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _patch_megatron_router_for_cpu()
+    patch_router_for_cpu()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

@@ -4,19 +4,20 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm.checkpointing import (
-    CheckpointError,
+from megatron_wsm.checkpointing import CheckpointError, resolve_load_dir, should_save
+from megatron_wsm.ckpt_layout import (
     checkpoint_name,
     full_to_prune,
+    in_window,
     list_checkpoints,
     list_window,
+    parse_name,
     prune_full_dir,
     prune_window_dir,
-    resolve_load_dir,
-    should_save,
     window_to_prune,
 )
 from megatron_wsm.manifest import CheckpointManifest, write_manifest
+from megatron_wsm.merge import MergeError, choose_window
 
 
 def test_should_save_is_iteration_aligned():
@@ -94,3 +95,50 @@ def test_corrupt_manifest_is_not_complete(tmp_path):
     assert list_window(tmp_path) == []
     with pytest.raises(CheckpointError, match="corrupt manifest"):
         resolve_load_dir(d)
+
+
+# ----------------------------------------------------------------------------- one window rule
+
+
+def _window_root(root: Path, entries: list[tuple[int, int]]) -> Path:
+    for it, tokens in entries:
+        d = root / checkpoint_name(it)
+        d.mkdir(parents=True)
+        m = CheckpointManifest(kind="window", iteration=it, consumed_tokens=tokens, complete=True)
+        write_manifest(d, m)
+    return root
+
+
+# Uneven tokens per iteration (a batch-size ramp), so the token and iteration windows differ.
+_ENTRIES = [(2, 100), (4, 300), (6, 350), (8, 700), (10, 760), (12, 1000)]
+
+
+@pytest.mark.parametrize("window_iters", [None, 0, 2, 3, 4, 7, 100])
+@pytest.mark.parametrize("window_tokens", [None, 0, 240, 300, 650, 10_000])
+def test_trainer_retention_and_merge_selection_agree(tmp_path, window_iters, window_tokens):
+    """The checkpoints the trainer keeps are exactly those the merge's --load-dir selects."""
+    root = _window_root(tmp_path / "w", _ENTRIES)
+    doomed = window_to_prune(_ENTRIES, 12, 1000, window_iters, window_tokens)
+    kept = [it for it, _ in _ENTRIES if it not in doomed]
+    assert kept[-1] == 12  # the newest is always kept
+    try:
+        selected = choose_window(root, window_iters=window_iters, window_tokens=window_tokens)
+    except MergeError as e:  # a merge needs two; the trainer keeps the newest one alone then
+        assert len(kept) < 2 and "holds 1 checkpoint(s)" in str(e)
+    else:
+        assert selected.iterations == kept
+    removed = prune_window_dir(root, window_iters, window_tokens)
+    assert sorted(int(p.name[len("iter_"):]) for p in removed) == doomed
+    assert [c.iteration for c in list_window(root)] == kept
+
+
+def test_in_window_is_the_conjunction_of_both_sizes():
+    assert in_window(4, 300, 12, 1000, 8, None) and not in_window(2, 100, 12, 1000, 8, None)
+    assert not in_window(4, 300, 12, 1000, 8, 650)  # inside by iterations, not by tokens
+    assert in_window(12, 1000, 12, 1000, 0, 0)  # the newest, whatever the window
+
+
+def test_checkpoint_names_round_trip():
+    assert parse_name(checkpoint_name(120)) == (120, False)
+    assert parse_name(".tmp-" + checkpoint_name(120)) == (120, True)
+    assert parse_name("iter_12") is None and parse_name("wsm_window") is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from megatron_wsm.data.datasets import build_gpt_datasets, build_gpt_datasets_fr
 from megatron_wsm.data.indexed import write_indexed_dataset
 from megatron_wsm.data.prepare import prepare_embedded_data
 from megatron_wsm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from megatron_wsm.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -372,12 +372,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_gpt_datasets_under_torch_distributed_with_node_local_caches(prepared, tmp_path) -> None:
     data, _, _ = prepared
@@ -391,7 +385,7 @@ def test_gpt_datasets_under_torch_distributed_with_node_local_caches(prepared, t
             "tok": data.tokenizer_model,
         }
     )
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(

@@ -2,7 +2,7 @@
 
 Inputs are real megatron-core torch_dist checkpoints of a synthetic MoE state dict, saved by
 2 gloo ranks (TP-split attention/embeddings, EP-distributed experts, replicated norms/router)
-in a child process (:func:`megatron_wsm.merge.synthetic.run_job_cached`), shared with
+in a child process (:func:`megatron_wsm.testing.synthetic.run_job_cached`), shared with
 tests/distributed/test_merge_distributed.py. The reference loads every input fully with plain
 torch and averages in float64.
 """
@@ -28,11 +28,11 @@ import torch
 from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import MergeError, merge_checkpoints, select_window
 from megatron_wsm.merge import dcp_format as fmt
-from megatron_wsm.merge import synthetic as syn
 from megatron_wsm.merge.torch_dist import DELAY_ENV, is_dropped
+from megatron_wsm.testing import synthetic as syn
 
 ROOT = Path(__file__).resolve().parents[2]
-WINDOW = ("w10", "w20", "w30")
+WINDOW = syn.TEST_WINDOW
 COEFS = [0.2, 0.3, 0.5]
 #: Tolerance of an averaged tensor stored in each dtype (one rounding of the fp32 result).
 TOL = {torch.bfloat16: (1e-5, 8e-3), torch.float32: (1e-7, 1e-5)}
@@ -40,7 +40,7 @@ TOL = {torch.bfloat16: (1e-5, 8e-3), torch.float32: (1e-7, 1e-5)}
 
 def build_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared synthetic checkpoints (built on first use in this pytest session)."""
-    return syn.run_job_cached(syn.TEST_JOB, tmp_path_factory.getbasetemp() / "merge_ckpts")
+    return syn.build_test_checkpoints(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -458,6 +458,25 @@ def test_cli_load_dir_merges_newest_window(window: list[Path], tmp_path: Path):
     assert report["coefficients"] == [0.0, 1.0]
     prov = json.loads((tmp_path / "m/wsm_merge_provenance.json").read_text())
     assert prov["method"]["selection"]["window_iters"] == 10
+
+
+def test_cli_provenance_holds_the_merge_method(window: list[Path], tmp_path: Path):
+    from megatron_wsm.schedule import MergeMethod
+
+    code, _, err = run_cli("--inputs", *map(str, window), "--decay", "1,0.25", "--save",
+                           str(tmp_path / "m"), "--no-progress-bar")
+    assert code == 0, err
+    prov = json.loads((tmp_path / "m/wsm_merge_provenance.json").read_text())["method"]
+    assert prov["k"] == 2 and prov["positions_from"] == "iteration"
+    extra = ("k", "positions_from", "coefficient_rule", "selection")
+    fields = {key: v for key, v in prov.items() if key not in extra}
+    # The provenance reads back as the method that weighted the inputs.
+    method = MergeMethod.from_json(fields)
+    assert method == MergeMethod("custom", decay=(1.0, 0.25))
+    assert prov["coefficient_rule"]["coefficients"] == method.coefficients(2)
+    code, _, err = run_cli("--inputs", *map(str, window), "--method", "linear", "--weights",
+                           "0,0.5,0.5", "--dry-run")
+    assert code == 2 and "give only one of --method, --weights, --decay" in err
 
 
 def test_cli_errors_are_one_line_and_exit_2(window: list[Path], tmp_path: Path):

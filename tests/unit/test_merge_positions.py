@@ -25,14 +25,14 @@ from megatron_wsm.merge import (
     choose_window,
     resolve_coefficients,
 )
-from megatron_wsm.merge import synthetic as syn
+from megatron_wsm.testing import synthetic as syn
 
-WINDOW = ("w10", "w20", "w30")
+WINDOW = syn.TEST_WINDOW
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return syn.run_job_cached(syn.TEST_JOB, tmp_path_factory.getbasetemp() / "merge_ckpts")
+    return syn.build_test_checkpoints(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture()

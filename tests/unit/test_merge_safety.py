@@ -20,16 +20,16 @@ from megatron_wsm.cli import merge_wsm
 from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import MergeError, merge_checkpoints, select_window, torch_dist
 from megatron_wsm.merge import dcp_format as fmt
-from megatron_wsm.merge import synthetic as syn
 from megatron_wsm.merge.torch_dist import ACTION_AVERAGE, ACTION_DROP, classify, is_dropped
+from megatron_wsm.testing import synthetic as syn
 
-WINDOW = ("w10", "w20", "w30")
+WINDOW = syn.TEST_WINDOW
 COEFS = [0.2, 0.3, 0.5]
 
 
 @pytest.fixture(scope="module")
 def window(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = syn.run_job_cached(syn.TEST_JOB, tmp_path_factory.getbasetemp() / "merge_ckpts")
+    root = syn.build_test_checkpoints(tmp_path_factory.getbasetemp())
     return [root / name for name in WINDOW]
 
 

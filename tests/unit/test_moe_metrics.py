@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from megatron_wsm import moe_metrics as mm
+from megatron_wsm.testing.router import patch_router_for_cpu
 
 # ---------------------------------------------------------------------------------------------
 # Pure arithmetic
@@ -222,37 +223,6 @@ def test_reduce_fn_for_config_binds_tp_and_sp() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def patch_megatron_router_for_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make megatron-core 0.16.1's router run on a CPU-only torch without Transformer Engine.
-
-    Two problems, both in megatron-core, neither in our code:
-    1. ``moe_utils.te_general_gemm`` is imported only inside ``try: import transformer_engine``,
-       so without TE the name is undefined and ``RouterGatingLinearFunction.forward`` raises
-       NameError at ``if te_general_gemm is not None``. Defining it as None selects the plain
-       ``torch.mm`` / ``torch.addmm`` branch.
-    2. ``Router.gating`` unconditionally moves CPU router weights to
-       ``torch.cuda.current_device()``, which asserts on a CPU-only torch. The replacement is the
-       same function minus that move (only when CUDA is unavailable).
-    The project's CPU-compat module should carry the same two patches.
-    """
-    from megatron.core.transformer.moe import moe_utils
-    from megatron.core.transformer.moe.router import Router
-
-    monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
-    if torch.cuda.is_available():
-        return
-
-    def cpu_gating(self: Router, input: torch.Tensor) -> torch.Tensor:
-        router_dtype = input.dtype
-        if self.config.moe_router_dtype == "fp32":
-            router_dtype = torch.float32
-        elif self.config.moe_router_dtype == "fp64":
-            router_dtype = torch.float64
-        return moe_utils.router_gating_linear(input, self.weight, self.bias, router_dtype)
-
-    monkeypatch.setattr(Router, "gating", cpu_gating)
-
-
 @pytest.fixture(scope="module")
 def megatron_world(tmp_path_factory: pytest.TempPathFactory):
     """A 1-process gloo world with megatron-core's parallel state (TP=PP=EP=1)."""
@@ -277,7 +247,7 @@ def megatron_world(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def cpu_router(megatron_world, monkeypatch: pytest.MonkeyPatch):
     """Factory of TopKRouters whose logits equal the input (weight = identity)."""
-    patch_megatron_router_for_cpu(monkeypatch)
+    patch_router_for_cpu(monkeypatch)
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from megatron_wsm.manifest import CheckpointManifest, ParallelLayout, write_manifest
+from megatron_wsm.testing.ports import free_port
 
 
 @dataclasses.dataclass
@@ -321,7 +322,7 @@ def check_loaded_shards(prefix: str, world: int, merged: dict[str, torch.Tensor]
 # Tests and the benchmark build checkpoints in a child process tree, so that megatron-core's
 # process groups, its CPU shims and its save workers never live in the caller's process:
 #
-#     python -m megatron_wsm.merge.synthetic JOB.json
+#     python -m megatron_wsm.testing.synthetic JOB.json
 #
 # JOB = {"save": [{"path", "seed", "iteration", "world", "spec": {...}, "with_optimizer",
 #                  "manifest", "kind"}...],
@@ -357,14 +358,6 @@ def spec_from_json(data: dict[str, Any]) -> SyntheticSpec:
     names = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
     data["dtype"] = names[data.get("dtype", "fp32")]
     return SyntheticSpec(**data)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _job_worker(rank: int, world: int, port: int, entries: list[dict[str, Any]], op: str) -> None:
@@ -418,11 +411,21 @@ def run_job(job: dict[str, Any]) -> None:
             by_world.setdefault(int(entry.get("world", 1)), []).append(entry)
         for world, entries in sorted(by_world.items()):
             if world == 1:
-                _job_worker(0, 1, _free_port(), entries, op)
+                _job_worker(0, 1, free_port(), entries, op)
             else:
                 mp.spawn(
-                    _job_worker, args=(world, _free_port(), entries, op), nprocs=world, join=True
+                    _job_worker, args=(world, free_port(), entries, op), nprocs=world, join=True
                 )
+
+
+#: The window checkpoints of :data:`TEST_JOB`, oldest first.
+TEST_WINDOW = ("w10", "w20", "w30")
+
+
+def build_test_checkpoints(basetemp: str | os.PathLike) -> Path:
+    """:data:`TEST_JOB`'s checkpoints under ``basetemp`` (pytest's base temporary directory),
+    saved on first use and shared by every test module of the session."""
+    return run_job_cached(TEST_JOB, Path(basetemp) / "merge_ckpts")
 
 
 def run_job_cached(job: dict[str, Any], directory: str | os.PathLike, timeout: float = 600) -> Path:
@@ -452,7 +455,7 @@ def run_job_cached(job: dict[str, Any], directory: str | os.PathLike, timeout: f
             env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
             for _attempt in range(2):  # one retry: a crash at gloo teardown is not ours
                 proc = subprocess.run(
-                    [sys.executable, "-m", "megatron_wsm.merge.synthetic", str(job_file)],
+                    [sys.executable, "-m", "megatron_wsm.testing.synthetic", str(job_file)],
                     capture_output=True, text=True, timeout=timeout, env=env,
                 )
                 if proc.returncode == 0:
@@ -466,14 +469,14 @@ def run_job_cached(job: dict[str, Any], directory: str | os.PathLike, timeout: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_wsm.merge.synthetic JOB.json``."""
+    """``python -m megatron_wsm.testing.synthetic JOB.json``."""
     import json
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print(__doc__)
-        print("usage: python -m megatron_wsm.merge.synthetic JOB.json")
+        print("usage: python -m megatron_wsm.testing.synthetic JOB.json")
         return 2
     with open(args[0]) as f:
         run_job(json.load(f))

@@ -1,0 +1,86 @@
+"""When the trainer saves: full checkpoints at ``--save-interval``, window checkpoints at
+``--wsm-interval``, then retention (:mod:`megatron_wsm.ckpt_layout` owns the window rule) and
+the completion of async saves.
+
+A hook the training loop calls after every iteration; :mod:`megatron_wsm.checkpointing` does the
+I/O. Kept out of ``pretrain.py`` so that the route of a save flag (flag -> config -> this hook
+-> :class:`~megatron_wsm.checkpointing.CheckpointManager`) crosses each file once.
+"""
+
+from __future__ import annotations
+
+import os
+
+from megatron_wsm.arguments import window_interval_iters
+from megatron_wsm.checkpointing import CheckpointManager, SaveResult, should_save
+from megatron_wsm.config import RunConfig
+from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW
+from megatron_wsm.training import Components, should_exit
+
+
+def _report_save(result: SaveResult) -> None:
+    print(
+        f"saved {result.kind} checkpoint at iteration {result.iteration}: {result.path} "
+        f"({result.bytes / 2**20:.1f} MiB, {result.seconds:.2f} s)",
+        flush=True,
+    )
+
+
+class CheckpointHook:
+    """After each iteration: full saves at ``--save-interval``, window saves at
+    ``--wsm-interval``, retention, and finalising async saves."""
+
+    def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.window_interval = window_interval_iters(cfg)
+        self.window_root = cfg.wsm.wsm_save or (
+            os.path.join(cfg.training.save, "wsm_window") if cfg.training.save else None
+        )
+        self.last_full_bytes: int | None = None
+
+    def _window_done(self, result: SaveResult) -> None:
+        note = ""
+        if self.last_full_bytes:
+            note = f", {100.0 * result.bytes / self.last_full_bytes:.1f}% of a full checkpoint"
+        print(
+            f"saved window checkpoint at iteration {result.iteration}: {result.path} "
+            f"({result.bytes / 2**20:.2f} MiB{note}, {result.seconds:.2f} s)",
+            flush=True,
+        )
+        w = self.cfg.wsm
+        for path in self.manager.prune_window(
+            result.path.parent, w.wsm_window, w.wsm_window_tokens
+        ):
+            print(f"pruned window checkpoint {path} (outside the window)", flush=True)
+
+    def _full_done(self, result: SaveResult) -> None:
+        self.last_full_bytes = result.bytes
+        _report_save(result)
+        for path in self.manager.prune_full(result.path.parent, self.cfg.training.save_keep_last):
+            print(f"pruned full checkpoint {path} (--save-keep-last)", flush=True)
+
+    def __call__(self, comp: Components) -> None:
+        self.manager.poll()
+        it = comp.state.iteration
+        lr = comp.last_lr
+        t = self.cfg.training
+        if self.window_root and should_save(it, self.window_interval):
+            self.manager.save(
+                self.window_root,
+                KIND_WINDOW,
+                comp.state,
+                lr,
+                async_save=self.cfg.wsm.wsm_async,
+                on_complete=self._window_done,
+            )
+        last = it == t.train_iters or should_exit(comp)
+        if t.save and (should_save(it, t.save_interval) or last):
+            self.manager.save(
+                t.save,
+                KIND_FULL,
+                comp.state,
+                lr,
+                async_save=t.async_save,
+                on_complete=self._full_done,
+            )
