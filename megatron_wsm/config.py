@@ -124,7 +124,7 @@ class TrainingConfig:
 
 @dataclasses.dataclass
 class WSMConfig:
-    """Window checkpoints for Warmup-Stable-Merge (see DESIGN.md §3)."""
+    """Window checkpoints for Warmup-Stable-Merge (docs/merge.md, docs/schedule.md)."""
 
     wsm_interval: int | None = None  #: save a window checkpoint every N iterations
     wsm_interval_tokens: int | None = None

@@ -1,6 +1,6 @@
 """MoE load-balance violation metrics: router hooks -> expert counts -> violations.
 
-Definitions (DESIGN.md §2). For one MoE layer with ``E`` experts and ``Load_e`` = number of
+Definitions (docs/metrics.md). For one MoE layer with ``E`` experts and ``Load_e`` = number of
 (token, expert) assignments the router made to expert ``e`` over a token set (with top-k routing
 ``sum_e Load_e = k * T``), ``mean = sum_e Load_e / E`` and::
 
