@@ -84,23 +84,11 @@ def should_save(iteration: int, interval: int | None) -> bool:
 
 
 def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, Any]:
-    """The model fields that decide parameter shapes and routing; hashed into manifests."""
-    keys = (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "max_position_embeddings",
-        "num_experts",
-        "moe_ffn_hidden_size",
-        "moe_router_topk",
-        "position_embedding_type",
-        "normalization",
-        "untie_embeddings_and_output_weights",
-        "vocab_size",
-    )
-    ident = {k: model_json.get(k) for k in keys}
+    """The model fields that decide parameter shapes and routing (``ModelConfig`` fields marked
+    ``shape``); hashed into manifests."""
+    from megatron_wsm.config import shape_fields
+
+    ident = {k: model_json.get(k) for k in shape_fields()}
     ident["padded_vocab_size"] = padded_vocab
     return ident
 

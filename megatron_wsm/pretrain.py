@@ -109,16 +109,9 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
         from megatron_wsm.moe_metrics import ExpertLoadTracker
 
         comp.load_tracker = ExpertLoadTracker.for_model(model, tconfig)
-    # What tools/evaluate.py needs to rebuild this model and its data from a checkpoint alone.
-    run_info = {
-        "model": cfg.model.to_json(),
-        "seq_length": cfg.model.seq_length,
-        "data_path": cfg.data.data_path,
-        "tokenizer_model": cfg.data.tokenizer_model,
-        "vocab_size": cfg.data.vocab_size,
-        "split": cfg.data.split,
-        "seed": cfg.training.seed,
-    }
+    # The whole run config: tools/evaluate.py and the exporter rebuild the model and its data
+    # from a checkpoint alone (RunConfig.from_json).
+    run_info = cfg.to_json()
     manager = CheckpointManager(
         model,
         optimizer,
@@ -185,9 +178,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns a process exit code (2 for a bad configuration or checkpoint)."""
-    cfg, _ = parse_run_config(argv)
+def main(argv: Sequence[str] | None = None, base: RunConfig | None = None) -> int:
+    """Entry point; returns a process exit code (2 for a bad configuration or checkpoint).
+
+    ``base``: the values of flags not given (tools/evaluate.py: the checkpoint's run).
+    """
+    cfg, _ = parse_run_config(argv, base)
     try:
         run(cfg)
     except (ConfigError, CheckpointError) as e:

@@ -2,8 +2,8 @@
 
     torchrun --nproc-per-node 1 tests/export_reference.py CKPT TOKENS.pt OUT.pt [pretrain flags]
 
-Builds the model from the checkpoint exactly as ``tools/evaluate.py`` does (flags from the
-manifest, ``--eval-only --load``), runs one forward over the batch in TOKENS.pt ([B, T] int64)
+Builds the model from the checkpoint exactly as ``tools/evaluate.py`` does (the manifest's
+run config, ``--eval-only --load``), runs one forward over the batch in TOKENS.pt ([B, T] int64)
 a 20-token greedy continuation of its first row (argmax over the tokenizer's ids: padded
 vocabulary rows are not tokens) and the held-out loss with the samples it was computed on.
 """
@@ -16,16 +16,17 @@ import torch
 def main() -> None:
     ckpt, tokens_file, out = sys.argv[1:4]
     from megatron_wsm.arguments import parse_run_config
-    from megatron_wsm.cli.evaluate import flags_from_manifest
+    from megatron_wsm.cli.evaluate import config_from_run_info, run_info_of
     from megatron_wsm.distributed import destroy_distributed
     from megatron_wsm.manifest import read_manifest
     from megatron_wsm.pretrain import setup
 
     manifest = read_manifest(ckpt)
-    flags = flags_from_manifest(manifest.extra["run"])
+    base = config_from_run_info(run_info_of(manifest))
     cfg, _ = parse_run_config(
-        [*flags, "--load", ckpt, "--eval-only", "--no-progress-bar", "--micro-batch-size", "1",
-         "--global-batch-size", "1", "--eval-iters", "0", *sys.argv[4:]]
+        ["--load", ckpt, "--eval-only", "--no-progress-bar", "--micro-batch-size", "1",
+         "--global-batch-size", "1", "--eval-iters", "0", *sys.argv[4:]],
+        base,
     )
     comp, _ = setup(cfg)
     vocab = int(cfg.model.vocab_size)

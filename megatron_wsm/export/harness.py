@@ -159,8 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {model} is not a megatron-wsm export ({e})", file=sys.stderr)
         return 2
-    vocab = int(run.get("vocab_size") or (run.get("model") or {}).get("vocab_size") or 4096)
-    texts = heldout_texts(args.data_cache_dir, vocab, int(run.get("seed", 1234)))
+    from megatron_wsm.export.hf import embedded_tokenizer_settings
+
+    data, seed = embedded_tokenizer_settings(run, run.get("model") or {})
+    texts = heldout_texts(args.data_cache_dir, data.vocab_size, seed)
     tasks_dir = Path(args.tasks_dir or model.parent / f"{model.name}_harness_tasks")
     write_tasks(tasks_dir, texts)
     scores = run_harness(str(model), tasks_dir, args.batch_size, args.limit)

@@ -49,18 +49,29 @@ def _model_config(manifest: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return run, model
 
 
+def embedded_tokenizer_settings(run: dict[str, Any], model: dict[str, Any]) -> tuple[Any, int]:
+    """A run info's data config and seed (``RunConfig.from_json``); without a recorded
+    ``vocab_size`` the model's (a run info that holds only the model)."""
+    from megatron_wsm.config import RunConfig
+
+    cfg = RunConfig.from_json(run)
+    if not run.get("vocab_size") and not (run.get("data") or {}).get("vocab_size"):
+        cfg.data.vocab_size = int(model.get("vocab_size") or cfg.data.vocab_size)
+    return cfg.data, cfg.training.seed
+
+
 def _tokenizer_path(run: dict[str, Any], model: dict[str, Any], override: str | None,
                     data_cache_dir: str) -> str:
     if override:
         return override
-    if run.get("tokenizer_model"):
-        return str(run["tokenizer_model"])
-    # The run trained its tokenizer on the embedded corpus: the same settings find (or rebuild,
-    # deterministically) the same model in the data cache.
     from megatron_wsm.data.prepare import prepare_embedded_data
 
-    vocab = int(run.get("vocab_size") or model.get("vocab_size") or 4096)
-    seed = int(run.get("seed", 1234))
+    data, seed = embedded_tokenizer_settings(run, model)
+    if data.tokenizer_model:
+        return str(data.tokenizer_model)
+    # The run trained its tokenizer on the embedded corpus: the same settings find (or rebuild,
+    # deterministically) the same model in the data cache.
+    vocab = data.vocab_size
     prepared = prepare_embedded_data(data_cache_dir, vocab_size=vocab, seed=seed)
     return prepared.tokenizer_model
 
