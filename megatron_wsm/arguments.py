@@ -139,7 +139,7 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
 def validate_accelerator_flags(cfg: RunConfig, cuda: bool, te: bool | None = None) -> None:
     """Refuse GPU-only performance flags where they cannot run (``te``: TE usable; probed
     when None)."""
-    cfg.model.validate(cuda, te)
+    cfg.model.validate_accelerator(cuda, te)
     cfg.parallel.validate_overlap()
 
 

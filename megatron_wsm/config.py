@@ -110,8 +110,40 @@ class ModelConfig:
         """JSON-able dict; its shape fields identify the model in checkpoint manifests."""
         return dataclasses.asdict(self)
 
-    def validate(self, cuda: bool, te: bool | None = None) -> None:
-        """Own-field checks (``te``: Transformer Engine usable; probed when None)."""
+    def validate(self, parallel: ParallelConfig, data_parallel_size: int, cuda: bool) -> None:
+        """Own-field checks and those against the parallel layout (DP: ``data_parallel_size``)."""
+        tp, pp, cp, ep = parallel.sizes()
+        dp = data_parallel_size
+        if self.num_experts:
+            if self.num_experts % ep:
+                raise ConfigError(
+                    f"--num-experts {self.num_experts} is not divisible by "
+                    f"--expert-model-parallel-size {ep}"
+                )
+            if (dp * cp) % ep:
+                raise ConfigError(
+                    f"--expert-model-parallel-size {ep} must divide DP×CP = {dp * cp} "
+                    f"(world {dp * tp * pp * cp} / TP×PP = {tp * pp})"
+                )
+            if tp > 1 and not parallel.sequence_parallel:
+                raise ConfigError(
+                    "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel"
+                )
+        elif ep > 1:
+            raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
+        if self.num_layers % pp:
+            raise ConfigError(
+                f"--num-layers {self.num_layers} is not divisible by "
+                f"--pipeline-model-parallel-size {pp}"
+            )
+        if self.num_attention_heads % tp:
+            raise ConfigError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by TP {tp}"
+            )
+        if parallel.sequence_parallel and self.seq_length % tp:
+            raise ConfigError(
+                f"--seq-length {self.seq_length} must be divisible by TP {tp} with SP"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
@@ -124,6 +156,10 @@ class ModelConfig:
             raise ConfigError(
                 f"--moe-router-topk {self.moe_router_topk} must be in [1, {self.num_experts}]"
             )
+        self.validate_accelerator(cuda)
+
+    def validate_accelerator(self, cuda: bool, te: bool | None = None) -> None:
+        """GPU-only options (``te``: Transformer Engine usable; probed when None)."""
         if self.moe_grouped_gemm:
             if not self.num_experts:
                 raise ConfigError("--moe-grouped-gemm needs --num-experts")
@@ -470,40 +506,11 @@ class RunConfig:
         return cls(**{n: _section(n, SECTIONS[n], sections[n]) for n in SECTIONS})
 
     def validate(self, world_size: int, cuda: bool) -> None:
-        """Raise :class:`ConfigError` with one clear message for an impossible configuration:
-        each section's own checks, then those that join two sections."""
+        """Raise :class:`ConfigError` with one clear message for an impossible configuration
+        (each section checks itself; the parallel layout's data-parallel size is passed on)."""
         m, par, t = self.model, self.parallel, self.training
         dp = par.validate(world_size, cuda)
-        tp, pp, cp, ep = par.sizes()
-        if m.num_experts:
-            if m.num_experts % ep:
-                raise ConfigError(
-                    f"--num-experts {m.num_experts} is not divisible by "
-                    f"--expert-model-parallel-size {ep}"
-                )
-            if (dp * cp) % ep:
-                raise ConfigError(
-                    f"--expert-model-parallel-size {ep} must divide DP×CP = {dp * cp} "
-                    f"(world {world_size} / TP×PP = {tp * pp})"
-                )
-            if tp > 1 and not par.sequence_parallel:
-                raise ConfigError(
-                    "MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel"
-                )
-        elif ep > 1:
-            raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
-        if m.num_layers % pp:
-            raise ConfigError(
-                f"--num-layers {m.num_layers} is not divisible by "
-                f"--pipeline-model-parallel-size {pp}"
-            )
-        if m.num_attention_heads % tp:
-            raise ConfigError(
-                f"--num-attention-heads {m.num_attention_heads} is not divisible by TP {tp}"
-            )
-        if par.sequence_parallel and m.seq_length % tp:
-            raise ConfigError(f"--seq-length {m.seq_length} must be divisible by TP {tp} with SP")
-        m.validate(cuda)
+        m.validate(par, dp, cuda)
         t.validate(dp)
         self.wsm.validate(t.save, t.global_batch_size * m.seq_length)
         self.data.validate()

@@ -8,7 +8,7 @@ import pytest
 from megatron_wsm.arguments import build_parser, parse_run_config
 from megatron_wsm.checkpointing import model_identity
 from megatron_wsm.cli.evaluate import config_from_run_info, run_info_of
-from megatron_wsm.config import SECTIONS, ConfigError, ModelConfig, RunConfig
+from megatron_wsm.config import SECTIONS, ConfigError, ModelConfig, ParallelConfig, RunConfig
 
 
 def test_parser_defaults_are_the_dataclass_defaults() -> None:
@@ -98,7 +98,7 @@ def test_model_identity_keys_are_the_shape_fields() -> None:
 
 def test_each_section_validates_itself() -> None:
     with pytest.raises(ConfigError, match="--moe-router-topk 5"):
-        ModelConfig(moe_router_topk=5).validate(cuda=False)
+        ModelConfig(moe_router_topk=5).validate(ParallelConfig(), 1, cuda=False)
     for name, cls in SECTIONS.items():
         assert callable(cls.validate), name
         for f in dataclasses.fields(cls):
