@@ -39,7 +39,7 @@ MIB = 2**20
 
 
 def _spec(size_gb: float) -> Any:
-    from megatron_wsm.merge.synthetic import SyntheticSpec
+    from megatron_wsm.testing.synthetic import SyntheticSpec
 
     @dataclasses.dataclass
     class MixtralSpec(SyntheticSpec):
@@ -64,7 +64,7 @@ def build(workdir: Path, size_gb: float) -> Path:
 
     from megatron_wsm.data.spm_training import train_sentencepiece
     from megatron_wsm.manifest import read_manifest, write_manifest
-    from megatron_wsm.merge.synthetic import save_torch_dist
+    from megatron_wsm.testing.synthetic import save_torch_dist
 
     spec = _spec(size_gb)
     path = workdir / "ckpt"
