@@ -328,7 +328,7 @@ def test_no_space_left_names_the_output(window, tmp_path, monkeypatch):
     def full(*_args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch_dist.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)  # os.pwrite, as the streamer calls it
     out = tmp_path / "merged"
     with pytest.raises(MergeError) as e:
         merge_checkpoints(window, COEFS, out)
