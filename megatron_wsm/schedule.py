@@ -1,5 +1,8 @@
 """WSM schedule math: learning-rate decay shapes <-> checkpoint-merge coefficients.
 
+(Over ~600 lines on purpose: the shapes, the two maps, the methods and their input checks are
+one closely-knit unit; uneven windows and MergeMethod live in their own modules.)
+
 Pure Python on ``float`` (IEEE float64); nothing here needs torch or numpy, but any
 sequence of real numbers (lists, tuples, numpy arrays) is accepted as input.
 
@@ -48,18 +51,15 @@ default discretisation, exactly; evenly spaced positions take the index path abo
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import itertools
+import importlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "CONVENTIONS",
@@ -645,289 +645,6 @@ def merge_coefficients(
     return c
 
 
-# --------------------------------------------------------------------------- uneven windows
-
-
-def _check_positions(positions: object) -> list[int | float]:
-    """Checkpoint positions as numbers (ints kept exact), at least 2, strictly increasing."""
-    if isinstance(positions, (str, bytes)):
-        raise ValueError("positions must be a sequence of numbers, got a string")  # noqa: TRY004
-    try:
-        items = list(positions)  # type: ignore[call-overload]
-    except TypeError:
-        raise ValueError(f"positions must be a sequence of numbers, got {positions!r}") from None
-    out: list[int | float] = []
-    for idx, v in enumerate(items):
-        if isinstance(v, bool) or not isinstance(v, Real):
-            raise ValueError(f"positions[{idx}] is not a real number: {v!r}")  # noqa: TRY004
-        # Integral positions (iterations, token counts) stay Python ints so that offsets and
-        # their ratios are computed exactly, whatever their size.
-        num: int | float = int(v) if isinstance(v, Integral) else float(v)
-        if isinstance(num, float) and not math.isfinite(num):
-            raise ValueError(f"positions[{idx}] is not finite ({num})")
-        out.append(num)
-    if len(out) < 2:
-        raise ValueError(f"need at least 2 checkpoint positions (k >= 1), got {len(out)}")
-    for j in range(1, len(out)):
-        if not out[j] > out[j - 1]:
-            raise ValueError(
-                f"checkpoint positions must increase strictly (oldest first): "
-                f"positions[{j - 1}] = {out[j - 1]} >= positions[{j}] = {out[j]}"
-            )
-    return out
-
-
-def is_evenly_spaced(positions: Iterable[float], *, rtol: float = EVEN_SPACING_RTOL) -> bool:
-    """Whether checkpoint positions p_0 < … < p_k have equal gaps.
-
-    Integer positions must match exactly; float gaps may differ by ``rtol`` (relative).
-    Raises ``ValueError`` for fewer than 2 positions or positions that do not increase.
-    """
-    pos = _check_positions(positions)
-    rtol = _check_real("rtol", rtol)
-    gaps = [b - a for a, b in zip(pos, pos[1:], strict=False)]
-    first = gaps[0]
-    if all(isinstance(g, int) for g in gaps):
-        return all(g == first for g in gaps)
-    return all(math.isclose(g, first, rel_tol=rtol, abs_tol=0.0) for g in gaps)
-
-
-def window_fractions(positions: Iterable[float]) -> list[float]:
-    """t_j = (p_j - p_0)/(p_k - p_0): where each checkpoint sits in the window [0, 1].
-
-    t_0 = 0 and t_k = 1 exactly. Integer positions give correctly rounded ratios, so an
-    even window of integers gives exactly j/k.
-    """
-    pos = _check_positions(positions)
-    first, span = pos[0], pos[-1] - pos[0]
-    return [(p - first) / span for p in pos]
-
-
-def _uneven_shape_weights(
-    method: str, fractions: list[float], r: float, rho: float, sampling: str
-) -> list[float]:
-    f = _shape_fn(method, rho)
-    if sampling == "start":
-        raw = [f(t) for t in fractions[:-1]]
-    else:
-        big_f = _shape_integral(method, rho)
-        raw = []
-        for a, b in zip(fractions, fractions[1:], strict=False):
-            # Below ~1e-7 the difference F(b) - F(a) loses too many digits; the midpoint
-            # value is then the mean to within the curvature over a tiny interval.
-            raw.append(f(0.5 * (a + b)) if b - a < 1e-7 else (big_f(b) - big_f(a)) / (b - a))
-        # Every shape is non-increasing, so are its exact interval means; F(b) - F(a) over a
-        # short interval still carries ~1e-16 / (b - a) of rounding, which can tip a mean above
-        # its predecessor and give a coefficient of -1e-11. Restore the exact order.
-        raw = list(itertools.accumulate(raw, min))
-    return [_apply_floor(min(1.0, max(0.0, x)), r) for x in raw]
-
-
-def _resolve_at(
-    method: object,
-    positions: object,
-    *,
-    min_lr_ratio: object,
-    alpha: object,
-    final_ratio: object,
-    coefficients: object,
-    decay: object,
-    allow_negative: bool,
-    convention: object,
-    sampling: object,
-) -> tuple[list[float], list[float]]:
-    pos = _check_positions(positions)
-    k = len(pos) - 1
-    sampling = _check_sampling(sampling)
-    # The index path validates every parameter and is the answer for all but shapes on
-    # uneven windows (or mean sampling): direct and custom methods weight by index.
-    w, c = _resolve(
-        method,
-        k,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-    )
-    if method not in SHAPE_METHODS or (sampling == "start" and is_evenly_spaced(pos)):
-        return w, c
-    if convention != "wsm":
-        what = "sampling 'mean'" if sampling == "mean" else "unevenly spaced checkpoints"
-        raise ValueError(
-            f"convention {convention!r} weights checkpoints by index; {what} need convention 'wsm'"
-        )
-    rho = _resolve_final_ratio(str(method), final_ratio)
-    r = _check_min_lr_ratio(min_lr_ratio)
-    w = _uneven_shape_weights(str(method), window_fractions(pos), r, rho, sampling)
-    return w, coefficients_from_decay(w)
-
-
-def decay_weights_at(
-    method: str,
-    positions: Iterable[float],
-    *,
-    min_lr_ratio: float = 0.0,
-    alpha: float | None = None,
-    final_ratio: float | None = None,
-    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
-    decay: Iterable[float] | str | os.PathLike[str] | None = None,
-    allow_negative: bool = False,
-    convention: str = DEFAULT_CONVENTION,
-    sampling: str = "start",
-) -> list[float]:
-    """Decay weights w_1 … w_k for checkpoints at ``positions`` p_0 < … < p_k.
-
-    Positions are iterations or consumed tokens — whatever the LR schedule counts in —
-    oldest first; k = len(positions) - 1. For shape methods with t_j = (p_j - p_0)/(p_k -
-    p_0) (:func:`window_fractions`):
-
-    - ``sampling="start"``: w_i = f(t_{i-1}), the shape at the start of interval i. Evenly
-      spaced positions take the index path of :func:`decay_weights`, so the result is
-      identical to it bit for bit.
-    - ``sampling="mean"``: w_i = mean of f over [t_{i-1}, t_i] (the LR area of interval i
-      divided by its length), also for evenly spaced positions.
-
-    ``mean``, ``ema`` and ``custom`` weight checkpoints by index; positions only fix k.
-    ``convention="megatron-lm"`` is defined by index too: with uneven positions or
-    ``sampling="mean"`` a shape method raises ``ValueError``. Other parameters as in
-    :func:`decay_weights`.
-    """
-    w, _ = _resolve_at(
-        method,
-        positions,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-        sampling=sampling,
-    )
-    return w
-
-
-def merge_coefficients_at(
-    method: str,
-    positions: Iterable[float],
-    *,
-    min_lr_ratio: float = 0.0,
-    alpha: float | None = None,
-    final_ratio: float | None = None,
-    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
-    decay: Iterable[float] | str | os.PathLike[str] | None = None,
-    allow_negative: bool = False,
-    convention: str = DEFAULT_CONVENTION,
-    sampling: str = "start",
-) -> list[float]:
-    """Merge coefficients c_0 … c_k for checkpoints at ``positions`` (oldest first).
-
-    Theorem 3.1 of :func:`decay_weights_at` — see there for positions, ``sampling`` and
-    which methods follow the positions. Evenly spaced positions with the default
-    ``sampling="start"`` give exactly :func:`merge_coefficients` of k = len(positions) - 1.
-    """
-    _, c = _resolve_at(
-        method,
-        positions,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-        sampling=sampling,
-    )
-    return c
-
-
-def discretisation(
-    convention: str = DEFAULT_CONVENTION, *, uneven: bool = False, sampling: str = "start"
-) -> str:
-    """One-line formula of how a shape f becomes w_1 … w_k, for tables and provenance."""
-    convention = _check_convention(convention)
-    sampling = _check_sampling(sampling)
-    if convention == "megatron-lm":
-        if uneven or sampling != "start":
-            raise ValueError("convention 'megatron-lm' is defined for evenly spaced checkpoints")
-        return "w_i = f(i/(k+1)), i = 1..k (Megatron-LM weighted_merge.py; every input weighted)"
-    if sampling == "mean":
-        return "w_i = mean of f over [t_(i-1), t_i], t_j = (p_j - p_0)/(p_k - p_0)"
-    if uneven:
-        return "w_i = f(t_(i-1)), t_j = (p_j - p_0)/(p_k - p_0) (interval start)"
-    return "w_i = f((i-1)/k), i = 1..k (the oldest checkpoint anchors the window)"
-
-
-def _describe_formula(
-    method: str | None, convention: str, uneven_shape: bool, even: bool | None, sampling: str
-) -> str:
-    if method in SHAPE_METHODS:
-        return discretisation(
-            convention, uneven=bool(uneven_shape and even is False), sampling=sampling
-        )
-    if method == "mean" and convention == "megatron-lm":
-        return "c_j = 1/(k+1) (every input equally)"
-    if method in DIRECT_METHODS:
-        return FORMULAS[method]
-    return "explicit weights (Theorem 3.1 only)"
-
-
-def describe_convention(
-    coefficients: Iterable[float],
-    *,
-    method: str | None = None,
-    convention: str = DEFAULT_CONVENTION,
-    positions: Iterable[float] | None = None,
-    sampling: str = "start",
-) -> dict[str, object]:
-    """What a set of coefficients means, for ``--dry-run`` output and merge provenance.
-
-    Returns a JSON-ready dict: ``convention``, ``sampling``, ``discretisation`` (formula),
-    ``positions`` and ``evenly_spaced`` (None without positions), ``zero_weight_inputs``
-    (indices j with c_j == 0: those checkpoints do not change the merge) and ``notes``
-    (plain sentences explaining the zeros and what the positions did).
-    """
-    cs = _as_floats(coefficients, "coefficients")
-    convention = _check_convention(convention)
-    sampling = _check_sampling(sampling)
-    pos = None if positions is None else _check_positions(positions)
-    if pos is not None and len(pos) != len(cs):
-        raise ValueError(f"{len(pos)} positions given for {len(cs)} coefficients")
-    even = None if pos is None else is_evenly_spaced(pos)
-    is_shape = method in SHAPE_METHODS
-    uneven_shape = is_shape and (even is False or sampling == "mean")
-    zeros = [j for j, cj in enumerate(cs) if cj == 0.0]
-    notes: list[str] = []
-    if zeros and zeros[0] == 0 and convention == "wsm" and (is_shape or method == "mean"):
-        notes.append(
-            "input 0 (the oldest) has weight 0: under convention 'wsm' the decay starts at "
-            "the oldest checkpoint, which only marks where the window begins; convention "
-            "'megatron-lm' gives every input weight"
-        )
-    others = [j for j in zeros if j != 0 or not notes]
-    if others:
-        notes.append(f"inputs {others} have weight 0 and do not change the merge")
-    if pos is not None and even is False and not is_shape:
-        notes.append(
-            f"method {method!r} weights checkpoints by index: the uneven positions do not "
-            "change its coefficients (a shape method such as 'linear' follows them)"
-        )
-    if method == "custom":
-        notes.append("explicit weights: the convention does not change them")
-    return {
-        "convention": convention,
-        "sampling": sampling,
-        "discretisation": _describe_formula(method, convention, uneven_shape, even, sampling),
-        "positions": pos,
-        "evenly_spaced": even,
-        "zero_weight_inputs": zeros,
-        "notes": notes,
-    }
-
-
 # --------------------------------------------------------------------------- custom input
 
 
@@ -1017,242 +734,53 @@ def shape_function(
     return _shape_fn(method, _resolve_final_ratio(method, final_ratio), xp)
 
 
-def _floats_or_none(values: object, what: str) -> tuple[float, ...] | None:
-    if values is None:
-        return None
-    return tuple(load_custom(values))  # type: ignore[arg-type]
+# --------------------------------------------------------------------------- moved names
+
+#: Names defined in :mod:`megatron_wsm.schedule_positions` and :mod:`megatron_wsm.merge_method`,
+#: still importable from here. They are resolved on first use (PEP 562 ``__getattr__``): both
+#: modules import this one, so importing them at the top or bottom of it would be circular
+#: whenever one of them is imported first.
+_MOVED: Mapping[str, str] = MappingProxyType(
+    {
+        **dict.fromkeys(
+            (
+                "decay_weights_at",
+                "describe_convention",
+                "discretisation",
+                "is_evenly_spaced",
+                "merge_coefficients_at",
+                "window_fractions",
+                "_check_positions",
+                "_describe_formula",
+                "_resolve_at",
+                "_uneven_shape_weights",
+            ),
+            "megatron_wsm.schedule_positions",
+        ),
+        **dict.fromkeys(
+            ("DEFAULT_METHOD", "MergeMethod", "_WeightsAction", "_floats_or_none"),
+            "megatron_wsm.merge_method",
+        ),
+    }
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class MergeMethod:
-    """A merge method with all its parameters: one value for every tool and the provenance.
-
-    ``method`` is one of :data:`METHODS`; ``custom`` needs exactly one of ``weights`` (the
-    coefficients c_0 … c_k) or ``decay`` (w_1 … w_k), given as numbers, a comma list or a
-    file (:func:`load_custom`; stored as floats). ``alpha`` (ema), ``final_ratio``
-    (exponential, inverse-sqrt), ``min_lr_ratio``, ``allow_negative``, ``convention`` and
-    ``sampling`` as in :func:`merge_coefficients_at`. Invalid combinations raise
-    ``ValueError`` at construction, as the functions would.
-    """
-
-    method: str = "1-sqrt"
-    alpha: float | None = None
-    min_lr_ratio: float = 0.0
-    final_ratio: float | None = None
-    weights: tuple[float, ...] | None = None
-    decay: tuple[float, ...] | None = None
-    allow_negative: bool = False
-    convention: str = DEFAULT_CONVENTION
-    sampling: str = "start"
-
-    def __post_init__(self) -> None:
-        method = _check_method(self.method)
-        _check_convention(self.convention)
-        _check_sampling(self.sampling)
-        _check_min_lr_ratio(self.min_lr_ratio)
-        if self.alpha is not None:
-            _resolve_alpha(method, self.alpha)
-        if self.final_ratio is not None:
-            _resolve_final_ratio(method, self.final_ratio)
-        object.__setattr__(self, "weights", _floats_or_none(self.weights, "weights"))
-        object.__setattr__(self, "decay", _floats_or_none(self.decay, "decay"))
-        if method == "custom":
-            # Validates the custom list (sum, signs, k) exactly as the functions do.
-            _resolve_custom(None, self.min_lr_ratio, self.weights, self.decay, self.allow_negative)
-        elif self.weights is not None or self.decay is not None:
-            raise ValueError(
-                f"coefficients/decay are only accepted with method 'custom', not {method!r}"
-            )
-
-    # -- values ---------------------------------------------------------------------------
-
-    def _kwargs(self) -> dict[str, object]:
-        return {
-            "min_lr_ratio": self.min_lr_ratio,
-            "alpha": self.alpha,
-            "final_ratio": self.final_ratio,
-            "coefficients": self.weights,
-            "decay": self.decay,
-            "allow_negative": self.allow_negative,
-            "convention": self.convention,
-        }
-
-    def _resolve_where(
-        self, where: int | Iterable[float] | None
-    ) -> tuple[list[float], list[float]]:
-        if where is None or isinstance(where, Integral):
-            k = None if where is None else _check_k(where)
-            if self.sampling == "start" or k is None:
-                return _resolve(self.method, k, **self._kwargs())  # type: ignore[arg-type]
-            where = list(range(k + 1))  # mean sampling of an even window
-        return _resolve_at(self.method, where, sampling=self.sampling, **self._kwargs())
-
-    def coefficients(self, where: int | Iterable[float] | None = None) -> list[float]:
-        """Merge coefficients c_0 … c_k: ``where`` is k (checkpoints evenly spaced) or the
-        checkpoint positions p_0 < … < p_k; None only for ``custom`` (k from its list)."""
-        return self._resolve_where(where)[1]
-
-    def decay_weights(self, where: int | Iterable[float] | None = None) -> list[float]:
-        """Decay weights w_1 … w_k the merge emulates; ``where`` as in :meth:`coefficients`."""
-        return self._resolve_where(where)[0]
-
-    def resolved(self) -> MergeMethod:
-        """The same method with its defaults spelled out (ema alpha, final_ratio)."""
-        alpha = _resolve_alpha(self.method, self.alpha) if self.method == "ema" else None
-        rho = self.final_ratio
-        if self.method in _FINAL_RATIO_METHODS:
-            rho = _resolve_final_ratio(self.method, rho)
-        return dataclasses.replace(self, alpha=alpha, final_ratio=rho)
-
-    # -- JSON -----------------------------------------------------------------------------
-
-    def to_json(self) -> dict[str, object]:
-        """JSON-ready dict of every field (custom lists as lists of floats)."""
-        out: dict[str, object] = dataclasses.asdict(self)
-        for key in ("weights", "decay"):
-            if out[key] is not None:
-                out[key] = list(out[key])  # type: ignore[call-overload]
-        return out
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> MergeMethod:
-        """Inverse of :meth:`to_json`; missing keys take their defaults, unknown keys raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown merge-method keys {unknown}; known: {sorted(names)}")
-        return cls(**data)  # type: ignore[arg-type]
-
-    # -- command line ---------------------------------------------------------------------
-
-    @staticmethod
-    def add_cli_flags(
-        parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-        *,
-        several: bool = False,
-        coefficients_alias: bool = False,
-    ) -> None:
-        """Add the flags of a merge method: ``--method`` (``several``: one or more, custom
-        allowed), ``--alpha``, ``--min-lr-ratio``, ``--final-ratio``, ``--weights`` |
-        ``--decay``, ``--allow-negative``, ``--convention``, ``--sampling``.
-
-        ``coefficients_alias`` also accepts the deprecated ``--coefficients`` for
-        ``--weights`` (with a warning on stderr). Read them back with :meth:`from_cli`.
-        """
-        if several:
-            parser.add_argument(
-                "--method",
-                nargs="+",
-                choices=METHODS,
-                metavar="METHOD",
-                help=f"one or more of: {', '.join(METHODS)}. 'custom' needs --weights or --decay.",
-            )
-        else:
-            parser.add_argument(
-                "--method",
-                choices=[m for m in METHODS if m != "custom"],
-                default=None,
-                help="decay shape the merge emulates (or use --weights / --decay)",
-            )
-        parser.add_argument(
-            "--convention",
-            choices=CONVENTIONS,
-            default=DEFAULT_CONVENTION,
-            help="wsm (default): w_i = f((i-1)/k), the oldest checkpoint only anchors the "
-            "window; megatron-lm: w_i = f(i/(k+1)) as Megatron-LM's weighted_merge.py, every "
-            "input weighted (mean = 1/(k+1) each)",
-        )
-        parser.add_argument(
-            "--sampling",
-            choices=SAMPLINGS,
-            default="start",
-            help="weight of interval i for shape methods: f at its start (default; the even "
-            "discretisation) or the mean of f over it (conserves each interval's LR area)",
-        )
-        parser.add_argument(
-            "--min-lr-ratio",
-            type=float,
-            default=0.0,
-            metavar="R",
-            help="LR floor r for named methods: w = r + (1 - r) * w (default 0)",
-        )
-        parser.add_argument(
-            "--alpha",
-            type=float,
-            metavar="A",
-            help=f"ema weight of the newest checkpoint, in (0, 1] (default {DEFAULT_EMA_ALPHA})",
-        )
-        parser.add_argument(
-            "--final-ratio",
-            type=float,
-            metavar="RHO",
-            help="f(1) of exponential and inverse-sqrt, in (0, 1] (defaults: "
-            + ", ".join(f"{m} {v:.4g}" for m, v in DEFAULT_FINAL_RATIO.items())
-            + ")",
-        )
-        custom = parser.add_mutually_exclusive_group()
-        names = ["--weights", "--coefficients"] if coefficients_alias else ["--weights"]
-        custom.add_argument(
-            *names,
-            dest="weights",
-            metavar="LIST|FILE",
-            action=_WeightsAction,
-            help="custom merge coefficients c_0..c_k (oldest first): comma list or file (JSON "
-            "list or numbers)"
-            + ("; --coefficients is a deprecated alias" if coefficients_alias else ""),
-        )
-        custom.add_argument(
-            "--decay",
-            metavar="LIST|FILE",
-            help="custom decay w_1..w_k: comma list or file (JSON list or numbers)",
-        )
-        parser.add_argument(
-            "--allow-negative",
-            action="store_true",
-            help="accept custom weights with negative coefficients (a rising decay; extrapolation)",
-        )
-
-    @classmethod
-    def from_cli(cls, args: argparse.Namespace, method: str | None = None) -> MergeMethod:
-        """The method of parsed :meth:`add_cli_flags` flags.
-
-        ``method`` overrides ``args.method`` (a tool showing several methods side by side);
-        then ``--alpha`` / ``--final-ratio`` are passed only to the methods they apply to.
-        Without ``--method``, ``--weights`` / ``--decay`` mean ``custom``.
-        """
-        name = method if method is not None else args.method
-        custom = args.weights is not None or args.decay is not None
-        if name is None or isinstance(name, list):
-            name = "custom" if custom else DEFAULT_METHOD
-        alpha, rho = args.alpha, args.final_ratio
-        if method is not None:
-            alpha = alpha if name == "ema" else None
-            rho = rho if name in _FINAL_RATIO_METHODS else None
-        is_custom = name == "custom"
-        return cls(
-            method=name,
-            alpha=alpha,
-            min_lr_ratio=args.min_lr_ratio,
-            final_ratio=rho,
-            weights=args.weights if is_custom else None,
-            decay=args.decay if is_custom else None,
-            allow_negative=args.allow_negative,
-            convention=args.convention,
-            sampling=args.sampling,
-        )
+def __getattr__(name: str) -> Any:
+    """A name defined in :mod:`.schedule_positions` or :mod:`.merge_method` (see ``_MOVED``)."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-#: The method a tool uses when none is given.
-DEFAULT_METHOD = "1-sqrt"
-
-
-class _WeightsAction(argparse.Action):
-    """Store ``--weights``; warn once when it was spelled ``--coefficients`` (deprecated)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
-        if option_string == "--coefficients":
-            print(
-                f"{parser.prog}: warning: --coefficients is deprecated; use --weights",
-                file=sys.stderr,
-            )
-        setattr(namespace, self.dest, values)
+if TYPE_CHECKING:  # the same names, statically, for type checkers and IDEs
+    from megatron_wsm.merge_method import DEFAULT_METHOD as DEFAULT_METHOD
+    from megatron_wsm.merge_method import MergeMethod as MergeMethod
+    from megatron_wsm.schedule_positions import decay_weights_at as decay_weights_at
+    from megatron_wsm.schedule_positions import describe_convention as describe_convention
+    from megatron_wsm.schedule_positions import discretisation as discretisation
+    from megatron_wsm.schedule_positions import is_evenly_spaced as is_evenly_spaced
+    from megatron_wsm.schedule_positions import merge_coefficients_at as merge_coefficients_at
+    from megatron_wsm.schedule_positions import window_fractions as window_fractions

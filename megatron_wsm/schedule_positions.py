@@ -1,0 +1,315 @@
+"""Merge coefficients for checkpoints at uneven positions, and what a convention means.
+
+Pure Python on floats, like :mod:`megatron_wsm.schedule` (the shapes, the two maps and the
+conventions live there; its docstring has the math). Checkpoints at positions p_0 < … < p_k
+(iterations or consumed tokens) sit at window fractions t_j = (p_j - p_0)/(p_k - p_0); a shape
+method weighs interval i by f(t_{i-1}) (``sampling="start"``) or the mean of f over it
+(``"mean"``). Every name is also importable from :mod:`megatron_wsm.schedule`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterable
+from numbers import Integral, Real
+
+from megatron_wsm.schedule import (
+    DEFAULT_CONVENTION,
+    DIRECT_METHODS,
+    EVEN_SPACING_RTOL,
+    FORMULAS,
+    SHAPE_METHODS,
+    _apply_floor,
+    _as_floats,
+    _check_convention,
+    _check_min_lr_ratio,
+    _check_real,
+    _check_sampling,
+    _resolve,
+    _resolve_final_ratio,
+    _shape_fn,
+    _shape_integral,
+    coefficients_from_decay,
+)
+
+
+def _check_positions(positions: object) -> list[int | float]:
+    """Checkpoint positions as numbers (ints kept exact), at least 2, strictly increasing."""
+    if isinstance(positions, (str, bytes)):
+        raise ValueError("positions must be a sequence of numbers, got a string")  # noqa: TRY004
+    try:
+        items = list(positions)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"positions must be a sequence of numbers, got {positions!r}") from None
+    out: list[int | float] = []
+    for idx, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise ValueError(f"positions[{idx}] is not a real number: {v!r}")  # noqa: TRY004
+        # Integral positions (iterations, token counts) stay Python ints so that offsets and
+        # their ratios are computed exactly, whatever their size.
+        num: int | float = int(v) if isinstance(v, Integral) else float(v)
+        if isinstance(num, float) and not math.isfinite(num):
+            raise ValueError(f"positions[{idx}] is not finite ({num})")
+        out.append(num)
+    if len(out) < 2:
+        raise ValueError(f"need at least 2 checkpoint positions (k >= 1), got {len(out)}")
+    for j in range(1, len(out)):
+        if not out[j] > out[j - 1]:
+            raise ValueError(
+                f"checkpoint positions must increase strictly (oldest first): "
+                f"positions[{j - 1}] = {out[j - 1]} >= positions[{j}] = {out[j]}"
+            )
+    return out
+
+
+def is_evenly_spaced(positions: Iterable[float], *, rtol: float = EVEN_SPACING_RTOL) -> bool:
+    """Whether checkpoint positions p_0 < … < p_k have equal gaps.
+
+    Integer positions must match exactly; float gaps may differ by ``rtol`` (relative).
+    Raises ``ValueError`` for fewer than 2 positions or positions that do not increase.
+    """
+    pos = _check_positions(positions)
+    rtol = _check_real("rtol", rtol)
+    gaps = [b - a for a, b in zip(pos, pos[1:], strict=False)]
+    first = gaps[0]
+    if all(isinstance(g, int) for g in gaps):
+        return all(g == first for g in gaps)
+    return all(math.isclose(g, first, rel_tol=rtol, abs_tol=0.0) for g in gaps)
+
+
+def window_fractions(positions: Iterable[float]) -> list[float]:
+    """t_j = (p_j - p_0)/(p_k - p_0): where each checkpoint sits in the window [0, 1].
+
+    t_0 = 0 and t_k = 1 exactly. Integer positions give correctly rounded ratios, so an
+    even window of integers gives exactly j/k.
+    """
+    pos = _check_positions(positions)
+    first, span = pos[0], pos[-1] - pos[0]
+    return [(p - first) / span for p in pos]
+
+
+def _uneven_shape_weights(
+    method: str, fractions: list[float], r: float, rho: float, sampling: str
+) -> list[float]:
+    f = _shape_fn(method, rho)
+    if sampling == "start":
+        raw = [f(t) for t in fractions[:-1]]
+    else:
+        big_f = _shape_integral(method, rho)
+        raw = []
+        for a, b in zip(fractions, fractions[1:], strict=False):
+            # Below ~1e-7 the difference F(b) - F(a) loses too many digits; the midpoint
+            # value is then the mean to within the curvature over a tiny interval.
+            raw.append(f(0.5 * (a + b)) if b - a < 1e-7 else (big_f(b) - big_f(a)) / (b - a))
+        # Every shape is non-increasing, so are its exact interval means; F(b) - F(a) over a
+        # short interval still carries ~1e-16 / (b - a) of rounding, which can tip a mean above
+        # its predecessor and give a coefficient of -1e-11. Restore the exact order.
+        raw = list(itertools.accumulate(raw, min))
+    return [_apply_floor(min(1.0, max(0.0, x)), r) for x in raw]
+
+
+def _resolve_at(
+    method: object,
+    positions: object,
+    *,
+    min_lr_ratio: object,
+    alpha: object,
+    final_ratio: object,
+    coefficients: object,
+    decay: object,
+    allow_negative: bool,
+    convention: object,
+    sampling: object,
+) -> tuple[list[float], list[float]]:
+    pos = _check_positions(positions)
+    k = len(pos) - 1
+    sampling = _check_sampling(sampling)
+    # The index path validates every parameter and is the answer for all but shapes on
+    # uneven windows (or mean sampling): direct and custom methods weight by index.
+    w, c = _resolve(
+        method,
+        k,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        coefficients=coefficients,
+        decay=decay,
+        allow_negative=allow_negative,
+        convention=convention,
+    )
+    if method not in SHAPE_METHODS or (sampling == "start" and is_evenly_spaced(pos)):
+        return w, c
+    if convention != "wsm":
+        what = "sampling 'mean'" if sampling == "mean" else "unevenly spaced checkpoints"
+        raise ValueError(
+            f"convention {convention!r} weights checkpoints by index; {what} need convention 'wsm'"
+        )
+    rho = _resolve_final_ratio(str(method), final_ratio)
+    r = _check_min_lr_ratio(min_lr_ratio)
+    w = _uneven_shape_weights(str(method), window_fractions(pos), r, rho, sampling)
+    return w, coefficients_from_decay(w)
+
+
+def decay_weights_at(
+    method: str,
+    positions: Iterable[float],
+    *,
+    min_lr_ratio: float = 0.0,
+    alpha: float | None = None,
+    final_ratio: float | None = None,
+    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
+    decay: Iterable[float] | str | os.PathLike[str] | None = None,
+    allow_negative: bool = False,
+    convention: str = DEFAULT_CONVENTION,
+    sampling: str = "start",
+) -> list[float]:
+    """Decay weights w_1 … w_k for checkpoints at ``positions`` p_0 < … < p_k.
+
+    Positions are iterations or consumed tokens — whatever the LR schedule counts in —
+    oldest first; k = len(positions) - 1. For shape methods with t_j = (p_j - p_0)/(p_k -
+    p_0) (:func:`window_fractions`):
+
+    - ``sampling="start"``: w_i = f(t_{i-1}), the shape at the start of interval i. Evenly
+      spaced positions take the index path of :func:`decay_weights`, so the result is
+      identical to it bit for bit.
+    - ``sampling="mean"``: w_i = mean of f over [t_{i-1}, t_i] (the LR area of interval i
+      divided by its length), also for evenly spaced positions.
+
+    ``mean``, ``ema`` and ``custom`` weight checkpoints by index; positions only fix k.
+    ``convention="megatron-lm"`` is defined by index too: with uneven positions or
+    ``sampling="mean"`` a shape method raises ``ValueError``. Other parameters as in
+    :func:`decay_weights`.
+    """
+    w, _ = _resolve_at(
+        method,
+        positions,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        coefficients=coefficients,
+        decay=decay,
+        allow_negative=allow_negative,
+        convention=convention,
+        sampling=sampling,
+    )
+    return w
+
+
+def merge_coefficients_at(
+    method: str,
+    positions: Iterable[float],
+    *,
+    min_lr_ratio: float = 0.0,
+    alpha: float | None = None,
+    final_ratio: float | None = None,
+    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
+    decay: Iterable[float] | str | os.PathLike[str] | None = None,
+    allow_negative: bool = False,
+    convention: str = DEFAULT_CONVENTION,
+    sampling: str = "start",
+) -> list[float]:
+    """Merge coefficients c_0 … c_k for checkpoints at ``positions`` (oldest first).
+
+    Theorem 3.1 of :func:`decay_weights_at` — see there for positions, ``sampling`` and
+    which methods follow the positions. Evenly spaced positions with the default
+    ``sampling="start"`` give exactly :func:`merge_coefficients` of k = len(positions) - 1.
+    """
+    _, c = _resolve_at(
+        method,
+        positions,
+        min_lr_ratio=min_lr_ratio,
+        alpha=alpha,
+        final_ratio=final_ratio,
+        coefficients=coefficients,
+        decay=decay,
+        allow_negative=allow_negative,
+        convention=convention,
+        sampling=sampling,
+    )
+    return c
+
+
+def discretisation(
+    convention: str = DEFAULT_CONVENTION, *, uneven: bool = False, sampling: str = "start"
+) -> str:
+    """One-line formula of how a shape f becomes w_1 … w_k, for tables and provenance."""
+    convention = _check_convention(convention)
+    sampling = _check_sampling(sampling)
+    if convention == "megatron-lm":
+        if uneven or sampling != "start":
+            raise ValueError("convention 'megatron-lm' is defined for evenly spaced checkpoints")
+        return "w_i = f(i/(k+1)), i = 1..k (Megatron-LM weighted_merge.py; every input weighted)"
+    if sampling == "mean":
+        return "w_i = mean of f over [t_(i-1), t_i], t_j = (p_j - p_0)/(p_k - p_0)"
+    if uneven:
+        return "w_i = f(t_(i-1)), t_j = (p_j - p_0)/(p_k - p_0) (interval start)"
+    return "w_i = f((i-1)/k), i = 1..k (the oldest checkpoint anchors the window)"
+
+
+def _describe_formula(
+    method: str | None, convention: str, uneven_shape: bool, even: bool | None, sampling: str
+) -> str:
+    if method in SHAPE_METHODS:
+        return discretisation(
+            convention, uneven=bool(uneven_shape and even is False), sampling=sampling
+        )
+    if method == "mean" and convention == "megatron-lm":
+        return "c_j = 1/(k+1) (every input equally)"
+    if method in DIRECT_METHODS:
+        return FORMULAS[method]
+    return "explicit weights (Theorem 3.1 only)"
+
+
+def describe_convention(
+    coefficients: Iterable[float],
+    *,
+    method: str | None = None,
+    convention: str = DEFAULT_CONVENTION,
+    positions: Iterable[float] | None = None,
+    sampling: str = "start",
+) -> dict[str, object]:
+    """What a set of coefficients means, for ``--dry-run`` output and merge provenance.
+
+    Returns a JSON-ready dict: ``convention``, ``sampling``, ``discretisation`` (formula),
+    ``positions`` and ``evenly_spaced`` (None without positions), ``zero_weight_inputs``
+    (indices j with c_j == 0: those checkpoints do not change the merge) and ``notes``
+    (plain sentences explaining the zeros and what the positions did).
+    """
+    cs = _as_floats(coefficients, "coefficients")
+    convention = _check_convention(convention)
+    sampling = _check_sampling(sampling)
+    pos = None if positions is None else _check_positions(positions)
+    if pos is not None and len(pos) != len(cs):
+        raise ValueError(f"{len(pos)} positions given for {len(cs)} coefficients")
+    even = None if pos is None else is_evenly_spaced(pos)
+    is_shape = method in SHAPE_METHODS
+    uneven_shape = is_shape and (even is False or sampling == "mean")
+    zeros = [j for j, cj in enumerate(cs) if cj == 0.0]
+    notes: list[str] = []
+    if zeros and zeros[0] == 0 and convention == "wsm" and (is_shape or method == "mean"):
+        notes.append(
+            "input 0 (the oldest) has weight 0: under convention 'wsm' the decay starts at "
+            "the oldest checkpoint, which only marks where the window begins; convention "
+            "'megatron-lm' gives every input weight"
+        )
+    others = [j for j in zeros if j != 0 or not notes]
+    if others:
+        notes.append(f"inputs {others} have weight 0 and do not change the merge")
+    if pos is not None and even is False and not is_shape:
+        notes.append(
+            f"method {method!r} weights checkpoints by index: the uneven positions do not "
+            "change its coefficients (a shape method such as 'linear' follows them)"
+        )
+    if method == "custom":
+        notes.append("explicit weights: the convention does not change them")
+    return {
+        "convention": convention,
+        "sampling": sampling,
+        "discretisation": _describe_formula(method, convention, uneven_shape, even, sampling),
+        "positions": pos,
+        "evenly_spaced": even,
+        "zero_weight_inputs": zeros,
+        "notes": notes,
+    }
