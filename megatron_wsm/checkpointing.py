@@ -1,5 +1,9 @@
 """Full and window checkpoints with megatron-core ``dist_checkpointing`` (torch_dist).
 
+(Over ~600 lines on purpose: :class:`CheckpointManager` is one unit of save/load I/O; the pure
+optimizer-state rules are in :mod:`megatron_wsm.optimizer_ckpt`, names and retention in
+:mod:`megatron_wsm.ckpt_layout`.)
+
 Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for window ones)::
 
     iter_0000100/                  a finished checkpoint: torch_dist shards + wsm_manifest.json
@@ -62,12 +66,20 @@ from megatron_wsm.manifest import (
     read_manifest,
     write_manifest,
 )
+from megatron_wsm.optimizer_ckpt import (  # noqa: F401 - re-exported for old import paths
+    _CONTENT_OPTIMIZER,
+    OPTIM_SHARDINGS,
+    OPTIMIZER_DISTRIBUTED,
+    OPTIMIZER_PLAIN,
+    _model_parallel_sizes,
+    _optimizer_parts,
+    optimizer_load_problem,
+    optimizer_record,
+    optimizer_sharding_metadata,
+)
 from megatron_wsm.process_guard import die_with_parent
 
 logger = logging.getLogger(__name__)
-
-#: Our key in megatron-core's content metadata: which optimizer wrote the state.
-_CONTENT_OPTIMIZER = "wsm_optimizer"
 
 
 class CheckpointError(RuntimeError):
@@ -93,96 +105,6 @@ def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, A
     return ident
 
 
-#: How full checkpoints can store the distributed optimizer's state (megatron-core's names).
-#: ``dp_reshardable``: each rank writes its own gradient-buffer buckets (fast; reloads with the
-#: same TP/PP/EP/CP sizes, any DP size); ``fully_reshardable``: gathered per parameter
-#: (slower saves; reloads into any layout).
-OPTIM_SHARDINGS = ("dp_reshardable", "fully_reshardable")
-
-#: The optimizer a full checkpoint's state came from (manifest ``extra``, content metadata).
-OPTIMIZER_PLAIN = "plain"
-OPTIMIZER_DISTRIBUTED = "distributed"
-
-
-def optimizer_sharding_metadata(optim_sharding: str | None) -> dict[str, Any]:
-    """megatron-core's ``sharded_state_dict`` metadata for the optimizer.
-
-    ``None`` means the plain optimizer (no metadata: today's keys). Without explicit metadata
-    the distributed optimizer picks ``fully_sharded_model_space``, which 0.16 cannot save.
-    """
-    if optim_sharding is None:
-        return {}
-    if optim_sharding not in OPTIM_SHARDINGS:
-        raise ValueError(f"unknown optimizer sharding {optim_sharding!r}; use {OPTIM_SHARDINGS}")
-    metadata: dict[str, Any] = {"distrib_optim_sharding_type": optim_sharding}
-    if optim_sharding == "fully_reshardable":
-        # Keys without the chained optimizers' ``chained_<i>.`` prefix: how many optimizers are
-        # chained depends on the layout (EP > 1 adds one for the experts), the keys must not.
-        metadata["chained_optim_avoid_prefix"] = True
-    return metadata
-
-
-def optimizer_record(optim_sharding: str | None) -> dict[str, Any]:
-    """What a full checkpoint records about its optimizer state (manifest and checkpoint)."""
-    if optim_sharding is None:
-        return {"optimizer": OPTIMIZER_PLAIN, "sharding": None}
-    return {"optimizer": OPTIMIZER_DISTRIBUTED, "sharding": optim_sharding}
-
-
-def _model_parallel_sizes(layout: ParallelLayout) -> dict[str, int]:
-    return {
-        "TP": layout.tensor_model_parallel_size,
-        "PP": layout.pipeline_model_parallel_size,
-        "EP": layout.expert_model_parallel_size,
-        "CP": layout.context_parallel_size,
-    }
-
-
-def optimizer_load_problem(
-    saved: dict[str, Any],
-    optim_sharding: str | None,
-    saved_layout: ParallelLayout | None,
-    layout: ParallelLayout,
-    optimizer_parts: int | None = None,
-) -> str | None:
-    """Why the optimizer state recorded as ``saved`` cannot load into this run, or None.
-
-    ``saved`` is :func:`optimizer_record` of the writer. The plain and the distributed
-    optimizer store different state. ``dp_reshardable`` state is the writer's gradient-buffer
-    buckets: it loads with another DP size (the buckets of one model-parallel rank do not
-    depend on it) but not with other TP/PP/EP/CP sizes; ``fully_reshardable`` loads anywhere
-    megatron-core 0.16 can: not between layouts with a different number of chained optimizers
-    (``optimizer_parts``; expert parallelism adds one for the experts' own DP group).
-    """
-    mine = optimizer_record(optim_sharding)["optimizer"]
-    theirs = saved.get("optimizer", OPTIMIZER_PLAIN)
-    saved_parts, parts = saved.get("parts"), optimizer_parts
-    if theirs != mine:
-        return (
-            f"its optimizer state is from the {theirs} optimizer and this run uses the {mine} "
-            "one (--use-distributed-optimizer must match the saving run)"
-        )
-    if (
-        theirs == OPTIMIZER_DISTRIBUTED
-        and saved.get("sharding") == "dp_reshardable"
-        and saved_layout is not None
-    ):
-        before, now = _model_parallel_sizes(saved_layout), _model_parallel_sizes(layout)
-        changed = [f"{k} {before[k]} -> {now[k]}" for k in before if before[k] != now[k]]
-        if changed:
-            return (
-                "its distributed-optimizer state is dp_reshardable, which reloads only with "
-                f"the same TP/PP/EP/CP sizes (changed: {', '.join(changed)}); resume with the "
-                "saving layout, or save from a run with --dist-ckpt-optim-fully-reshardable"
-            )
-    known = saved_parts is not None and parts is not None
-    if theirs == OPTIMIZER_DISTRIBUTED and known and saved_parts != parts:
-        return (
-            f"its distributed-optimizer state has {saved_parts} chained optimizer(s) and this "
-            f"layout has {parts} (expert parallelism on one side only); megatron-core cannot "
-            "reshard between them: resume with the saving TP/EP sizes"
-        )
-    return None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -724,11 +646,6 @@ def _model_spec() -> dict[str, Any]:
         "key_scheme": spec_keys.KEY_SCHEME,
         "transformer_engine_version": te_version,
     }
-
-
-def _optimizer_parts(optimizer: Any) -> int:
-    """How many optimizers megatron-core chained (dense and, with expert DP groups, experts)."""
-    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _mcore_version() -> str:
