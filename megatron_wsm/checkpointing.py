@@ -477,11 +477,16 @@ class CheckpointManager:
         """
         if not (ckpt / ckpt_integrity.METADATA_FILE).is_file():
             return  # legacy format: megatron-core refuses it with its own message
-        problems = ckpt_integrity.storage_problems(ckpt)
-        if not problems:
-            files = ckpt_integrity.shard_files(ckpt_integrity.load_metadata(ckpt))
-            mine = files[wdist.rank() :: wdist.world_size()]
-            problems = ckpt_integrity.crc_problems(ckpt, files=mine)
+        try:
+            metadata = ckpt_integrity.load_metadata(ckpt)
+        except ckpt_integrity.IntegrityError as e:
+            problems = [str(e)]
+        else:  # one metadata read serves the range check and the CRC check
+            problems = ckpt_integrity.storage_problems(ckpt, metadata)
+            if not problems:
+                files = ckpt_integrity.shard_files(metadata)
+                mine = files[wdist.rank() :: wdist.world_size()]
+                problems = ckpt_integrity.crc_problems(ckpt, metadata, files=mine)
         if not wdist.all_ranks_true(not problems):
             found = [p for per_rank in wdist.all_gather_objects(problems) for p in per_rank]
             more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
