@@ -145,9 +145,4 @@ def validate_accelerator_flags(cfg: RunConfig, cuda: bool, te: bool | None = Non
 
 def window_interval_iters(cfg: RunConfig) -> int | None:
     """Window-save interval in iterations (token flags converted), or None when off."""
-    w = cfg.wsm
-    if w.wsm_interval is not None:
-        return w.wsm_interval
-    if w.wsm_interval_tokens is not None:
-        return w.wsm_interval_tokens // (cfg.training.global_batch_size * cfg.model.seq_length)
-    return None
+    return cfg.wsm.interval_iters(cfg.training.global_batch_size * cfg.model.seq_length)

@@ -26,6 +26,13 @@ def _report_save(result: SaveResult) -> None:
     )
 
 
+def window_save_dir(cfg: RunConfig) -> str | None:
+    """Where window checkpoints go: ``--wsm-save``, else ``<save>/wsm_window``."""
+    if cfg.wsm.wsm_save:
+        return cfg.wsm.wsm_save
+    return os.path.join(cfg.training.save, "wsm_window") if cfg.training.save else None
+
+
 class CheckpointHook:
     """After each iteration: full saves at ``--save-interval``, window saves at
     ``--wsm-interval``, retention, and finalising async saves."""
@@ -34,9 +41,7 @@ class CheckpointHook:
         self.cfg = cfg
         self.manager = manager
         self.window_interval = window_interval_iters(cfg)
-        self.window_root = cfg.wsm.wsm_save or (
-            os.path.join(cfg.training.save, "wsm_window") if cfg.training.save else None
-        )
+        self.window_root = window_save_dir(cfg)
         self.last_full_bytes: int | None = None
 
     def _window_done(self, result: SaveResult) -> None:

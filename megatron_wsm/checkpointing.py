@@ -417,6 +417,36 @@ class CheckpointManager:
             self._async_queue.close()
             self._async_queue = None
 
+    def finish_pending(self) -> None:
+        """Finalise every async save in flight (blocking; all ranks): afterwards the saved
+        windows on disk are what the trainer has promised (the merged readout reads them)."""
+        self._finish_pending()
+
+    def window_reader(self) -> dict[str, Callable[..., None]]:
+        """The checks and key adaptation a reader of this run's checkpoints applies
+        (:func:`megatron_wsm.wsm_readout.merged_tensors`' ``verify`` and ``adapt``)."""
+        return {"verify": self.verify_model_checkpoint, "adapt": _adapt_request}
+
+    def verify_model_checkpoint(self, ckpt: Path) -> None:
+        """Refuse ``ckpt`` unless it holds this model and its files are intact (collective)."""
+        try:
+            manifest = read_manifest(ckpt)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt}: {e}") from e
+        self._check_identity(ckpt, manifest)
+        self._verify_before_load(ckpt)
+
+    def _check_identity(self, ckpt: Path, manifest: CheckpointManifest | None) -> None:
+        if manifest is not None and manifest.model_config_hash != self.identity_hash:
+            diff = {
+                k: (manifest.model_config.get(k), v)
+                for k, v in self.identity.items()
+                if manifest.model_config.get(k) != v
+            }
+            raise CheckpointError(
+                f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
+            )
+
     # -- retention
 
     def prune_window(
@@ -527,15 +557,7 @@ class CheckpointManager:
         except ValueError as e:
             raise CheckpointError(f"{ckpt}: {e}") from e
         kind = manifest.kind if manifest is not None else KIND_FULL
-        if manifest is not None and manifest.model_config_hash != self.identity_hash:
-            diff = {
-                k: (manifest.model_config.get(k), v)
-                for k, v in self.identity.items()
-                if manifest.model_config.get(k) != v
-            }
-            raise CheckpointError(
-                f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
-            )
+        self._check_identity(ckpt, manifest)
         self._verify_before_load(ckpt)
         model_sd = self._model_sharded()
         sharded: dict[str, Any] = {"model": model_sd}
@@ -561,9 +583,7 @@ class CheckpointManager:
             sharded["optimizer"] = self.optimizer.sharded_state_dict(
                 model_sd, is_loading=True, metadata=metadata
             )
-        if (ckpt / ckpt_integrity.METADATA_FILE).is_file():
-            # Either spec's checkpoint, and the local spec's older norm names, load here.
-            spec_keys.adapt_load_request(sharded, spec_keys.checkpoint_keys(ckpt))
+        _adapt_request(sharded, ckpt)
         same_world = manifest is None or manifest.parallel.world_size == self.layout.world_size
         if has_optim and load_rng and same_world:
             sharded["rng_state"] = self._rng_object(None)
@@ -615,6 +635,13 @@ class CheckpointManager:
 #: shards and the .metadata written, nothing marked complete yet; for async saves this is the
 #: trainer finalising iterations later). Unset in normal runs.
 CRASH_ENV = "MEGATRON_WSM_TEST_CRASH_DURING_SAVE"
+
+
+def _adapt_request(sharded: dict[str, Any], ckpt: Path) -> None:
+    """Rename a load request's model keys to the checkpoint's: either spec's checkpoint, and
+    the local spec's older norm names, load into this model."""
+    if (ckpt / ckpt_integrity.METADATA_FILE).is_file():
+        spec_keys.adapt_load_request(sharded, spec_keys.checkpoint_keys(ckpt))
 
 
 def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:

@@ -401,6 +401,16 @@ class WSMConfig:
     wsm_window_tokens: int | None = _f(None, "... or the last N tokens")
     wsm_save: str | None = _f(None, "default: <save>/wsm_window")
     wsm_async: bool = _f(False, "window saves in the background")
+    wsm_eval_methods: str | None = _f(
+        None,
+        "at every --eval-interval also evaluate the merge of the window, built in memory, "
+        "for these merge methods (comma list, e.g. 1-sqrt,mean; the merge tool's defaults)",
+    )
+
+    @property
+    def eval_methods(self) -> list[str]:
+        """The ``--wsm-eval-methods`` names, in the order given (empty when off)."""
+        return [m.strip() for m in (self.wsm_eval_methods or "").split(",") if m.strip()]
 
     @property
     def enabled(self) -> bool:
@@ -433,6 +443,41 @@ class WSMConfig:
                 f"--wsm-interval-tokens {self.wsm_interval_tokens} must be a multiple of the "
                 f"tokens per iteration ({tokens_per_iter} = global batch × seq length)"
             )
+        if self.wsm_eval_methods is not None:
+            from megatron_wsm.schedule import METHODS
+
+            named = [m for m in METHODS if m != "custom"]
+            unknown = [m for m in self.eval_methods if m not in named]
+            if unknown or not self.eval_methods:
+                raise ConfigError(
+                    f"--wsm-eval-methods {self.wsm_eval_methods!r}: give a comma list of "
+                    f"{', '.join(named)}"
+                )
+            if not self.enabled:
+                raise ConfigError(
+                    "--wsm-eval-methods merges the saved window: it needs --wsm-interval "
+                    "(or --wsm-interval-tokens)"
+                )
+
+    def interval_iters(self, tokens_per_iter: int) -> int | None:
+        """The window-save interval in iterations (token flags converted), None when off."""
+        if self.wsm_interval is not None:
+            return self.wsm_interval
+        if self.wsm_interval_tokens is not None:
+            return self.wsm_interval_tokens // tokens_per_iter
+        return None
+
+    def window_size(self, tokens_per_iter: int) -> int | None:
+        """Checkpoints in a full window (``window / interval + 1``: the oldest anchors it), or
+        None when every window checkpoint is kept."""
+        interval = self.interval_iters(tokens_per_iter)
+        if interval is None:
+            return None
+        if self.wsm_window is not None:
+            return self.wsm_window // interval + 1
+        if self.wsm_window_tokens is not None:
+            return self.wsm_window_tokens // (interval * tokens_per_iter) + 1
+        return None
 
 
 def shape_fields() -> tuple[str, ...]:
@@ -513,5 +558,13 @@ class RunConfig:
         m.validate(par, dp, cuda)
         t.validate(dp)
         self.wsm.validate(t.save, t.global_batch_size * m.seq_length)
+        if self.wsm.wsm_eval_methods is not None and not t.eval_only:
+            interval = self.wsm.interval_iters(t.global_batch_size * m.seq_length)
+            if not t.eval_interval or (interval and t.eval_interval % interval):
+                raise ConfigError(
+                    f"--wsm-eval-methods reads out the window at every --eval-interval "
+                    f"({t.eval_interval}), which must be a multiple of the window-save interval "
+                    f"({interval} iterations) so the newest checkpoint is the current iteration"
+                )
         self.data.validate()
         self.optim.validate(t.train_iters, t.global_batch_size)

@@ -12,3 +12,12 @@ CONSUMED_SAMPLES = "consumed-samples"
 MOE_AUX_LOSS = "load_balancing_loss"  # megatron-core's own tracker name
 VALID_LOSS = "validation/lm loss"
 VALID_PPL = "validation/lm loss ppl"
+
+
+def wsm_readout(tag: str, method: str) -> str:
+    """The tag of a merged-window readout (``--wsm-eval-methods``) next to the live ``tag``:
+    ``validation/lm loss`` → ``validation/lm loss wsm-1-sqrt``; the perplexity tag keeps its
+    ``ppl`` suffix last (``validation/lm loss wsm-1-sqrt ppl``)."""
+    if tag.endswith(" ppl"):
+        return f"{tag[: -len(' ppl')]} wsm-{method} ppl"
+    return f"{tag} wsm-{method}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -96,7 +96,14 @@ def _layout(cfg: RunConfig) -> ParallelLayout:
     )
 
 
-def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
+#: Puts weights into a freshly built model instead of ``--load`` (``evaluate.py --load-dir``);
+#: returns what :meth:`CheckpointManager.load` returns.
+WeightsLoader = Callable[[Components, CheckpointManager], dict[str, Any]]
+
+
+def setup(
+    cfg: RunConfig, weights: WeightsLoader | None = None
+) -> tuple[Components, CheckpointManager]:
     """Everything but the loop: process groups, data, model, optimizer, checkpoint loading."""
     wdist.init_distributed(cfg.parallel, cfg.training.seed)
     validate(cfg, wdist.world_size(), torch.cuda.is_available())
@@ -125,13 +132,18 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
         ),
     )
     t = cfg.training
-    if t.load:
+    info = None
+    if weights is not None:
+        info = weights(comp, manager)
+    elif t.load:
         info = manager.load(
             t.load,
             load_optim=not (t.no_load_optim or t.eval_only),
             load_rng=not (t.no_load_rng or t.eval_only),
             finetune=t.finetune,
         )
+    if info is not None:
+        comp.loaded = info
         comp.state = TrainState(
             info["iteration"], info["consumed_samples"], info["consumed_tokens"]
         )
@@ -148,22 +160,31 @@ def setup(cfg: RunConfig) -> tuple[Components, CheckpointManager]:
     return comp, manager
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def run(cfg: RunConfig, weights: WeightsLoader | None = None) -> dict[str, Any]:
     """Train (or only evaluate) as configured; returns the final evaluation."""
-    comp, manager = setup(cfg)
+    comp, manager = setup(cfg, weights)
     t = cfg.training
     history: list[dict[str, Any]] = []
+    readout = None
     if not t.eval_only:
         hook = CheckpointHook(cfg, manager)
+        if cfg.wsm.eval_methods:
+            from megatron_wsm.readout_hook import MergedReadout
+
+            readout = MergedReadout(cfg, manager)
         try:
-            history = train(comp, hooks=[hook])
+            history = train(comp, hooks=[hook], readout=readout)
         finally:
             manager.wait()
     result = evaluate(comp, "valid")
     result["train_history"] = history
+    if readout is not None:
+        result["wsm_readouts"] = readout.readouts
     result["iteration"] = comp.state.iteration
     result["consumed_tokens"] = comp.state.consumed_tokens
     result["checkpoint"] = t.load
+    if comp.loaded and "merge" in comp.loaded:
+        result["merge"] = comp.loaded["merge"]
     print_rank0(
         f"final validation | iteration {comp.state.iteration} | lm loss {result['loss']:.4f} "
         f"| ppl {result['perplexity']:.2f}" + moe_console(result.get("moe"))
@@ -178,15 +199,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None, base: RunConfig | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    base: RunConfig | None = None,
+    weights: WeightsLoader | None = None,
+) -> int:
     """Entry point; returns a process exit code (2 for a bad configuration or checkpoint).
 
-    ``base``: the values of flags not given (tools/evaluate.py: the checkpoint's run).
+    ``base``: the values of flags not given (tools/evaluate.py: the checkpoint's run);
+    ``weights``: loads the model instead of ``--load`` (tools/evaluate.py --load-dir).
     """
+    from megatron_wsm.wsm_readout import ReadoutError
+
     cfg, _ = parse_run_config(argv, base)
     try:
-        run(cfg)
-    except (ConfigError, CheckpointError) as e:
+        run(cfg, weights)
+    except (ConfigError, CheckpointError, ReadoutError) as e:
         if wdist.rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         wdist.destroy_distributed(barrier_first=False)

@@ -63,6 +63,8 @@ class Components:
     state: TrainState
     load_tracker: Any = None  # moe_metrics.ExpertLoadTracker when metrics are on
     last_lr: float = 0.0  # LR of the step just taken (the scheduler has moved on)
+    #: What setup loaded (CheckpointManager.load's answer, or an in-memory merge's).
+    loaded: dict[str, Any] | None = None
 
     @property
     def num_microbatches(self) -> int:
@@ -376,26 +378,44 @@ class TrainLogger:
         self._moe_aux.clear()
         self._skipped = 0
 
-    def eval(self, result: dict[str, Any]) -> None:
-        """Record an evaluation."""
-        comp = self.comp
-        it = comp.state.iteration
+    def _eval_scalars(self, result: dict[str, Any], method: str | None) -> None:
+        def tag(name: str) -> str:
+            return name if method is None else names.wsm_readout(name, method)
+
+        assert self.writer is not None
+        it = self.comp.state.iteration
+        self.writer.add_scalar(tag(names.VALID_LOSS), result["loss"], it)
+        self.writer.add_scalar(tag(names.VALID_PPL), result["perplexity"], it)
+        moe = result.get("moe")
+        if moe:
+            self.writer.add_scalar(
+                tag("validation/" + MEAN_GLOBAL_MAX_VIOLATION), moe["mean_global_max_violation"],
+                it,
+            )
+            self.writer.add_scalar(
+                tag("validation/" + MEAN_GLOBAL_MIN_VIOLATION), moe["mean_global_min_violation"],
+                it,
+            )
+
+    def eval(self, result: dict[str, Any], readouts: list[dict[str, Any]] = ()) -> None:
+        """Record an evaluation and the merged-window readouts of the same iteration."""
+        it = self.comp.state.iteration
+        done = [r for r in readouts if "loss" in r]
         if self.writer is not None:
-            self.writer.add_scalar(names.VALID_LOSS, result["loss"], it)
-            self.writer.add_scalar(names.VALID_PPL, result["perplexity"], it)
-            moe = result.get("moe")
-            if moe:
-                self.writer.add_scalar(
-                    "validation/" + MEAN_GLOBAL_MAX_VIOLATION, moe["mean_global_max_violation"], it
-                )
-                self.writer.add_scalar(
-                    "validation/" + MEAN_GLOBAL_MIN_VIOLATION, moe["mean_global_min_violation"], it
-                )
+            self._eval_scalars(result, None)
+            for r in done:
+                self._eval_scalars(r, r["method"])
             self.writer.flush()
-        print_rank0(
+        line = (
             f"validation at iter {it} | lm loss {result['loss']:.4f} | "
             f"ppl {result['perplexity']:.2f}" + moe_console(result.get("moe"))
         )
+        for r in done:
+            line += (
+                f" | wsm-{r['method']} lm loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
+                + moe_console(r.get("moe")).replace(" | moe", " moe")
+            )
+        print_rank0(line)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
@@ -404,12 +424,16 @@ class TrainLogger:
 
 
 def train(
-    comp: Components, hooks: list[Callable[[Components], None]] | None = None
+    comp: Components,
+    hooks: list[Callable[[Components], None]] | None = None,
+    readout: Callable[[Components], list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run iterations until ``--train-iters``; returns ``{iteration, loss, lr, grad_norm}`` of
     every iteration of this call.
 
-    ``hooks`` run after every iteration (checkpoint saving lives there).
+    ``hooks`` run after every iteration (checkpoint saving lives there); ``readout`` runs after
+    each periodic evaluation and returns more evaluations to log beside it (the merged window,
+    :mod:`megatron_wsm.readout_hook`).
     """
     cfg = comp.cfg.training
     logger = TrainLogger(comp)
@@ -441,7 +465,8 @@ def train(
             for hook in hooks or []:
                 hook(comp)
             if cfg.eval_interval and comp.state.iteration % cfg.eval_interval == 0:
-                logger.eval(evaluate(comp))
+                live = evaluate(comp)
+                logger.eval(live, readout(comp) if readout is not None else [])
             if should_exit(comp):
                 print_rank0(f"exiting at iteration {comp.state.iteration} (--exit-interval)")
                 break

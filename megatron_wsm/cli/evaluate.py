@@ -1,5 +1,10 @@
 """``tools/evaluate.py --load CKPT``: held-out loss, perplexity and MoE violations of a checkpoint.
 
+``tools/evaluate.py --load-dir WINDOW_DIR --method M`` evaluates the merge that
+``tools/merge_wsm.py --load-dir WINDOW_DIR --method M`` would write, built in memory instead
+(same window and weight options: ``--window-iters``, ``--window-tokens``, ``--count``,
+``--weights``, ``--positions-from``, ...), on one or several processes, in any layout.
+
 The model and data settings are read from the checkpoint's manifest (its run config), so
 comparing a stable, a merged and a decayed checkpoint is one command each. Any
 ``pretrain_moe.py`` flag given after ``--load`` overrides the manifest (e.g. ``--eval-iters``,
@@ -8,9 +13,11 @@ or the parallel layout: dist_checkpointing reshards on load).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from megatron_wsm.checkpointing import CheckpointError, resolve_load_dir
@@ -42,25 +49,110 @@ def run_info_of(manifest: Any) -> dict[str, Any]:
     return {"model": model, "vocab_size": manifest.model_config.get("vocab_size")}
 
 
+def _merge_parser() -> argparse.ArgumentParser:
+    """The window and weight options of ``--load-dir`` (the merge tool's own flags)."""
+    from megatron_wsm.merge import POSITION_UNITS
+    from megatron_wsm.merge_method import MergeMethod
+
+    p = argparse.ArgumentParser(prog="evaluate.py --load-dir", add_help=False)
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--window-iters", type=int)
+    p.add_argument("--window-tokens", type=int)
+    p.add_argument("--count", type=int)
+    p.add_argument("--skip-incomplete", action="store_true")
+    p.add_argument("--positions-from", choices=POSITION_UNITS, default="iteration")
+    MergeMethod.add_cli_flags(p)
+    return p
+
+
+def _merged_loader(args: argparse.Namespace) -> Any:
+    """The ``weights`` of :func:`megatron_wsm.pretrain.main`: the merge of the window, built in
+    memory on every rank (its own shards, in this run's layout)."""
+    from megatron_wsm.merge_method import MergeMethod
+    from megatron_wsm.readout_hook import bare_model
+    from megatron_wsm.training import print_rank0
+    from megatron_wsm.wsm_readout import load_merged_weights, plan_window_merge
+
+    if args.method is not None and (args.weights is not None or args.decay is not None):
+        raise ValueError("give only one of --method, --weights, --decay")
+    method = MergeMethod.from_cli(args)
+
+    def load(comp: Any, manager: Any) -> dict[str, Any]:
+        plan = plan_window_merge(
+            args.load_dir,
+            method,
+            window_iters=args.window_iters,
+            window_tokens=args.window_tokens,
+            count=args.count,
+            skip_incomplete=args.skip_incomplete,
+            positions_from=args.positions_from,
+        )
+        print_rank0(
+            f"merging in memory ({method.method}): "
+            + ", ".join(f"{c:.6f} x {p}" for p, c in zip(plan.paths, plan.coefficients))
+        )
+        load_merged_weights(bare_model(comp), plan, **manager.window_reader())
+        newest = read_manifest(Path(plan.newest_path))
+        return {
+            "iteration": newest.iteration if newest else 0,
+            "consumed_samples": newest.consumed_samples if newest else 0,
+            "consumed_tokens": newest.consumed_tokens if newest else 0,
+            "kind": "merged (in memory)",
+            "path": str(args.load_dir),
+            "merge": plan.to_json(),
+        }
+
+    return load
+
+
+def _newest_manifest(args: argparse.Namespace) -> Any:
+    """The manifest of the newest checkpoint the window would take (the run to rebuild)."""
+    from megatron_wsm.merge import choose_window
+
+    selection = choose_window(
+        args.load_dir,
+        window_iters=args.window_iters,
+        window_tokens=args.window_tokens,
+        count=args.count,
+        skip_incomplete=args.skip_incomplete,
+    )
+    return read_manifest(selection.paths[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Evaluate ``--load CKPT`` on the held-out split; returns the exit code."""
+    """Evaluate ``--load CKPT`` (or the merge of ``--load-dir WINDOW``) on the held-out split;
+    returns the exit code."""
+    from megatron_wsm.merge import MergeError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or "--load" not in argv:
+    if not argv or argv[0] in ("-h", "--help") or not ({"--load", "--load-dir"} & set(argv)):
         print(
             "usage: [torchrun ...] tools/evaluate.py --load CKPT [--output-json F] "
-            "[--eval-iters N (default 0: the whole split)] [any pretrain_moe.py flag]\n\n"
-            + (__doc__ or "")
+            "[--eval-iters N (default 0: the whole split)] [any pretrain_moe.py flag]\n"
+            "   or: [torchrun ...] tools/evaluate.py --load-dir WINDOW_DIR [--method M | "
+            "--weights C0,..] [--window-iters N | --window-tokens N] [--count K] "
+            "[... as above]\n\n" + (__doc__ or "")
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    ckpt = argv[argv.index("--load") + 1]
+    weights = None
     try:
-        manifest = read_manifest(resolve_load_dir(ckpt))
+        if "--load-dir" in argv:
+            if "--load" in argv:
+                raise ValueError("give --load CKPT or --load-dir WINDOW_DIR, not both")
+            args, argv = _merge_parser().parse_known_args(argv)
+            manifest = _newest_manifest(args)
+            weights = _merged_loader(args)
+            argv = ["--load", args.load_dir, *argv]
+        else:
+            ckpt = argv[argv.index("--load") + 1]
+            manifest = read_manifest(resolve_load_dir(ckpt))
         base = config_from_run_info(run_info_of(manifest)) if manifest is not None else None
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, MergeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from megatron_wsm.pretrain import main as pretrain_main
 
     # Default: the whole held-out split (comparable across checkpoints); --eval-iters overrides.
-    return pretrain_main(["--eval-iters", "0", "--eval-only", "--no-progress-bar",
-                          *argv], base)
+    return pretrain_main(
+        ["--eval-iters", "0", "--eval-only", "--no-progress-bar", *argv], base, weights
+    )

@@ -171,23 +171,13 @@ def join_negative_lists(argv: Sequence[str]) -> list[str]:
 
 def _coefficients(args: argparse.Namespace, positions: list[int]) -> tuple[list[float], Any]:
     """(c_0..c_k, the MergeMethod) of the parsed flags for checkpoints at ``positions``."""
-    from megatron_wsm.merge import resolve_coefficients
-    from megatron_wsm.schedule import MergeMethod, is_evenly_spaced
+    from megatron_wsm.merge import method_coefficients
+    from megatron_wsm.schedule import MergeMethod
 
     if args.method is not None and (args.weights is not None or args.decay is not None):
         raise ValueError("give only one of --method, --weights, --decay")
     m = MergeMethod.from_cli(args)  # no --method: custom with --weights/--decay, else 1-sqrt
-    if (
-        m.method != "custom"
-        and m.convention == "megatron-lm"
-        and not is_evenly_spaced(positions)
-    ):
-        raise ValueError(
-            f"--convention megatron-lm weights checkpoints by index, but they are unevenly "
-            f"spaced ({args.positions_from} {', '.join(map(str, positions))}); use --convention "
-            "wsm, or --positions-from index to treat them as evenly spaced"
-        )
-    return resolve_coefficients(m, len(positions) - 1, positions=positions), m
+    return method_coefficients(m, positions, args.positions_from), m
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None, list[str]]:

@@ -69,6 +69,7 @@ __all__ = [
     "describe_coefficients",
     "input_positions",
     "merge_checkpoints",
+    "method_coefficients",
     "resolve_coefficients",
     "select_window",
 ]
@@ -114,6 +115,30 @@ def resolve_coefficients(
             raise ValueError(f"{len(method.weights)} weights given for {k + 1} checkpoints")
         return method.coefficients(k)
     return method.coefficients(list(positions) if positions is not None else k)
+
+
+def method_coefficients(
+    method: MergeMethod, positions: Sequence[float], positions_from: str = "iteration"
+) -> list[float]:
+    """c_0…c_k of ``method`` for checkpoints at ``positions`` (oldest first), as the merge tool
+    and the trainer's merged readout use them; ValueError when they cannot be derived.
+
+    The ``megatron-lm`` convention weights checkpoints by index, so it refuses unevenly
+    spaced ones (``positions_from`` names the unit in the message).
+    """
+    from megatron_wsm.schedule import is_evenly_spaced
+
+    if (
+        method.method != "custom"
+        and method.convention == "megatron-lm"
+        and not is_evenly_spaced(positions)
+    ):
+        raise ValueError(
+            f"--convention megatron-lm weights checkpoints by index, but they are unevenly "
+            f"spaced ({positions_from} {', '.join(map(str, positions))}); use --convention "
+            "wsm, or --positions-from index to treat them as evenly spaced"
+        )
+    return resolve_coefficients(method, len(positions) - 1, positions=positions)
 
 
 def describe_coefficients(

@@ -1,0 +1,114 @@
+"""``--wsm-eval-methods``: at every evaluation, the merged readout of the saved window.
+
+After the live evaluation of an iteration whose window checkpoint was just saved, each method's
+merge of the window is built in memory (:mod:`megatron_wsm.wsm_readout`: the checkpoints and
+coefficients ``merge_wsm.py --load-dir`` would use), swapped into the model, evaluated exactly
+like the live weights, and swapped back bit-exactly, so training continues as if nothing
+happened. A window that is not full yet, or cannot be merged, is reported and skipped: a readout
+never stops training.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from megatron_wsm.checkpoint_hook import window_save_dir
+from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
+from megatron_wsm.config import RunConfig
+from megatron_wsm.merge import method_coefficients
+from megatron_wsm.merge_method import MergeMethod
+from megatron_wsm.training import Components, evaluate, print_rank0
+from megatron_wsm.wsm_readout import (
+    ReadoutError,
+    WindowMerge,
+    merged_tensors,
+    plan_window_merge,
+    swapped_in,
+)
+
+
+def bare_model(comp: Components) -> Any:
+    """The GPTModel under the DDP / Float16Module wrappers (checkpoint keys are its names)."""
+    module = comp.model[0]
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class MergedReadout:
+    """Evaluates the window's merge for each of ``--wsm-eval-methods``; keeps every readout."""
+
+    def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.methods = [MergeMethod(name) for name in cfg.wsm.eval_methods]
+        self.window_dir = window_save_dir(cfg)
+        tokens_per_iter = cfg.training.global_batch_size * cfg.model.seq_length
+        self.full_window = cfg.wsm.window_size(tokens_per_iter)
+        #: One row per readout: iteration, method, loss, perplexity, moe, merge (or skipped).
+        self.readouts: list[dict[str, Any]] = []
+
+    def _plan(self, iteration: int) -> WindowMerge | str:
+        """The merge of the window now, or why there is none yet."""
+        w = self.cfg.wsm
+        try:
+            plan = plan_window_merge(
+                self.window_dir,
+                self.methods[0],
+                window_iters=w.wsm_window,
+                window_tokens=w.wsm_window_tokens,
+            )
+        except ReadoutError as e:
+            return str(e)
+        if self.full_window is not None and len(plan.paths) < self.full_window:
+            return (
+                f"the window holds {len(plan.paths)} of its {self.full_window} checkpoints "
+                "(not full yet)"
+            )
+        if plan.positions[-1] != iteration and plan.position_unit == "iteration":
+            newest = plan.positions[-1]
+            return f"the newest window checkpoint is iteration {newest}, not {iteration}"
+        return plan
+
+    def __call__(self, comp: Components) -> list[dict[str, Any]]:
+        """Readouts of this iteration (collective: every rank calls it at the same iteration)."""
+        it = comp.state.iteration
+        self.manager.finish_pending()  # an async window save of this iteration must be on disk
+        plan = self._plan(it)
+        if isinstance(plan, str):
+            print_rank0(f"wsm readout at iter {it} skipped: {plan}")
+            rows = [{"iteration": it, "method": m.method, "skipped": plan} for m in self.methods]
+            self.readouts.extend(rows)
+            return rows
+        rows = []
+        model = bare_model(comp)
+        for method in self.methods:
+            start = time.perf_counter()
+            merge = WindowMerge(
+                method=method,
+                paths=plan.paths,
+                positions=plan.positions,
+                position_unit=plan.position_unit,
+                coefficients=tuple(
+                    method_coefficients(method, plan.positions, plan.position_unit)
+                ),
+            )
+            try:
+                tensors = merged_tensors(model, merge, **self.manager.window_reader())
+            except (ReadoutError, CheckpointError) as e:
+                print_rank0(f"wsm readout {method.method} at iter {it} skipped: {e}")
+                rows.append({"iteration": it, "method": method.method, "skipped": str(e)})
+                continue
+            with swapped_in(model, tensors):
+                result = evaluate(comp)
+            del tensors
+            result.update(
+                iteration=it,
+                method=method.method,
+                merge=merge.to_json(),
+                seconds=time.perf_counter() - start,
+            )
+            rows.append(result)
+        self.readouts.extend(rows)
+        return rows
