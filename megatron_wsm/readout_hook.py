@@ -48,6 +48,17 @@ class MergedReadout:
         self.full_window = cfg.wsm.window_size(tokens_per_iter)
         #: One row per readout: iteration, method, loss, perplexity, moe, merge (or skipped).
         self.readouts: list[dict[str, Any]] = []
+        self._verified: set[str] = set()
+        reader = manager.window_reader()
+        self._adapt = reader["adapt"]
+        self._verify_files = reader["verify"]
+
+    def _verify(self, ckpt: Any) -> None:
+        # A completed window checkpoint is never rewritten: its files (and CRCs) are checked
+        # once, at its first readout, not once per method and readout.
+        if str(ckpt) not in self._verified:
+            self._verify_files(ckpt)
+            self._verified.add(str(ckpt))
 
     def _plan(self, iteration: int) -> WindowMerge | str:
         """The merge of the window now, or why there is none yet."""
@@ -95,7 +106,7 @@ class MergedReadout:
                 ),
             )
             try:
-                tensors = merged_tensors(model, merge, **self.manager.window_reader())
+                tensors = merged_tensors(model, merge, verify=self._verify, adapt=self._adapt)
             except (ReadoutError, CheckpointError) as e:
                 print_rank0(f"wsm readout {method.method} at iter {it} skipped: {e}")
                 rows.append({"iteration": it, "method": method.method, "skipped": str(e)})

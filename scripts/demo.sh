@@ -4,7 +4,8 @@
 #   2. build the tokenizer + indexed datasets from the corpus that ships with Python,
 #   3. train a tiny MoE with torchrun on 2 processes, EP=2, at a stable LR, saving a WSM window,
 #   4. merge the window with the 1-sqrt decay's coefficients (2 merge ranks),
-#   5. evaluate the stable checkpoint and the merged one on the held-out split,
+#   5. evaluate the stable checkpoint and the merged one on the held-out split (the trainer
+#      also read the merged window out itself at every evaluation: --wsm-eval-methods),
 #   6. print where the TensorBoard logs are.
 # Variables: OUT (runs/demo), ITERS (300), NPROC (2).
 set -euo pipefail
@@ -24,7 +25,7 @@ torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29531}" pretrai
     --seq-length 128 --micro-batch-size 4 --global-batch-size 8 \
     --train-iters "$ITERS" --lr 3e-3 --lr-warmup-iters 30 --lr-decay-style stable \
     --save "$OUT/ckpt" --save-interval "$ITERS" \
-    --wsm-interval 10 --wsm-window 50 \
+    --wsm-interval 10 --wsm-window 50 --wsm-eval-methods 1-sqrt \
     --tensorboard-dir "$OUT/tb" --log-interval 25 --eval-interval 100 --eval-iters 8 \
     --data-cache-dir data_cache --no-progress-bar --output-json "$OUT/stable.json"
 
@@ -42,8 +43,14 @@ python tools/evaluate.py --load "$OUT/merged_1sqrt" --eval-iters 8 \
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-rows = [("stable (last iterate)", json.load(open(f"{out}/stable.json"))),
+stable = json.load(open(f"{out}/stable.json"))
+# The trainer's own readout of the same window at its last evaluation (--wsm-eval-methods):
+# the merge built in memory; it matches the merge written to disk and evaluated.
+live = [r for r in stable.get("wsm_readouts", []) if "loss" in r]
+rows = [("stable (last iterate)", stable),
         ("WSM merge, 1-sqrt", json.load(open(f"{out}/merged.json")))]
+if live:
+    rows.append((f"readout in training @{live[-1]['iteration']}", live[-1]))
 print()
 print(f"{'checkpoint':24s} {'eval loss':>10s} {'ppl':>9s} {'max vio':>8s} {'min vio':>8s}")
 for name, r in rows:

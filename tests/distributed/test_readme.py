@@ -29,6 +29,7 @@ TINY_SIZES = {
     "--wsm-interval": {"25": "3"},
     "--wsm-window": {"200": "9"},
     "--lr-warmup-iters": {"30": "2"},
+    "--eval-interval": {"50": "9"},
     "--lr-wsd-decay-iters": {"200": "6"},
     # The tiny runs consume 128 tokens per step: 1e9 tokens would be 7.8 M planned steps.
     "--budget-tokens": {"1e9": "2e4"},
@@ -140,6 +141,11 @@ def test_readme_using_it_commands_run(data_cache, tmp_path):
     # The stable checkpoint was decayed into runs/x/wsd (24 → 30) and went on (24 → 36).
     assert (runs / "wsd" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     assert (runs / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "36"
+    # The merged readout during training (iteration 18: window 9..18 full) and without it.
+    first = next(o.stdout for c, o in outputs.items() if "--wsm-eval-methods" in c)
+    assert "wsm-1-sqrt lm loss" in first, first[-2000:]
+    unwritten = next(o.stdout for c, o in outputs.items() if "--load-dir" in c and "evaluate" in c)
+    assert "loaded merged (in memory)" in unwritten and "final validation" in unwritten
     listing = next(o.stdout for c, o in outputs.items() if "list_checkpoints" in c)
     assert "window" in listing and "iter_0000024" in listing, listing
     merged = json.loads((runs / "merged" / "wsm_manifest.json").read_text())
