@@ -47,23 +47,12 @@ def torchrun_cmd(script: str, nproc: int) -> list[str]:
 
 
 def run_script(
-    script: str,
-    args: list[Any],
-    nproc: int = 1,
-    timeout: int = 300,
-    check: bool = True,
-    child_env: dict[str, str] | None = None,
+    script: str, args: list[Any], nproc: int = 1, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run a repo script under torchrun (``child_env``: default :func:`env`); on failure with
-    ``check`` show its output."""
+    """Run a repo script under torchrun; on failure with ``check`` show its output."""
     cmd = torchrun_cmd(script, nproc) + [str(a) for a in args]
     proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=child_env or env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(
