@@ -22,7 +22,6 @@ __all__ = [
     "parse_run_config",
     "validate",
     "validate_accelerator_flags",
-    "window_interval_iters",
 ]
 
 _DESCRIPTION = (
@@ -141,8 +140,3 @@ def validate_accelerator_flags(cfg: RunConfig, cuda: bool, te: bool | None = Non
     when None)."""
     cfg.model.validate_accelerator(cuda, te)
     cfg.parallel.validate_overlap()
-
-
-def window_interval_iters(cfg: RunConfig) -> int | None:
-    """Window-save interval in iterations (token flags converted), or None when off."""
-    return cfg.wsm.interval_iters(cfg.training.global_batch_size * cfg.model.seq_length)

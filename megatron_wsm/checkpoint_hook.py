@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from megatron_wsm.arguments import window_interval_iters
 from megatron_wsm.checkpointing import CheckpointManager, SaveResult, should_save
+from megatron_wsm.ckpt_layout import window_interval_iters
 from megatron_wsm.config import RunConfig
 from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW
 from megatron_wsm.training import Components, should_exit

@@ -89,6 +89,16 @@ class CheckpointManifest:
         data["version"] = MANIFEST_VERSION
         return data
 
+    def run_info(self) -> dict[str, Any]:
+        """The run info (``RunConfig.to_json`` of the writer) for ``RunConfig.from_json``; for
+        a manifest without one (a merge of checkpoints from an older version) the model shapes
+        and the tokenizer's vocabulary, the rest left to the config's defaults."""
+        run = self.extra.get("run")
+        if run:
+            return dict(run)
+        model = {k: v for k, v in self.model_config.items() if k != "padded_vocab_size"}
+        return {"model": model, "vocab_size": self.model_config.get("vocab_size")}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CheckpointManifest:
         """Inverse of :meth:`to_json`; raises ValueError on a foreign or malformed file."""

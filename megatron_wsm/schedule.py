@@ -1,7 +1,10 @@
 """WSM schedule math: learning-rate decay shapes <-> checkpoint-merge coefficients.
 
-(Over ~600 lines on purpose: the shapes, the two maps, the methods and their input checks are
-one closely-knit unit; uneven windows and MergeMethod live in their own modules.)
+This module holds the shapes, the two maps between decay weights and coefficients, the
+constants and the input checks. A method name and its parameters become coefficients in
+:mod:`megatron_wsm.merge_method` (``MergeMethod``, ``merge_coefficients``, ``decay_weights``,
+their ``_at`` forms, ``load_custom``); uneven windows and conventions are in
+:mod:`megatron_wsm.schedule_positions`. Those names are importable from here as well.
 
 Pure Python on ``float`` (IEEE float64); nothing here needs torch or numpy, but any
 sequence of real numbers (lists, tuples, numpy arrays) is accepted as input.
@@ -52,12 +55,9 @@ default discretisation, exactly; evenly spaced positions take the index path abo
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -379,6 +379,26 @@ def _apply_floor(f: float, r: float) -> float:
     return 1.0 - (1.0 - r) * (1.0 - f)
 
 
+#: Methods for which ``final_ratio`` applies (f(1) of the shape).
+FINAL_RATIO_METHODS: tuple[str, ...] = _FINAL_RATIO_METHODS
+
+
+def shape_function(
+    method: str, final_ratio: float | None = None, *, xp: Any = math
+) -> Callable[[Any], Any]:
+    """The decay shape f of a shape method as a function of t ∈ [0, 1], unclamped, no floor.
+
+    The one definition of every shape (:func:`decay_shape` evaluates it with checks, clamp
+    and floor); other modules that need f itself — e.g. the numpy LR curves of
+    :mod:`megatron_wsm.annealing` — take it from here. ``xp=numpy`` gives the same f over
+    whole arrays (millions of steps per LR curve: a Python call per step is far too slow).
+    """
+    method = _check_method(method)
+    if method not in SHAPE_METHODS:
+        raise ValueError(f"{method!r} is defined by its coefficients, not by a decay shape")
+    return _shape_fn(method, _resolve_final_ratio(method, final_ratio), xp)
+
+
 # --------------------------------------------------------------------------- the two maps
 
 
@@ -467,273 +487,6 @@ def decay_from_coefficients(
     return w
 
 
-# --------------------------------------------------------------------------- methods
-
-
-def _direct_coefficients(method: str, k: int, alpha: float, convention: str) -> list[float]:
-    if method == "mean":
-        if convention == "megatron-lm":
-            # Every input equally: the linear decay of this convention (c_j = 1/(k+1)).
-            return [1.0 / (k + 1)] * (k + 1)
-        return [0.0] + [1.0 / k] * k
-    # ema: the EMA θ̄ ← (1-alpha) θ̄ + alpha θ over θ_{n+1} … θ_{n+k}, started at θ̄ = θ_n.
-    keep = 1.0 - alpha
-    return [keep**k] + [alpha * keep ** (k - j) for j in range(1, k + 1)]
-
-
-def _resolve(
-    method: object,
-    k: object,
-    *,
-    min_lr_ratio: object,
-    alpha: object,
-    final_ratio: object,
-    coefficients: object,
-    decay: object,
-    allow_negative: bool,
-    convention: object = DEFAULT_CONVENTION,
-) -> tuple[list[float], list[float]]:
-    """Shared body of :func:`decay_weights` and :func:`merge_coefficients`: returns (w, c)."""
-    method = _check_method(method)
-    convention = _check_convention(convention)
-    r = _check_min_lr_ratio(min_lr_ratio)
-    if method != "ema" and alpha is not None:
-        raise ValueError(f"alpha only applies to ema, not {method!r}")
-    if method not in _FINAL_RATIO_METHODS and final_ratio is not None:
-        raise ValueError(
-            f"final_ratio only applies to {' and '.join(_FINAL_RATIO_METHODS)}, not {method!r}"
-        )
-
-    if method == "custom":
-        return _resolve_custom(k, r, coefficients, decay, allow_negative)
-    if coefficients is not None or decay is not None:
-        raise ValueError(
-            f"coefficients/decay are only accepted with method 'custom', not {method!r}"
-        )
-
-    kk = _check_k(k)
-    if method in DIRECT_METHODS:
-        c = _direct_coefficients(method, kk, _resolve_alpha(method, alpha), convention)
-        if r:
-            # Floor in coefficient space: mix in r of the newest checkpoint (w -> r + (1-r) w).
-            c = [(1.0 - r) * cj for cj in c]
-            c[-1] += r
-        c = validate_coefficients(c)
-        return decay_from_coefficients(c), c
-
-    f = _shape_fn(method, _resolve_final_ratio(method, final_ratio))
-    # wsm: interval i sampled at its start, (i-1)/k. megatron-lm: i/(k+1), the same float
-    # expression as Megatron-LM's ``index / n_checkpoints`` so its weights come out equal.
-    if convention == "megatron-lm":
-        ts = [i / (kk + 1) for i in range(1, kk + 1)]
-    else:
-        ts = [(i - 1) / kk for i in range(1, kk + 1)]
-    # Clamp: cos/pow may land a rounding error outside [0, 1] near the ends.
-    w = [_apply_floor(min(1.0, max(0.0, f(t))), r) for t in ts]
-    return w, coefficients_from_decay(w)
-
-
-def _resolve_custom(
-    k: object, r: float, coefficients: object, decay: object, allow_negative: bool
-) -> tuple[list[float], list[float]]:
-    if (coefficients is None) == (decay is None):
-        raise ValueError("method 'custom' needs exactly one of coefficients= or decay=")
-    if r:
-        raise ValueError(
-            "min_lr_ratio does not apply to method 'custom'; fold the floor into the weights"
-        )
-    if coefficients is not None:
-        c = validate_coefficients(load_custom(coefficients), allow_negative=allow_negative)
-        w = decay_from_coefficients(c, allow_negative=allow_negative)
-    else:
-        w = load_custom(decay)
-        c = coefficients_from_decay(w, allow_negative=allow_negative)
-        validate_coefficients(c, allow_negative=allow_negative)
-    if k is not None and _check_k(k) != len(w):
-        what = f"{len(c)} coefficients" if coefficients is not None else f"{len(w)} decay weights"
-        raise ValueError(f"k = {k} does not match the custom weights: {what} mean k = {len(w)}")
-    return w, c
-
-
-def decay_weights(
-    method: str,
-    k: int | None,
-    *,
-    min_lr_ratio: float = 0.0,
-    alpha: float | None = None,
-    final_ratio: float | None = None,
-    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
-    decay: Iterable[float] | str | os.PathLike[str] | None = None,
-    allow_negative: bool = False,
-    convention: str = DEFAULT_CONVENTION,
-) -> list[float]:
-    """Decay weights w_1 … w_k (LR scale of each interval) of a method.
-
-    Shape methods (see :func:`decay_shape` for every f): w_i = f((i - 1)/k), so w_1 = 1.
-
-    - ``mean``:  the decay implied by c_0 = 0, c_j = 1/k, i.e. w_i = (k - i + 1)/k — the
-      same as ``linear``.
-    - ``ema``:   the decay implied by the EMA coefficients (see :func:`merge_coefficients`),
-      w_i = 1 - (1 - alpha)^{k-i+1}; ``alpha`` in (0, 1], default :data:`DEFAULT_EMA_ALPHA`.
-    - ``custom``: ``decay`` as given (validated), or the decay implied by ``coefficients``;
-      each may be a sequence, a comma list string or a file (:func:`load_custom`). ``k``
-      may be None (taken from the list) or must match it.
-
-    ``min_lr_ratio`` r ∈ [0, 1] floors every named method: w ↦ r + (1 - r)·w.
-    ``final_ratio`` rho ∈ (0, 1] (defaults :data:`DEFAULT_FINAL_RATIO`) is f(1) of
-    ``exponential`` and ``inverse-sqrt``. A parameter that does not apply to the method,
-    or any invalid value, raises ``ValueError``.
-
-    ``convention`` (:data:`CONVENTIONS`): ``"wsm"`` as above; ``"megatron-lm"`` samples
-    shapes at w_i = f(i/(k+1)) (w_1 < 1, every checkpoint weighted) and makes ``mean`` the
-    plain mean of all k+1 checkpoints (w_i = (k + 1 - i)/(k + 1)). ``ema`` and ``custom``
-    are the same under both.
-    """
-    w, _ = _resolve(
-        method,
-        k,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-    )
-    return w
-
-
-def merge_coefficients(
-    method: str,
-    k: int | None,
-    *,
-    min_lr_ratio: float = 0.0,
-    alpha: float | None = None,
-    final_ratio: float | None = None,
-    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
-    decay: Iterable[float] | str | os.PathLike[str] | None = None,
-    allow_negative: bool = False,
-    convention: str = DEFAULT_CONVENTION,
-) -> list[float]:
-    """Merge coefficients c_0 … c_k (oldest checkpoint first) of a method; they sum to 1.
-
-    Shape methods: :func:`coefficients_from_decay` of :func:`decay_weights`, so c_0 = 0.
-    Direct methods:
-
-    - ``mean``: c_0 = 0, c_j = 1/k (the plain mean of the newest k checkpoints).
-    - ``ema`` with alpha: c_j = alpha (1 - alpha)^{k-j} for j ≥ 1, c_0 = (1 - alpha)^k —
-      an exponential moving average over θ_{n+1} … θ_{n+k} started from θ_n; alpha = 1 is
-      ``constant``.
-    - ``constant``: c = (0, …, 0, 1), the newest checkpoint only.
-    - ``custom``: ``coefficients`` as given (validated), or Theorem 3.1 of ``decay``.
-
-    Parameters as in :func:`decay_weights`; the floor r maps c ↦ (1 - r)·c + r·e_k.
-    With ``convention="megatron-lm"`` shapes use w_i = f(i/(k+1)) and ``mean`` is
-    c_j = 1/(k+1): every input weighted, as Megatron-LM's ``weighted_merge.py``.
-    """
-    _, c = _resolve(
-        method,
-        k,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-    )
-    return c
-
-
-# --------------------------------------------------------------------------- custom input
-
-
-def _parse_numbers(text: str, source: str) -> list[float]:
-    """Numbers separated by commas, whitespace or newlines; '#' starts a comment."""
-    tokens: list[str] = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        tokens.extend(tok for tok in line.replace(",", " ").split() if tok)
-    if not tokens:
-        raise ValueError(f"no numbers found in {source}")
-    out = []
-    for idx, tok in enumerate(tokens):
-        try:
-            out.append(float(tok))
-        except ValueError:
-            raise ValueError(f"{source}: item {idx} is not a number: {tok!r}") from None
-    return out
-
-
-def load_custom(path_or_list: Iterable[float] | str | os.PathLike[str]) -> list[float]:
-    """Read custom coefficients or decay weights.
-
-    Accepts a sequence of numbers, a string of numbers separated by commas (e.g.
-    ``"0,0.25,0.25,0.5"``), or a path to a file holding either a JSON list of numbers or
-    plain numbers separated by commas/whitespace, one per line allowed, ``#`` comments
-    allowed. Returns floats; raises ``ValueError`` for a missing file, an empty list,
-    anything that is not a number, NaN or infinity. Sums and ranges are checked later by
-    :func:`validate_coefficients` / :func:`coefficients_from_decay`.
-    """
-    if isinstance(path_or_list, os.PathLike):
-        return _load_file(Path(path_or_list))
-    if isinstance(path_or_list, str):
-        text = path_or_list.strip()
-        if not text:
-            raise ValueError("empty custom weights: give a comma list of numbers or a file")
-        path = Path(text)
-        # A bare number list never names a file, so try the file first only if one exists.
-        if path.is_file():
-            return _load_file(path)
-        try:
-            values = _parse_numbers(text, "custom weights")
-        except ValueError:
-            raise ValueError(
-                f"custom weights {text!r} are neither an existing file nor a comma-separated "
-                "list of numbers"
-            ) from None
-        return _as_floats(values, "custom weights")
-    return _as_floats(path_or_list, "custom weights")
-
-
-def _load_file(path: Path) -> list[float]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read custom weights from {str(path)!r}: {exc}") from None
-    source = repr(str(path))
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source} is not valid JSON: {exc}") from None
-        # Text starting with "[" that parses is a JSON list; nesting fails in _as_floats.
-        return _as_floats(data, f"custom weights in {source}")
-    return _as_floats(_parse_numbers(text, source), f"custom weights in {source}")
-
-
-# --------------------------------------------------------------------------- the method value
-
-#: Methods for which ``final_ratio`` applies (f(1) of the shape).
-FINAL_RATIO_METHODS: tuple[str, ...] = _FINAL_RATIO_METHODS
-
-
-def shape_function(
-    method: str, final_ratio: float | None = None, *, xp: Any = math
-) -> Callable[[Any], Any]:
-    """The decay shape f of a shape method as a function of t ∈ [0, 1], unclamped, no floor.
-
-    The one definition of every shape (:func:`decay_shape` evaluates it with checks, clamp
-    and floor); other modules that need f itself — e.g. the numpy LR curves of
-    :mod:`megatron_wsm.annealing` — take it from here. ``xp=numpy`` gives the same f over
-    whole arrays (millions of steps per LR curve: a Python call per step is far too slow).
-    """
-    method = _check_method(method)
-    if method not in SHAPE_METHODS:
-        raise ValueError(f"{method!r} is defined by its coefficients, not by a decay shape")
-    return _shape_fn(method, _resolve_final_ratio(method, final_ratio), xp)
-
-
 # --------------------------------------------------------------------------- moved names
 
 #: Names defined in :mod:`megatron_wsm.schedule_positions` and :mod:`megatron_wsm.merge_method`,
@@ -744,21 +497,28 @@ _MOVED: Mapping[str, str] = MappingProxyType(
     {
         **dict.fromkeys(
             (
-                "decay_weights_at",
                 "describe_convention",
                 "discretisation",
                 "is_evenly_spaced",
-                "merge_coefficients_at",
                 "window_fractions",
                 "_check_positions",
                 "_describe_formula",
-                "_resolve_at",
                 "_uneven_shape_weights",
             ),
             "megatron_wsm.schedule_positions",
         ),
         **dict.fromkeys(
-            ("DEFAULT_METHOD", "MergeMethod", "_WeightsAction", "_floats_or_none"),
+            (
+                "DEFAULT_METHOD",
+                "MergeMethod",
+                "decay_weights",
+                "decay_weights_at",
+                "load_custom",
+                "merge_coefficients",
+                "merge_coefficients_at",
+                "_WeightsAction",
+                "_floats_or_none",
+            ),
             "megatron_wsm.merge_method",
         ),
     }
@@ -778,9 +538,12 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # the same names, statically, for type checkers and IDEs
     from megatron_wsm.merge_method import DEFAULT_METHOD as DEFAULT_METHOD
     from megatron_wsm.merge_method import MergeMethod as MergeMethod
-    from megatron_wsm.schedule_positions import decay_weights_at as decay_weights_at
+    from megatron_wsm.merge_method import decay_weights as decay_weights
+    from megatron_wsm.merge_method import decay_weights_at as decay_weights_at
+    from megatron_wsm.merge_method import load_custom as load_custom
+    from megatron_wsm.merge_method import merge_coefficients as merge_coefficients
+    from megatron_wsm.merge_method import merge_coefficients_at as merge_coefficients_at
     from megatron_wsm.schedule_positions import describe_convention as describe_convention
     from megatron_wsm.schedule_positions import discretisation as discretisation
     from megatron_wsm.schedule_positions import is_evenly_spaced as is_evenly_spaced
-    from megatron_wsm.schedule_positions import merge_coefficients_at as merge_coefficients_at
     from megatron_wsm.schedule_positions import window_fractions as window_fractions

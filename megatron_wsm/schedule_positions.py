@@ -1,17 +1,18 @@
-"""Merge coefficients for checkpoints at uneven positions, and what a convention means.
+"""Decay weights for checkpoints at uneven positions, and what a convention means.
 
 Pure Python on floats, like :mod:`megatron_wsm.schedule` (the shapes, the two maps and the
 conventions live there; its docstring has the math). Checkpoints at positions p_0 < … < p_k
 (iterations or consumed tokens) sit at window fractions t_j = (p_j - p_0)/(p_k - p_0); a shape
 method weighs interval i by f(t_{i-1}) (``sampling="start"``) or the mean of f over it
-(``"mean"``). Every name is also importable from :mod:`megatron_wsm.schedule`.
+(``"mean"``). :class:`~megatron_wsm.merge_method.MergeMethod` (and ``merge_coefficients_at``)
+uses these for a method at given positions. Every name is also importable from
+:mod:`megatron_wsm.schedule`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Iterable
 from numbers import Integral, Real
 
@@ -24,14 +25,10 @@ from megatron_wsm.schedule import (
     _apply_floor,
     _as_floats,
     _check_convention,
-    _check_min_lr_ratio,
     _check_real,
     _check_sampling,
-    _resolve,
-    _resolve_final_ratio,
     _shape_fn,
     _shape_integral,
-    coefficients_from_decay,
 )
 
 
@@ -108,127 +105,6 @@ def _uneven_shape_weights(
         # its predecessor and give a coefficient of -1e-11. Restore the exact order.
         raw = list(itertools.accumulate(raw, min))
     return [_apply_floor(min(1.0, max(0.0, x)), r) for x in raw]
-
-
-def _resolve_at(
-    method: object,
-    positions: object,
-    *,
-    min_lr_ratio: object,
-    alpha: object,
-    final_ratio: object,
-    coefficients: object,
-    decay: object,
-    allow_negative: bool,
-    convention: object,
-    sampling: object,
-) -> tuple[list[float], list[float]]:
-    pos = _check_positions(positions)
-    k = len(pos) - 1
-    sampling = _check_sampling(sampling)
-    # The index path validates every parameter and is the answer for all but shapes on
-    # uneven windows (or mean sampling): direct and custom methods weight by index.
-    w, c = _resolve(
-        method,
-        k,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-    )
-    if method not in SHAPE_METHODS or (sampling == "start" and is_evenly_spaced(pos)):
-        return w, c
-    if convention != "wsm":
-        what = "sampling 'mean'" if sampling == "mean" else "unevenly spaced checkpoints"
-        raise ValueError(
-            f"convention {convention!r} weights checkpoints by index; {what} need convention 'wsm'"
-        )
-    rho = _resolve_final_ratio(str(method), final_ratio)
-    r = _check_min_lr_ratio(min_lr_ratio)
-    w = _uneven_shape_weights(str(method), window_fractions(pos), r, rho, sampling)
-    return w, coefficients_from_decay(w)
-
-
-def decay_weights_at(
-    method: str,
-    positions: Iterable[float],
-    *,
-    min_lr_ratio: float = 0.0,
-    alpha: float | None = None,
-    final_ratio: float | None = None,
-    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
-    decay: Iterable[float] | str | os.PathLike[str] | None = None,
-    allow_negative: bool = False,
-    convention: str = DEFAULT_CONVENTION,
-    sampling: str = "start",
-) -> list[float]:
-    """Decay weights w_1 … w_k for checkpoints at ``positions`` p_0 < … < p_k.
-
-    Positions are iterations or consumed tokens — whatever the LR schedule counts in —
-    oldest first; k = len(positions) - 1. For shape methods with t_j = (p_j - p_0)/(p_k -
-    p_0) (:func:`window_fractions`):
-
-    - ``sampling="start"``: w_i = f(t_{i-1}), the shape at the start of interval i. Evenly
-      spaced positions take the index path of :func:`decay_weights`, so the result is
-      identical to it bit for bit.
-    - ``sampling="mean"``: w_i = mean of f over [t_{i-1}, t_i] (the LR area of interval i
-      divided by its length), also for evenly spaced positions.
-
-    ``mean``, ``ema`` and ``custom`` weight checkpoints by index; positions only fix k.
-    ``convention="megatron-lm"`` is defined by index too: with uneven positions or
-    ``sampling="mean"`` a shape method raises ``ValueError``. Other parameters as in
-    :func:`decay_weights`.
-    """
-    w, _ = _resolve_at(
-        method,
-        positions,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-        sampling=sampling,
-    )
-    return w
-
-
-def merge_coefficients_at(
-    method: str,
-    positions: Iterable[float],
-    *,
-    min_lr_ratio: float = 0.0,
-    alpha: float | None = None,
-    final_ratio: float | None = None,
-    coefficients: Iterable[float] | str | os.PathLike[str] | None = None,
-    decay: Iterable[float] | str | os.PathLike[str] | None = None,
-    allow_negative: bool = False,
-    convention: str = DEFAULT_CONVENTION,
-    sampling: str = "start",
-) -> list[float]:
-    """Merge coefficients c_0 … c_k for checkpoints at ``positions`` (oldest first).
-
-    Theorem 3.1 of :func:`decay_weights_at` — see there for positions, ``sampling`` and
-    which methods follow the positions. Evenly spaced positions with the default
-    ``sampling="start"`` give exactly :func:`merge_coefficients` of k = len(positions) - 1.
-    """
-    _, c = _resolve_at(
-        method,
-        positions,
-        min_lr_ratio=min_lr_ratio,
-        alpha=alpha,
-        final_ratio=final_ratio,
-        coefficients=coefficients,
-        decay=decay,
-        allow_negative=allow_negative,
-        convention=convention,
-        sampling=sampling,
-    )
-    return c
 
 
 def discretisation(

@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from megatron_wsm.export.hf import embedded_tokenizer_settings
 
-    data, seed = embedded_tokenizer_settings(run, run.get("model") or {})
+    data, seed = embedded_tokenizer_settings(run)
     texts = heldout_texts(args.data_cache_dir, data.vocab_size, seed)
     tasks_dir = Path(args.tasks_dir or model.parent / f"{model.name}_harness_tasks")
     write_tasks(tasks_dir, texts)

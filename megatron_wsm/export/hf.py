@@ -42,31 +42,23 @@ class ExportReport:
     padded_vocab_size: int
 
 
-def _model_config(manifest: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    run = dict(manifest.extra.get("run") or {})
-    model = dict(manifest.model_config or {})
-    model.update(run.get("model") or {})
-    return run, model
-
-
-def embedded_tokenizer_settings(run: dict[str, Any], model: dict[str, Any]) -> tuple[Any, int]:
+def embedded_tokenizer_settings(run: dict[str, Any]) -> tuple[Any, int]:
     """A run info's data config and seed (``RunConfig.from_json``); without a recorded
     ``vocab_size`` the model's (a run info that holds only the model)."""
     from megatron_wsm.config import RunConfig
 
     cfg = RunConfig.from_json(run)
     if not run.get("vocab_size") and not (run.get("data") or {}).get("vocab_size"):
-        cfg.data.vocab_size = int(model.get("vocab_size") or cfg.data.vocab_size)
+        cfg.data.vocab_size = int(cfg.model.vocab_size or cfg.data.vocab_size)
     return cfg.data, cfg.training.seed
 
 
-def _tokenizer_path(run: dict[str, Any], model: dict[str, Any], override: str | None,
-                    data_cache_dir: str) -> str:
+def _tokenizer_path(run: dict[str, Any], override: str | None, data_cache_dir: str) -> str:
     if override:
         return override
     from megatron_wsm.data.prepare import prepare_embedded_data
 
-    data, seed = embedded_tokenizer_settings(run, model)
+    data, seed = embedded_tokenizer_settings(run)
     if data.tokenizer_model:
         return str(data.tokenizer_model)
     # The run trained its tokenizer on the embedded corpus: the same settings find (or rebuild,
@@ -108,7 +100,15 @@ def export_checkpoint(
             f"{path} is in the {manifest.checkpoint_format!r} format; the export reads only "
             "torch_dist checkpoints (what the megatron-wsm trainer writes)"
         )
-    run, model = _model_config(manifest)
+    from megatron_wsm.config import RunConfig
+
+    # The model as the trainer rebuilds it: the run info's fields, the config's defaults for
+    # what an older manifest did not record.
+    run = manifest.run_info()
+    try:
+        model = RunConfig.from_json(run).model.to_json()
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{path}: the manifest's run info does not read back: {e}") from e
     refusals = mapping.config_refusals(model)
     reader = CheckpointReader(path)
     keys = reader.model_tensors()
@@ -116,7 +116,7 @@ def export_checkpoint(
     if refusals:
         raise ExportError("cannot export as Mixtral: " + "; ".join(refusals))
 
-    tok_path = _tokenizer_path(run, model, tokenizer_model, data_cache_dir)
+    tok_path = _tokenizer_path(run, tokenizer_model, data_cache_dir)
     sp = tok.load_sentencepiece(tok_path)
     vocab = sp.get_piece_size()
     if model.get("vocab_size") and int(model["vocab_size"]) != vocab:

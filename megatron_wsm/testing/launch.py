@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def torchrun_cmd(script: str, nproc: int) -> list[str]:
 
 
 def run_script(
-    script: str, args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True
+    script: str, args: list[Any], nproc: int = 1, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run a repo script under torchrun; on failure with ``check`` show its output."""
     cmd = torchrun_cmd(script, nproc) + [str(a) for a in args]
@@ -59,6 +60,42 @@ def run_script(
             f"{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def start_script(
+    script: str,
+    args: list[Any],
+    log_path: Path,
+    nproc: int = 1,
+    child_env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start a repo script under torchrun in a session of its own, output to ``log_path``.
+
+    For runs that are killed (or kill themselves): a file rather than a pipe, since a killed
+    rank's helper processes may outlive it holding a pipe open; the own session lets the
+    caller reap them all with one ``os.killpg`` (:func:`run_until_exit`).
+    """
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            torchrun_cmd(script, nproc) + [str(a) for a in args],
+            cwd=ROOT,
+            env=child_env or env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def run_until_exit(proc: subprocess.Popen, timeout: int = 300) -> int:
+    """Wait for a :func:`start_script` run to exit, then SIGKILL whatever is left of its
+    session (helpers of a killed rank); returns the exit code."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_pretrain(

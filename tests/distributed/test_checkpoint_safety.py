@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 import uuid
@@ -23,7 +22,8 @@ import pytest
 
 from megatron_wsm import ckpt_integrity
 from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints
-from tests.helpers import ROOT, TINY_MODEL, _env, losses, run_pretrain, torchrun_cmd
+from megatron_wsm.testing.launch import run_script, run_until_exit, start_script
+from tests.helpers import TINY_MODEL, _env, losses, run_pretrain
 
 pytestmark = pytest.mark.distributed
 
@@ -96,25 +96,6 @@ def test_window_and_full_save_at_same_iteration(data_cache, tmp_path, nproc, asy
 # ----------------------------------------------------------------------------- kill -9
 
 
-def _run_until_killed(args: list, env: dict, log_path: Path) -> int:
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            torchrun_cmd("pretrain_moe.py", 2) + [str(a) for a in args],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            return proc.wait(timeout=300)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def _kill_during_async_save_then_resume(data_cache: str, tmp_path: Path, spec: str):
     common = _common(data_cache, 2, async_saves=True)
     straight = run_pretrain(
@@ -123,7 +104,9 @@ def _kill_during_async_save_then_resume(data_cache: str, tmp_path: Path, spec: s
     save = tmp_path / "ckpt"
     env = _env()
     env[CRASH_ENV] = spec  # rank 0 SIGKILLs itself at that point of that save
-    returncode = _run_until_killed([*common, "--save", save], env, tmp_path / "crash.log")
+    returncode = run_until_exit(
+        start_script("pretrain_moe.py", [*common, "--save", save], tmp_path / "crash.log", 2, env)
+    )
     assert returncode != 0, (tmp_path / "crash.log").read_text()[-3000:]
     kind, iteration, _ = spec.split(":")
     root = save if kind == "full" else save / "wsm_window"
@@ -188,15 +171,7 @@ def _sigkill_trainer_and_look_for_survivors(
         tmp_path / "ckpt",
     ]
     log_path = tmp_path / "train.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            torchrun_cmd("pretrain_moe.py", 2) + [str(a) for a in args],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_script("pretrain_moe.py", args, log_path, 2, env)
     survivors: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 240
@@ -273,10 +248,8 @@ def test_trainer_refuses_to_load_bit_rot_and_crafted_metadata(data_cache, tmp_pa
     assert ckpt_integrity.verify(ckpt, crc=True) == []
 
     def resume(load: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            torchrun_cmd("pretrain_moe.py", 2)
-            + [str(a) for a in [*args, "--train-iters", "3", "--load", load]],
-            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        return run_script(
+            "pretrain_moe.py", [*args, "--train-iters", "3", "--load", load], 2, check=False
         )
 
     # A flipped bit in the last shard file (checked by rank 1 of 2) is refused by name.

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 
 import pytest
 import torch
@@ -14,15 +12,8 @@ import torch
 from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints, list_window
 from megatron_wsm.manifest import read_manifest
 from megatron_wsm.schedule import merge_coefficients
-from tests.helpers import (
-    ROOT,
-    TINY_MODEL,
-    _env,
-    losses,
-    run_pretrain,
-    run_script,
-    torchrun_cmd,
-)
+from megatron_wsm.testing.launch import run_until_exit, start_script
+from tests.helpers import TINY_MODEL, _env, losses, run_pretrain, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -175,24 +166,9 @@ def test_kill_during_window_save_then_resume(data_cache, tmp_path):
     save = tmp_path / "b"
     env = _env()
     env[CRASH_ENV] = "window:6:after-shards"  # rank 0 SIGKILLs itself mid-save at iteration 6
-    # Output to a file, not a pipe: the killed rank's helper processes may outlive it holding
-    # the pipe open; its own session lets us reap them afterwards.
-    with open(tmp_path / "crash.log", "w") as log:
-        proc = subprocess.Popen(
-            torchrun_cmd("pretrain_moe.py", 2) + [str(a) for a in [*common, "--save", save]],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            returncode = proc.wait(timeout=300)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    returncode = run_until_exit(
+        start_script("pretrain_moe.py", [*common, "--save", save], tmp_path / "crash.log", 2, env)
+    )
     assert returncode != 0
     listed = {c.iteration: c for c in list_checkpoints(save / "wsm_window")}
     assert listed[6].complete is False and listed[6].path.name.startswith(".tmp-")

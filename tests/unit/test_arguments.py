@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_wsm.arguments import ConfigError, parse_run_config, validate, window_interval_iters
+from megatron_wsm.arguments import ConfigError, parse_run_config, validate
+from megatron_wsm.ckpt_layout import window_interval_iters
 
 
 def _cfg(*argv):

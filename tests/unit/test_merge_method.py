@@ -87,6 +87,32 @@ def test_from_json_refuses_unknown_keys_and_bad_values() -> None:
         MergeMethod("custom", weights=[0.5, 0.6])
 
 
+def test_keyword_functions_take_exactly_the_fields() -> None:
+    """The functions' keywords are MergeMethod's fields (``coefficients`` for ``weights``):
+    a keyword that is not a field is a TypeError, as a misspelt keyword always was."""
+    fields = {f.name for f in dataclasses.fields(MergeMethod)} - {"method", "weights"}
+    for name in fields | {"coefficients"}:
+        value = MergeMethod().__dict__.get(name)  # the default: accepted by every method
+        schedule.merge_coefficients("1-sqrt", 2, **{name: value})
+    for fn in (schedule.merge_coefficients, schedule.decay_weights):
+        with pytest.raises(TypeError, match="min_lr"):
+            fn("linear", 3, min_lr=0.1)
+    for fn in (schedule.merge_coefficients_at, schedule.decay_weights_at):
+        with pytest.raises(TypeError, match="weights"):
+            fn("custom", [0, 1, 2], coefficients=[0, 0.5, 0.5], weights=[0, 0.5, 0.5])
+
+
+def test_k_is_never_taken_for_positions() -> None:
+    """A k that is not an integer is refused as k, not read as a list of positions."""
+    for bad in (3.0, True, 0):
+        with pytest.raises(ValueError, match="k \\(number of merged intervals\\)"):
+            schedule.merge_coefficients("linear", bad)
+    # ``sampling="mean"`` of k is the mean over an even window, as MergeMethod computes it.
+    assert schedule.decay_weights("linear", 4, sampling="mean") == schedule.decay_weights_at(
+        "linear", [0, 1, 2, 3, 4], sampling="mean"
+    )
+
+
 def flags_of(m: MergeMethod) -> list[str]:
     argv = ["--method", m.method] if m.method != "custom" else []
     if m.alpha is not None:
