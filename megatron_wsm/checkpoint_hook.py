@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 from megatron_wsm.checkpointing import CheckpointManager, SaveResult, should_save
-from megatron_wsm.ckpt_layout import window_interval_iters
 from megatron_wsm.config import RunConfig
 from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW
 from megatron_wsm.training import Components, should_exit
@@ -40,7 +39,9 @@ class CheckpointHook:
     def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
         self.cfg = cfg
         self.manager = manager
-        self.window_interval = window_interval_iters(cfg)
+        self.window_interval = cfg.wsm.interval_iters(
+            cfg.training.global_batch_size * cfg.model.seq_length
+        )
         self.window_root = window_save_dir(cfg)
         self.last_full_bytes: int | None = None
 

@@ -22,7 +22,6 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from megatron_wsm import ckpt_integrity
 from megatron_wsm.manifest import (
@@ -32,9 +31,6 @@ from megatron_wsm.manifest import (
     CheckpointManifest,
     read_manifest,
 )
-
-if TYPE_CHECKING:
-    from megatron_wsm.config import RunConfig
 
 #: Megatron-LM's tracker file in a full-checkpoint root: the newest iteration saved.
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -247,12 +243,6 @@ def scan_root(root: Path) -> RootScan:
 
 
 # ----------------------------------------------------------------------------- the window rule
-
-
-def window_interval_iters(cfg: RunConfig) -> int | None:
-    """Window-save interval in iterations (``--wsm-interval``, or ``--wsm-interval-tokens``
-    over the tokens of one iteration), or None when window saves are off."""
-    return cfg.wsm.interval_iters(cfg.training.global_batch_size * cfg.model.seq_length)
 
 
 def in_window(

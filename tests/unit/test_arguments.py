@@ -3,7 +3,6 @@
 import pytest
 
 from megatron_wsm.arguments import ConfigError, parse_run_config, validate
-from megatron_wsm.ckpt_layout import window_interval_iters
 
 
 def _cfg(*argv):
@@ -94,4 +93,4 @@ def test_window_interval_in_tokens_converts_to_iterations():
         "x",
     )
     validate(cfg, 1, cuda=False)
-    assert window_interval_iters(cfg) == 2
+    assert cfg.wsm.interval_iters(cfg.training.global_batch_size * cfg.model.seq_length) == 2
