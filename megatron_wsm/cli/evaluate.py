@@ -39,16 +39,6 @@ def config_from_run_info(run: dict[str, Any]) -> RunConfig:
     )
 
 
-def run_info_of(manifest: Any) -> dict[str, Any]:
-    """A manifest's run info; for a manifest without one (a merge of checkpoints from an older
-    version) the model shapes and the tokenizer's vocabulary."""
-    run = manifest.extra.get("run")
-    if run:
-        return dict(run)
-    model = {k: v for k, v in manifest.model_config.items() if k != "padded_vocab_size"}
-    return {"model": model, "vocab_size": manifest.model_config.get("vocab_size")}
-
-
 def _merge_parser() -> argparse.ArgumentParser:
     """The window and weight options of ``--load-dir`` (the merge tool's own flags)."""
     from megatron_wsm.merge import POSITION_UNITS
@@ -146,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             ckpt = argv[argv.index("--load") + 1]
             manifest = read_manifest(resolve_load_dir(ckpt))
-        base = config_from_run_info(run_info_of(manifest)) if manifest is not None else None
+        base = config_from_run_info(manifest.run_info()) if manifest is not None else None
     except (CheckpointError, MergeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,8 +7,9 @@ import pytest
 
 from megatron_wsm.arguments import build_parser, parse_run_config
 from megatron_wsm.checkpointing import model_identity
-from megatron_wsm.cli.evaluate import config_from_run_info, run_info_of
+from megatron_wsm.cli.evaluate import config_from_run_info
 from megatron_wsm.config import SECTIONS, ConfigError, ModelConfig, ParallelConfig, RunConfig
+from megatron_wsm.manifest import CheckpointManifest
 
 
 def test_parser_defaults_are_the_dataclass_defaults() -> None:
@@ -82,7 +83,7 @@ def test_manifest_without_run_info_rebuilds_shapes() -> None:
         extra: dict = {}
         model_config = ident
 
-    cfg = config_from_run_info(run_info_of(Manifest()))
+    cfg = config_from_run_info(CheckpointManifest.run_info(Manifest()))  # type: ignore[arg-type]
     assert cfg.model.num_layers == 3 and cfg.data.vocab_size == 1000
 
 
