@@ -23,6 +23,7 @@ SAME_EVAL = ["--eval-iters", "2", "--global-batch-size", "4", "--micro-batch-siz
 LAYOUTS = {
     "EP2": ["--expert-model-parallel-size", "2"],
     "TP2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "PP2": ["--pipeline-model-parallel-size", "2"],
 }
 
 
@@ -104,5 +105,6 @@ def test_readout_equals_merge_then_evaluate_ep2(data_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_readout_equals_merge_then_evaluate_tp2(data_cache, tmp_path):
-    _check_readout("TP2", data_cache, tmp_path)
+@pytest.mark.parametrize("layout", ["TP2", "PP2"])
+def test_readout_equals_merge_then_evaluate(layout, data_cache, tmp_path):
+    _check_readout(layout, data_cache, tmp_path)
