@@ -43,6 +43,7 @@ setup(
             "wsm-train-tokenizer=megatron_wsm.cli.train_tokenizer:main",
             "wsm-preprocess-data=megatron_wsm.cli.preprocess_data:main",
             "wsm-export-hf=megatron_wsm.cli.export_hf:main",
+            "wsm-eval-harness=megatron_wsm.export.harness:main",
         ]
     },
 )

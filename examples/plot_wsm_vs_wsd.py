@@ -1,9 +1,11 @@
 """Table and loss-curve plot of an ``examples/wsm_vs_wsd.sh`` output directory.
 
 Reads ``OUT/{wsd,stable}/result.json`` (``train_history``: per-iteration loss and LR),
-``OUT/eval/*.json`` (``tools/evaluate.py`` results on the held-out split) and the merge
+``OUT/eval/*.json`` (``tools/evaluate.py`` results on the held-out split), the merge
 provenance of ``OUT/merged_1sqrt`` (which window checkpoints were merged, with which
-coefficients). Prints one table, optionally writes it as Markdown, and draws a PNG.
+coefficients) and, when the script ran with ``EXPORT=1``, ``OUT/harness/*.json``
+(``tools/eval_harness.py`` scores of the exported models, extra columns). Prints one table,
+optionally writes it as Markdown, and draws a PNG.
 
     python examples/plot_wsm_vs_wsd.py --out runs/wsm_vs_wsd --png runs/wsm_vs_wsd/wsm_vs_wsd.png
 """
@@ -14,6 +16,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 #: Rows of the main table: eval JSON name -> label. Order = how a reader compares them.
 ROWS = [
@@ -25,27 +28,45 @@ ROWS = [
 ]
 
 
+#: lm-eval columns (EXPORT=1): header -> (task, metric, format) in ``OUT/harness/<name>.json``.
+HARNESS_COLUMNS = {
+    "lm-eval bits/byte": ("wsm_heldout_ppl", "bits_per_byte", ".4f"),
+    "lm-eval word ppl": ("wsm_heldout_ppl", "word_perplexity", ".1f"),
+    "cloze acc": ("wsm_heldout_cloze", "acc", ".4f"),
+    "cloze acc_norm": ("wsm_heldout_cloze", "acc_norm", ".4f"),
+}
+
+
+class Row(NamedTuple):
+    """One checkpoint of the table: held-out evaluation, and lm-eval scores when exported."""
+
+    label: str
+    loss: float
+    ppl: float
+    vmax: float
+    vmin: float
+    harness: dict | None = None
+
+
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _row(label: str, result: dict) -> tuple[str, float, float, float, float]:
+def _row(label: str, result: dict, harness: dict | None) -> Row:
     moe = result.get("moe") or {}
-    return (
+    return Row(
         label,
         float(result["loss"]),
         float(result["perplexity"]),
         float(moe.get("mean_global_max_violation", math.nan)),
         float(moe.get("mean_global_min_violation", math.nan)),
+        harness,
     )
 
 
-def collect_rows(out: Path) -> list[tuple[str, float, float, float, float]]:
-    rows = []
-    for name, label in ROWS:
-        result = _load(out / "eval" / f"{name}.json")
-        if result is not None:
-            rows.append(_row(label, result))
+def collect_rows(out: Path) -> list[Row]:
+    """Every evaluated checkpoint of ``out``, in reading order (main rows, then the grid)."""
+    names = list(ROWS)
     # Optional granularity grid (GRID=1 in the script): eval/grid_I<interval>_N<count>.json.
     grid = sorted(
         (out / "eval").glob("grid_*.json"),
@@ -53,15 +74,32 @@ def collect_rows(out: Path) -> list[tuple[str, float, float, float, float]]:
     )
     for path in grid:
         interval, count = (int(x[1:]) for x in path.stem.split("_")[1:])
-        rows.append(_row(f"grid 1-sqrt ({interval} it, {count})", json.loads(path.read_text())))
+        names.append((path.stem, f"grid 1-sqrt ({interval} it, {count})"))
+    rows = []
+    for name, label in names:
+        result = _load(out / "eval" / f"{name}.json")
+        if result is not None:
+            rows.append(_row(label, result, _load(out / "harness" / f"{name}.json")))
     return rows
 
 
-def format_table(rows: list[tuple[str, float, float, float, float]]) -> str:
-    head = "| checkpoint | eval loss | perplexity | mean global max vio | mean global min vio |"
-    lines = [head, "|---|---:|---:|---:|---:|"]
-    for label, loss, ppl, vmax, vmin in rows:
-        lines.append(f"| {label} | {loss:.4f} | {ppl:.2f} | {vmax:.4f} | {vmin:.4f} |")
+def _harness_cell(harness: dict | None, task: str, metric: str, fmt: str) -> str:
+    value = ((harness or {}).get(task) or {}).get(metric)
+    return "—" if value is None else format(float(value), fmt)
+
+
+def format_table(rows: list[Row]) -> str:
+    """Markdown table; the lm-eval columns only when some row has harness scores."""
+    with_harness = any(r.harness for r in rows)
+    extra = list(HARNESS_COLUMNS) if with_harness else []
+    head = ("| checkpoint | eval loss | perplexity | mean global max vio | mean global min vio |"
+            + "".join(f" {h} |" for h in extra))
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
+    for r in rows:
+        cells = "".join(f" {_harness_cell(r.harness, *HARNESS_COLUMNS[h])} |" for h in extra)
+        lines.append(
+            f"| {r.label} | {r.loss:.4f} | {r.ppl:.2f} | {r.vmax:.4f} | {r.vmin:.4f} |" + cells
+        )
     return "\n".join(lines)
 
 

@@ -7,7 +7,10 @@
 # Both runs see the same data in the same order (same seed) and the same number of tokens. Every
 # checkpoint (stable last iterate, decayed, each merge) is evaluated on the held-out split with
 # tools/evaluate.py; one table is printed (and written to $OUT/table.md) and the loss curves with
-# the merge window go to $OUT/wsm_vs_wsd.png.
+# the merge window go to $OUT/wsm_vs_wsd.png. EXPORT=1 also exports each of them to Hugging Face
+# (tools/export_hf.py, to $OUT/hf/NAME) and scores it with lm-evaluation-harness on the held-out
+# tasks (tools/eval_harness.py, to $OUT/harness/NAME.json): extra columns of the table. It needs
+# `pip install -e .[hf]`; on an existing OUT it only adds the exports and scores.
 #
 # Assumes the package's environment is active (README set-up: `. .venv/bin/activate`); it installs
 # nothing. CPU by default (2 gloo processes, EP=2); the trainer uses the GPU by itself when there is
@@ -37,6 +40,8 @@ NPROC=${NPROC:-2}                        # training processes (EP x DP)
 EP=${EP:-2}
 MERGE_NPROC=${MERGE_NPROC:-1}            # merge processes: 1 is fastest for a 4 MB model; raise it for big ones
 GRID=${GRID:-0}                          # 1: also the (interval, count) grid at duration WINDOW_ITERS
+EXPORT=${EXPORT:-0}                      # 1: also HF export + lm-eval scores of every checkpoint
+HARNESS_LIMIT=${HARNESS_LIMIT:-}         # lm-eval items per task (default: all of them)
 EVAL_ITERS=${EVAL_ITERS:-16}             # 16 x 8 x 128 tokens ~ the whole valid split
 DATA_CACHE=${DATA_CACHE:-data_cache}
 MODEL_ARGS=${MODEL_ARGS:-"--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 \
@@ -93,6 +98,25 @@ evaluate() {  # evaluate NAME CKPT: held-out loss/ppl/violations to $OUT/eval/NA
     mv "$OUT/eval/$name.tmp.json" "$OUT/eval/$name.json"
 }
 
+score() {  # score NAME CKPT: HF export to $OUT/hf/NAME, lm-eval scores to $OUT/harness/NAME.json
+    local name=$1 ckpt=$2
+    [ "$EXPORT" = 1 ] || return 0
+    mkdir -p "$OUT/hf" "$OUT/harness"
+    if [ -f "$OUT/harness/$name.json" ]; then return; fi
+    echo "== export + harness $name"
+    # The export appears atomically (temp dir, rename last): an existing dir is a finished one.
+    if [ ! -d "$OUT/hf/$name" ]; then
+        python tools/export_hf.py --load "$ckpt" --save "$OUT/hf/$name" \
+            --data-cache-dir "$DATA_CACHE" > "$OUT/harness/$name.export.log" 2>&1 \
+            || { tail -n 40 "$OUT/harness/$name.export.log"; exit 1; }
+    fi
+    python tools/eval_harness.py --model "$OUT/hf/$name" --data-cache-dir "$DATA_CACHE" \
+        --tasks-dir "$OUT/harness/tasks" ${HARNESS_LIMIT:+--limit "$HARNESS_LIMIT"} \
+        --output-json "$OUT/harness/$name.tmp.json" > "$OUT/harness/$name.log" 2>&1 \
+        || { tail -n 40 "$OUT/harness/$name.log"; exit 1; }
+    mv "$OUT/harness/$name.tmp.json" "$OUT/harness/$name.json"
+}
+
 start=$SECONDS
 train wsd --lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS"
 train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS"
@@ -107,6 +131,11 @@ evaluate wsd "$OUT/wsd/ckpt"
 evaluate merged_1sqrt "$OUT/merged_1sqrt"
 evaluate merged_mean "$OUT/merged_mean"
 evaluate merged_ema "$OUT/merged_ema"
+score stable "$OUT/stable/ckpt"
+score wsd "$OUT/wsd/ckpt"
+score merged_1sqrt "$OUT/merged_1sqrt"
+score merged_mean "$OUT/merged_mean"
+score merged_ema "$OUT/merged_ema"
 
 if [ "$GRID" = 1 ]; then
     # Merge granularity at a fixed duration (the slides' (interval, count) grid, scaled down):
@@ -121,6 +150,7 @@ if [ "$GRID" = 1 ]; then
         done
         merge "grid_I${I}_N$((WINDOW_ITERS / I))" --inputs "${inputs[@]}" --method 1-sqrt
         evaluate "grid_I${I}_N$((WINDOW_ITERS / I))" "$OUT/grid_I${I}_N$((WINDOW_ITERS / I))"
+        score "grid_I${I}_N$((WINDOW_ITERS / I))" "$OUT/grid_I${I}_N$((WINDOW_ITERS / I))"
         I=$((I * 2))
     done
 fi

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -51,9 +52,9 @@ def _bash(script: str, env: dict[str, str], args: list[str] = (), timeout: int =
     return proc
 
 
-def test_wsm_vs_wsd_short(data_cache, tmp_path):
-    out = tmp_path / "wsm_vs_wsd"
-    env = {
+def _short_env(out, data_cache) -> dict[str, str]:
+    """The example's environment for a shortened run into ``out``."""
+    return {
         "OUT": str(out),
         "ITERS": "20",
         "WSM_INTERVAL": "2",  # window of 20 % = 4 iterations: 3 checkpoints
@@ -65,7 +66,18 @@ def test_wsm_vs_wsd_short(data_cache, tmp_path):
         # torchrun start per merge (the 2-rank merge has its own tests).
         "MERGE_NPROC": "1",
     }
-    stdout = _bash("examples/wsm_vs_wsd.sh", env).stdout
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, data_cache):
+    """One shortened run of the example: (its OUT, its env, its stdout)."""
+    out = tmp_path_factory.mktemp("examples") / "wsm_vs_wsd"
+    env = _short_env(out, data_cache)
+    return out, env, _bash("examples/wsm_vs_wsd.sh", env).stdout
+
+
+def test_wsm_vs_wsd_short(short_run):
+    out, env, stdout = short_run
 
     # One table with every checkpoint and finite numbers.
     rows = {}
@@ -99,6 +111,47 @@ def test_wsm_vs_wsd_short(data_cache, tmp_path):
     assert "== evaluate" not in again, again
     table = [line for line in stdout.splitlines() if line.startswith("|")]
     assert table == [line for line in again.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.slow
+def test_wsm_vs_wsd_export_scores_every_checkpoint(short_run, tmp_path):
+    """EXPORT=1 on a finished OUT: no retraining, each checkpoint exported and scored by lm-eval,
+    the scores as extra columns of its own row."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lm_eval")
+    src, env, _ = short_run
+    out = tmp_path / "wsm_vs_wsd"
+    shutil.copytree(src, out)  # the fast test's OUT stays as it was
+    env = {**env, "OUT": str(out), "EXPORT": "1", "HARNESS_LIMIT": "6"}
+    stdout = _bash("examples/wsm_vs_wsd.sh", env, timeout=900).stdout
+    assert "== train" not in stdout and "== evaluate" not in stdout, stdout
+
+    header = next(line for line in stdout.splitlines() if line.startswith("| checkpoint"))
+    assert header.endswith("| lm-eval bits/byte | lm-eval word ppl | cloze acc | cloze acc_norm |")
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in TABLE_ROWS:
+            rows[cells[0]] = [float(x) for x in cells[1:]]
+    assert sorted(rows) == sorted(TABLE_ROWS), stdout
+    for label, (loss, _, _, _, bpb, word_ppl, acc, acc_norm) in rows.items():
+        assert math.isfinite(loss) and 0 < bpb < 20 and word_ppl > 1, (label, rows[label])
+        assert 0 <= acc <= 1 and 0 <= acc_norm <= 1, (label, acc, acc_norm)
+    # Each row scores its own model: the last iterates of the two runs differ.
+    assert rows["WSD (1-sqrt decay)"][4] != rows["WSM stable (last iterate)"][4]
+    assert "cloze acc" in (out / "table.md").read_text()
+
+    names = ["stable", "wsd", "merged_1sqrt", "merged_mean", "merged_ema"]
+    for name in names:
+        prov = json.loads((out / "hf" / name / "wsm_export.json").read_text())
+        assert prov["iteration"] == 20, (name, prov)
+    assert json.loads((out / "hf" / "merged_ema" / "wsm_export.json").read_text())["kind"] \
+        == "merged"
+    assert sorted(p.stem for p in (out / "harness").glob("*.json")) == sorted(names)
+
+    # Resumable: a second EXPORT=1 run exports and scores nothing again.
+    again = _bash("examples/wsm_vs_wsd.sh", env).stdout
+    assert "== export" not in again, again
 
 
 def test_train_multinode_script_on_one_node(data_cache, tmp_path):

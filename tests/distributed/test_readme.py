@@ -97,6 +97,8 @@ def _python_argv(argv: list[str], train_args: list[str], data_cache: str) -> lis
         rest = [*rest, "--data-cache-dir", data_cache, "--eval-iters", "2"]
     if script == "tools/export_hf.py":  # the run's tokenizer lives in its data cache
         rest = [*rest, "--data-cache-dir", data_cache]
+    if script == "tools/eval_harness.py":  # held-out tasks from the same cache; a few items each
+        rest = [*rest, "--data-cache-dir", data_cache, "--limit", "8"]
     return [*head, str(ROOT / script), *rest]
 
 
@@ -114,7 +116,8 @@ def test_readme_parser_sees_every_command():
     commands = readme_commands((ROOT / "README.md").read_text())
     scripts = [c.split(".py")[0].split()[-1] for c in commands]
     assert "pretrain_moe" in scripts[0]
-    for tool in ("list_checkpoints", "wsm_weights", "merge_wsm", "evaluate", "plan_anneal"):
+    for tool in ("list_checkpoints", "wsm_weights", "merge_wsm", "evaluate", "plan_anneal",
+                 "export_hf", "eval_harness"):
         assert any(tool in s for s in scripts), (tool, commands)
     assert sum("--load runs/x/ckpt" in c for c in commands) == 2, commands
     shrunk = shrink(shlex.split(commands[-2]))
@@ -152,6 +155,10 @@ def test_readme_using_it_commands_run(data_cache, tmp_path):
     assert merged["kind"] == "merged" and merged["complete"]
     result = json.loads((tmp_path / "m.json").read_text())
     assert math.isfinite(result["loss"])
+    # lm-eval scored the exported merge on both held-out tasks.
+    harness = json.loads((tmp_path / "h.json").read_text())
+    assert 0.0 <= harness["wsm_heldout_cloze"]["acc"] <= 1.0, harness
+    assert math.isfinite(harness["wsm_heldout_ppl"]["bits_per_byte"]), harness
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
