@@ -145,6 +145,22 @@ def plot(out: Path, png: Path, smooth: int) -> None:
         )
         ax_lr.plot(its, [h["lr"] for h in hist], color=colors[name], lw=1.2)
 
+    # Held-out curves during training: live weights of both runs, and the stable run's merged
+    # readout of its window (--wsm-eval-methods 1-sqrt).
+    for name, run in runs.items():
+        if run is None:
+            continue
+        points = [(h["iteration"], h["valid_loss"]) for h in run["train_history"]
+                  if "valid_loss" in h]
+        if points:
+            ax.plot(*zip(*points), color=colors[name], lw=1, ls="--", marker=".",
+                    label=f"{labels[name].replace('train loss', 'held-out loss')}")
+    readouts = [r for r in (runs.get("stable") or {}).get("wsm_readouts", []) if "loss" in r]
+    if readouts:
+        ax.plot([r["iteration"] for r in readouts], [r["loss"] for r in readouts],
+                color="tab:blue", lw=1.5, marker="o", ms=4,
+                label="held-out loss of the merged window (1-sqrt readout, in training)")
+
     # Held-out losses of the final checkpoints, drawn at the last iteration.
     markers = {
         "stable": ("tab:gray", "o"),

@@ -47,6 +47,11 @@ DATA_CACHE=${DATA_CACHE:-data_cache}
 MODEL_ARGS=${MODEL_ARGS:-"--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 \
 --moe-router-topk 2 --seq-length 128 --micro-batch-size 4 --global-batch-size 8"}
 LOG_INTERVAL=${LOG_INTERVAL:-10}
+# Held-out curves: both runs evaluate every EVAL_INTERVAL iterations (a multiple of
+# WSM_INTERVAL), and the stable run also reads out its merged window there
+# (--wsm-eval-methods 1-sqrt: the merge built in memory, training unchanged).
+EVAL_INTERVAL=${EVAL_INTERVAL:-$(( ITERS / 10 / WSM_INTERVAL * WSM_INTERVAL ))}
+[ "$EVAL_INTERVAL" -gt 0 ] || EVAL_INTERVAL=$WSM_INTERVAL
 
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
@@ -118,8 +123,10 @@ score() {  # score NAME CKPT: HF export to $OUT/hf/NAME, lm-eval scores to $OUT/
 }
 
 start=$SECONDS
-train wsd --lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS"
-train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS"
+train wsd --lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS" \
+    --eval-interval "$EVAL_INTERVAL"
+train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS" \
+    --eval-interval "$EVAL_INTERVAL" --wsm-eval-methods 1-sqrt
 
 WINDOW=(--load-dir "$OUT/stable/ckpt/wsm_window" --window-iters "$WINDOW_ITERS")
 merge merged_1sqrt "${WINDOW[@]}" --method 1-sqrt

@@ -429,7 +429,7 @@ def train(
     readout: Callable[[Components], list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run iterations until ``--train-iters``; returns ``{iteration, loss, lr, grad_norm}`` of
-    every iteration of this call.
+    every iteration of this call (plus ``valid_loss`` at evaluation iterations).
 
     ``hooks`` run after every iteration (checkpoint saving lives there); ``readout`` runs after
     each periodic evaluation and returns more evaluations to log beside it (the merged window,
@@ -466,6 +466,8 @@ def train(
                 hook(comp)
             if cfg.eval_interval and comp.state.iteration % cfg.eval_interval == 0:
                 live = evaluate(comp)
+                # The held-out loss joins that iteration's row (curves from --output-json).
+                history[-1]["valid_loss"] = live["loss"]
                 logger.eval(live, readout(comp) if readout is not None else [])
             if should_exit(comp):
                 print_rank0(f"exiting at iteration {comp.state.iteration} (--exit-interval)")
