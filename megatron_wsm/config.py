@@ -95,7 +95,15 @@ class ModelConfig:
     vocab_size: int | None = _f(None, flag=None, shape=True)
     position_embedding_type: str = _f("rope", flag=None, shape=True)
     normalization: str = _f("RMSNorm", flag=None, shape=True)
-    untie_embeddings_and_output_weights: bool = _f(True, flag=None, shape=True)
+    untie_embeddings_and_output_weights: bool = _f(
+        True,
+        "share the input embedding with the output layer (Megatron-LM ties by default and "
+        "unties with --untie-embeddings-and-output-weights; this project unties by default)",
+        flag="--tie-embeddings-and-output-weights",
+        dest="tie_embeddings_and_output_weights",
+        convert=_negate,
+        shape=True,
+    )
     hidden_dropout: float = _f(0.0, flag=None)
     attention_dropout: float = _f(0.0, flag=None)
     init_method_std: float = _f(0.02, flag=None)

@@ -114,6 +114,25 @@ def test_export_matches_our_model(tiny_ckpt, data_cache, tmp_path):
 
 
 @pytest.mark.slow
+def test_export_tied_embeddings(data_cache, tmp_path):
+    """A model trained with tied input/output embeddings exports as tie_word_embeddings (no
+    lm_head tensor) and matches our model."""
+    run_pretrain([*TINY_MODEL, "--tie-embeddings-and-output-weights", "--train-iters", "3",
+                  "--save", tmp_path / "ckpt", "--data-cache-dir", data_cache],
+                 tmp_path / "t.json")
+    ckpt = tmp_path / "ckpt" / "iter_0000003"
+    hf = tmp_path / "hf"
+    export(ckpt, hf, "--data-cache-dir", data_cache)
+    assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
+    from safetensors import safe_open
+
+    with safe_open(hf / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    check_parity(hf, reference(ckpt, tmp_path, data_cache, tokens), tokens)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_export_parallel_layouts(layout, data_cache, tmp_path):
     run_pretrain([*TINY_MODEL, *GQA, *LAYOUTS[layout], "--train-iters", "4", "--save",
