@@ -14,6 +14,11 @@ The directory is built under a temporary name and renamed into place, so it is e
 or absent; a second call with the same settings only reads ``stamp.json``. Concurrent callers
 (every torchrun rank) serialise on an exclusive ``fcntl.flock`` of ``<out_dir>/.lock``: the first
 builds, the others then find the cache. Different settings get different directories and coexist.
+
+:func:`prepare_env_python_data` does the same for the ``env-python`` corpus
+(:mod:`megatron_wsm.data.env_python`) in ``<out_dir>/env-python-<settings key>/``, with
+``files.tsv`` (selected names, split, bytes) instead of ``corpus/*.jsonl``, its own lock
+(``<out_dir>/.lock-env-python``) and optional progress bars for its one-time build.
 """
 
 from __future__ import annotations
