@@ -23,7 +23,7 @@ from megatron_wsm.data.env_python import (
 )
 from megatron_wsm.data.prepare import prepare_env_python_data
 from megatron_wsm.testing.config import TINY_MODEL
-from megatron_wsm.testing.launch import run_pretrain
+from megatron_wsm.testing.launch import run_pretrain, run_script
 
 #: A slice of this interpreter's stdlib with at least one valid and one test file (19 files on
 #: CPython 3.11; the selection is a prefix of the sorted stdlib, so it grows only by ~files).
@@ -264,3 +264,35 @@ def test_trainer_runs_on_an_env_python_slice(tmp_path) -> None:
     assert len(built) == 1 and built[0].startswith("env-python-py")
     stamp = json.loads((cache / built[0] / "stamp.json").read_text())
     assert (stamp["max_bytes"], stamp["vocab_size"]) == (SLICE_BYTES, 512)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_evaluate_tool_rebuilds_the_env_python_data_from_the_manifest(tmp_path) -> None:
+    cache, ckpt = tmp_path / "cache", tmp_path / "ckpt"
+    trained = run_pretrain(
+        [
+            *TINY_MODEL,
+            "--data-source",
+            "env-python",
+            "--data-max-bytes",
+            str(SLICE_BYTES),
+            "--data-cache-dir",
+            str(cache),
+            "--train-iters",
+            "2",
+            "--save",
+            str(ckpt),
+        ],
+        tmp_path / "train.json",
+    )
+    out = tmp_path / "eval.json"
+    # the trainer's evaluation set (evaluate.py defaults to the whole split, other batch sizes)
+    same_eval = ["--eval-iters", "2", "--global-batch-size", "4", "--micro-batch-size", "2"]
+    run_script("tools/evaluate.py", ["--load", ckpt, *same_eval, "--output-json", out])
+    evaluated = json.loads(out.read_text())
+    # the same held-out samples of the same slice: the trainer's final validation, exactly
+    assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    # no embedded corpus was built on the way: the manifest's data_source was used
+    built = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(built) == 2 and built[0].startswith("env-python-py") and built[1] == "index_cache"
