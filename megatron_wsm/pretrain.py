@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,8 +31,11 @@ from megatron_wsm.training import (
     write_json,
 )
 
+if TYPE_CHECKING:
+    from megatron_wsm.data.prepare import PreparedData
 
-def prepare_builtin_data(cfg: RunConfig) -> Any:
+
+def prepare_builtin_data(cfg: RunConfig) -> PreparedData:
     """The cached tokenizer and indexed datasets of ``--data-source`` (built on first use).
 
     Every rank calls this; the cache's file lock lets exactly one process build, and that one
