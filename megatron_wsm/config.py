@@ -301,6 +301,11 @@ class OptimizerSettings:
             raise ConfigError(str(e)) from e
 
 
+#: Built-in corpora selectable with ``--data-source`` (``megatron_wsm.data``: ``corpus.py``,
+#: ``env_python.py``).
+DATA_SOURCES = ("embedded", "env-python")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where training tokens come from."""
@@ -316,9 +321,36 @@ class DataConfig:
     tokenizer_model: str | None = _f(None, "sentencepiece .model file")
     data_cache_dir: str = _f("data_cache", "embedded corpus cache")
     vocab_size: int = _f(4096, "embedded tokenizer vocabulary")
+    data_source: str = _f(
+        "embedded",
+        "built-in corpus without --data-path: embedded (CPython's help topics and docstrings, "
+        "1.5 MB) or env-python (the .py files of this interpreter's stdlib and site-packages, "
+        "hundreds of MB; pass e.g. --vocab-size 16384; built once into --data-cache-dir)",
+        choices=list(DATA_SOURCES),
+    )
+    data_max_bytes: int | None = _f(
+        None,
+        "env-python: use only the first files of its selection, up to this many bytes of text "
+        "(a quick slice); default: all",
+    )
 
     def validate(self) -> None:
-        """The dataset and tokenizer files exist and belong together."""
+        """The dataset and tokenizer files exist and belong together; the built-in corpus
+        options are consistent."""
+        if self.data_source not in DATA_SOURCES:
+            raise ConfigError(
+                f"--data-source {self.data_source!r}: choose one of {', '.join(DATA_SOURCES)}"
+            )
+        if self.data_path is not None and self.data_source != "embedded":
+            raise ConfigError(
+                f"--data-source {self.data_source} selects a built-in corpus; --data-path "
+                "replaces it (give one of the two)"
+            )
+        if self.data_max_bytes is not None:
+            if self.data_source != "env-python":
+                raise ConfigError("--data-max-bytes applies to --data-source env-python only")
+            if self.data_max_bytes <= 0:
+                raise ConfigError(f"--data-max-bytes must be positive, got {self.data_max_bytes}")
         path = self.data_path
         if path is not None and not (
             os.path.exists(path + ".bin") and os.path.exists(path + ".idx")

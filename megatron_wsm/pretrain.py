@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,29 @@ from megatron_wsm.training import (
     write_json,
 )
 
+if TYPE_CHECKING:
+    from megatron_wsm.data.prepare import PreparedData
+
+
+def prepare_builtin_data(cfg: RunConfig) -> PreparedData:
+    """The cached tokenizer and indexed datasets of ``--data-source`` (built on first use).
+
+    Every rank calls this; the cache's file lock lets exactly one process build, and that one
+    shows the progress bars (unless ``--no-progress-bar``).
+    """
+    from megatron_wsm.data.prepare import prepare_embedded_data, prepare_env_python_data
+
+    d, t = cfg.data, cfg.training
+    if d.data_source == "env-python":
+        return prepare_env_python_data(
+            d.data_cache_dir,
+            vocab_size=d.vocab_size,
+            seed=t.seed,
+            max_bytes=d.data_max_bytes,
+            progress=t.progress_bar,
+        )
+    return prepare_embedded_data(d.data_cache_dir, vocab_size=d.vocab_size, seed=t.seed)
+
 
 def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     """Tokenizer and train/valid/test GPTDatasets; returns (datasets, vocab size, description)."""
@@ -43,11 +66,7 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     held_out = t.eval_iters * t.global_batch_size if t.eval_iters > 0 else None
     num_samples = (max(t.train_iters, 1) * t.global_batch_size, held_out, held_out)
     if cfg.data.data_path is None:
-        from megatron_wsm.data.prepare import prepare_embedded_data
-
-        prepared = prepare_embedded_data(
-            cfg.data.data_cache_dir, vocab_size=cfg.data.vocab_size, seed=t.seed
-        )
+        prepared = prepare_builtin_data(cfg)
         tokenizer = SentencePieceTokenizer(prepared.tokenizer_model)
         train_ds, valid_ds, test_ds = build_gpt_datasets(
             prepared.train_prefix,
@@ -62,7 +81,7 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
             # [1, S, S] mask per sample would be built for nothing.
             create_attention_mask=False,
         )
-        source = f"embedded corpus (cache: {cfg.data.data_cache_dir})"
+        source = f"{cfg.data.data_source} corpus (cache: {cfg.data.data_cache_dir})"
     else:
         assert cfg.data.tokenizer_model is not None
         tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)

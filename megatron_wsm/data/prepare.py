@@ -14,6 +14,11 @@ The directory is built under a temporary name and renamed into place, so it is e
 or absent; a second call with the same settings only reads ``stamp.json``. Concurrent callers
 (every torchrun rank) serialise on an exclusive ``fcntl.flock`` of ``<out_dir>/.lock``: the first
 builds, the others then find the cache. Different settings get different directories and coexist.
+
+:func:`prepare_env_python_data` does the same for the ``env-python`` corpus
+(:mod:`megatron_wsm.data.env_python`) in ``<out_dir>/env-python-<settings key>/``, with
+``files.tsv`` (selected names, split, bytes) instead of ``corpus/*.jsonl``, its own lock
+(``<out_dir>/.lock-env-python``) and optional progress bars for its one-time build.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +44,22 @@ from megatron_wsm.data.corpus import (
     split_documents,
     write_jsonl,
 )
+from megatron_wsm.data.env_python import (
+    ENV_PYTHON_VERSION,
+    MAX_FILE_BYTES,
+    SourceRoot,
+    environment_fingerprint,
+    list_source_files,
+    select_documents,
+    source_roots,
+)
 
 #: Bump when the layout or the preparation recipe changes (invalidates every cache).
 PREPARE_FORMAT = 1
 STAMP_NAME = "stamp.json"
+
+#: Default vocabulary of the ``env-python`` corpus (≈ 150x the embedded corpus's text).
+ENV_PYTHON_VOCAB_SIZE = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +97,10 @@ def _settings(vocab_size: int, seed: int, valid_fraction: float, test_fraction: 
     }
 
 
-def _settings_key(settings: dict) -> str:
+def _settings_key(settings: dict, source: str = "embedded") -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
     major, minor = sys.version_info[:2]
-    return f"embedded-py{major}{minor}-v{settings['vocab_size']}-{digest[:12]}"
+    return f"{source}-py{major}{minor}-v{settings['vocab_size']}-{digest[:12]}"
 
 
 def _result(root: Path, stats: dict[str, Any]) -> PreparedData:
@@ -205,22 +222,39 @@ def prepare_embedded_data(
     without recomputing the corpus). The held-out split is by document name, so valid/test are
     the same on every run with the same Python version and fractions.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = _settings(vocab_size, seed, valid_fraction, test_fraction)
-    root = out / _settings_key(settings)
-    with file_lock(out / ".lock"):
+    return _cached_build(
+        Path(out_dir),
+        "embedded",
+        ".lock",
+        settings,
+        lambda tmp: _build(tmp, settings, vocab_size, seed),
+    )
+
+
+def _cached_build(
+    out: Path,
+    source: str,
+    lock_name: str,
+    settings: dict,
+    build: Callable[[Path], dict[str, Any]],
+) -> PreparedData:
+    """The cached ``<source>-...`` directory of ``settings`` under ``out``, built by ``build``
+    (which fills a temporary directory and returns the stats) when missing or stale."""
+    out.mkdir(parents=True, exist_ok=True)
+    root = out / _settings_key(settings, source)
+    with file_lock(out / lock_name):
         cached = _load_if_complete(root, settings)
         if cached is not None:
             return cached
         # Leftovers of killed runs: nobody else is building while we hold the lock.
-        for stale in out.glob(".tmp-embedded-*"):
+        for stale in out.glob(f".tmp-{source}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-embedded-", dir=out))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{source}-", dir=out))
         try:
-            stats = _build(tmp, settings, vocab_size, seed)
+            stats = build(tmp)
             if root.exists():  # incomplete or foreign content under our name: replace it
-                trash = Path(tempfile.mkdtemp(prefix=".tmp-embedded-old-", dir=out))
+                trash = Path(tempfile.mkdtemp(prefix=f".tmp-{source}-old-", dir=out))
                 os.replace(root, trash / "old")
                 shutil.rmtree(trash, ignore_errors=True)
             os.replace(tmp, root)
@@ -228,3 +262,171 @@ def prepare_embedded_data(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return _result(root, stats)
+
+
+def _env_python_settings(
+    vocab_size: int,
+    seed: int,
+    valid_fraction: float,
+    test_fraction: float,
+    max_bytes: int | None,
+    max_file_bytes: int,
+    roots: tuple[SourceRoot, ...],
+) -> dict:
+    import sentencepiece
+
+    return {
+        "prepare_format": PREPARE_FORMAT,
+        "env_python_version": ENV_PYTHON_VERSION,
+        "vocab_size": vocab_size,
+        "seed": seed,
+        "valid_fraction": valid_fraction,
+        "test_fraction": test_fraction,
+        "max_bytes": max_bytes,
+        "max_file_bytes": max_file_bytes,
+        # The corpus is this environment's files: another Python or package set, another corpus.
+        "environment": environment_fingerprint(roots),
+        "python_implementation": sys.implementation.name,
+        "sentencepiece": sentencepiece.__version__,
+    }
+
+
+def _bar(progress: bool, total: int, desc: str) -> Any:
+    """A tqdm byte counter (a disabled one when ``progress`` is off)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False
+    )
+
+
+def _build_env_python(
+    tmp: Path,
+    settings: dict,
+    roots: tuple[SourceRoot, ...],
+    progress: bool,
+) -> dict[str, Any]:
+    """Select, split, train the tokenizer and tokenize into ``tmp``; returns the stats."""
+    from megatron_wsm.data.indexed import write_indexed_dataset
+    from megatron_wsm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    t0 = time.perf_counter()
+    files, too_large = list_source_files(roots, settings["max_file_bytes"])
+    total = sum(f.size for f in files)
+    if settings["max_bytes"] is not None:
+        total = min(total, settings["max_bytes"])
+    with _bar(progress, total, "env-python: read") as bar:
+        docs, selection = select_documents(files, settings["max_bytes"], bar.update)
+    selection.too_large = too_large
+    splits = split_documents(docs, settings["valid_fraction"], settings["test_fraction"])
+    for split in SPLITS:
+        if not splits[split]:
+            raise RuntimeError(
+                f"the env-python split {split!r} is empty ({len(docs)} files selected); "
+                "raise max_bytes or change the fractions"
+            )
+    # Names, not texts: the texts are the environment's own files (a copy would double the
+    # cache), and the list is what an audit of the selection and the split needs.
+    with open(tmp / "files.tsv", "w", encoding="utf-8") as f:
+        f.write("name\tsplit\tbytes\n")
+        for split in SPLITS:
+            for doc in splits[split]:
+                f.write(f"{doc.name}\t{split}\t{len(doc.text.encode('utf-8'))}\n")
+    t_corpus = time.perf_counter()
+
+    if progress:
+        print(
+            f"env-python: training a {settings['vocab_size']}-piece tokenizer on "
+            f"{len(splits['train'])} files (one-time, single thread)",
+            file=sys.stderr,
+            flush=True,
+        )
+    model_path = train_sentencepiece(
+        (d.text for d in splits["train"]),
+        tmp / "tokenizer",
+        vocab_size=settings["vocab_size"],
+        seed=settings["seed"],
+    )
+    tokenizer = SentencePieceTokenizer(model_path)
+    t_tokenizer = time.perf_counter()
+
+    stats: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "vocab_size": tokenizer.vocab_size,
+        "roots": [[r.label, r.path] for r in roots],
+        "selection": dataclasses.asdict(selection),
+        "splits": {},
+    }
+    for split in SPLITS:
+        split_bytes = sum(len(d.text.encode("utf-8")) for d in splits[split])
+        with _bar(progress, split_bytes, f"env-python: tokenize {split}") as bar:
+            written = write_indexed_dataset(
+                (d.text for d in splits[split]),
+                tokenizer,
+                tmp / split,
+                append_eod=True,
+                on_document=bar.update,
+            )
+        stats["splits"][split] = {
+            "documents": written.documents,
+            "bytes": written.text_bytes,
+            "tokens": written.tokens,
+        }
+    t_end = time.perf_counter()
+    stats["seconds"] = {
+        "corpus": round(t_corpus - t0, 3),
+        "tokenizer": round(t_tokenizer - t_corpus, 3),
+        "tokenize": round(t_end - t_tokenizer, 3),
+    }
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    (tmp / STAMP_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return stats
+
+
+def prepare_env_python_data(
+    out_dir: str | os.PathLike[str],
+    vocab_size: int = ENV_PYTHON_VOCAB_SIZE,
+    seed: int = 1234,
+    *,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    max_bytes: int | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    roots: tuple[SourceRoot, ...] | None = None,
+    progress: bool = False,
+) -> PreparedData:
+    """Build (or reuse) the ``env-python`` corpus's tokenizer and indexed datasets.
+
+    The same outputs as :func:`prepare_embedded_data` (``files.tsv``, the selected names with
+    their split, replaces ``corpus/*.jsonl``) in ``<out_dir>/env-python-<settings key>/``,
+    serialised on ``<out_dir>/.lock-env-python`` (so a long build does not hold up embedded-corpus
+    runs sharing the directory).
+
+    Args:
+        out_dir: cache directory (created); shared with the embedded corpus is fine.
+        vocab_size: SentencePiece vocabulary size.
+        seed: SentencePiece training seed.
+        valid_fraction: expected fraction of *files* held out for validation.
+        test_fraction: expected fraction of *files* held out for test.
+        max_bytes: use only the first files of the selection, until their texts reach this many
+            bytes (a quick slice); None: all.
+        max_file_bytes: skip files larger than this.
+        roots: the directories to draw from (default: :func:`source_roots` of this interpreter).
+        progress: show tqdm bars while building (the cache hit prints nothing).
+
+    The cache key includes the Python version, the roots and the installed distributions
+    (:func:`environment_fingerprint`): installing or upgrading a package means a rebuild.
+    """
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+    roots = source_roots() if roots is None else roots
+    settings = _env_python_settings(
+        vocab_size, seed, valid_fraction, test_fraction, max_bytes, max_file_bytes, roots
+    )
+    return _cached_build(
+        Path(out_dir),
+        "env-python",
+        ".lock-env-python",
+        settings,
+        lambda tmp: _build_env_python(tmp, settings, roots, progress),
+    )
