@@ -20,32 +20,64 @@
 # reprints the table; an interrupted training stage is restarted from scratch. Shortened run for
 # CI: ITERS=20 WSM_INTERVAL=2 EVAL_ITERS=2 OUT=/tmp/x bash examples/wsm_vs_wsd.sh
 #
-# Default settings: 8 min measured on 2 shared CPU cores, no GPU (see docs/results.md).
+# Default settings (PRESET=tiny): 8 min measured on 2 shared CPU cores, no GPU (docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# ---- presets (PRESET=tiny | cpu-medium | gpu); every setting below still overrides them ----
+#   tiny        the default: 0.95 M parameters on the embedded docs corpus, 8 min on 2 CPU cores
+#   cpu-medium  7.6 M parameters (4 layers, 8 experts), the env-python corpus at a 16 K
+#               vocabulary (61 M training tokens, built once), 1000 iterations of 4 K tokens:
+#               4.1 M tokens, well under one epoch; resumable inside a training (full
+#               checkpoints every 100 iterations); measured time in docs/results.md
+#   gpu         ~110 M parameters (12 layers, hidden 768, 8 experts), bf16, TE when present,
+#               1 GPU, 900 iterations of 64 K tokens = 59 M tokens: one pass over env-python
+PRESET=${PRESET:-tiny}
+case "$PRESET" in
+    tiny)
+        P_OUT=runs/wsm_vs_wsd P_ITERS=800 P_LR=6e-3 P_EVAL_ITERS=16 P_NPROC=2 P_EP=2
+        P_SAVE_INTERVAL=0 P_DATA_ARGS=""
+        P_MODEL_ARGS="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 \
+--moe-router-topk 2 --seq-length 128 --micro-batch-size 4 --global-batch-size 8" ;;
+    cpu-medium)
+        P_OUT=runs/wsm_vs_wsd_cpu_medium P_ITERS=1000 P_LR=3e-3 P_EVAL_ITERS=32 P_NPROC=2 P_EP=2
+        P_SAVE_INTERVAL=100 P_DATA_ARGS="--data-source env-python --vocab-size 16384"
+        P_MODEL_ARGS="--num-layers 4 --hidden-size 128 --num-attention-heads 4 --num-experts 8 \
+--moe-router-topk 2 --moe-ffn-hidden-size 256 --seq-length 256 --micro-batch-size 4 \
+--global-batch-size 16" ;;
+    gpu)
+        P_OUT=runs/wsm_vs_wsd_gpu P_ITERS=900 P_LR=1e-3 P_EVAL_ITERS=32 P_NPROC=1 P_EP=1
+        P_SAVE_INTERVAL=300 P_DATA_ARGS="--data-source env-python --vocab-size 16384"
+        P_MODEL_ARGS="--num-layers 12 --hidden-size 768 --num-attention-heads 12 \
+--num-query-groups 4 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 1536 \
+--seq-length 1024 --micro-batch-size 8 --global-batch-size 64 --bf16" ;;
+    *) echo "PRESET=$PRESET: use tiny, cpu-medium or gpu" >&2; exit 2 ;;
+esac
+
 # ---- settings (override from the environment) ----
-OUT=${OUT:-runs/wsm_vs_wsd}
-ITERS=${ITERS:-800}                      # training iterations of each run (equal tokens)
+OUT=${OUT:-$P_OUT}
+ITERS=${ITERS:-$P_ITERS}                 # training iterations of each run (equal tokens)
 DECAY_FRAC_PCT=${DECAY_FRAC_PCT:-20}     # WSD decays over the last 20 % of ITERS
 DECAY_ITERS=${DECAY_ITERS:-$((ITERS * DECAY_FRAC_PCT / 100))}
 WINDOW_ITERS=${WINDOW_ITERS:-$DECAY_ITERS}  # merge duration = decay duration (the fair comparison)
 WSM_INTERVAL=${WSM_INTERVAL:-10}         # window checkpoint every N iterations
 EMA_ALPHA=${EMA_ALPHA:-0.2}              # weight of the newest checkpoint in the EMA merge
-LR=${LR:-6e-3}                           # high enough that decaying/merging visibly helps
+LR=${LR:-$P_LR}                          # high enough that decaying/merging visibly helps
 MIN_LR=${MIN_LR:-0}                      # the decay goes to 0, as the 1-sqrt merge emulates
 WARMUP=${WARMUP:-$((ITERS / 20))}
 SEED=${SEED:-1234}
-NPROC=${NPROC:-2}                        # training processes (EP x DP)
-EP=${EP:-2}
+NPROC=${NPROC:-$P_NPROC}                 # training processes (EP x DP)
+EP=${EP:-$P_EP}
 MERGE_NPROC=${MERGE_NPROC:-1}            # merge processes: 1 is fastest for a 4 MB model; raise it for big ones
 GRID=${GRID:-0}                          # 1: also the (interval, count) grid at duration WINDOW_ITERS
 EXPORT=${EXPORT:-0}                      # 1: also HF export + lm-eval scores of every checkpoint
 HARNESS_LIMIT=${HARNESS_LIMIT:-}         # lm-eval items per task (default: all of them)
-EVAL_ITERS=${EVAL_ITERS:-16}             # 16 x 8 x 128 tokens ~ the whole valid split
+EVAL_ITERS=${EVAL_ITERS:-$P_EVAL_ITERS}  # tiny: 16 x 8 x 128 tokens ~ the whole valid split
 DATA_CACHE=${DATA_CACHE:-data_cache}
-MODEL_ARGS=${MODEL_ARGS:-"--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 \
---moe-router-topk 2 --seq-length 128 --micro-batch-size 4 --global-batch-size 8"}
+MODEL_ARGS=${MODEL_ARGS:-$P_MODEL_ARGS}
+DATA_ARGS=${DATA_ARGS-$P_DATA_ARGS}      # where the tokens come from (recorded in checkpoints)
+SAVE_INTERVAL=${SAVE_INTERVAL:-$P_SAVE_INTERVAL}  # >0: full checkpoints to resume a training from
+DRY_RUN=${DRY_RUN:-0}                    # 1: print the training commands, run nothing
 LOG_INTERVAL=${LOG_INTERVAL:-10}
 # Held-out curves: both runs evaluate every EVAL_INTERVAL iterations (a multiple of
 # WSM_INTERVAL), and the stable run also reads out its merged window there
@@ -68,17 +100,28 @@ launch() {  # launch NPROC SCRIPT ARGS...: torchrun for >1 process, plain python
 train() {  # train NAME EXTRA_FLAGS...: one run to $OUT/NAME, skipped when its result exists
     local name=$1; shift
     local dir="$OUT/$name"
+    local save_every=$ITERS resume=()
+    [ "$SAVE_INTERVAL" -gt 0 ] && save_every=$SAVE_INTERVAL
+    # shellcheck disable=SC2206
+    local cmd=(pretrain_moe.py --expert-model-parallel-size "$EP" $MODEL_ARGS $DATA_ARGS
+        --train-iters "$ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP"
+        --seed "$SEED" --save "$dir/ckpt" --save-interval "$save_every"
+        --tensorboard-dir "$dir/tb" --log-interval "$LOG_INTERVAL" --eval-interval 0
+        --eval-iters "$EVAL_ITERS" --data-cache-dir "$DATA_CACHE" --no-progress-bar
+        --output-json "$dir/result.tmp.json" "$@")
+    if [ "$DRY_RUN" = 1 ]; then echo "train $name: ${cmd[*]}"; return; fi
     if [ -f "$dir/result.json" ]; then echo "== $name: done, reusing $dir"; return; fi
-    # A run killed half-way left checkpoints of an unfinished run: start it again cleanly.
-    rm -rf "$dir"; mkdir -p "$dir"
+    if [ "$SAVE_INTERVAL" -gt 0 ] && [ -f "$dir/ckpt/latest_checkpointed_iteration.txt" ]; then
+        # Go on from the newest complete full checkpoint (bit-exact: optimizer, RNG, data
+        # position); result.json then holds the history of the resumed part only.
+        resume=(--load "$dir/ckpt")
+        echo "== train $name: resuming from iteration $(cat "$dir/ckpt/latest_checkpointed_iteration.txt")"
+    else
+        # A run killed before its first full checkpoint: start it again cleanly.
+        rm -rf "$dir"; mkdir -p "$dir"
+    fi
     echo "== train $name: $ITERS iterations $*"
-    # shellcheck disable=SC2086
-    launch "$NPROC" pretrain_moe.py --expert-model-parallel-size "$EP" $MODEL_ARGS \
-        --train-iters "$ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" \
-        --seed "$SEED" --save "$dir/ckpt" --save-interval "$ITERS" \
-        --tensorboard-dir "$dir/tb" --log-interval "$LOG_INTERVAL" --eval-interval 0 \
-        --eval-iters "$EVAL_ITERS" --data-cache-dir "$DATA_CACHE" --no-progress-bar \
-        --output-json "$dir/result.tmp.json" "$@" > "$dir/train.log" 2>&1 \
+    launch "$NPROC" "${cmd[@]}" "${resume[@]}" >> "$dir/train.log" 2>&1 \
         || { tail -n 40 "$dir/train.log"; exit 1; }
     mv "$dir/result.tmp.json" "$dir/result.json"   # last: its presence means the stage is done
 }
@@ -128,6 +171,7 @@ train wsd --lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters 
 train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS" \
     --eval-interval "$EVAL_INTERVAL" --wsm-eval-methods 1-sqrt
 
+[ "$DRY_RUN" = 1 ] && exit 0
 WINDOW=(--load-dir "$OUT/stable/ckpt/wsm_window" --window-iters "$WINDOW_ITERS")
 merge merged_1sqrt "${WINDOW[@]}" --method 1-sqrt
 merge merged_mean "${WINDOW[@]}" --method mean

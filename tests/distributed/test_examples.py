@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -65,6 +66,7 @@ def _short_env(out, data_cache) -> dict[str, str]:
         # Training keeps the example's 2-process EP=2 launch; merging on one process saves a
         # torchrun start per merge (the 2-rank merge has its own tests).
         "MERGE_NPROC": "1",
+        "EVAL_INTERVAL": "10",  # held-out points (and the stable run's readout) at 10 and 20
     }
 
 
@@ -104,6 +106,12 @@ def test_wsm_vs_wsd_short(short_run):
     assert wsd["train_history"][-1]["lr"] < stable["train_history"][-1]["lr"]
     merge = json.loads((out / "merged_1sqrt" / "wsm_merge_provenance.json").read_text())
     assert [i["iteration"] for i in merge["inputs"]] == [16, 18, 20]
+    # The held-out curve points and the stable run's own 1-sqrt readout of its window.
+    assert [h["iteration"] for h in wsd["train_history"] if "valid_loss" in h] == [10, 20]
+    readouts = [r for r in stable["wsm_readouts"] if "loss" in r]
+    assert [r["iteration"] for r in readouts] == [10, 20]
+    assert readouts[-1]["merge"]["coefficients"] == pytest.approx(
+        [i["coefficient"] for i in merge["inputs"]])
 
     # Resumable: a second run skips every stage and prints the same table.
     again = _bash("examples/wsm_vs_wsd.sh", env).stdout
@@ -111,6 +119,52 @@ def test_wsm_vs_wsd_short(short_run):
     assert "== evaluate" not in again, again
     table = [line for line in stdout.splitlines() if line.startswith("|")]
     assert table == [line for line in again.splitlines() if line.startswith("|")]
+
+
+# ids: a test id "gpu" would carry the `gpu` keyword, which skips the test on CPU machines.
+@pytest.mark.parametrize("preset", ["tiny", "cpu-medium", "gpu"],
+                         ids=["tiny", "cpu-medium", "gpu-preset"])
+def test_wsm_vs_wsd_presets_give_valid_runs(preset, tmp_path):
+    """Each preset's two training commands (DRY_RUN=1 prints them) are valid trainer
+    configurations at its process count: flags exist, the evaluation interval is a multiple of
+    the window interval, the batch divides, equal tokens in both runs."""
+    from megatron_wsm.arguments import parse_run_config
+
+    stdout = _bash("examples/wsm_vs_wsd.sh",
+                   {"PRESET": preset, "DRY_RUN": "1", "OUT": str(tmp_path)}).stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("train ")]
+    assert [line.split(":")[0] for line in lines] == ["train wsd", "train stable"], stdout
+    tokens = set()
+    for line in lines:
+        argv = shlex.split(line.split(": ", 1)[1])
+        assert argv[0] == "pretrain_moe.py"
+        cfg, _ = parse_run_config(argv[1:])
+        world = 1 if preset == "gpu" else 2
+        cfg.validate(world_size=world, cuda=False)
+        tokens.add(cfg.training.train_iters * cfg.training.global_batch_size
+                   * cfg.model.seq_length)
+        if preset != "tiny":
+            assert cfg.data.data_source == "env-python" and cfg.data.vocab_size == 16384
+    assert len(tokens) == 1
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_cpu_medium_preset_trains(data_cache, tmp_path):
+    """The cpu-medium preset's own model and data source for a few iterations (a 3 MB slice of
+    the env-python corpus instead of all of it), through the example's whole pipeline."""
+    out = tmp_path / "medium"
+    env = {"PRESET": "cpu-medium", "OUT": str(out), "ITERS": "6", "WSM_INTERVAL": "2",
+           "EVAL_ITERS": "1", "LOG_INTERVAL": "1", "MERGE_NPROC": "1",
+           "DATA_CACHE": str(tmp_path / "cache"),
+           "DATA_ARGS": "--data-source env-python --data-max-bytes 3000000 --vocab-size 1024"}
+    stdout = _bash("examples/wsm_vs_wsd.sh", env, timeout=600).stdout
+    assert "WSM merge 1-sqrt" in stdout
+    stable = json.loads((out / "stable" / "result.json").read_text())
+    assert stable["iteration"] == 6 and math.isfinite(stable["loss"])
+    manifest = json.loads((out / "stable" / "ckpt" / "iter_0000006" / "wsm_manifest.json")
+                          .read_text())
+    run = manifest["extra"]["run"]
+    assert run["model"]["num_experts"] == 8 and run["data"]["data_source"] == "env-python"
 
 
 @pytest.mark.slow
