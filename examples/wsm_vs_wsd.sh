@@ -27,11 +27,13 @@ cd "$(dirname "$0")/.."
 # ---- presets (PRESET=tiny | cpu-medium | gpu); every setting below still overrides them ----
 #   tiny        the default: 0.95 M parameters on the embedded docs corpus, 8 min on 2 CPU cores
 #   cpu-medium  7.6 M parameters (4 layers, 8 experts), the env-python corpus at a 16 K
-#               vocabulary (61 M training tokens, built once), 1000 iterations of 4 K tokens:
-#               4.1 M tokens, well under one epoch; resumable inside a training (full
-#               checkpoints every 100 iterations); measured time in docs/results.md
-#   gpu         ~110 M parameters (12 layers, hidden 768, 8 experts), bf16, TE when present,
-#               1 GPU, 900 iterations of 64 K tokens = 59 M tokens: one pass over env-python
+#               vocabulary (61 M training tokens, built once in ~4 min), 1000 iterations of
+#               4 K tokens: 4.1 M tokens, well under one epoch; ~1.75 s/iteration on 2 cores,
+#               so ~35 min per training with its evaluations; resumable inside a training
+#               (full checkpoints every 100 iterations)
+#   gpu         384 M parameters, ~117 M active per token (12 layers, hidden 768, 8 experts
+#               top-2), bf16, TE when present, 1 GPU, 900 iterations of 64 K tokens = 59 M
+#               tokens: one pass over env-python (not run yet: no GPU in the sessions so far)
 PRESET=${PRESET:-tiny}
 case "$PRESET" in
     tiny)
