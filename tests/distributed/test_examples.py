@@ -149,11 +149,13 @@ def test_wsm_vs_wsd_presets_give_valid_runs(preset, tmp_path):
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+@pytest.mark.slow  # ~110 s: the fast checks are the dry-run wiring above + test_env_python
 def test_cpu_medium_preset_trains(data_cache, tmp_path):
     """The cpu-medium preset's own model and data source for a few iterations (a 3 MB slice of
     the env-python corpus instead of all of it), through the example's whole pipeline."""
     out = tmp_path / "medium"
     env = {"PRESET": "cpu-medium", "OUT": str(out), "ITERS": "6", "WSM_INTERVAL": "2",
+           "DECAY_ITERS": "4", "EVAL_INTERVAL": "6",
            "EVAL_ITERS": "1", "LOG_INTERVAL": "1", "MERGE_NPROC": "1",
            "DATA_CACHE": str(tmp_path / "cache"),
            "DATA_ARGS": "--data-source env-python --data-max-bytes 3000000 --vocab-size 1024"}
