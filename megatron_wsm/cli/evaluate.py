@@ -41,15 +41,13 @@ def config_from_run_info(run: dict[str, Any]) -> RunConfig:
 
 def _merge_parser() -> argparse.ArgumentParser:
     """The window and weight options of ``--load-dir`` (the merge tool's own flags)."""
+    from megatron_wsm.cli.merge_wsm import add_window_flags
     from megatron_wsm.merge import POSITION_UNITS
     from megatron_wsm.merge_method import MergeMethod
 
     p = argparse.ArgumentParser(prog="evaluate.py --load-dir", add_help=False)
     p.add_argument("--load-dir", required=True)
-    p.add_argument("--window-iters", type=int)
-    p.add_argument("--window-tokens", type=int)
-    p.add_argument("--count", type=int)
-    p.add_argument("--skip-incomplete", action="store_true")
+    add_window_flags(p)
     p.add_argument("--positions-from", choices=POSITION_UNITS, default="iteration")
     MergeMethod.add_cli_flags(p)
     return p
@@ -58,6 +56,7 @@ def _merge_parser() -> argparse.ArgumentParser:
 def _merged_loader(args: argparse.Namespace) -> Any:
     """The ``weights`` of :func:`megatron_wsm.pretrain.main`: the merge of the window, built in
     memory on every rank (its own shards, in this run's layout)."""
+    from megatron_wsm.cli.merge_wsm import window_options
     from megatron_wsm.merge_method import MergeMethod
     from megatron_wsm.readout_hook import bare_model
     from megatron_wsm.training import print_rank0
@@ -69,13 +68,7 @@ def _merged_loader(args: argparse.Namespace) -> Any:
 
     def load(comp: Any, manager: Any) -> dict[str, Any]:
         plan = plan_window_merge(
-            args.load_dir,
-            method,
-            window_iters=args.window_iters,
-            window_tokens=args.window_tokens,
-            count=args.count,
-            skip_incomplete=args.skip_incomplete,
-            positions_from=args.positions_from,
+            args.load_dir, method, positions_from=args.positions_from, **window_options(args)
         )
         print_rank0(
             f"merging in memory ({method.method}): "
@@ -97,15 +90,10 @@ def _merged_loader(args: argparse.Namespace) -> Any:
 
 def _newest_manifest(args: argparse.Namespace) -> Any:
     """The manifest of the newest checkpoint the window would take (the run to rebuild)."""
+    from megatron_wsm.cli.merge_wsm import window_options
     from megatron_wsm.merge import choose_window
 
-    selection = choose_window(
-        args.load_dir,
-        window_iters=args.window_iters,
-        window_tokens=args.window_tokens,
-        count=args.count,
-        skip_incomplete=args.skip_incomplete,
-    )
+    selection = choose_window(args.load_dir, **window_options(args))
     return read_manifest(selection.paths[-1])
 
 

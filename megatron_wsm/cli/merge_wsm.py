@@ -74,25 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint root: pick the newest window of complete checkpoints from their "
         "wsm_manifest.json (see --window-iters, --window-tokens, --count)",
     )
-    src.add_argument(
-        "--window-iters", type=int, metavar="N",
-        help="with --load-dir: checkpoints with iteration >= newest - N (the oldest anchors "
-        "the window: N/interval + 1 checkpoints)",
-    )
-    src.add_argument(
-        "--window-tokens", type=int, metavar="N",
-        help="with --load-dir: checkpoints with consumed tokens >= newest - N",
-    )
-    src.add_argument(
-        "--count", type=int, metavar="K",
-        help="with --load-dir: at most the newest K checkpoints (all of the window by default)",
-    )
-    src.add_argument(
-        "--skip-incomplete", action="store_true",
-        help="with --load-dir: leave out unfinished checkpoints (complete: false, no manifest, "
-        ".tmp-iter_*) inside the window instead of refusing; needs --positions-from iteration "
-        "or tokens, so the coefficients see the gap (the report lists what was skipped)",
-    )
+    add_window_flags(src)
     src.add_argument(
         "--allow-no-manifest", action="store_true",
         help="accept checkpoints without wsm_manifest.json (e.g. written by Megatron-LM); they "
@@ -146,6 +128,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_window_flags(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The ``--load-dir`` window options (``--window-iters``, ``--window-tokens``, ``--count``,
+    ``--skip-incomplete``), shared with ``evaluate.py --load-dir``; read them back with
+    :func:`window_options`."""
+    group.add_argument(
+        "--window-iters", type=int, metavar="N",
+        help="with --load-dir: checkpoints with iteration >= newest - N (the oldest anchors "
+        "the window: N/interval + 1 checkpoints)",
+    )
+    group.add_argument(
+        "--window-tokens", type=int, metavar="N",
+        help="with --load-dir: checkpoints with consumed tokens >= newest - N",
+    )
+    group.add_argument(
+        "--count", type=int, metavar="K",
+        help="with --load-dir: at most the newest K checkpoints (all of the window by default)",
+    )
+    group.add_argument(
+        "--skip-incomplete", action="store_true",
+        help="with --load-dir: leave out unfinished checkpoints (complete: false, no manifest, "
+        ".tmp-iter_*) inside the window instead of refusing; needs --positions-from iteration "
+        "or tokens, so the coefficients see the gap (the report lists what was skipped)",
+    )
+
+
+def window_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The checked :func:`add_window_flags` values as ``choose_window`` keywords (ValueError
+    for impossible ones)."""
+    if args.skip_incomplete and args.positions_from == "index":
+        raise ValueError(
+            "--skip-incomplete needs --positions-from iteration or tokens: with index positions "
+            "the checkpoints around a skipped one would be weighted as if evenly spaced"
+        )
+    if args.count is not None and args.count < 2:
+        raise ValueError(f"--count {args.count}: give at least 2 (leave it out for the whole "
+                         "window)")
+    for name, value in (("--window-iters", args.window_iters),
+                        ("--window-tokens", args.window_tokens)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} {value}: must be >= 0")
+    return {
+        "window_iters": args.window_iters,
+        "window_tokens": args.window_tokens,
+        "count": args.count,
+        "skip_incomplete": args.skip_incomplete,
+    }
+
+
 #: Options whose value is a comma list that may start with a minus sign.
 _LIST_OPTIONS = ("--weights", "--decay")
 
@@ -184,31 +214,13 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any] | None,
     """(input paths, the --load-dir selection for the provenance, notes)."""
     from megatron_wsm.merge import choose_window
 
-    if args.skip_incomplete and args.positions_from == "index":
-        raise ValueError(
-            "--skip-incomplete needs --positions-from iteration or tokens: with index positions "
-            "the checkpoints around a skipped one would be weighted as if evenly spaced"
-        )
     if args.inputs is not None:
         if any(x is not None for x in (args.window_iters, args.window_tokens, args.count)):
             raise ValueError("--window-iters/--window-tokens/--count need --load-dir")
         if args.skip_incomplete:
             raise ValueError("--skip-incomplete needs --load-dir")
         return list(args.inputs), None, []
-    if args.count is not None and args.count < 2:
-        raise ValueError(f"--count {args.count}: give at least 2 (leave it out for the whole "
-                         "window)")
-    for name, value in (("--window-iters", args.window_iters),
-                        ("--window-tokens", args.window_tokens)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} {value}: must be >= 0")
-    window = choose_window(
-        args.load_dir,
-        window_iters=args.window_iters,
-        window_tokens=args.window_tokens,
-        count=args.count,
-        skip_incomplete=args.skip_incomplete,
-    )
+    window = choose_window(args.load_dir, **window_options(args))
     skipped = [{"path": str(p), "iteration": it, "why": why} for p, it, why in window.skipped]
     selection = {
         "load_dir": args.load_dir,

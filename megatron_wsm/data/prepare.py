@@ -150,7 +150,6 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
 
 def _build(tmp: Path, settings: dict, vocab_size: int, seed: int) -> dict[str, Any]:
     """Write every output into ``tmp``; returns the stats."""
-    from megatron_wsm.data.indexed import write_indexed_dataset
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
     t0 = time.perf_counter()
@@ -177,10 +176,37 @@ def _build(tmp: Path, settings: dict, vocab_size: int, seed: int) -> dict[str, A
         "empty_modules": list(corpus.empty_modules),
         "splits": {},
     }
+    return _tokenize_and_stamp(
+        tmp, splits, tokenizer, stats, settings, (t0, t_corpus, t_tokenizer), None
+    )
+
+
+def _tokenize_and_stamp(
+    tmp: Path,
+    splits: dict[str, list[Any]],
+    tokenizer: Any,
+    stats: dict[str, Any],
+    settings: dict,
+    times: tuple[float, float, float],
+    progress_label: str | None,
+) -> dict[str, Any]:
+    """The common end of a cache build: each split's indexed dataset (a byte progress bar
+    labelled ``progress_label`` when given), ``stats.json`` with the stage timings
+    (``times``: start, corpus done, tokenizer done), and the stamp. Returns the stats."""
+    from megatron_wsm.data.indexed import write_indexed_dataset
+
+    t0, t_corpus, t_tokenizer = times
     for split in SPLITS:
-        written = write_indexed_dataset(
-            (d.text for d in splits[split]), tokenizer, tmp / split, append_eod=True
-        )
+        split_bytes = sum(len(d.text.encode("utf-8")) for d in splits[split])
+        desc = f"{progress_label}: tokenize {split}"
+        with _bar(progress_label is not None, split_bytes, desc) as bar:
+            written = write_indexed_dataset(
+                (d.text for d in splits[split]),
+                tokenizer,
+                tmp / split,
+                append_eod=True,
+                on_document=bar.update,
+            )
         stats["splits"][split] = {
             "documents": written.documents,
             "bytes": written.text_bytes,
@@ -307,7 +333,6 @@ def _build_env_python(
     progress: bool,
 ) -> dict[str, Any]:
     """Select, split, train the tokenizer and tokenize into ``tmp``; returns the stats."""
-    from megatron_wsm.data.indexed import write_indexed_dataset
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
     t0 = time.perf_counter()
@@ -357,30 +382,10 @@ def _build_env_python(
         "selection": dataclasses.asdict(selection),
         "splits": {},
     }
-    for split in SPLITS:
-        split_bytes = sum(len(d.text.encode("utf-8")) for d in splits[split])
-        with _bar(progress, split_bytes, f"env-python: tokenize {split}") as bar:
-            written = write_indexed_dataset(
-                (d.text for d in splits[split]),
-                tokenizer,
-                tmp / split,
-                append_eod=True,
-                on_document=bar.update,
-            )
-        stats["splits"][split] = {
-            "documents": written.documents,
-            "bytes": written.text_bytes,
-            "tokens": written.tokens,
-        }
-    t_end = time.perf_counter()
-    stats["seconds"] = {
-        "corpus": round(t_corpus - t0, 3),
-        "tokenizer": round(t_tokenizer - t_corpus, 3),
-        "tokenize": round(t_end - t_tokenizer, 3),
-    }
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    (tmp / STAMP_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    return stats
+    return _tokenize_and_stamp(
+        tmp, splits, tokenizer, stats, settings, (t0, t_corpus, t_tokenizer),
+        "env-python" if progress else None,
+    )
 
 
 def prepare_env_python_data(
