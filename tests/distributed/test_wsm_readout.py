@@ -108,3 +108,23 @@ def test_readout_equals_merge_then_evaluate_ep2(data_cache, tmp_path):
 @pytest.mark.parametrize("layout", ["TP2", "PP2"])
 def test_readout_equals_merge_then_evaluate(layout, data_cache, tmp_path):
     _check_readout(layout, data_cache, tmp_path)
+
+
+@pytest.mark.slow
+def test_readout_with_bf16_and_distributed_optimizer(data_cache, tmp_path):
+    """bf16 weights, fp32 main params in megatron-core's distributed optimizer (DP=2): the
+    readout swaps only the bf16 model parameters and puts them back bit-exactly."""
+    common = [*RUN, "--bf16", "--use-distributed-optimizer", "--data-cache-dir", data_cache]
+    with_readout = run_pretrain(
+        [*common, "--save", tmp_path / "a", "--wsm-eval-methods", "mean"],
+        tmp_path / "a.json", nproc=2,
+    )
+    plain = run_pretrain([*common, "--save", tmp_path / "b"], tmp_path / "b.json", nproc=2)
+    assert losses(with_readout) == losses(plain)
+    done = [r for r in with_readout["wsm_readouts"] if "loss" in r]
+    assert [r["iteration"] for r in done] == [8, 12]
+    merged = tmp_path / "merged"
+    run_script("tools/merge_wsm.py", ["--load-dir", tmp_path / "a" / "wsm_window", "--method",
+                                      "mean", "--save", merged, "--no-progress-bar"])
+    on_disk = _evaluate(["--load", merged, "--bf16"], tmp_path / "m.json", data_cache)
+    assert done[-1]["loss"] == pytest.approx(on_disk["loss"], abs=1e-5)

@@ -137,3 +137,20 @@ def test_grouped_gemm_equals_sequential_experts(data_cache, tmp_path, monkeypatc
     sequential = _eval_loss(load, tmp_path / "a.json", False, monkeypatch)
     grouped = _eval_loss([*load, "--moe-grouped-gemm"], tmp_path / "b.json", False, monkeypatch)
     assert math.isclose(sequential, grouped, rel_tol=1e-4), (sequential, grouped)
+
+
+def test_merged_readout_leaves_bf16_training_unchanged(data_cache, tmp_path):
+    """--wsm-eval-methods with bf16 weights and the distributed optimizer on CUDA: the merge is
+    swapped in and out of the bf16 parameters (fp32 main params untouched), so losses match a
+    run without readouts."""
+    common = [*_gpu_common(data_cache, 8), "--bf16", "--use-distributed-optimizer",
+              "--wsm-interval", "2", "--wsm-window", "4", "--eval-interval", "4"]
+    with_readout = run_pretrain(
+        [*common, "--save", tmp_path / "a", "--wsm-eval-methods", "1-sqrt,ema"],
+        tmp_path / "a.json",
+    )
+    plain = run_pretrain([*common, "--save", tmp_path / "b"], tmp_path / "b.json")
+    assert losses(with_readout) == losses(plain)
+    done = [r for r in with_readout["wsm_readouts"] if "loss" in r]
+    assert [(r["iteration"], r["method"]) for r in done] == [(8, "1-sqrt"), (8, "ema")]
+    assert all(math.isfinite(r["loss"]) for r in done)
