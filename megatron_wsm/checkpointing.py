@@ -207,15 +207,16 @@ class CheckpointManager:
 
     # -- state dicts
 
-    def _bare_model(self) -> Any:
-        # Strip DDP / Float16Module wrappers: checkpoint keys are the GPTModel's own names.
+    def bare_model(self) -> Any:
+        """The GPTModel under the DDP / Float16Module wrappers: checkpoint keys are its own
+        names (what the merged readout swaps weights into)."""
         module = self.model[0]
         while hasattr(module, "module"):
             module = module.module
         return module
 
     def _model_sharded(self) -> dict[str, Any]:
-        return self._bare_model().sharded_state_dict()
+        return self.bare_model().sharded_state_dict()
 
     def _rng_object(self, value: Any) -> Any:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -589,7 +590,7 @@ class CheckpointManager:
             sharded["rng_state"] = self._rng_object(None)
         try:
             loaded = dist_checkpointing.load(sharded, str(ckpt))
-            self._bare_model().load_state_dict(loaded["model"], strict=True)
+            self.bare_model().load_state_dict(loaded["model"], strict=True)
             if "optimizer" in sharded:
                 with cpu_compat.loading_torch_adam_state(self.optimizer):
                     self.optimizer.load_state_dict(loaded["optimizer"])

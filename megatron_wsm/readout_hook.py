@@ -10,6 +10,7 @@ never stops training.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -26,14 +27,6 @@ from megatron_wsm.wsm_readout import (
     plan_window_merge,
     swapped_in,
 )
-
-
-def bare_model(comp: Components) -> Any:
-    """The GPTModel under the DDP / Float16Module wrappers (checkpoint keys are its names)."""
-    module = comp.model[0]
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 class MergedReadout:
@@ -93,14 +86,12 @@ class MergedReadout:
             self.readouts.extend(rows)
             return rows
         rows = []
-        model = bare_model(comp)
+        model = self.manager.bare_model()
         for method in self.methods:
             start = time.perf_counter()
-            merge = WindowMerge(
+            merge = dataclasses.replace(
+                plan,
                 method=method,
-                paths=plan.paths,
-                positions=plan.positions,
-                position_unit=plan.position_unit,
                 coefficients=tuple(
                     method_coefficients(method, plan.positions, plan.position_unit)
                 ),

@@ -163,7 +163,7 @@ def merged_tensors(
         ckpt = Path(path)
         if verify is not None:
             verify(ckpt)
-        request = {"model": _read_request(_bare_sharded(bare_model))}
+        request = {"model": _read_request(bare_model.sharded_state_dict())}
         if adapt is not None:
             adapt(request, ckpt)
         loaded = dist_checkpointing.load(request, str(ckpt))["model"]
@@ -185,10 +185,6 @@ def merged_tensors(
             "the merged weights are not finite" + (f" ({bad[0]})" if bad else " on another rank")
         )
     return acc
-
-
-def _bare_sharded(bare_model: torch.nn.Module) -> dict[str, Any]:
-    return bare_model.sharded_state_dict()  # type: ignore[operator]
 
 
 def swap_weights(bare_model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

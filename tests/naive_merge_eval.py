@@ -29,7 +29,7 @@ def main() -> None:
 
     cfg, _ = parse_run_config([*argv, "--train-iters", "1"])
     comp, manager = setup(cfg)
-    bare = manager._bare_model()
+    bare = manager.bare_model()
     total: dict[str, torch.Tensor] = {}
     for c, path in zip(coeffs, inputs):
         manager.load(path, load_optim=False, load_rng=False)

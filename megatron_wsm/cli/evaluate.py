@@ -56,15 +56,11 @@ def _merge_parser() -> argparse.ArgumentParser:
 def _merged_loader(args: argparse.Namespace) -> Any:
     """The ``weights`` of :func:`megatron_wsm.pretrain.main`: the merge of the window, built in
     memory on every rank (its own shards, in this run's layout)."""
-    from megatron_wsm.cli.merge_wsm import window_options
-    from megatron_wsm.merge_method import MergeMethod
-    from megatron_wsm.readout_hook import bare_model
+    from megatron_wsm.cli.merge_wsm import merge_method_of, window_options
     from megatron_wsm.training import print_rank0
     from megatron_wsm.wsm_readout import load_merged_weights, plan_window_merge
 
-    if args.method is not None and (args.weights is not None or args.decay is not None):
-        raise ValueError("give only one of --method, --weights, --decay")
-    method = MergeMethod.from_cli(args)
+    method = merge_method_of(args)
 
     def load(comp: Any, manager: Any) -> dict[str, Any]:
         plan = plan_window_merge(
@@ -74,7 +70,7 @@ def _merged_loader(args: argparse.Namespace) -> Any:
             f"merging in memory ({method.method}): "
             + ", ".join(f"{c:.6f} x {p}" for p, c in zip(plan.paths, plan.coefficients))
         )
-        load_merged_weights(bare_model(comp), plan, **manager.window_reader())
+        load_merged_weights(manager.bare_model(), plan, **manager.window_reader())
         newest = read_manifest(Path(plan.newest_path))
         return {
             "iteration": newest.iteration if newest else 0,

@@ -199,14 +199,21 @@ def join_negative_lists(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _coefficients(args: argparse.Namespace, positions: list[int]) -> tuple[list[float], Any]:
-    """(c_0..c_k, the MergeMethod) of the parsed flags for checkpoints at ``positions``."""
-    from megatron_wsm.merge import method_coefficients
+def merge_method_of(args: argparse.Namespace) -> Any:
+    """The MergeMethod of parsed weight flags (also ``evaluate.py --load-dir``'s): no
+    --method means custom with --weights/--decay, else 1-sqrt; ValueError for two at once."""
     from megatron_wsm.schedule import MergeMethod
 
     if args.method is not None and (args.weights is not None or args.decay is not None):
         raise ValueError("give only one of --method, --weights, --decay")
-    m = MergeMethod.from_cli(args)  # no --method: custom with --weights/--decay, else 1-sqrt
+    return MergeMethod.from_cli(args)
+
+
+def _coefficients(args: argparse.Namespace, positions: list[int]) -> tuple[list[float], Any]:
+    """(c_0..c_k, the MergeMethod) of the parsed flags for checkpoints at ``positions``."""
+    from megatron_wsm.merge import method_coefficients
+
+    m = merge_method_of(args)
     return method_coefficients(m, positions, args.positions_from), m
 
 
