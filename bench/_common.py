@@ -51,11 +51,20 @@ def time_blocks(
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, step in variants.items():
+            _synchronize()
             start = time.perf_counter()
             for _ in range(steps_per_block):
                 step()
+            _synchronize()  # CUDA work is queued: a block ends when the GPU has done it
             times[name].append((time.perf_counter() - start) / steps_per_block)
     return times
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def summary(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:

@@ -28,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: megatron-core versions the shims were checked against.
-TESTED_MCORE_VERSIONS = ("0.16.",)
+TESTED_MCORE_VERSIONS = ("0.16.", "0.19.")
 
 _APPLIED = False
 
@@ -478,6 +478,33 @@ def _skip_missing_step(part: Any) -> Callable[[Any, dict[str, Any]], None]:
                 state["step"] = step
 
     return set_states
+
+
+#: megatron-core >= 0.18 imports triton on ``import megatron.core`` (pipeline_parallel.schedules
+#: -> moe.paged_stash -> this module of triton kernels), and CPU builds of torch carry no triton.
+TRITON_KERNEL_MODULE = "megatron.core.transformer.moe.ops.paged_stash"
+
+
+def stub_triton_kernels() -> None:
+    """Register a stand-in for megatron-core's triton-only paged-stash kernels (CPU, mcore >= 0.18).
+
+    Called from ``megatron_wsm/__init__`` before anything imports megatron-core, and only when
+    triton is not importable: the kernels belong to MoE paged stashing (a GPU memory feature
+    megatron-wsm never enables), so calling one on CPU raises instead of computing.
+    """
+    import sys
+
+    if TRITON_KERNEL_MODULE in sys.modules:
+        return
+    stub = types.ModuleType(TRITON_KERNEL_MODULE)
+    stub.GLOBAL_BLOCK_SIZE = 1024  # the value of megatron-core 0.18/0.19 (imported, unused)
+
+    def _needs_triton(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("MoE paged-stash kernels need triton (a GPU build of torch)")
+
+    stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = _needs_triton
+    stub.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+    sys.modules[TRITON_KERNEL_MODULE] = stub
 
 
 def apply() -> bool:
