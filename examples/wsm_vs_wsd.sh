@@ -29,8 +29,9 @@ cd "$(dirname "$0")/.."
 #   cpu-medium  7.6 M parameters (4 layers, 8 experts), the env-python corpus at a 16 K
 #               vocabulary (61 M training tokens, built once in ~4 min), 1000 iterations of
 #               4 K tokens: 4.1 M tokens, well under one epoch; ~1.75 s/iteration on 2 cores,
-#               so ~35 min per training with its evaluations; resumable inside a training
-#               (full checkpoints every 100 iterations)
+#               so ~35 min for the stable run with its evaluations and readouts, + ~8 min
+#               for the WSD run (a branch of the stable run at iteration 800); resumable
+#               inside a training (full checkpoints every 100 iterations)
 #   gpu         384 M parameters, ~117 M active per token (12 layers, hidden 768, 8 experts
 #               top-2), bf16, TE when present, 1 GPU, 900 iterations of 64 K tokens = 59 M
 #               tokens: one pass over env-python (not run yet: no GPU in the sessions so far)
@@ -49,7 +50,7 @@ case "$PRESET" in
 --global-batch-size 16" ;;
     gpu)
         P_OUT=runs/wsm_vs_wsd_gpu P_ITERS=900 P_LR=1e-3 P_EVAL_ITERS=32 P_NPROC=1 P_EP=1
-        P_SAVE_INTERVAL=300 P_DATA_ARGS="--data-source env-python --vocab-size 16384"
+        P_SAVE_INTERVAL=360 P_DATA_ARGS="--data-source env-python --vocab-size 16384"
         P_MODEL_ARGS="--num-layers 12 --hidden-size 768 --num-attention-heads 12 \
 --num-query-groups 4 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 1536 \
 --seq-length 1024 --micro-batch-size 8 --global-batch-size 64 --bf16" ;;
@@ -79,6 +80,17 @@ DATA_CACHE=${DATA_CACHE:-data_cache}
 MODEL_ARGS=${MODEL_ARGS:-$P_MODEL_ARGS}
 DATA_ARGS=${DATA_ARGS-$P_DATA_ARGS}      # where the tokens come from (recorded in checkpoints)
 SAVE_INTERVAL=${SAVE_INTERVAL:-$P_SAVE_INTERVAL}  # >0: full checkpoints to resume a training from
+# WSD as a branch of the stable run, as a WSD user decays a copy of a stable checkpoint: the two
+# runs are the same until the decay starts, so the WSD run loads the stable run's full
+# checkpoint at ITERS - DECAY_ITERS and trains only the decay (bit-identical to training it from
+# scratch: tests/distributed/test_resume_schedule.py). auto: on when that checkpoint exists.
+DECAY_START=$((ITERS - DECAY_ITERS))
+WSD_BRANCH=${WSD_BRANCH:-auto}
+if [ "$WSD_BRANCH" = auto ]; then
+    WSD_BRANCH=0
+    if [ "$SAVE_INTERVAL" -gt 0 ] && [ "$DECAY_START" -gt 0 ] \
+        && [ $((DECAY_START % SAVE_INTERVAL)) = 0 ]; then WSD_BRANCH=1; fi
+fi
 DRY_RUN=${DRY_RUN:-0}                    # 1: print the training commands, run nothing
 LOG_INTERVAL=${LOG_INTERVAL:-10}
 # Held-out curves: both runs evaluate every EVAL_INTERVAL iterations (a multiple of
@@ -100,9 +112,10 @@ launch() {  # launch NPROC SCRIPT ARGS...: torchrun for >1 process, plain python
 }
 
 train() {  # train NAME EXTRA_FLAGS...: one run to $OUT/NAME, skipped when its result exists
+    # FROM=CKPT train ...: a fresh start loads CKPT (weights, optimizer, data position) first.
     local name=$1; shift
     local dir="$OUT/$name"
-    local save_every=$ITERS resume=()
+    local save_every=$ITERS resume=() from=${FROM:-}
     [ "$SAVE_INTERVAL" -gt 0 ] && save_every=$SAVE_INTERVAL
     # shellcheck disable=SC2206
     local cmd=(pretrain_moe.py --expert-model-parallel-size "$EP" $MODEL_ARGS $DATA_ARGS
@@ -111,7 +124,7 @@ train() {  # train NAME EXTRA_FLAGS...: one run to $OUT/NAME, skipped when its r
         --tensorboard-dir "$dir/tb" --log-interval "$LOG_INTERVAL" --eval-interval 0
         --eval-iters "$EVAL_ITERS" --data-cache-dir "$DATA_CACHE" --no-progress-bar
         --output-json "$dir/result.tmp.json" "$@")
-    if [ "$DRY_RUN" = 1 ]; then echo "train $name: ${cmd[*]}"; return; fi
+    if [ "$DRY_RUN" = 1 ]; then echo "train $name: ${cmd[*]}${from:+ --load $from}"; return; fi
     if [ -f "$dir/result.json" ]; then echo "== $name: done, reusing $dir"; return; fi
     if [ "$SAVE_INTERVAL" -gt 0 ] && [ -f "$dir/ckpt/latest_checkpointed_iteration.txt" ]; then
         # Go on from the newest complete full checkpoint (bit-exact: optimizer, RNG, data
@@ -121,6 +134,7 @@ train() {  # train NAME EXTRA_FLAGS...: one run to $OUT/NAME, skipped when its r
     else
         # A run killed before its first full checkpoint: start it again cleanly.
         rm -rf "$dir"; mkdir -p "$dir"
+        if [ -n "$from" ]; then resume=(--load "$from"); fi
     fi
     echo "== train $name: $ITERS iterations $*"
     launch "$NPROC" "${cmd[@]}" "${resume[@]}" >> "$dir/train.log" 2>&1 \
@@ -168,10 +182,14 @@ score() {  # score NAME CKPT: HF export to $OUT/hf/NAME, lm-eval scores to $OUT/
 }
 
 start=$SECONDS
-train wsd --lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS" \
-    --eval-interval "$EVAL_INTERVAL"
+WSD_FLAGS=(--lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS"
+    --eval-interval "$EVAL_INTERVAL")
+[ "$WSD_BRANCH" = 1 ] || train wsd "${WSD_FLAGS[@]}"
 train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS" \
     --eval-interval "$EVAL_INTERVAL" --wsm-eval-methods 1-sqrt
+if [ "$WSD_BRANCH" = 1 ]; then
+    FROM="$OUT/stable/ckpt/$(printf 'iter_%07d' "$DECAY_START")" train wsd "${WSD_FLAGS[@]}"
+fi
 
 [ "$DRY_RUN" = 1 ] && exit 0
 WINDOW=(--load-dir "$OUT/stable/ckpt/wsm_window" --window-iters "$WINDOW_ITERS")

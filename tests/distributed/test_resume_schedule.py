@@ -55,6 +55,10 @@ def test_stable_run_goes_on_longer_or_decays(data_cache, tmp_path):
     )
     assert _lrs(decayed) == pytest.approx(lr_curve(settings, 8, 4)[4:], rel=1e-6)
     assert _lrs(decayed)[-1] < 1e-3
+    # ... bitwise the WSD run trained from scratch (what examples/wsm_vs_wsd.sh relies on when
+    # it branches its WSD run off the stable run's checkpoint at the decay start).
+    wsd_straight = run_pretrain([*common, *wsd, "--train-iters", "8"], tmp_path / "w.json")
+    assert losses(first) + losses(decayed) == losses(wsd_straight)
 
     # A real conflict (another peak LR) is still refused, naming the two ways out.
     proc = run_script(
