@@ -17,7 +17,7 @@ for _message in (
 
 
 def _megatron_core_imports_triton() -> bool:
-    """megatron-core >= 0.18 imports triton at ``import megatron.core`` (cheap check: metadata only)."""
+    """megatron-core >= 0.18 imports triton at ``import megatron.core`` (reads metadata only)."""
     try:
         major, minor = importlib.metadata.version("megatron-core").split(".")[:2]
         return (int(major), int(minor)) >= (0, 18)
