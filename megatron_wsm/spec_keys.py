@@ -17,6 +17,7 @@ megatron-core's own spec function, so a test can hold the two specs to one key l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -130,6 +131,8 @@ _TE_PARAMS: dict[str, tuple[str, ...]] = {
     "TEColumnParallelGroupedLinear": ("weight",),
     "TERowParallelGroupedLinear": ("weight",),
     "TENorm": ("weight", "bias:LN"),
+    # megatron-core >= 0.19 builds the pre-MLP norm as a TENorm with has_residual=True
+    "_TENormWithResidual": ("weight", "bias:LN"),
     "TEDotProductAttention": (),
     "IdentityOp": (),
     "IdentityFuncOp": (),
@@ -187,8 +190,14 @@ def _module_keys(spec: Any, layer_norm: bool) -> list[str]:
     """Parameter keys (relative, sharded naming) of one spec entry."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    module = spec.module if isinstance(spec, ModuleSpec) else spec
-    submodules = spec.submodules if isinstance(spec, ModuleSpec) else None
+    if isinstance(spec, ModuleSpec):
+        module, submodules = spec.module, spec.submodules
+    elif isinstance(spec, functools.partial):
+        # megatron-core >= 0.19 writes some entries (the MoE layer, its experts) as
+        # functools.partial(cls, submodules=...) instead of ModuleSpec(cls, submodules=...)
+        module, submodules = spec.func, spec.keywords.get("submodules")
+    else:
+        module, submodules = spec, None
     name = _class_name(module)
     if name in _TE_PARAMS:
         return _params(name, layer_norm)
