@@ -7,7 +7,8 @@ needed to *compute* the same thing on CPU, so this module routes each of those s
 CPU. Everything here is
 
 - active only when ``torch.cuda.is_available()`` is false (``apply()`` is a no-op otherwise),
-- written against megatron-core 0.16.x (``apply()`` warns on another version), and
+- written against megatron-core 0.16.x and checked with 0.19.2 (``apply()`` warns on another
+  version; the README's production section has the per-version table), and
 - one named shim per behaviour, so a reader can see what is worked around and drop a shim when
   megatron-core fixes the behaviour upstream.
 
