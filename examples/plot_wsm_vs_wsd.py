@@ -75,6 +75,11 @@ def collect_rows(out: Path) -> list[Row]:
     for path in grid:
         interval, count = (int(x[1:]) for x in path.stem.split("_")[1:])
         names.append((path.stem, f"grid 1-sqrt ({interval} it, {count})"))
+    # Optional remedies (KEEP_ITERS, MIN_LR_RATIOS): a longer window, a decay floor.
+    for path in sorted((out / "eval").glob("merged_1sqrt_w*.json")):
+        names.append((path.stem, f"WSM merge 1-sqrt, {path.stem.split('_w')[-1]}-it window"))
+    for path in sorted((out / "eval").glob("merged_1sqrt_r*.json")):
+        names.append((path.stem, f"WSM merge 1-sqrt, min-lr-ratio {path.stem.split('_r')[-1]}"))
     rows = []
     for name, label in names:
         result = _load(out / "eval" / f"{name}.json")

@@ -56,12 +56,15 @@ def loss_table(data: dict[str, dict[str, tuple[float, float, float]]], labels: l
     return "\n".join(lines)
 
 
-def paired_table(data: dict[str, dict[str, tuple[float, float, float]]], base: str) -> str:
+def paired_table(
+    data: dict[str, dict[str, tuple[float, float, float]]], base: str,
+    labels: list[str] | None = None,
+) -> str:
     """checkpoint − base per seed (negative: better than base), and how many seeds are better."""
     seeds = list(data)
     lines = [f"| checkpoint − {base} | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | better in |", "|---|" + "---:|" * (len(seeds) + 2)]
-    for label in [STABLE, WSD, *MERGES]:
+    for label in labels or [STABLE, WSD, *MERGES]:
         if label == base or any(label not in data[s] for s in seeds):
             continue
         diffs = [data[s][label][0] - data[s][base][0] for s in seeds]
@@ -127,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n### Paired differences against WSD\n\n" + paired_table(data, WSD))
     print("\n### Merge ranking\n\n" + merge_ranking(data))
     print("\n### MoE load balance (held-out)\n\n" + violation_table(data))
+    remedies = sorted({lab for rows in data.values() for lab in rows
+                       if lab.startswith("WSM merge 1-sqrt,")})
+    if remedies:
+        print("\n### 1-sqrt remedies (longer window, decay floor)\n\n"
+              + loss_table(data, [WSD, "WSM merge 1-sqrt", *remedies]))
+        print("\n" + paired_table(data, WSD, remedies))
     if grid:
         print("\n### Granularity at a fixed duration (1-sqrt)\n\n"
               + loss_table(data, [WSD, STABLE, "WSM merge 1-sqrt", *grid]))

@@ -64,6 +64,10 @@ DECAY_FRAC_PCT=${DECAY_FRAC_PCT:-20}     # WSD decays over the last 20 % of ITER
 DECAY_ITERS=${DECAY_ITERS:-$((ITERS * DECAY_FRAC_PCT / 100))}
 WINDOW_ITERS=${WINDOW_ITERS:-$DECAY_ITERS}  # merge duration = decay duration (the fair comparison)
 WSM_INTERVAL=${WSM_INTERVAL:-10}         # window checkpoint every N iterations
+KEEP_ITERS=${KEEP_ITERS:-$WINDOW_ITERS}  # window checkpoints kept (> WINDOW_ITERS: also merge
+                                         # 1-sqrt over all of them, a longer window)
+MIN_LR_RATIOS=${MIN_LR_RATIOS:-}         # e.g. "0.1 0.3": also 1-sqrt merges whose emulated
+                                         # decay ends at that fraction of the LR, not at 0
 EMA_ALPHA=${EMA_ALPHA:-0.2}              # weight of the newest checkpoint in the EMA merge
 LR=${LR:-$P_LR}                          # high enough that decaying/merging visibly helps
 MIN_LR=${MIN_LR:-0}                      # the decay goes to 0, as the 1-sqrt merge emulates
@@ -185,7 +189,7 @@ start=$SECONDS
 WSD_FLAGS=(--lr-decay-style WSD --lr-wsd-decay-style 1-sqrt --lr-wsd-decay-iters "$DECAY_ITERS"
     --eval-interval "$EVAL_INTERVAL")
 [ "$WSD_BRANCH" = 1 ] || train wsd "${WSD_FLAGS[@]}"
-train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$WINDOW_ITERS" \
+train stable --lr-decay-style stable --wsm-interval "$WSM_INTERVAL" --wsm-window "$KEEP_ITERS" \
     --eval-interval "$EVAL_INTERVAL" --wsm-eval-methods 1-sqrt
 if [ "$WSD_BRANCH" = 1 ]; then
     FROM="$OUT/stable/ckpt/$(printf 'iter_%07d' "$DECAY_START")" train wsd "${WSD_FLAGS[@]}"
@@ -207,6 +211,18 @@ score wsd "$OUT/wsd/ckpt"
 score merged_1sqrt "$OUT/merged_1sqrt"
 score merged_mean "$OUT/merged_mean"
 score merged_ema "$OUT/merged_ema"
+
+# The remedy space when 1-sqrt lags (docs/results.md): a longer window at the same interval,
+# and an emulated decay that stops above 0 (--min-lr-ratio).
+if [ "$KEEP_ITERS" -gt "$WINDOW_ITERS" ]; then
+    merge "merged_1sqrt_w$KEEP_ITERS" --load-dir "$OUT/stable/ckpt/wsm_window" \
+        --window-iters "$KEEP_ITERS" --method 1-sqrt
+    evaluate "merged_1sqrt_w$KEEP_ITERS" "$OUT/merged_1sqrt_w$KEEP_ITERS"
+fi
+for ratio in $MIN_LR_RATIOS; do
+    merge "merged_1sqrt_r$ratio" "${WINDOW[@]}" --method 1-sqrt --min-lr-ratio "$ratio"
+    evaluate "merged_1sqrt_r$ratio" "$OUT/merged_1sqrt_r$ratio"
+done
 
 if [ "$GRID" = 1 ]; then
     # Merge granularity at a fixed duration (the slides' (interval, count) grid, scaled down):

@@ -38,11 +38,12 @@ def _seed(root: Path, name: str, losses: dict[str, float], vmax: dict[str, float
 
 
 def test_paired_differences_rankings_and_counts(summarize, tmp_path, capsys):
-    names = ["stable", "wsd", "merged_1sqrt", "merged_mean", "merged_ema", "grid_I10_N2"]
-    a = _seed(tmp_path, "seedA", dict(zip(names, [3.0, 2.9, 2.95, 2.85, 2.88, 2.97])),
-              dict(zip(names, [0.3, 0.2, 0.25, 0.1, 0.3, 0.2])))
-    b = _seed(tmp_path, "seedB", dict(zip(names, [3.1, 3.0, 2.99, 3.02, 2.98, 3.05])),
-              dict(zip(names, [0.3, 0.2, 0.1, 0.1, 0.1, 0.2])))
+    names = ["stable", "wsd", "merged_1sqrt", "merged_mean", "merged_ema", "grid_I10_N2",
+             "merged_1sqrt_w400"]
+    a = _seed(tmp_path, "seedA", dict(zip(names, [3.0, 2.9, 2.95, 2.85, 2.88, 2.97, 2.8])),
+              dict(zip(names, [0.3, 0.2, 0.25, 0.1, 0.3, 0.2, 0.2])))
+    b = _seed(tmp_path, "seedB", dict(zip(names, [3.1, 3.0, 2.99, 3.02, 2.98, 3.05, 2.9])),
+              dict(zip(names, [0.3, 0.2, 0.1, 0.1, 0.1, 0.2, 0.2])))
     data = summarize.load_seeds([a, b])
     paired = summarize.paired_table(data, summarize.WSD)
     row = next(r for r in paired.splitlines() if r.startswith("| WSM merge 1-sqrt"))
@@ -57,4 +58,5 @@ def test_paired_differences_rankings_and_counts(summarize, tmp_path, capsys):
     assert summarize.window_slope(a, 50, edge=10) == pytest.approx((5.0 - 0.555, 5.0 - 0.955))
     assert summarize.main([str(a), str(b), "--window-iters", "50"]) == 0
     out = capsys.readouterr().out
+    assert "| WSM merge 1-sqrt, 400-it window | -0.1000 | -0.1000 | -0.1000 | 2/2 |" in out
     assert "grid 1-sqrt (10 it, 2)" in out and "| seedB | 4.3950 | 4.0950 | 0.3000 |" in out
