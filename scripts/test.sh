@@ -16,7 +16,7 @@ for arg in "$@"; do
 done
 if [ -n "${RUN_SLOW:-}" ]; then MARK=(); fi
 set +e
-python -m pytest -q -p no:cacheprovider "${MARK[@]}" "$@"
+python -m pytest -q -p no:cacheprovider --durations=20 "${MARK[@]}" "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no test (e.g. a -k that matches nothing): not a failure.
