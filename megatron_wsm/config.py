@@ -557,7 +557,11 @@ def _section(name: str, cls: type, data: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known - _REMOVED_FIELDS.get(name, set())
     if unknown:
-        raise ValueError(f"run config section {name!r}: unknown fields {sorted(unknown)}")
+        # Strict on purpose: a silently dropped field could change the model's shape.
+        raise ValueError(
+            f"run config section {name!r}: unknown fields {sorted(unknown)} (a checkpoint "
+            f"written by a newer megatron-wsm? update this checkout to read it)"
+        )
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -591,7 +595,10 @@ class RunConfig:
                 if value is not None:
                     sections[name][field] = value
             else:
-                raise ValueError(f"run config: unknown key {key!r}")
+                raise ValueError(
+                    f"run config: unknown key {key!r} (a checkpoint written by a newer "
+                    f"megatron-wsm? update this checkout to read it)"
+                )
         return cls(**{n: _section(n, SECTIONS[n], sections[n]) for n in SECTIONS})
 
     def validate(self, world_size: int, cuda: bool) -> None:
