@@ -117,6 +117,20 @@ def window_slope(out: Path, window_iters: int, edge: int = 20) -> tuple[float, f
     return statistics.fmean(first), statistics.fmean(last)
 
 
+def merge_profile(merged: Path) -> tuple[float, float, float] | None:
+    """(coefficient-weighted mean iteration of the inputs, i.e. where the merge sits in the
+    window; that minus the newest input's iteration; the newest input's coefficient) of a
+    merged checkpoint, from its provenance."""
+    path = merged / "wsm_merge_provenance.json"
+    if not path.is_file():
+        return None
+    prov = json.loads(path.read_text())
+    iters = [int(entry["iteration"]) for entry in prov["inputs"]]
+    coeffs = prov["coefficients"]
+    center = sum(c * i for c, i in zip(coeffs, iters)) / sum(coeffs)
+    return center, center - max(iters), coeffs[iters.index(max(iters))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("outs", type=Path, nargs="+", help="the script's OUT directories, one per seed")
@@ -139,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if grid:
         print("\n### Granularity at a fixed duration (1-sqrt)\n\n"
               + loss_table(data, [WSD, STABLE, "WSM merge 1-sqrt", *grid]))
+    print("\n### Where each merge sits in its window (coefficient profile, first seed)\n")
+    print("| merge | centre (coefficient-weighted iteration) | behind the newest input |"
+          " weight of the newest input |\n|---|---:|---:|---:|")
+    first = args.outs[0]
+    for merged in sorted(first.glob("merged_*")):
+        profile = merge_profile(merged)
+        if profile:
+            print(f"| {merged.name} | {profile[0]:.1f} | {profile[1]:.1f} | {profile[2]:.3f} |")
     print("\n### Stable training loss over the merge window\n")
     print("| seed | first 20 it of the window | last 20 it | drop |\n|---|---:|---:|---:|")
     for out in args.outs:

@@ -95,7 +95,7 @@ if [ "$WSD_BRANCH" = auto ]; then
     if [ "$SAVE_INTERVAL" -gt 0 ] && [ "$DECAY_START" -gt 0 ] \
         && [ $((DECAY_START % SAVE_INTERVAL)) = 0 ]; then WSD_BRANCH=1; fi
 fi
-DRY_RUN=${DRY_RUN:-0}                    # 1: print the training commands, run nothing
+DRY_RUN=${DRY_RUN:-0}                    # 1: print the training and merge commands, run nothing
 LOG_INTERVAL=${LOG_INTERVAL:-10}
 # Held-out curves: both runs evaluate every EVAL_INTERVAL iterations (a multiple of
 # WSM_INTERVAL), and the stable run also reads out its merged window there
@@ -148,6 +148,7 @@ train() {  # train NAME EXTRA_FLAGS...: one run to $OUT/NAME, skipped when its r
 
 merge() {  # merge NAME INPUT_AND_METHOD_FLAGS...: merge window checkpoints to $OUT/NAME
     local name=$1; shift
+    if [ "$DRY_RUN" = 1 ]; then echo "merge $name: $*"; return; fi
     # The merge tool writes a temp dir and renames it: an existing dir is a finished merge.
     if [ -d "$OUT/$name" ]; then echo "== $name: done, reusing"; return; fi
     echo "== merge $name: $*"
@@ -157,6 +158,7 @@ merge() {  # merge NAME INPUT_AND_METHOD_FLAGS...: merge window checkpoints to $
 
 evaluate() {  # evaluate NAME CKPT: held-out loss/ppl/violations to $OUT/eval/NAME.json
     local name=$1 ckpt=$2
+    [ "$DRY_RUN" = 1 ] && return
     mkdir -p "$OUT/eval"
     if [ -f "$OUT/eval/$name.json" ]; then return; fi
     echo "== evaluate $name"
@@ -168,7 +170,7 @@ evaluate() {  # evaluate NAME CKPT: held-out loss/ppl/violations to $OUT/eval/NA
 
 score() {  # score NAME CKPT: HF export to $OUT/hf/NAME, lm-eval scores to $OUT/harness/NAME.json
     local name=$1 ckpt=$2
-    [ "$EXPORT" = 1 ] || return 0
+    [ "$EXPORT" = 1 ] && [ "$DRY_RUN" != 1 ] || return 0
     mkdir -p "$OUT/hf" "$OUT/harness"
     if [ -f "$OUT/harness/$name.json" ]; then return; fi
     echo "== export + harness $name"
@@ -195,7 +197,6 @@ if [ "$WSD_BRANCH" = 1 ]; then
     FROM="$OUT/stable/ckpt/$(printf 'iter_%07d' "$DECAY_START")" train wsd "${WSD_FLAGS[@]}"
 fi
 
-[ "$DRY_RUN" = 1 ] && exit 0
 WINDOW=(--load-dir "$OUT/stable/ckpt/wsm_window" --window-iters "$WINDOW_ITERS")
 merge merged_1sqrt "${WINDOW[@]}" --method 1-sqrt
 merge merged_mean "${WINDOW[@]}" --method mean
@@ -226,21 +227,26 @@ done
 
 if [ "$GRID" = 1 ]; then
     # Merge granularity at a fixed duration (the slides' (interval, count) grid, scaled down):
-    # the newest checkpoint and every I-th one before it over WINDOW_ITERS, count = WINDOW_ITERS/I
-    # intervals (count+1 inputs; 1-sqrt gives the oldest weight 0). I = WINDOW_ITERS is a single
-    # interval: 1-sqrt then puts all weight on the newest, i.e. the stable last iterate.
-    I=$WSM_INTERVAL
-    while [ "$I" -lt "$WINDOW_ITERS" ]; do
-        inputs=()
-        for ((it = ITERS - WINDOW_ITERS; it <= ITERS; it += I)); do
-            inputs+=("$OUT/stable/ckpt/wsm_window/$(printf 'iter_%07d' "$it")")
-        done
-        merge "grid_I${I}_N$((WINDOW_ITERS / I))" --inputs "${inputs[@]}" --method 1-sqrt
-        evaluate "grid_I${I}_N$((WINDOW_ITERS / I))" "$OUT/grid_I${I}_N$((WINDOW_ITERS / I))"
-        score "grid_I${I}_N$((WINDOW_ITERS / I))" "$OUT/grid_I${I}_N$((WINDOW_ITERS / I))"
-        I=$((I * 2))
+    # N intervals of I = WINDOW_ITERS/N iterations ending at the newest checkpoint (N+1 inputs;
+    # 1-sqrt gives the oldest weight 0), N = WINDOW_ITERS/WSM_INTERVAL halved down to 2, where
+    # N divides the window into multiples of WSM_INTERVAL. (N = 1 would put all weight on the
+    # newest input: the stable last iterate, already a row of the table.)
+    N=$((WINDOW_ITERS / WSM_INTERVAL))
+    while [ "$N" -ge 2 ]; do
+        I=$((WINDOW_ITERS / N))
+        if [ $((WINDOW_ITERS % N)) = 0 ] && [ $((I % WSM_INTERVAL)) = 0 ]; then
+            inputs=()
+            for ((it = ITERS - WINDOW_ITERS; it <= ITERS; it += I)); do
+                inputs+=("$OUT/stable/ckpt/wsm_window/$(printf 'iter_%07d' "$it")")
+            done
+            merge "grid_I${I}_N${N}" --inputs "${inputs[@]}" --method 1-sqrt
+            evaluate "grid_I${I}_N${N}" "$OUT/grid_I${I}_N${N}"
+            score "grid_I${I}_N${N}" "$OUT/grid_I${I}_N${N}"
+        fi
+        N=$((N / 2))
     done
 fi
 
+[ "$DRY_RUN" = 1 ] && exit 0
 python examples/plot_wsm_vs_wsd.py --out "$OUT" --png "$OUT/wsm_vs_wsd.png" --table "$OUT/table.md"
 echo "(this invocation: $((SECONDS - start)) s; outputs in $OUT)"

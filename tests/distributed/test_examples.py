@@ -155,6 +155,33 @@ def test_wsm_vs_wsd_presets_give_valid_runs(preset, tmp_path):
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+@pytest.mark.parametrize(("preset", "iters", "window", "grid"), [
+    ("tiny", 800, 160, [(10, 16), (20, 8), (40, 4), (80, 2)]),
+    ("cpu-medium", 1000, 200, [(10, 20), (20, 10), (40, 5), (100, 2)]),
+])
+def test_wsm_vs_wsd_merges_end_at_the_newest_checkpoint(preset, iters, window, grid, tmp_path):
+    """DRY_RUN=1 also prints the merges: every granularity-grid merge spans exactly the merge
+    duration and ends at the last iteration (evenly spaced inputs), and the remedy merges
+    (KEEP_ITERS, MIN_LR_RATIOS) are asked for."""
+    stdout = _bash("examples/wsm_vs_wsd.sh",
+                   {"PRESET": preset, "DRY_RUN": "1", "GRID": "1", "OUT": str(tmp_path),
+                    "KEEP_ITERS": str(2 * window), "MIN_LR_RATIOS": "0.1"}).stdout
+    merges = dict(line[len("merge "):].split(": ", 1) for line in stdout.splitlines()
+                  if line.startswith("merge "))
+    got = []
+    for name, args in merges.items():
+        if not name.startswith("grid_"):
+            continue
+        its = [int(p.rsplit("_", 1)[1]) for p in shlex.split(args) if "iter_" in p]
+        steps = {b - a for a, b in zip(its, its[1:])}
+        assert its[0] == iters - window and its[-1] == iters and len(steps) == 1, (name, its)
+        got.append((steps.pop(), len(its) - 1))
+    assert got == grid
+    assert f"--window-iters {2 * window} --method 1-sqrt" in merges[f"merged_1sqrt_w{2 * window}"]
+    assert merges["merged_1sqrt_r0.1"].endswith("--method 1-sqrt --min-lr-ratio 0.1")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow  # ~110 s: the fast checks are the dry-run wiring above + test_env_python
 def test_cpu_medium_preset_trains(data_cache, tmp_path):
     """The cpu-medium preset's own model and data source for a few iterations (a 3 MB slice of
