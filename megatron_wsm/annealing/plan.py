@@ -44,6 +44,7 @@ class PlanRequest:
     huber_delta: float = DEFAULT_HUBER_DELTA
     smooth: int | None = None
     fit_start: int | None = None
+    predict_start: int | None = None
     starts: int = 4
     max_points: int = 2000
     train_iters: int | None = None
@@ -328,7 +329,8 @@ def plan(req: PlanRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     for r in pred_runs:
         entry: dict[str, Any] = {"name": r.name, "path": paths[r.name]}
         if r.has_loss:
-            ev = evaluate(params, r, smooth_window=req.smooth, start=req.fit_start)
+            start = req.predict_start if req.predict_start is not None else req.fit_start
+            ev = evaluate(params, r, smooth_window=req.smooth, start=start)
             entry.update(ev.to_json())
             curves["runs"].append(curve("predict", r.name, r.lrs, fit=ev))
         else:

@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ITER",
         help="first iteration fitted and scored in every run (default: end of warmup)",
     )
+    g.add_argument(
+        "--predict-start",
+        type=int,
+        default=None,
+        metavar="ITER",
+        help="first iteration scored in the --predict runs (default: --fit-start); e.g. the "
+        "branch point of a decay branched off a fitted stable run, so that the shared part "
+        "does not count as a prediction",
+    )
     g.add_argument("--starts", type=int, default=4, help="optimiser starts (default 4)")
     g.add_argument(
         "--max-points",

@@ -346,6 +346,22 @@ def test_cli_end_to_end_on_csv(runs, tmp_path: Path, capsys) -> None:
     assert_valid_png(png)
 
 
+def test_cli_predict_start_scores_only_the_branch(runs, tmp_path: Path) -> None:
+    """A decay branched off a fitted stable run shares its curve up to the branch point: with
+    --predict-start only the branch itself is scored as a prediction."""
+    fit = [str(write_csv(tmp_path / f"{n}.csv", runs[n])) for n in ("const", "wsd20")]
+    held = str(write_csv(tmp_path / "wsd40.csv", runs["wsd40"]))
+    branch_at = int(T * 0.6)
+    out = tmp_path / "p.json"
+    assert main(["--fit", *fit, "--predict", held, "--predict-start", str(branch_at + 1),
+                 "--output-json", str(out)]) == 0
+    entry = json.loads(out.read_text())["predict"][0]
+    assert entry["first_step"] == branch_at + 1 and entry["last_step"] == T
+    assert entry["n_points"] == T - branch_at
+    report = json.loads(out.read_text())
+    assert report["fit_runs"][0]["first_step"] < branch_at  # the fit keeps its own range
+
+
 def test_cli_reads_tensorboard(tmp_path: Path, capsys) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
