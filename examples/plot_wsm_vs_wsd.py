@@ -1,6 +1,8 @@
 """Table and loss-curve plot of an ``examples/wsm_vs_wsd.sh`` output directory.
 
-Reads ``OUT/{wsd,stable}/result.json`` (``train_history``: per-iteration loss and LR),
+Reads the two trainings' histories (per-iteration loss and LR, held-out points, the merged
+readout) from ``OUT/{wsd,stable}/tb`` (TensorBoard: complete across resumes) or else
+``OUT/{wsd,stable}/result.json``,
 ``OUT/eval/*.json`` (``tools/evaluate.py`` results on the held-out split), the merge
 provenance of ``OUT/merged_1sqrt`` (which window checkpoints were merged, with which
 coefficients) and, when the script ran with ``EXPORT=1``, ``OUT/harness/*.json``
@@ -119,13 +121,57 @@ def _smooth(values: list[float], width: int) -> list[float]:
     return out
 
 
-def plot(out: Path, png: Path, smooth: int) -> None:
+def _tensorboard_history(run_dir: Path) -> dict | None:
+    """``{"train_history": [...], "wsm_readouts": [...]}`` of a run from its TensorBoard
+    events, which span every invocation of a resumed run (its result.json holds only the
+    last invocation's part); None without events."""
+    from megatron_wsm import metric_names as names
+
+    tb = run_dir / "tb"
+    if not tb.is_dir():
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()  # a resumed run's re-logged steps replace the older ones (purge)
+    tags = set(acc.Tags().get("scalars", []))
+    if not {names.LM_LOSS, names.LEARNING_RATE} <= tags:
+        return None
+    rows = {e.step: {"iteration": e.step, "loss": e.value} for e in acc.Scalars(names.LM_LOSS)}
+    for tag, key in ((names.LEARNING_RATE, "lr"), (names.VALID_LOSS, "valid_loss")):
+        for e in acc.Scalars(tag) if tag in tags else []:
+            if e.step in rows:
+                rows[e.step][key] = e.value
+    readout_tag = names.wsm_readout(names.VALID_LOSS, "1-sqrt")
+    readouts = [{"iteration": e.step, "loss": e.value}
+                for e in (acc.Scalars(readout_tag) if readout_tag in tags else [])]
+    history = [rows[k] for k in sorted(rows) if "lr" in rows[k]]
+    return {"train_history": history, "wsm_readouts": readouts} if history else None
+
+
+def load_histories(out: Path) -> dict[str, dict | None]:
+    """Training histories of the ``wsd`` and ``stable`` runs, complete from iteration 1: from
+    TensorBoard when there, else result.json. A WSD run branched off the stable run (it
+    starts later) gets the stable run's part before its first iteration prepended: the two
+    runs are the same up to there."""
+    runs = {}
+    for name in ("wsd", "stable"):
+        runs[name] = _tensorboard_history(out / name) or _load(out / name / "result.json")
+    wsd, stable = runs["wsd"], runs["stable"]
+    if wsd and stable and wsd["train_history"] and stable["train_history"]:
+        first = wsd["train_history"][0]["iteration"]
+        shared = [h for h in stable["train_history"] if h["iteration"] < first]
+        runs["wsd"] = {**wsd, "train_history": shared + wsd["train_history"]}
+    return runs
+
+
+def plot(out: Path, png: Path, smooth: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: CI and the 2-core box have no display
     import matplotlib.pyplot as plt
 
-    runs = {name: _load(out / name / "result.json") for name in ("wsd", "stable")}
+    runs = load_histories(out)
     prov = _load(out / "merged_1sqrt" / "wsm_merge_provenance.json")
     evals = {name: _load(out / "eval" / f"{name}.json") for name, _ in ROWS}
 
@@ -221,7 +267,7 @@ def plot(out: Path, png: Path, smooth: int) -> None:
         )
 
     ax.set_ylabel("loss")
-    ax.set_title("WSM vs WSD, tiny MoE on the embedded corpus (equal tokens)")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     ax_lr.set_ylabel("LR")
@@ -239,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", type=Path, help="write the loss-curve plot here")
     p.add_argument("--table", type=Path, help="also write the table here (Markdown)")
     p.add_argument("--smooth", type=int, default=20, help="running-mean width of train loss")
+    p.add_argument("--title", default="WSM vs WSD, tiny MoE on the embedded corpus (equal tokens)",
+                   help="the plot's title")
     args = p.parse_args(argv)
 
     rows = collect_rows(args.out)
@@ -250,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         args.table.write_text(table + "\n")
     if args.png:
-        plot(args.out, args.png, args.smooth)
+        plot(args.out, args.png, args.smooth, args.title)
         print(f"\nloss curves: {args.png}")
     bad = [r[0] for r in rows if not math.isfinite(r[1])]
     return 1 if bad else 0

@@ -39,18 +39,20 @@ PRESET=${PRESET:-tiny}
 case "$PRESET" in
     tiny)
         P_OUT=runs/wsm_vs_wsd P_ITERS=800 P_LR=6e-3 P_EVAL_ITERS=16 P_NPROC=2 P_EP=2
-        P_SAVE_INTERVAL=0 P_DATA_ARGS=""
+        P_SAVE_INTERVAL=0 P_DATA_ARGS="" P_TITLE="tiny MoE on the embedded corpus"
         P_MODEL_ARGS="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 \
 --moe-router-topk 2 --seq-length 128 --micro-batch-size 4 --global-batch-size 8" ;;
     cpu-medium)
         P_OUT=runs/wsm_vs_wsd_cpu_medium P_ITERS=1000 P_LR=3e-3 P_EVAL_ITERS=32 P_NPROC=2 P_EP=2
         P_SAVE_INTERVAL=100 P_DATA_ARGS="--data-source env-python --vocab-size 16384"
+        P_TITLE="cpu-medium: 7.6 M-parameter MoE on env-python"
         P_MODEL_ARGS="--num-layers 4 --hidden-size 128 --num-attention-heads 4 --num-experts 8 \
 --moe-router-topk 2 --moe-ffn-hidden-size 256 --seq-length 256 --micro-batch-size 4 \
 --global-batch-size 16" ;;
     gpu)
         P_OUT=runs/wsm_vs_wsd_gpu P_ITERS=900 P_LR=1e-3 P_EVAL_ITERS=32 P_NPROC=1 P_EP=1
         P_SAVE_INTERVAL=360 P_DATA_ARGS="--data-source env-python --vocab-size 16384"
+        P_TITLE="gpu: 384 M-parameter MoE on env-python"
         P_MODEL_ARGS="--num-layers 12 --hidden-size 768 --num-attention-heads 12 \
 --num-query-groups 4 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 1536 \
 --seq-length 1024 --micro-batch-size 8 --global-batch-size 64 --bf16" ;;
@@ -248,5 +250,6 @@ if [ "$GRID" = 1 ]; then
 fi
 
 [ "$DRY_RUN" = 1 ] && exit 0
-python examples/plot_wsm_vs_wsd.py --out "$OUT" --png "$OUT/wsm_vs_wsd.png" --table "$OUT/table.md"
+python examples/plot_wsm_vs_wsd.py --out "$OUT" --png "$OUT/wsm_vs_wsd.png" --table "$OUT/table.md" \
+    --title "WSM vs WSD, $P_TITLE, seed $SEED (equal tokens)"
 echo "(this invocation: $((SECONDS - start)) s; outputs in $OUT)"
