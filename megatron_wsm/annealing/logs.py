@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def _tokens_per_step_slope(steps: Sequence[int], tokens: Sequence[float]) -> flo
 
 
 def _run_name(p: Path) -> str:
-    p = p.resolve()
+    # absolute, not resolved: a symlink's own name ("const" -> runs/x/tb) names the run
+    p = Path(os.path.abspath(p))
     return p.parent.name if ".tfevents." in p.name else (p.stem if p.is_file() else p.name)
 
 
