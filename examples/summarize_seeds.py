@@ -45,7 +45,7 @@ def spread(values: list[float]) -> str:
 
 def loss_table(data: dict[str, dict[str, tuple[float, float, float]]], labels: list[str]) -> str:
     seeds = list(data)
-    lines = ["| checkpoint | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (range) |",
+    lines = ["| checkpoint | " + " | ".join(seeds) + " | mean (range) |",
              "|---|" + "---:|" * (len(seeds) + 1)]
     for label in labels:
         vals = [data[s][label][0] for s in seeds if label in data[s]]
@@ -62,7 +62,7 @@ def paired_table(
 ) -> str:
     """checkpoint − base per seed (negative: better than base), and how many seeds are better."""
     seeds = list(data)
-    lines = [f"| checkpoint − {base} | " + " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| checkpoint − {base} | " + " | ".join(seeds)
              + " | mean | better in |", "|---|" + "---:|" * (len(seeds) + 2)]
     for label in labels or [STABLE, WSD, *MERGES]:
         if label == base or any(label not in data[s] for s in seeds):
