@@ -130,10 +130,19 @@ def _tokens_per_step_slope(steps: Sequence[int], tokens: Sequence[float]) -> flo
     return float(np.median(d_tk[ok] / d_st[ok]))
 
 
+#: Directory names that say "TensorBoard events" rather than which run: the run is the parent.
+_TB_DIR_NAMES = ("tb", "tensorboard", "tensorboard_logs", "logs")
+
+
 def _run_name(p: Path) -> str:
     # absolute, not resolved: a symlink's own name ("const" -> runs/x/tb) names the run
     p = Path(os.path.abspath(p))
-    return p.parent.name if ".tfevents." in p.name else (p.stem if p.is_file() else p.name)
+    if ".tfevents." in p.name:
+        p = p.parent
+    elif p.is_file():
+        return p.stem
+    # runs/const/tb -> "const" (the trainer's --tensorboard-dir is often <run>/tb)
+    return p.parent.name if p.name.lower() in _TB_DIR_NAMES and p.parent.name else p.name
 
 
 def unique_names(runs: list[Run]) -> None:

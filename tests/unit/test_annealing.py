@@ -362,6 +362,19 @@ def test_cli_predict_start_scores_only_the_branch(runs, tmp_path: Path) -> None:
     assert report["fit_runs"][0]["first_step"] < branch_at  # the fit keeps its own range
 
 
+def test_run_names_skip_the_tensorboard_folder(tmp_path: Path) -> None:
+    from megatron_wsm.annealing.logs import _run_name
+
+    (tmp_path / "const" / "tb").mkdir(parents=True)
+    (tmp_path / "wsd20").symlink_to(tmp_path / "const" / "tb")
+    events = tmp_path / "const" / "tb" / "events.out.tfevents.1.host"
+    events.write_bytes(b"")
+    assert _run_name(tmp_path / "const" / "tb") == "const"
+    assert _run_name(events) == "const"
+    assert _run_name(tmp_path / "wsd20") == "wsd20"  # a symlink is named by itself
+    assert _run_name(tmp_path / "const") == "const"
+
+
 def test_cli_reads_tensorboard(tmp_path: Path, capsys) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
