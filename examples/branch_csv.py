@@ -12,26 +12,18 @@ from __future__ import annotations
 import csv
 import sys
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from megatron_wsm import metric_names as names
-
-
-def _scalars(path: str) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})  # 0: keep every event
-    acc.Reload()
-    tags = set(acc.Tags().get("scalars", []))
-    return tuple(  # type: ignore[return-value]
-        {e.step: e.value for e in acc.Scalars(tag)} if tag in tags else {}
-        for tag in (names.LEARNING_RATE, names.LM_LOSS, names.CONSUMED_TOKENS)
-    )
+from megatron_wsm.annealing.logs import tensorboard_scalars
 
 
 def branch_rows(parent: str, branch: str, branch_at: int) -> list[tuple]:
     """(step, lr, loss, tokens) of the parent up to ``branch_at``, then of the branch."""
     rows = []
     for path, keep in ((parent, lambda s: s <= branch_at), (branch, lambda s: s > branch_at)):
-        lr, loss, tokens = _scalars(path)
+        got = tensorboard_scalars(path, (names.LEARNING_RATE, names.LM_LOSS,
+                                         names.CONSUMED_TOKENS))
+        lr, loss, tokens = (got.get(t, {}) for t in (names.LEARNING_RATE, names.LM_LOSS,
+                                                      names.CONSUMED_TOKENS))
         rows += [(s, lr[s], loss.get(s, ""), tokens.get(s, "")) for s in sorted(lr) if keep(s)]
     return rows
 

@@ -126,25 +126,23 @@ def _tensorboard_history(run_dir: Path) -> dict | None:
     events, which span every invocation of a resumed run (its result.json holds only the
     last invocation's part); None without events."""
     from megatron_wsm import metric_names as names
+    from megatron_wsm.annealing.logs import tensorboard_scalars
 
     tb = run_dir / "tb"
     if not tb.is_dir():
         return None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
-    acc.Reload()  # a resumed run's re-logged steps replace the older ones (purge)
-    tags = set(acc.Tags().get("scalars", []))
-    if not {names.LM_LOSS, names.LEARNING_RATE} <= tags:
-        return None
-    rows = {e.step: {"iteration": e.step, "loss": e.value} for e in acc.Scalars(names.LM_LOSS)}
-    for tag, key in ((names.LEARNING_RATE, "lr"), (names.VALID_LOSS, "valid_loss")):
-        for e in acc.Scalars(tag) if tag in tags else []:
-            if e.step in rows:
-                rows[e.step][key] = e.value
     readout_tag = names.wsm_readout(names.VALID_LOSS, "1-sqrt")
-    readouts = [{"iteration": e.step, "loss": e.value}
-                for e in (acc.Scalars(readout_tag) if readout_tag in tags else [])]
+    got = tensorboard_scalars(tb, (names.LM_LOSS, names.LEARNING_RATE, names.VALID_LOSS,
+                                   readout_tag))
+    if names.LM_LOSS not in got or names.LEARNING_RATE not in got:
+        return None
+    rows = {step: {"iteration": step, "loss": v} for step, v in got[names.LM_LOSS].items()}
+    for tag, key in ((names.LEARNING_RATE, "lr"), (names.VALID_LOSS, "valid_loss")):
+        for step, v in got.get(tag, {}).items():
+            if step in rows:
+                rows[step][key] = v
+    readouts = [{"iteration": step, "loss": v}
+                for step, v in sorted(got.get(readout_tag, {}).items())]
     history = [rows[k] for k in sorted(rows) if "lr" in rows[k]]
     return {"train_history": history, "wsm_readouts": readouts} if history else None
 

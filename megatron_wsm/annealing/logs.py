@@ -23,36 +23,50 @@ def load_run(path: str, *, loss: str = "train") -> Run:
     return _load_csv(p)
 
 
-def _load_tensorboard(p: Path, loss: str) -> Run:
+def tensorboard_scalars(
+    path: str | os.PathLike, tags: Sequence[str] | None = None
+) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of the TensorBoard events under ``path``: the ``tags`` present
+    (absent ones are left out), or every scalar tag. All events are kept, and a resumed run's
+    re-logged steps replace the older ones (TensorBoard's purge of orphaned steps), so the
+    result spans every invocation of a run. The one reader of the trainer's scalars (planner,
+    examples)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # size_guidance 0 = keep every event (the default samples 10,000 per tag).
-    acc = EventAccumulator(str(p), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
     acc.Reload()
-    tags = set(acc.Tags().get("scalars", []))
+    present = acc.Tags().get("scalars", [])
+    wanted = present if tags is None else [t for t in tags if t in present]
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in wanted}
+
+
+def _load_tensorboard(p: Path, loss: str) -> Run:
+    got = tensorboard_scalars(p)
     loss_tag = names.LM_LOSS if loss == "train" else names.VALID_LOSS
-    missing = [t for t in (names.LEARNING_RATE, loss_tag) if t not in tags]
+    missing = [t for t in (names.LEARNING_RATE, loss_tag) if t not in got]
     if missing:
         raise ValueError(
-            f"{p}: TensorBoard scalars {missing} not found (has: {sorted(tags) or 'none'})"
+            f"{p}: TensorBoard scalars {missing} not found (has: {sorted(got) or 'none'})"
         )
-    lr_ev = acc.Scalars(names.LEARNING_RATE)
-    loss_ev = acc.Scalars(loss_tag)
+    lr = sorted(got[names.LEARNING_RATE].items())
+    obs = sorted(got[loss_tag].items())
     tps = None
-    if names.CONSUMED_TOKENS in tags:
-        ev = acc.Scalars(names.CONSUMED_TOKENS)
-        tps = _tokens_per_step([e.step for e in ev], [e.value for e in ev])
-    elif names.LEARNING_RATE_VS_TOKENS in tags:
-        # Written right after "learning-rate" at every logged iteration: pair them in order.
-        ev = acc.Scalars(names.LEARNING_RATE_VS_TOKENS)
-        n = min(len(ev), len(lr_ev))
-        tps = _tokens_per_step([e.step for e in lr_ev[:n]], [e.step for e in ev[:n]])
+    if names.CONSUMED_TOKENS in got:
+        ev = sorted(got[names.CONSUMED_TOKENS].items())
+        tps = _tokens_per_step([s for s, _ in ev], [v for _, v in ev])
+    elif names.LEARNING_RATE_VS_TOKENS in got:
+        # Written right after "learning-rate" at every logged iteration, with the consumed
+        # tokens as its step: the n-th token count belongs to the n-th logged iteration.
+        tokens = sorted(got[names.LEARNING_RATE_VS_TOKENS])
+        n = min(len(tokens), len(lr))
+        tps = _tokens_per_step([s for s, _ in lr[:n]], tokens[:n])
     return Run.from_points(
         _run_name(p),
-        [e.step for e in lr_ev],
-        [e.value for e in lr_ev],
-        [e.step for e in loss_ev],
-        [e.value for e in loss_ev],
+        [s for s, _ in lr],
+        [v for _, v in lr],
+        [s for s, _ in obs],
+        [v for _, v in obs],
         loss_lag=1 if loss == "train" else 0,
         tokens_per_step=tps,
     )
