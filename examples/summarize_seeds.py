@@ -17,21 +17,17 @@ import json
 import statistics
 from pathlib import Path
 
-from plot_wsm_vs_wsd import ROWS, collect_rows
+from plot_wsm_vs_wsd import ROWS, collect_rows, load_histories
 
 MERGES = ["WSM merge 1-sqrt", "WSM merge mean", "WSM merge EMA"]
 WSD = "WSD (1-sqrt decay)"
 STABLE = "WSM stable (last iterate)"
 
 
-def seed_name(out: Path) -> str:
-    return out.name
-
-
 def load_seeds(outs: list[Path]) -> dict[str, dict[str, tuple[float, float, float]]]:
     """seed -> checkpoint label -> (held-out loss, mean global max vio, mean global min vio)."""
     return {
-        seed_name(out): {r.label: (r.loss, r.vmax, r.vmin) for r in collect_rows(out)}
+        out.name: {r.label: (r.loss, r.vmax, r.vmin) for r in collect_rows(out)}
         for out in outs
     }
 
@@ -103,11 +99,12 @@ def violation_table(data: dict[str, dict[str, tuple[float, float, float]]]) -> s
 
 def window_slope(out: Path, window_iters: int, edge: int = 20) -> tuple[float, float] | None:
     """Stable run's mean training loss over the first and the last ``edge`` iterations of the
-    merge window (the oldest and the newest merged checkpoints' neighbourhoods)."""
-    path = out / "stable" / "result.json"
-    if not path.is_file():
+    merge window (the oldest and the newest merged checkpoints' neighbourhoods), from the
+    plot's histories (TensorBoard: complete across resumes; else result.json)."""
+    stable = load_histories(out)["stable"]
+    if not stable or not stable["train_history"]:
         return None
-    hist = json.loads(path.read_text())["train_history"]
+    hist = stable["train_history"]
     end = hist[-1]["iteration"]
     start = end - window_iters
     first = [h["loss"] for h in hist if start < h["iteration"] <= start + edge]
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     for out in args.outs:
         slope = window_slope(out, args.window_iters)
         if slope:
-            print(f"| {seed_name(out)} | {slope[0]:.4f} | {slope[1]:.4f} | "
+            print(f"| {out.name} | {slope[0]:.4f} | {slope[1]:.4f} | "
                   f"{slope[0] - slope[1]:.4f} |")
     return 0
 
