@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from megatron_wsm import ckpt_common, ckpt_integrity
 from megatron_wsm import ckpt_layout as layout
 from megatron_wsm.manifest import (
     MANIFEST_NAME,
@@ -112,16 +113,11 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
 
 
 def _iteration_from_common(path: Path) -> int | None:
-    """``iteration`` of a foreign torch_dist checkpoint's ``common.pt``, if safely loadable."""
-    import argparse
-
-    import torch
-
+    """``iteration`` of a foreign torch_dist checkpoint's common state, if safely loadable."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            common = torch.load(path / "common.pt", map_location="cpu", weights_only=True)
-    except Exception:  # unreadable or needs unsafe pickles: the iteration stays unknown
-        return None
+        common = ckpt_common.read_common_state(path)
+    except (ckpt_common.CommonStateError, ckpt_integrity.IntegrityError):
+        return None  # unreadable or needs unsafe pickles: the iteration stays unknown
     value = common.get("iteration") if isinstance(common, dict) else None
     return int(value) if isinstance(value, int) else None
 

@@ -177,8 +177,13 @@ def save_torch_dist(
     kind: str = "window",
     tokens_per_iteration: int = 1024,
     config_hash: str = "synthetic0000000",
+    embed_common: bool = False,
 ) -> Path:
-    """Save one synthetic checkpoint with megatron-core (call on every rank of the group)."""
+    """Save one synthetic checkpoint with megatron-core (call on every rank of the group).
+
+    ``embed_common``: lay the common state out as megatron-core >= 0.19 does (a
+    ``common_state`` ShardedObject inside the shard files, no ``common.pt``) on any version.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -195,9 +200,19 @@ def save_torch_dist(
     state = sharded_state_dict(
         spec, seed, rank, world, iteration=iteration, with_optimizer=with_optimizer
     )
+    if embed_common:
+        from megatron.core.dist_checkpointing import ShardedObject
+        from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+        _, common = extract_sharded_base(state)
+        state["common_state"] = ShardedObject(
+            "common_state", common, (1,), (0,), replica_id=rank
+        )
     dist_checkpointing.save(state, str(path))
     if dist.is_initialized():
         dist.barrier()
+    if embed_common and rank == 0:
+        (path / "common.pt").unlink(missing_ok=True)  # megatron-core < 0.19 also wrote it
     if rank == 0 and manifest:
         write_manifest(path, synthetic_manifest(spec, iteration, world, kind, tokens_per_iteration,
                                                 config_hash))
@@ -348,6 +363,13 @@ TEST_JOB: dict[str, Any] = {
          "spec": {"dtype": "fp32"}},
         {"path": "{dir}/layout40", "seed": 6, "iteration": 40, "world": 2,
          "spec": {"dtype": "bf16", "alt_layout": True}},
+        # megatron-core >= 0.19's layout (common state inside the shard files), no manifest,
+        # no iteration in the name: the merge must find the iteration and strip the optimizer.
+        {"path": "{dir}/embedded_a", "seed": 2, "iteration": 20, "world": 2,
+         "spec": {"dtype": "bf16"}, "manifest": False, "embed_common": True},
+        {"path": "{dir}/embedded_b", "seed": 3, "iteration": 30, "world": 2,
+         "spec": {"dtype": "bf16"}, "with_optimizer": True, "manifest": False,
+         "embed_common": True},
     ]
 }
 
@@ -373,6 +395,7 @@ def _job_worker(rank: int, world: int, port: int, entries: list[dict[str, Any]],
                     entry["path"], spec, entry["seed"], iteration=entry["iteration"],
                     with_optimizer=entry.get("with_optimizer", False),
                     manifest=entry.get("manifest", True), kind=entry.get("kind", "window"),
+                    embed_common=entry.get("embed_common", False),
                 )
             else:
                 _load_with_megatron(entry, spec, rank, world)

@@ -560,3 +560,28 @@ def test_streaming_buffers_fit_the_chunk_budget(k, in_dtype, out_dtype):
     # More inputs: smaller pieces, same memory.
     fewer = plan_buffers(SimpleNamespace(items=[item], coefficients=[0.5, 0.5]), chunk)
     assert buffers.elems <= fewer.elems and fewer.total <= chunk
+
+
+# ------------------------------------------------- megatron-core >= 0.19 common-state layout
+
+
+def test_embedded_common_state_is_ordered_stripped_and_written_as_common_pt(ckpts, tmp_path):
+    """Inputs laid out as megatron-core >= 0.19 saves them (common state inside the shard
+    files, no common.pt), without manifests and without a number in their names: their order
+    comes from the embedded iteration, and the output's common state is the newest one's minus
+    the optimizer, as a common.pt (which megatron-core 0.16 to 0.19 read) and not as an item."""
+    newer, older = ckpts / "embedded_b", ckpts / "embedded_a"
+    assert not (newer / "common.pt").exists()
+    stored = fmt.read_metadata(str(newer)).state_dict_metadata
+    assert any(k.startswith("common_state") for k in stored)
+    out = tmp_path / "merged"
+    report = merge_checkpoints([newer, older], [0.4, 0.6], out, allow_no_manifest=True)
+    assert any("embedded common_state" in n for n in report.notes), report.notes
+    assert read_manifest(out).iteration == 30  # ordered oldest first by the embedded iteration
+    assert_matches_reference(out, [older, newer], [0.4, 0.6], None)
+    common = torch.load(out / "common.pt", weights_only=True)
+    assert common["iteration"] == 30 and "optimizer" not in common
+    assert common["opt_param_scheduler"] == {"num_steps": 240, "max_lr": 1e-3}
+    keys = fmt.read_metadata(str(out)).state_dict_metadata
+    assert not any(k.startswith(("common_state", "optimizer.", "rng_state")) for k in keys)
+    assert "common_state" not in " ".join(report.copied_keys + report.dropped_keys)

@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -169,8 +170,65 @@ def test_common_pt_needing_unsafe_pickles_is_refused_not_copied(window, tmp_path
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match="common.pt: not loadable with weights_only"):
         merge_checkpoints([*window[:2], newest], COEFS, out, dry_run=True)
-    with pytest.raises(MergeError, match="refusing to copy an unverified pickle"):
+    with pytest.raises(MergeError, match="refusing an unverified pickle"):
         merge_checkpoints([*window[:2], newest], COEFS, out)
+    _nothing_published(out)
+
+
+def _embedded_pair(tmp_path: Path) -> list[Path]:
+    """Copies of the two synthetic checkpoints laid out as megatron-core >= 0.19 saves them."""
+    root = syn.build_test_checkpoints(tmp_path.parent)
+    return [_copy(root / name, tmp_path / name) for name in ("embedded_a", "embedded_b")]
+
+
+def _common_state_record(ckpt: Path) -> tuple[Any, Any, Any]:
+    md = ckpt_integrity.load_metadata(ckpt)
+    index, info = next(
+        (i, v) for i, v in md.storage_data.items() if i.fqn == "common_state/shard_0_1"
+    )
+    return md, index, info
+
+
+def test_embedded_common_state_needing_unsafe_pickles_runs_no_code(tmp_path, monkeypatch):
+    """megatron-core >= 0.19 keeps the common state inside a shard file: a crafted one (here a
+    pickle that would run a command, appended and pointed at by .metadata) is refused before
+    anything is written, and the input ordering does not execute it either."""
+    import io
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    older, newest = _embedded_pair(tmp_path)
+    md, index, info = _common_state_record(newest)
+    crafted = io.BytesIO()
+    torch.save([{"iteration": 30, "hook": _Exploit()}], crafted)
+    shard = newest / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(crafted.getvalue())
+    length = len(crafted.getvalue())
+    md.storage_data[index] = fmt.make_storage_info(info.relative_path, offset, length)
+    fmt.write_metadata(str(newest / ".metadata"), md)
+    out = tmp_path / "merged"
+    for dry_run in (True, False):
+        with pytest.raises(MergeError, match="common_state.*not loadable with weights_only"):
+            merge_checkpoints([older, newest], [0.5, 0.5], out, dry_run=dry_run,
+                              allow_no_manifest=True)
+    _nothing_published(out)
+    assert not marker.exists()
+
+
+def test_bit_rot_in_the_embedded_common_state_is_refused(tmp_path):
+    older, newest = _embedded_pair(tmp_path)
+    _, _, info = _common_state_record(newest)
+    with open(newest / info.relative_path, "r+b") as f:
+        blob = fmt.BlobReader(lambda o, n: os.pread(f.fileno(), n, info.offset + o), info.length)
+        pickled = next(r for r in fmt.parse_zip(blob) if r.name.endswith("data.pkl"))
+        pos = info.offset + pickled.data_offset + pickled.size // 2  # inside the pickled state
+        byte = os.pread(f.fileno(), 1, pos)
+        os.pwrite(f.fileno(), bytes([byte[0] ^ 1]), pos)
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match="common_state.*CRC-32 mismatch"):
+        merge_checkpoints([older, newest], [0.5, 0.5], out, allow_no_manifest=True)
     _nothing_published(out)
 
 

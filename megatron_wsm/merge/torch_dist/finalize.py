@@ -20,6 +20,7 @@ from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.torch_dist.plan import (
     ACTION_AVERAGE,
     ACTION_DROP,
+    ACTION_TO_COMMON,
     Plan,
     _out_dtype,
     crc_mismatch,
@@ -141,7 +142,7 @@ def merged_metadata(plan: Plan, out_dir: Path) -> Any:
     state = {}
     for key, value in plan.metadata.state_dict_metadata.items():
         action = plan.actions[key]
-        if action == ACTION_DROP:
+        if action in (ACTION_DROP, ACTION_TO_COMMON):
             continue
         if action == ACTION_AVERAGE and isinstance(value, TensorStorageMetadata):
             dtype = _out_dtype(value.properties.dtype, plan.output_dtype)

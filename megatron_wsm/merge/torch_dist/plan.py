@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_common, ckpt_integrity
 from megatron_wsm.merge import dcp_format as fmt
 from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.inputs import CheckpointInput
@@ -36,6 +36,9 @@ DELAY_ENV = "MEGATRON_WSM_MERGE_TEST_DELAY"
 ACTION_AVERAGE = "average"
 ACTION_COPY = "copy"
 ACTION_DROP = "drop"
+#: megatron-core >= 0.19's embedded common state: not copied as an item, written (stripped of
+#: optimizer/RNG entries) as the output's ``common.pt``, which 0.16-0.19 all read.
+ACTION_TO_COMMON = "to_common"
 
 _FP32 = torch.float32
 
@@ -52,6 +55,8 @@ def classify(fqn: str, storage_md: Any) -> str:
 
     if is_dropped(fqn):
         return ACTION_DROP
+    if ckpt_common.is_common_state_key(fqn):
+        return ACTION_TO_COMMON
     if isinstance(storage_md, TensorStorageMetadata):
         if storage_md.properties.dtype.is_floating_point:
             return ACTION_AVERAGE
@@ -255,7 +260,7 @@ def _skeleton_items(
     items = []
     for index in ref.storage_data:
         action = actions.get(index.fqn, ACTION_COPY)
-        if action == ACTION_DROP:
+        if action in (ACTION_DROP, ACTION_TO_COMMON):
             continue
         *newest, rel = locate(inputs[-1], ref, index)
         sources: list[tuple[str, int, int] | None] = [None] * len(inputs)
@@ -400,7 +405,7 @@ def build_plan(
         metas = _load_metadata(inputs)
         actions = check_metadata(inputs, metas)
         items = _skeleton_items(inputs, metas, coefficients, actions, output_dtype)
-        common, notes = load_common(inputs[-1].path)
+        common, notes = load_common(inputs[-1].path, metas[-1])
         return metas[-1], items, actions, common, notes
 
     metadata, items, actions, common, notes = comm.run_on_rank0(skeleton)
@@ -454,29 +459,30 @@ def _check_copied_crc(item: Item, inp: Path) -> None:
 COMMON_DROPPED = ("optimizer", "rng_state")
 
 
-def load_common(newest: Path) -> tuple[Any, list[str]]:
-    """The newest input's ``common.pt`` (``weights_only``) minus optimizer/RNG, with notes.
+def load_common(newest: Path, metadata: Any = None) -> tuple[Any, list[str]]:
+    """The newest input's common state (``common.pt`` or megatron-core >= 0.19's embedded
+    ``common_state`` object, read by :mod:`megatron_wsm.ckpt_common`) minus optimizer/RNG, with
+    notes.
 
-    A ``common.pt`` that does not load with ``weights_only`` is refused rather than copied
-    byte for byte: the merged checkpoint would carry an unverified pickle under our manifest.
+    A common state that does not load with ``weights_only`` (or fails its CRC) is refused rather
+    than copied byte for byte: the merged checkpoint would carry an unverified pickle under our
+    manifest.
     """
-    import argparse
-
-    common = newest / "common.pt"
-    if not common.is_file():
-        return None, []
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(common, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for unsafe or corrupt pickles
-        raise MergeError(
-            f"{common}: not loadable with weights_only ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); refusing to copy an unverified pickle"
-        ) from e
+        state = ckpt_common.read_common_state(newest, metadata)
+    except (ckpt_common.CommonStateError, ckpt_integrity.IntegrityError) as e:
+        raise MergeError(str(e)) from e
+    if state is None:
+        return None, []
     notes = []
+    if not (newest / ckpt_common.COMMON_FILE).is_file():
+        notes.append(
+            "common state read from the newest input's embedded common_state object "
+            "(megatron-core >= 0.19) and written as common.pt (read by megatron-core 0.16-0.19)"
+        )
     if isinstance(state, dict):
         removed = [k for k in COMMON_DROPPED if k in state]
         if removed:
             state = {k: v for k, v in state.items() if k not in COMMON_DROPPED}
-            notes.append(f"{', '.join(removed)} entries removed from common.pt")
+            notes.append(f"{', '.join(removed)} entries removed from the common state")
     return state, notes

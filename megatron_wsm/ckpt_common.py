@@ -1,0 +1,114 @@
+"""A torch_dist checkpoint's *common state* (iteration, scheduler, args…), whichever
+megatron-core wrote it, read without trusting its pickle (no process groups).
+
+megatron-core up to 0.18 writes the non-tensor part of a state dict to ``common.pt``. From 0.19
+it stores the same dict as one ``ShardedObject`` named ``common_state`` inside the ``.distcp``
+shard files (a ``torch.save`` of ``[state]``), and still reads ``common.pt`` when one exists.
+The merge and the input ordering need that dict (the iteration of a foreign checkpoint; the
+scheduler state a merged checkpoint carries), so this module is the one place that finds it:
+
+- the item is located through :func:`ckpt_integrity.load_metadata` (restricted unpickler) and
+  :func:`ckpt_integrity.storage_location` (a shard file inside the checkpoint, nothing else);
+- its zip records' CRC-32 are checked, then it is loaded with ``torch.load(weights_only=True)``
+  (``argparse.Namespace`` allowed: Megatron-LM stores its ``args`` there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from megatron_wsm import ckpt_integrity
+
+#: The file megatron-core ≤ 0.18 writes (and 0.19 still reads first).
+COMMON_FILE = "common.pt"
+#: Keys of the ``ShardedObject`` megatron-core ≥ 0.19 stores the common state in
+#: (``common_state/shard_0_1``).
+COMMON_STATE_KEY = re.compile(r"^common_state($|/)")
+
+
+class CommonStateError(ValueError):
+    """The common state exists but is unreadable, corrupt, or needs unsafe pickles."""
+
+
+def is_common_state_key(fqn: str) -> bool:
+    """Whether a ``.metadata`` key is megatron-core ≥ 0.19's embedded common state."""
+    return bool(COMMON_STATE_KEY.match(fqn))
+
+
+def _load_bytes(data: bytes | os.PathLike, where: str) -> Any:
+    import torch
+
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for unsafe or corrupt pickles
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CommonStateError(
+            f"{where}: not loadable with weights_only ({type(e).__name__}: {first}); refusing "
+            "an unverified pickle"
+        ) from e
+
+
+def _crc_problems(data: bytes, where: str) -> list[str]:
+    def read_at(pos: int, size: int) -> bytes:
+        return data[pos : pos + size]
+
+    return ckpt_integrity.blob_crc_problems(read_at, len(data), where)
+
+
+def _embedded_item(checkpoint_dir: Path, metadata: Any) -> tuple[str, bytes] | None:
+    """(description, bytes) of the ``common_state`` item, or None when there is none."""
+    for index, info in metadata.storage_data.items():
+        if not is_common_state_key(index.fqn):
+            continue
+        try:
+            rel, offset, length = ckpt_integrity.storage_location(info)
+        except ckpt_integrity.IntegrityError as e:
+            raise CommonStateError(f"{checkpoint_dir}: {index.fqn}: {e}") from e
+        where = f"{checkpoint_dir}/{rel} item {index.fqn}"
+        try:
+            with open(checkpoint_dir / rel, "rb") as f:
+                data = os.pread(f.fileno(), length, offset)
+        except OSError as e:
+            raise CommonStateError(f"{where}: unreadable ({e})") from e
+        if len(data) != length:
+            raise CommonStateError(f"{where}: truncated ({len(data)} of {length} bytes)")
+        problems = _crc_problems(data, where)
+        if problems:
+            raise CommonStateError(problems[0])
+        return where, data
+    return None
+
+
+def read_common_state(checkpoint_dir: str | os.PathLike, metadata: Any = None) -> Any:
+    """The checkpoint's common state dict, or None when it has none.
+
+    ``common.pt`` wins when present (megatron-core 0.19 reads it first too); otherwise the
+    embedded ``common_state`` item. ``metadata``: the already-read restricted ``.metadata``.
+
+    Raises:
+        CommonStateError: it exists but fails its CRC or does not load with ``weights_only``.
+        ckpt_integrity.IntegrityError: ``.metadata`` is unreadable or unsafe.
+    """
+    path = Path(checkpoint_dir)
+    if (path / COMMON_FILE).is_file():
+        return _load_bytes(path / COMMON_FILE, str(path / COMMON_FILE))
+    if metadata is None:
+        if not (path / ckpt_integrity.METADATA_FILE).is_file():
+            return None
+        metadata = ckpt_integrity.load_metadata(path)
+    found = _embedded_item(path, metadata)
+    if found is None:
+        return None
+    where, data = found
+    state = _load_bytes(data, where)
+    # megatron-core saves the ShardedObject's data as a one-element list.
+    if isinstance(state, list) and len(state) == 1:
+        state = state[0]
+    return state
