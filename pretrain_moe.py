@@ -8,7 +8,9 @@ starts a spawn-based multiprocessing manager that re-imports this file.
 
 import sys
 
-from megatron_wsm.pretrain import main
-
 if __name__ == "__main__":
+    # Imported here, not at the top: a spawned helper (torch_dist saving starts a spawn-based
+    # multiprocessing manager) re-imports this file and should not import megatron-core again.
+    from megatron_wsm.pretrain import main
+
     sys.exit(main())

@@ -734,9 +734,9 @@ def bind_helper_processes_to_trainer() -> None:
     """Make the helper processes checkpoint saving starts die with the trainer (idempotent).
 
     megatron-core's torch_dist saves start two kinds: forked writers (the async save process and
-    its per-file workers) and, once per process, a spawn-context ``multiprocessing`` Manager
+    its per-file workers) and, once per process, a ``multiprocessing`` Manager
     serving the shared write-results queue. Neither watches its parent, so a trainer killed
-    with SIGKILL left them (the Manager re-imports the main script: ~350 MB each) asleep under
+    with SIGKILL left them (a few hundred MB each) asleep under
     init forever. Forked children get a parent-death signal from an at-fork hook; the Manager
     is started here, with the same signal set by its initializer, and installed as
     megatron-core's queue before its first save would start one of its own. Linux only (a
@@ -754,7 +754,11 @@ def bind_helper_processes_to_trainer() -> None:
     if filesystem_async._results_queue is None:
         from multiprocessing.managers import SyncManager
 
-        _results_manager = SyncManager(ctx=mp.get_context("spawn"))
+        # spawn on GPUs (CUDA state must not be forked). Without CUDA, fork: a spawned server
+        # imports torch to unpickle the first write result (~3 s at each process's first
+        # save), and megatron-core forks its writer workers from this process anyway.
+        method = "spawn" if torch.cuda.is_available() else "fork"
+        _results_manager = SyncManager(ctx=mp.get_context(method))
         _results_manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = _results_manager.Queue()
 

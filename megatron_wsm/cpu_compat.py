@@ -508,6 +508,38 @@ def stub_triton_kernels() -> None:
     sys.modules[TRITON_KERNEL_MODULE] = stub
 
 
+#: megatron-core versions whose ``megatron.core.jit.jit_fuser`` is ``torch.compile`` (torch >=
+#: 2.2), bound once when ``megatron.core`` is imported.
+JIT_FUSER_IS_TORCH_COMPILE = ("0.16.", "0.17.", "0.18.", "0.19.")
+
+
+def _eager(model: Any = None, **kwargs: Any) -> Any:
+    """``torch.compile`` stand-in: the function itself (or a decorator returning it)."""
+    return model if model is not None else (lambda fn: fn)
+
+
+@contextlib.contextmanager
+def eager_jit_fuser(mcore_version: str) -> Any:
+    """While ``megatron.core`` is imported on a machine without CUDA, make its ``jit_fuser``
+    the plain function instead of ``torch.compile``.
+
+    Why: megatron-core decorates small helpers (the router's expert-bias update, GLU
+    activations…) with ``jit_fuser = torch.compile``. On CPU that costs ~3 s per process to
+    import TorchDynamo and Inductor, and a Dynamo trace on first call, for no speed-up: eager
+    is the same arithmetic. Inert when CUDA is available or for an unchecked version. Entered by
+    ``megatron_wsm``'s import hook around ``import megatron.core``.
+    """
+    if torch.cuda.is_available() or not mcore_version.startswith(JIT_FUSER_IS_TORCH_COMPILE):
+        yield
+        return
+    original = torch.compile
+    torch.compile = _eager
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
 def apply() -> bool:
     """Install every CPU shim once; returns True if applied (i.e. CUDA is not available)."""
     global _APPLIED

@@ -5,7 +5,9 @@ The ``__main__`` guard matters: loading/saving with torch_dist may start spawn-b
 
 import sys
 
-from megatron_wsm.cli.evaluate import main
-
 if __name__ == "__main__":
+    # Imported here, not at the top: a spawned helper (torch_dist saving starts a spawn-based
+    # multiprocessing manager) re-imports this file and should not import megatron-core again.
+    from megatron_wsm.cli.evaluate import main
+
     sys.exit(main())

@@ -3,7 +3,9 @@
 
 import sys
 
-from megatron_wsm.cli.wsm_weights import main
-
 if __name__ == "__main__":
+    # Imported here, not at the top: a spawned helper (torch_dist saving starts a spawn-based
+    # multiprocessing manager) re-imports this file and should not import megatron-core again.
+    from megatron_wsm.cli.wsm_weights import main
+
     sys.exit(main())

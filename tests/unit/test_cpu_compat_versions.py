@@ -47,3 +47,47 @@ def test_stub_stands_in_for_the_kernel_module_and_refuses_to_run(monkeypatch):
     cpu_compat.stub_triton_kernels()
     assert sys.modules[name] is real
     monkeypatch.delitem(sys.modules, name)
+
+
+def test_megatron_core_imported_through_us_on_cpu_uses_eager_jit_fuser():
+    """On a machine without CUDA, megatron-core's ``jit_fuser`` (``torch.compile``) becomes the
+    plain function while ``megatron.core`` is imported (whichever of our modules imports it),
+    TorchDynamo/Inductor are not imported at all, and ``torch.compile`` is itself again."""
+    import subprocess
+
+    code = (
+        "import sys, torch\n"
+        "original = torch.compile\n"
+        "import megatron_wsm.model\n"
+        "from megatron.core import jit\n"
+        "from megatron.core.transformer.moe import router\n"
+        "assert not torch.cuda.is_available()\n"
+        "assert jit.jit_fuser is megatron_wsm.cpu_compat._eager, jit.jit_fuser\n"
+        "assert torch.compile is original\n"
+        "fn = router.TopKRouter._apply_expert_bias\n"
+        "assert not hasattr(fn, '_torchdynamo_orig_callable'), fn\n"
+        "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("version", ["0.15.0", "0.20.0", ""])
+def test_eager_jit_fuser_is_inert_outside_the_checked_versions(version):
+    import torch
+
+    original = torch.compile
+    with cpu_compat.eager_jit_fuser(version):
+        assert torch.compile is original
+
+
+def test_eager_jit_fuser_restores_torch_compile_even_when_the_import_fails():
+    import torch
+
+    original = torch.compile
+    with pytest.raises(ImportError), cpu_compat.eager_jit_fuser("0.16.1"):
+        assert torch.compile is cpu_compat._eager
+        assert cpu_compat._eager(len) is len and cpu_compat._eager()(len) is len
+        raise ImportError("broken extension")
+    assert torch.compile is original
