@@ -63,62 +63,12 @@ def _assert_resume_bitwise(common: list, tmp_path, nproc: int = 2) -> dict:
     return straight
 
 
-def test_bf16_distributed_optimizer_resume_is_bitwise(data_cache, tmp_path):
-    """The fast check: DP=2, bf16, distributed optimizer (default dp_reshardable)."""
-    _assert_resume_bitwise([*_common(data_cache), *DISTOPT], tmp_path)
-    full = [c for c in list_checkpoints(tmp_path / "ckpt") if c.manifest]
-    assert [c.iteration for c in full] == [3, 6]
-    assert full[0].manifest.extra["optimizer"] == {
-        "optimizer": "distributed",
-        "sharding": "dp_reshardable",
-        "parts": 1,
-    }
-    assert full[0].manifest.model_config["vocab_size"] == 512
-
-
-@pytest.mark.slow
-def test_bf16_distributed_optimizer_ep2_fully_reshardable_resume_is_bitwise(data_cache, tmp_path):
-    common = [
-        *_common(data_cache),
-        *DISTOPT,
-        "--dist-ckpt-optim-fully-reshardable",
-        "--expert-model-parallel-size",
-        "2",
-    ]
-    _assert_resume_bitwise(common, tmp_path)
-    manifest = read_manifest(tmp_path / "ckpt" / "iter_0000003")
-    assert manifest.extra["optimizer"]["sharding"] == "fully_reshardable"
-    assert manifest.extra["optimizer"]["parts"] == 2  # dense + experts
-    # Another EP size changes how many optimizers megatron-core chains: refused by name.
-    proc = run_script(
-        "pretrain_moe.py",
-        [*_common(data_cache), *DISTOPT, "--load", tmp_path / "ckpt"],
-        nproc=1,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert "2 chained optimizer(s) and this layout has 1" in proc.stdout + proc.stderr
-    assert "--no-load-optim" in proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
-def test_bf16_plain_optimizer_windows_merge_and_evaluate(data_cache, tmp_path):
-    """bf16 with the plain optimizer (EP=2): bitwise resume; the window checkpoints hold bf16
-    weights at <= 20 % of a full checkpoint, merge with fp32 accumulation and evaluate."""
-    common = [
-        *_common(data_cache),
-        "--bf16",
-        "--expert-model-parallel-size",
-        "2",
-        "--wsm-interval",
-        "2",
-    ]
-    _assert_resume_bitwise(common, tmp_path)
-    save = tmp_path / "ckpt"
+def _check_windows_merge_and_evaluate(save, tmp_path) -> None:
+    """The window checkpoints of a bf16 run hold bf16 weights at <= 20 % of a full checkpoint,
+    merge with fp32 accumulation (within one bf16 rounding of the exact average) and evaluate."""
     window = list_window(save / "wsm_window")
     assert [c.iteration for c in window] == [2, 4, 6]
     full = [c for c in list_checkpoints(save) if c.manifest and c.manifest.kind == "full"]
-    assert full[-1].manifest.extra["optimizer"]["optimizer"] == "plain"
     md = ckpt_integrity.load_metadata(window[-1].path)
     dtypes = {
         key: item.properties.dtype
@@ -154,21 +104,79 @@ def test_bf16_plain_optimizer_windows_merge_and_evaluate(data_cache, tmp_path):
     assert math.isfinite(loss) and loss < math.log(512) + 0.5
 
 
-@pytest.mark.slow
-def test_dp_size_change_on_resume(data_cache, tmp_path):
-    """dp_reshardable state saved with DP=2 resumes on 1 process (DP=1) and continues like the
-    uninterrupted DP=2 run; a model-parallel change (EP) is refused by name."""
+def test_bf16_distributed_optimizer_resume_is_bitwise_and_changes_dp(data_cache, tmp_path):
+    """DP=2, bf16, distributed optimizer (default dp_reshardable): a resume is bitwise, and the
+    same checkpoint resumes on 1 process (DP=1) continuing like the uninterrupted DP=2 run."""
     common = [*_common(data_cache), *DISTOPT]
-    straight = run_pretrain(common, tmp_path / "straight.json", nproc=2)
-    ckpt = tmp_path / "ckpt"
-    run_pretrain([*common, "--save", ckpt, "--exit-interval", "3"], tmp_path / "a.json", nproc=2)
-    resumed = run_pretrain([*common, "--load", ckpt], tmp_path / "b.json", nproc=1)
+    straight = _assert_resume_bitwise(common, tmp_path)
+    full = [c for c in list_checkpoints(tmp_path / "ckpt") if c.manifest]
+    assert [c.iteration for c in full] == [3, 6]
+    assert full[0].manifest.extra["optimizer"] == {
+        "optimizer": "distributed",
+        "sharding": "dp_reshardable",
+        "parts": 1,
+    }
+    assert full[0].manifest.model_config["vocab_size"] == 512
+
+    resumed = run_pretrain(
+        [*common, "--load", full[0].path],  # iteration 3, not the newest
+        tmp_path / "dp1.json",
+        nproc=1,
+    )
     got, want = _history(resumed), _history(straight)[3:]
     assert [i for i, _, _ in got] == [4, 5, 6]
     assert [lr for _, _, lr in got] == [lr for _, _, lr in want]
     # Another DP size sums gradients in another order (bf16 weights): close, not bitwise.
     assert [x for _, x, _ in got] == pytest.approx([x for _, x, _ in want], abs=2e-3)
 
+
+def test_bf16_distributed_optimizer_ep2_windows_merge_and_evaluate(data_cache, tmp_path):
+    """bf16 + distributed optimizer with EP=2 (fully_reshardable, two chained optimizers):
+    bitwise resume; its window checkpoints hold bf16 weights, merge and evaluate."""
+    common = [
+        *_common(data_cache),
+        *DISTOPT,
+        "--dist-ckpt-optim-fully-reshardable",
+        "--expert-model-parallel-size",
+        "2",
+        "--wsm-interval",
+        "2",
+    ]
+    _assert_resume_bitwise(common, tmp_path)
+    manifest = read_manifest(tmp_path / "ckpt" / "iter_0000003")
+    assert manifest.extra["optimizer"]["sharding"] == "fully_reshardable"
+    assert manifest.extra["optimizer"]["parts"] == 2  # dense + experts
+    _check_windows_merge_and_evaluate(tmp_path / "ckpt", tmp_path)
+
+
+def test_bf16_plain_optimizer_resume_is_bitwise(data_cache, tmp_path):
+    """bf16 with the plain optimizer (DP=2): bitwise resume, plain optimizer recorded."""
+    _assert_resume_bitwise([*_common(data_cache), "--bf16"], tmp_path)
+    full = [c for c in list_checkpoints(tmp_path / "ckpt") if c.manifest]
+    assert full[-1].manifest.extra["optimizer"]["optimizer"] == "plain"
+
+
+@pytest.mark.slow
+def test_bf16_plain_optimizer_ep2_windows_merge_and_evaluate(data_cache, tmp_path):
+    common = [
+        *_common(data_cache),
+        "--bf16",
+        "--expert-model-parallel-size",
+        "2",
+        "--wsm-interval",
+        "2",
+    ]
+    _assert_resume_bitwise(common, tmp_path)
+    _check_windows_merge_and_evaluate(tmp_path / "ckpt", tmp_path)
+
+
+@pytest.mark.slow
+def test_model_parallel_change_is_refused_by_name(data_cache, tmp_path):
+    """dp_reshardable state cannot follow an EP change; fully_reshardable state saved with EP=2
+    chains two optimizers, which EP=1 cannot load: both refused with what to do."""
+    common = [*_common(data_cache), *DISTOPT]
+    ckpt = tmp_path / "dp"
+    run_pretrain([*common, "--save", ckpt, "--exit-interval", "3"], tmp_path / "a.json", nproc=2)
     proc = run_script(
         "pretrain_moe.py",
         [*common, "--expert-model-parallel-size", "2", "--load", ckpt],
@@ -178,3 +186,15 @@ def test_dp_size_change_on_resume(data_cache, tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "dp_reshardable" in out and "EP 1 -> 2" in out, out[-2000:]
+
+    ep2 = tmp_path / "ep2"
+    run_pretrain(
+        [*common, "--dist-ckpt-optim-fully-reshardable", "--expert-model-parallel-size", "2",
+         "--save", ep2, "--exit-interval", "3"],
+        tmp_path / "b.json",
+        nproc=2,
+    )
+    proc = run_script("pretrain_moe.py", [*common, "--load", ep2], nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "2 chained optimizer(s) and this layout has 1" in proc.stdout + proc.stderr
+    assert "--no-load-optim" in proc.stdout + proc.stderr

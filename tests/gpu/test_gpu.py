@@ -15,6 +15,11 @@ def test_cpu_shims_stay_off_with_cuda():
     from megatron_wsm import cpu_compat
 
     assert cpu_compat.apply() is False
+    # megatron-core's jit_fuser stays torch.compile: the eager import shim is CPU-only.
+    import torch
+    from megatron.core import jit
+
+    assert jit.jit_fuser is torch.compile
 
 
 def test_layer_spec_uses_transformer_engine_when_installed():
