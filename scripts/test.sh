@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up .venv with the test tools and the hf extra (export parity tests),
 # then run the whole suite but the slow cases.
-#   bash scripts/test.sh            # everything but the slow cases (≈ 15 min on 2 CPU cores)
+#   bash scripts/test.sh            # everything but the slow cases (≈ 19 min on 2 CPU cores)
 #   bash scripts/test.sh -m "not distributed"   # only the quick unit tests
 #   RUN_SLOW=1 bash scripts/test.sh             # also the slow cases (≈ 45 min more)
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 EXTRAS=dev,hf source scripts/setup_venv.sh
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 # Long cases (kill loops, 30-run teardown loops, every save/kill point) are marked `slow` and
-# left out unless a -m expression is given or RUN_SLOW=1: the default run stays ~15 min on 2 cores.
+# left out unless a -m expression is given or RUN_SLOW=1: the default run stays under ~20 min on 2 cores.
 MARK=(-m "not slow")
 for arg in "$@"; do
     case "$arg" in -m | -m*) MARK=() ;; esac

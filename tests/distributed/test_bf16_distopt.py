@@ -150,10 +150,12 @@ def test_bf16_distributed_optimizer_ep2_windows_merge_and_evaluate(data_cache, t
 
 
 def test_bf16_plain_optimizer_resume_is_bitwise(data_cache, tmp_path):
-    """bf16 with the plain optimizer (DP=2): bitwise resume, plain optimizer recorded."""
-    _assert_resume_bitwise([*_common(data_cache), "--bf16"], tmp_path)
+    """bf16 with the plain optimizer (DP=2): full + window saves, bitwise resume."""
+    _assert_resume_bitwise([*_common(data_cache), "--bf16", "--wsm-interval", "2"], tmp_path)
     full = [c for c in list_checkpoints(tmp_path / "ckpt") if c.manifest]
+    assert [c.iteration for c in full] == [3, 6]
     assert full[-1].manifest.extra["optimizer"]["optimizer"] == "plain"
+    assert [c.iteration for c in list_window(tmp_path / "ckpt" / "wsm_window")] == [2, 4, 6]
 
 
 @pytest.mark.slow
