@@ -74,6 +74,12 @@ def _embedded_item(checkpoint_dir: Path, metadata: Any) -> tuple[str, bytes] | N
         where = f"{checkpoint_dir}/{rel} item {index.fqn}"
         try:
             with open(checkpoint_dir / rel, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                # Checked before reading: a crafted length must not make us allocate it.
+                if offset + length > size:
+                    raise CommonStateError(
+                        f"{where}: past the end of the file ({offset} + {length} > {size} bytes)"
+                    )
                 data = os.pread(f.fileno(), length, offset)
         except OSError as e:
             raise CommonStateError(f"{where}: unreadable ({e})") from e

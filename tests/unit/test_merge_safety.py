@@ -217,6 +217,19 @@ def test_embedded_common_state_needing_unsafe_pickles_runs_no_code(tmp_path, mon
     assert not marker.exists()
 
 
+def test_embedded_common_state_past_the_end_is_refused_without_reading(tmp_path):
+    """A crafted storage record claiming a huge common state: refused from the file size, so
+    nothing of that length is allocated or read."""
+    older, newest = _embedded_pair(tmp_path)
+    md, index, info = _common_state_record(newest)
+    md.storage_data[index] = fmt.make_storage_info(info.relative_path, info.offset, 1 << 40)
+    fmt.write_metadata(str(newest / ".metadata"), md)
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match="common_state.*past the end of the file"):
+        merge_checkpoints([older, newest], [0.5, 0.5], out, dry_run=True, allow_no_manifest=True)
+    _nothing_published(out)
+
+
 def test_bit_rot_in_the_embedded_common_state_is_refused(tmp_path):
     older, newest = _embedded_pair(tmp_path)
     _, _, info = _common_state_record(newest)
