@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_wsm import ckpt_integrity, cpu_compat, spec_keys
+from megatron_wsm import ckpt_common, ckpt_integrity, cpu_compat, spec_keys
 from megatron_wsm import distributed as wdist
 from megatron_wsm.ckpt_layout import (  # noqa: F401 - the listing and window rule re-exported
     TMP_PREFIX,
@@ -471,7 +471,6 @@ class CheckpointManager:
         the resumed steps (:func:`lr.schedule_conflicts`) and, when nothing does, load with this
         command line's schedule.
         """
-        from megatron_wsm import lr as lr_schedule
 
         sched = self.scheduler
         if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
@@ -483,6 +482,21 @@ class CheckpointManager:
                         setattr(sched, key, saved[key])
             sched.load_state_dict(saved)  # the user chose whose values win
             return
+        self._refuse_schedule_conflict(saved)
+        sched.override_opt_param_scheduler = True  # keep our values, take only num_steps
+        try:
+            sched.load_state_dict(saved)
+        finally:
+            sched.override_opt_param_scheduler = False
+
+    def _refuse_schedule_conflict(self, saved: dict[str, Any]) -> None:
+        """Raise when this run's LR schedule changes the LR of the resumed steps (see
+        :meth:`_load_scheduler`); nothing to check when a scheduler flag says whose wins."""
+        from megatron_wsm import lr as lr_schedule
+
+        sched = self.scheduler
+        if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
+            return
         conflicts = lr_schedule.schedule_conflicts(saved, lr_schedule.scheduler_state(sched))
         if conflicts:
             raise CheckpointError(
@@ -491,11 +505,18 @@ class CheckpointManager:
                 "--override-opt-param-scheduler to use this command line's schedule, or "
                 "--use-checkpoint-opt-param-scheduler to keep the checkpoint's"
             )
-        sched.override_opt_param_scheduler = True  # keep our values, take only num_steps
+
+    def _check_schedule_before_load(self, ckpt: Path) -> None:
+        """The schedule check, before megatron-core's load: from 0.19 it keys the optimizer's
+        parameter groups by their peak LR, so another ``--lr`` would otherwise fail inside the
+        load with a message about parameter groups instead of ours."""
         try:
-            sched.load_state_dict(saved)
-        finally:
-            sched.override_opt_param_scheduler = False
+            common = ckpt_common.read_common_state(ckpt)
+        except (ckpt_common.CommonStateError, ckpt_integrity.IntegrityError):
+            return  # megatron-core's load reports an unreadable checkpoint
+        saved = common.get("opt_param_scheduler") if isinstance(common, dict) else None
+        if isinstance(saved, dict):
+            self._refuse_schedule_conflict(saved)
 
     def _verify_before_load(self, ckpt: Path) -> None:
         """Refuse a checkpoint whose files are not what its ``.metadata`` says (collective).
@@ -564,6 +585,7 @@ class CheckpointManager:
         sharded: dict[str, Any] = {"model": model_sd}
         has_optim = kind == KIND_FULL and not finetune
         if has_optim and load_optim:
+            self._check_schedule_before_load(ckpt)
             saved = self._saved_optimizer(ckpt, manifest)
             problem = optimizer_load_problem(
                 saved,
