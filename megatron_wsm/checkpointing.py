@@ -621,12 +621,7 @@ class CheckpointManager:
                 # is read (bf16 training).
                 self.optimizer.reload_model_params()
         except Exception as e:  # megatron-core raises many types; say which checkpoint failed
-            hint = ""
-            if "optimizer" in sharded:
-                hint = (
-                    " (optimizer state reloads only into the parallel layout it was saved "
-                    "with; add --no-load-optim --no-load-rng to load the weights alone)"
-                )
+            hint = load_failure_hint(str(e), "optimizer" in sharded)
             raise CheckpointError(f"cannot load {ckpt}: {type(e).__name__}: {e}{hint}") from e
         if has_optim and load_optim and "opt_param_scheduler" in loaded:
             self._load_scheduler(loaded["opt_param_scheduler"])
@@ -658,6 +653,25 @@ class CheckpointManager:
 #: shards and the .metadata written, nothing marked complete yet; for async saves this is the
 #: trainer finalising iterations later). Unset in normal runs.
 CRASH_ENV = "MEGATRON_WSM_TEST_CRASH_DURING_SAVE"
+
+
+def load_failure_hint(message: str, loading_optimizer: bool) -> str:
+    """What to do about a failed ``dist_checkpointing.load`` (appended to its message)."""
+    if not loading_optimizer:
+        return ""
+    if "parameter group" in message:
+        # megatron-core >= 0.19 matches the saved parameter groups by their LR / weight-decay
+        # settings, so a run with another peak LR (even with --override-opt-param-scheduler)
+        # cannot take over the optimizer state.
+        return (
+            " (megatron-core matches optimizer parameter groups by their LR and weight-decay "
+            "settings: with another --lr, --min-lr or weight decay the optimizer state cannot "
+            "be loaded; add --no-load-optim --no-load-rng to load the weights alone)"
+        )
+    return (
+        " (optimizer state reloads only into the parallel layout it was saved "
+        "with; add --no-load-optim --no-load-rng to load the weights alone)"
+    )
 
 
 def _adapt_request(sharded: dict[str, Any], ckpt: Path) -> None:

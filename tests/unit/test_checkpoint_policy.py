@@ -142,3 +142,18 @@ def test_checkpoint_names_round_trip():
     assert parse_name(checkpoint_name(120)) == (120, False)
     assert parse_name(".tmp-" + checkpoint_name(120)) == (120, True)
     assert parse_name("iter_12") is None and parse_name("wsm_window") is None
+
+
+def test_load_failure_hint_names_the_cause_and_the_way_out():
+    from megatron_wsm.checkpointing import load_failure_hint
+
+    assert load_failure_hint("shape mismatch", loading_optimizer=False) == ""
+    layout = load_failure_hint("some sharding error", loading_optimizer=True)
+    assert "parallel layout" in layout and "--no-load-optim --no-load-rng" in layout
+    # megatron-core 0.19's message when the peak LR differs from the checkpoint's
+    groups = load_failure_hint(
+        "Could not find parameter group with key (None, 0.002, 0.0, ...) in loaded checkpoint.",
+        loading_optimizer=True,
+    )
+    assert "--lr" in groups and "parallel layout" not in groups
+    assert "--no-load-optim --no-load-rng" in groups
