@@ -471,7 +471,6 @@ class CheckpointManager:
         the resumed steps (:func:`lr.schedule_conflicts`) and, when nothing does, load with this
         command line's schedule.
         """
-
         sched = self.scheduler
         if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
             if not sched.override_opt_param_scheduler:
@@ -491,13 +490,11 @@ class CheckpointManager:
 
     def _refuse_schedule_conflict(self, saved: dict[str, Any]) -> None:
         """Raise when this run's LR schedule changes the LR of the resumed steps (see
-        :meth:`_load_scheduler`); nothing to check when a scheduler flag says whose wins."""
+        :meth:`_load_scheduler`)."""
         from megatron_wsm import lr as lr_schedule
 
-        sched = self.scheduler
-        if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
-            return
-        conflicts = lr_schedule.schedule_conflicts(saved, lr_schedule.scheduler_state(sched))
+        state = lr_schedule.scheduler_state(self.scheduler)
+        conflicts = lr_schedule.schedule_conflicts(saved, state)
         if conflicts:
             raise CheckpointError(
                 "the LR schedule of this run differs from the checkpoint's where it changes "
@@ -509,7 +506,11 @@ class CheckpointManager:
     def _check_schedule_before_load(self, ckpt: Path) -> None:
         """The schedule check, before megatron-core's load: from 0.19 it keys the optimizer's
         parameter groups by their peak LR, so another ``--lr`` would otherwise fail inside the
-        load with a message about parameter groups instead of ours."""
+        load with a message about parameter groups instead of ours. Nothing to check when a
+        scheduler flag says whose schedule wins."""
+        sched = self.scheduler
+        if sched.override_opt_param_scheduler or sched.use_checkpoint_opt_param_scheduler:
+            return
         try:
             common = ckpt_common.read_common_state(ckpt)
         except (ckpt_common.CommonStateError, ckpt_integrity.IntegrityError):
