@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 import queue
-import random
 import shutil
 import signal
 import time
@@ -38,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from megatron_wsm import ckpt_common, ckpt_integrity, cpu_compat, spec_keys
@@ -137,30 +135,21 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the run draws from, for bitwise resume."""
-    from megatron.core import tensor_parallel
+    """Every RNG the run draws from, for bitwise resume, with its device kind
+    (:mod:`megatron_wsm.rng_state`)."""
+    from megatron_wsm import rng_state as rng
 
-    state: dict[str, Any] = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return rng.capture()
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    from megatron.core import tensor_parallel
+def set_rng_state(state: dict[str, Any], seed: int | None = None) -> bool:
+    """Inverse of :func:`rng_state`: the tracker / CUDA states only on the device kind they were
+    saved on, else re-seeded from ``seed`` (the run's ``--seed``) as at start-up, with a note.
+    Returns whether the device states were restored."""
+    from megatron_wsm import rng_state as rng
+    from megatron_wsm.config import TrainingConfig
 
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    return rng.restore(state, TrainingConfig.seed if seed is None else seed)
 
 
 # ----------------------------------------------------------------------------- I/O
@@ -627,7 +616,7 @@ class CheckpointManager:
         if has_optim and load_optim and "opt_param_scheduler" in loaded:
             self._load_scheduler(loaded["opt_param_scheduler"])
         if "rng_state" in sharded and loaded.get("rng_state") is not None:
-            set_rng_state(loaded["rng_state"])
+            set_rng_state(loaded["rng_state"], (self.run_info.get("training") or {}).get("seed"))
         wdist.barrier()
         if finetune:
             return {
