@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from tests.helpers import TINY_MODEL, losses, run_pretrain
+from tests.helpers import TINY_MODEL, losses, run_pretrain, run_script
 
 pytestmark = pytest.mark.gpu
 
@@ -105,19 +106,32 @@ def test_async_window_save_holds_bf16_weights(data_cache, tmp_path):
     assert dtypes == {torch.bfloat16}, dtypes
 
 
-def _eval_loss(args: list[str], out, cpu: bool, monkeypatch) -> float:
+def _on(cpu: bool, monkeypatch) -> None:
     if cpu:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     else:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def _eval_loss(args: list[str], out, cpu: bool, monkeypatch) -> float:
+    _on(cpu, monkeypatch)
     return run_pretrain([*args, "--eval-only"], out)["loss"]
+
+
+def _continue(args: list[str], out, cpu: bool, monkeypatch) -> tuple[dict, str]:
+    """Resume training (RNG states loaded) on CPU or GPU; the result and the console."""
+    _on(cpu, monkeypatch)
+    proc = run_script("pretrain_moe.py", [*args, "--output-json", out])
+    return json.loads(out.read_text()), proc.stdout
+
+
+RESEEDED = "note: the checkpoint's RNG tracker states were saved on"
 
 
 def test_checkpoint_crosses_from_cpu_to_gpu_and_back(data_cache, tmp_path, monkeypatch):
     common = _gpu_common(data_cache, 2)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    _on(True, monkeypatch)
     run_pretrain([*common, "--save", tmp_path / "cpu"], tmp_path / "c.json")  # local spec
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     on_gpu = _eval_loss(
         [*common, "--load", tmp_path / "cpu"], tmp_path / "g.json", False, monkeypatch
     )
@@ -125,13 +139,28 @@ def test_checkpoint_crosses_from_cpu_to_gpu_and_back(data_cache, tmp_path, monke
         [*common, "--load", tmp_path / "cpu"], tmp_path / "h.json", True, monkeypatch
     )
     assert math.isclose(on_gpu, on_cpu, rel_tol=1e-3), (on_gpu, on_cpu)
-    # ... and a GPU (TE spec) checkpoint continues on CPU (local spec)
-    run_pretrain([*common, "--save", tmp_path / "gpu"], tmp_path / "t.json")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    cont = run_pretrain(
-        [*_gpu_common(data_cache, 4), "--load", tmp_path / "gpu"], tmp_path / "u.json"
+    # Full checkpoints hold the device's RNG tracker states (CPU generator states on CPU, CUDA
+    # Philox states on a GPU): training resumed on the other kind re-seeds them (one note)
+    # instead of failing at the first tracker fork.
+    four = _gpu_common(data_cache, 4)
+    cont, console = _continue(
+        [*four, "--load", tmp_path / "cpu"], tmp_path / "v.json", False, monkeypatch
     )
     assert [h["iteration"] for h in cont["train_history"]] == [3, 4]
+    assert f"{RESEEDED} CPU; resuming on CUDA" in console, console[-2000:]
+    # ... and a GPU (TE spec) checkpoint continues on CPU (local spec)
+    _on(False, monkeypatch)
+    run_pretrain([*common, "--save", tmp_path / "gpu"], tmp_path / "t.json")
+    cont, console = _continue(
+        [*four, "--load", tmp_path / "gpu"], tmp_path / "u.json", True, monkeypatch
+    )
+    assert [h["iteration"] for h in cont["train_history"]] == [3, 4]
+    assert f"{RESEEDED} CUDA; resuming on CPU" in console, console[-2000:]
+    # same kind: restored, no note
+    _, console = _continue(
+        [*four, "--load", tmp_path / "gpu"], tmp_path / "w.json", False, monkeypatch
+    )
+    assert RESEEDED not in console
 
 
 def test_grouped_gemm_equals_sequential_experts(data_cache, tmp_path, monkeypatch):
@@ -148,8 +177,17 @@ def test_merged_readout_leaves_bf16_training_unchanged(data_cache, tmp_path):
     """--wsm-eval-methods with bf16 weights and the distributed optimizer on CUDA: the merge is
     swapped in and out of the bf16 parameters (fp32 main params untouched), so losses match a
     run without readouts."""
-    common = [*_gpu_common(data_cache, 8), "--bf16", "--use-distributed-optimizer",
-              "--wsm-interval", "2", "--wsm-window", "4", "--eval-interval", "4"]
+    common = [
+        *_gpu_common(data_cache, 8),
+        "--bf16",
+        "--use-distributed-optimizer",
+        "--wsm-interval",
+        "2",
+        "--wsm-window",
+        "4",
+        "--eval-interval",
+        "4",
+    ]
     with_readout = run_pretrain(
         [*common, "--save", tmp_path / "a", "--wsm-eval-methods", "1-sqrt,ema"],
         tmp_path / "a.json",

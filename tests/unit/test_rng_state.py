@@ -148,18 +148,27 @@ _SCRIPT = textwrap.dedent(
 
 def test_cuda_states_resume_on_cpu_by_reseeding():
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        [sys.executable, "-c", _SCRIPT],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     assert len(res["names"]) == 3
     assert res["kind"] == "cpu" and res["sizes"] == [rng.CPU_STATE_BYTES]
     assert res["same_kind_restored"] is True and res["same_kind_continues"] is True
     assert res["raw_fork_fails"] is True
-    want = {"restored": False, "host_restored": True, "as_start_up": True,
-            "seed_matters": True, "forked": True}
+    want = {
+        "restored": False,
+        "host_restored": True,
+        "as_start_up": True,
+        "seed_matters": True,
+        "forked": True,
+    }
     assert res["recorded"] == want
     assert res["inferred"] == want
     notes = [x for x in proc.stdout.splitlines() if x.startswith("note: the checkpoint's RNG")]
