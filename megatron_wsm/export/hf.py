@@ -23,7 +23,7 @@ from megatron_wsm.export.reader import CheckpointReader
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-PROVENANCE_NAME = "wsm_export.json"
+PROVENANCE_NAME = writer.MARKER_NAME
 
 
 @dataclasses.dataclass
@@ -91,6 +91,7 @@ def export_checkpoint(
         manifest = read_manifest(path)
     except (CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from e
+    writer.check_save(Path(save), overwrite, inputs=[load, path])
     if manifest is None:
         raise ExportError(f"{path} has no wsm_manifest.json: the model config is unknown")
     if not manifest.complete:
@@ -137,6 +138,10 @@ def export_checkpoint(
 
     def produce(spec: mapping.TensorSpec) -> torch.Tensor:
         source = reader.read(spec.key, spec.index)
+        if not bool(torch.isfinite(source).all()):
+            # A diverged run's checkpoint: an HF model of NaN/inf weights is no model.
+            raise ExportError(f"{path}: {spec.key} holds non-finite values (NaN or inf); "
+                              "refusing to export it")
         return mapping.apply_part(spec, shapes, source).to(out_dtypes[spec.name])
 
     provenance = _provenance(path, manifest, run, dtype, tok_path)
@@ -156,7 +161,7 @@ def export_checkpoint(
         writer.write_json(tmp / PROVENANCE_NAME, provenance)
         (tmp / "README.md").write_text(model_card(provenance, hf_config))
 
-    writer.publish(Path(save), overwrite, fill)
+    writer.publish_export(Path(save), overwrite, fill, inputs=[load, path])
     total = sum(nbytes(s) for s in specs)
     return ExportReport(
         save=str(save), source=str(path), iteration=manifest.iteration, tensors=len(specs),
@@ -174,7 +179,7 @@ def _provenance(path: Path, manifest: Any, run: dict[str, Any], dtype: str,
         merge = {k: prov.get(k) for k in ("inputs", "method", "coefficients", "implied_decay",
                                           "format", "output_dtype", "created")}
     return {
-        "format": "megatron-wsm-hf-export",
+        "format": writer.EXPORT_FORMAT,
         "version": 1,
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": str(path),

@@ -2,8 +2,10 @@
 
 Everything is written into a hidden temporary directory next to ``--save`` and renamed into
 place as the last step, so a killed export never leaves a directory at ``--save`` (let alone one
-that looks complete); leftovers of killed exports are hidden ``.tmp-export-*`` directories that
-the next export into the same parent removes.
+that looks complete); leftovers of killed exports are hidden ``.<save>.exporting-<host>-<pid>``
+directories that the next export into the same ``--save`` removes once their process is gone.
+Where ``--save`` may be and what ``--overwrite`` may replace is :mod:`megatron_wsm.publish`'s
+rule, shared with the merge.
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_wsm import publish
 from megatron_wsm.export.mapping import ExportError, TensorSpec
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-TMP_PREFIX = ".tmp-export-"
+#: Temporary directories are ``.<save>.exporting-<host>-<pid>`` (see :mod:`megatron_wsm.publish`).
+TMP_TAG = "exporting"
+#: The export's provenance file, which also marks a directory as an export.
+MARKER_NAME = "wsm_export.json"
+EXPORT_FORMAT = "megatron-wsm-hf-export"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -102,14 +108,10 @@ def write_shards(
     return {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
-def clean_stale(parent: Path) -> list[Path]:
-    """Remove leftovers of killed exports in ``parent``; returns what was removed."""
-    removed = []
-    for stale in parent.glob(TMP_PREFIX + "*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-            removed.append(stale)
-    return removed
+def clean_stale(save: Path) -> list[Path]:
+    """Remove leftovers of killed exports into ``save`` (dead processes of this host only: a
+    concurrent export's temporary directory is never touched); returns what was removed."""
+    return publish.remove_all(publish.stale_temp_dirs(save.parent, save.name, TMP_TAG))
 
 
 def fsync_tree(root: Path) -> None:
@@ -125,31 +127,56 @@ def fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def publish(
-    save: Path, overwrite: bool, fill: Callable[[Path], None], keep: Iterable[str] = ()
-) -> None:
-    """Create ``save`` atomically: ``fill`` a temporary sibling directory, then rename it.
+def _export_marker(data: dict[str, Any]) -> str | None:
+    if data.get("format") != EXPORT_FORMAT:
+        return f"has a {MARKER_NAME} that is not an export's"
+    return None
 
-    An existing ``save`` is refused unless ``overwrite``; then it is replaced only after the new
-    directory is complete.
+
+#: What an export writes (the marker is its provenance file): the one rule of
+#: :mod:`megatron_wsm.publish` decides what ``--overwrite`` may replace.
+EXPORT_OUTPUT = publish.OutputKind(
+    tool="the export",
+    what="a Hugging Face export",
+    marker=MARKER_NAME,
+    marker_ok=publish.json_marker(_export_marker),
+    files=(INDEX_NAME, SINGLE_NAME, "config.json", "generation_config.json", "README.md",
+           "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+           "tokenizer.json"),
+    patterns=(r"model-\d{5}-of-\d{5}\.safetensors",),
+)
+
+
+def check_save(save: Path, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse (ExportError, nothing written) a ``--save`` the export must not create or
+    replace: see :func:`megatron_wsm.publish.output_refusal`."""
+    why = publish.output_refusal(Path(save), EXPORT_OUTPUT, overwrite, inputs=inputs)
+    if why:
+        raise ExportError(why)
+
+
+def _refuse(message: str) -> None:
+    raise ExportError(message)
+
+
+def publish_export(
+    save: Path, overwrite: bool, fill: Callable[[Path], None],
+    inputs: Sequence[str | os.PathLike] = (),
+) -> None:
+    """Create ``save`` atomically: ``fill`` a private temporary sibling directory, then rename
+    it into place (modes following the umask).
+
+    An existing ``save`` is refused unless ``overwrite`` and it is an export (checked before
+    ``fill`` and again before the rename); it is replaced only after the new one is complete.
     """
     save = Path(save)
-    if save.exists() and not overwrite:
-        raise ExportError(f"--save {save} exists (pass --overwrite to replace it)")
-    parent = save.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{save.name}-", dir=parent))
+    check_save(save, overwrite, inputs)
+    clean_stale(save)
+    tmp = publish.make_temp_dir(save, TMP_TAG)
     try:
         fill(tmp)
         fsync_tree(tmp)
-        if save.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=parent))
-            os.replace(save, old / "old")
-            os.replace(tmp, save)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, save)
+        publish.publish_dir(tmp, save, EXPORT_OUTPUT, overwrite, refuse=_refuse)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_wsm import publish
 from megatron_wsm.manifest import (
     KIND_MERGED,
     MANIFEST_NAME,
     CheckpointManifest,
-    read_manifest,
     write_manifest,
 )
 from megatron_wsm.merge import legacy, torch_dist
@@ -329,8 +329,23 @@ def _prepare_inputs(
     return ordered, notes
 
 
-#: What a merged checkpoint directory holds; ``--overwrite`` refuses a directory with more.
-_MERGED_ENTRIES = (".metadata", "common.pt", "metadata.json", MANIFEST_NAME, PROVENANCE_NAME)
+def _merged_marker(data: dict[str, Any]) -> str | None:
+    if data.get("kind") != KIND_MERGED:
+        return f"is a {data.get('kind')!r} checkpoint, not a merged one"
+    return None
+
+
+#: What a merged checkpoint directory holds (torch_dist, or legacy ``mp_rank_*`` files);
+#: :mod:`megatron_wsm.publish` lets ``--overwrite`` replace nothing else.
+MERGED_OUTPUT = publish.OutputKind(
+    tool="the merge",
+    what="a merged checkpoint",
+    marker=MANIFEST_NAME,
+    marker_ok=publish.json_marker(_merged_marker),
+    files=(".metadata", "common.pt", "metadata.json", PROVENANCE_NAME),
+    patterns=(r".+\.distcp", r"model_optim_rng\.pt"),
+    subdirs=(r"mp_rank_\d+(_\d+)*",),
+)
 
 
 def check_output_location(
@@ -341,59 +356,15 @@ def check_output_location(
 ) -> None:
     """Refuse an ``output`` the merge must not create or replace (MergeError, nothing written).
 
-    ``output`` (symlinks resolved) must not equal, lie inside or contain an input or a
-    ``protected`` directory; it must not exist, unless ``overwrite`` and it is a merged
-    checkpoint this tool wrote (only those files, manifest kind ``merged``); its parent must
-    exist or be creatable, and be writable.
+    The rule of :func:`megatron_wsm.publish.output_refusal`, shared with the export: ``output``
+    (symlinks resolved) must not equal, lie inside or contain an input or a ``protected``
+    directory, nor lie inside any checkpoint or save directory; it must not exist, unless
+    ``overwrite`` and it is a merged checkpoint this tool wrote (only those files, manifest kind
+    ``merged``); its parent must exist or be creatable, and be writable.
     """
-    out = output.resolve()
-    for other in [*inputs, *protected]:
-        real = Path(other).resolve()
-        if out == real or real in out.parents:
-            raise MergeError(f"--save {output} lies inside {other}: its checkpoints are inputs "
-                             "and get pruned by the trainer; save elsewhere")
-        if out in real.parents:
-            raise MergeError(f"--save {output} contains the input {other}; save elsewhere")
-    if os.path.lexists(output):
-        if not overwrite:
-            raise MergeError(f"{output} already exists; pass --overwrite to replace it")
-        why = _not_replaceable(output)
-        if why:
-            raise MergeError(
-                f"--overwrite replaces only a merged checkpoint written by this tool; {output} "
-                f"{why}: refusing to delete it"
-            )
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MergeError(f"--save {output}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MergeError(f"--save {output}: {ancestor} is not writable")
-
-
-def _not_replaceable(output: Path) -> str | None:
-    """Why ``--overwrite`` must not delete ``output`` (None: a merged checkpoint of ours)."""
-    if output.is_symlink():
-        return "is a symbolic link"
-    if not output.is_dir():
-        return "is not a directory"
-    try:
-        manifest = read_manifest(output)
-    except ValueError:
-        return f"has an unreadable {MANIFEST_NAME}"
-    if manifest is None:
-        return f"has no {MANIFEST_NAME}"
-    if manifest.kind != KIND_MERGED:
-        return f"is a {manifest.kind!r} checkpoint, not a merged one"
-    for entry in output.iterdir():
-        name = entry.name
-        known = name in _MERGED_ENTRIES or (
-            entry.is_file() and name.endswith(".distcp") and not entry.is_symlink()
-        ) or (entry.is_dir() and not entry.is_symlink() and name.startswith("mp_rank_"))
-        if not known:
-            return f"holds {name}, which no merge writes"
-    return None
+    why = publish.output_refusal(output, MERGED_OUTPUT, overwrite, inputs, protected)
+    if why:
+        raise MergeError(why)
 
 
 def _report(
@@ -543,30 +514,8 @@ def _publish(
         f.flush()
         os.fsync(f.fileno())
     write_manifest(tmp, _merged_manifest(inputs, report, prov))  # last: marks it complete
-    _fsync_dir(tmp)
-    old = None
-    if os.path.lexists(output):
-        if not overwrite:
-            raise MergeError(f"{output} appeared during the merge; pass --overwrite to replace it")
-        why = _not_replaceable(output)  # it may have changed since the merge started
-        if why:
-            raise MergeError(f"--overwrite: {output} {why}: refusing to delete it")
-        old = output.parent / f".{output.name}.replaced-{os.getpid()}"
-        os.rename(output, old)
-    try:
-        os.rename(tmp, output)
-    except OSError:
-        if old is not None:
-            os.rename(old, output)
-        raise
-    _fsync_dir(output.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish.publish_dir(tmp, output, MERGED_OUTPUT, overwrite, refuse=_raise_merge_error)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _raise_merge_error(message: str) -> None:
+    raise MergeError(message)

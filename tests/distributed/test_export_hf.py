@@ -193,7 +193,7 @@ def test_killed_export_leaves_no_directory(tiny_ckpt, data_cache, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not hf.exists()
     (leftover,) = list(tmp_path.iterdir())
-    assert leftover.name.startswith(".tmp-export-")
+    assert leftover.name.startswith(".hf.exporting-")
     assert len(list(leftover.glob("*.safetensors"))) == 2
     export(tiny_ckpt, hf, "--data-cache-dir", data_cache)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_wsm import publish
 from megatron_wsm.export import writer
 from megatron_wsm.export.mapping import ExportError, TensorSpec
 from megatron_wsm.export.reader import CheckpointReader
@@ -74,6 +75,14 @@ def test_plan_shards_bounds_size_and_keeps_order():
     assert writer.shard_names(2)[1] == "model-00002-of-00002.safetensors"
 
 
+def _fill(*names):
+    def fill(tmp):
+        writer.write_json(tmp / writer.MARKER_NAME, {"format": writer.EXPORT_FORMAT})
+        for name in names:
+            (tmp / name).write_text("{}")
+    return fill
+
+
 def test_publish_is_atomic(tmp_path):
     save = tmp_path / "hf"
 
@@ -82,13 +91,16 @@ def test_publish_is_atomic(tmp_path):
         raise RuntimeError("killed half way")
 
     with pytest.raises(RuntimeError):
-        writer.publish(save, False, failing)
+        writer.publish_export(save, False, failing)
     assert not save.exists() and list(tmp_path.iterdir()) == []
-    # A leftover of a SIGKILLed export is hidden, and the next export removes it.
-    (tmp_path / (writer.TMP_PREFIX + "hf-dead")).mkdir()
-    writer.publish(save, False, lambda tmp: (tmp / "config.json").write_text("{}"))
+    # A leftover of a SIGKILLed export (a dead PID of this host) is hidden; the next export
+    # into the same --save removes it.
+    dead = publish.temp_name(save, writer.TMP_TAG).rsplit("-", 1)[0] + "-999999999"
+    (tmp_path / dead).mkdir()
+    writer.publish_export(save, False, _fill("config.json"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     with pytest.raises(ExportError, match="exists"):
-        writer.publish(save, False, lambda tmp: None)
-    writer.publish(save, True, lambda tmp: (tmp / "new.json").write_text("{}"))
-    assert sorted(p.name for p in save.iterdir()) == ["new.json"]
+        writer.publish_export(save, False, lambda tmp: None)
+    writer.publish_export(save, True, _fill("generation_config.json"))
+    assert sorted(p.name for p in save.iterdir()) == ["generation_config.json",
+                                                       writer.MARKER_NAME]
