@@ -9,11 +9,12 @@
 # docs/annealing_fit.png. Runs are sequential and single-threaded on purpose (shared machines).
 set -euo pipefail
 
-PYTHON=${PYTHON:-python}  # an environment with the package installed (e.g. .venv/bin/python)
+PYTHON=${PYTHON:-python}  # default: the environment examples/use_env.sh finds (.venv)
 OUT=${OUT:-/tmp/anneal}
 DATA=${DATA:-/tmp/anneal_data}
 PLOT=${PLOT:-docs/annealing_fit.png}
 cd "$(dirname "$0")/.."
+. examples/use_env.sh  # .venv unless an environment with the package is active
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 

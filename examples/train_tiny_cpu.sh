@@ -3,6 +3,7 @@
 # at a stable LR, saving a WSM window. Settings are variables; override them from the env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. examples/use_env.sh  # .venv unless an environment with the package is active
 NPROC=${NPROC:-2}
 TP=${TP:-1}; PP=${PP:-1}; EP=${EP:-2}
 ITERS=${ITERS:-200}

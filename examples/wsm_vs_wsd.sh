@@ -12,8 +12,8 @@
 # tasks (tools/eval_harness.py, to $OUT/harness/NAME.json): extra columns of the table. It needs
 # `pip install -e .[hf]`; on an existing OUT it only adds the exports and scores.
 #
-# Assumes the package's environment is active (README set-up: `. .venv/bin/activate`); it installs
-# nothing. CPU by default (2 gloo processes, EP=2); the trainer uses the GPU by itself when there is
+# Finds the package's environment itself (examples/use_env.sh: the active one when it has torchrun
+# and megatron-core, else the README's .venv); it installs nothing. CPU by default (2 gloo processes, EP=2); the trainer uses the GPU by itself when there is
 # one (set NPROC to the number of GPUs to use, EP to match).
 #
 # Resumable: a stage whose output (result JSON / merged dir) exists is skipped, so a second run only
@@ -23,6 +23,7 @@
 # Default settings (PRESET=tiny): 8 min measured on 2 shared CPU cores, no GPU (docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. examples/use_env.sh
 
 # ---- presets (PRESET=tiny | cpu-medium | gpu); every setting below still overrides them ----
 #   tiny        the default: 0.95 M parameters on the embedded docs corpus, 8 min on 2 CPU cores
