@@ -155,6 +155,21 @@ def decide_fusions(kernels: FusionKernels) -> dict[str, bool]:
     }
 
 
+def cpu_initialization(cuda: bool, layout_independent_init: bool) -> bool:
+    """Whether megatron-core initialises the weights on the host (``use_cpu_initialization``).
+
+    On CUDA, no: each rank draws its own shard on its GPU (from the RNG tracker's streams),
+    which avoids the slow start-up and host-memory peak of building every TP-split weight
+    whole on the host. On CPU there is no other device. With ``--layout-independent-init``,
+    yes: that option promises a start that does not depend on the layout or the device, and
+    host initialisation leaves the RNG tracker's streams untouched (device initialisation
+    advances the tensor- and expert-parallel streams by each rank's shard sizes, so dropout
+    would draw differently per layout), builds TP-split weights whole (every TP size gets
+    slices of one tensor) and computes the rotary frequencies on the host, as a CPU run does.
+    """
+    return layout_independent_init or not cuda
+
+
 def build_transformer_config(
     model: ModelConfig, parallel: ParallelConfig, kernels: FusionKernels | None = None
 ) -> TransformerConfig:
@@ -191,8 +206,7 @@ def build_transformer_config(
         pipeline_dtype=params_dtype,
         bf16=model.params_dtype == "bf16",
         fp16=model.params_dtype == "fp16",
-        # Initialise on CPU so weights are identical whatever the device and TP layout.
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_initialization(use_cuda, model.layout_independent_init),
         perform_initialization=True,
         **fusions,
         persist_layer_norm=False,
