@@ -1,14 +1,15 @@
 """The example scripts run as a user runs them: bash, torchrun, the tools (issue 9).
 
 Shortened settings (a few iterations of a smaller model) so they fit in CI; the numbers are not
-checked for quality, only that every stage ran, produced finite results and its outputs.
+checked for quality, only that every stage ran, produced finite results and its outputs. The
+scripts run from a shell without ``.venv/bin`` on ``PATH`` (they find it: issue 29); the launch
+scripts (train_multinode.sh, train.slurm) are tested in test_launch_scripts.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -16,7 +17,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, TINY_MODEL, _env, free_port
+from tests.distributed.newcomer import newcomer_env
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.distributed
 
@@ -41,7 +43,7 @@ def _bash(script: str, env: dict[str, str], args: list[str] = (), timeout: int =
     proc = subprocess.run(
         ["bash", str(ROOT / script), *args],
         cwd=ROOT,
-        env={**_env(), **env},
+        env=newcomer_env(env),  # a fresh shell: the script finds .venv itself (issue 29)
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -242,38 +244,3 @@ def test_wsm_vs_wsd_export_scores_every_checkpoint(short_run, tmp_path):
     again = _bash("examples/wsm_vs_wsd.sh", env).stdout
     assert "== export" not in again, again
 
-
-def test_train_multinode_script_on_one_node(data_cache, tmp_path):
-    out = tmp_path / "multinode"
-    env = {
-        "NNODES": "1",
-        "NPROC_PER_NODE": "2",
-        "MASTER_PORT": str(free_port()),
-        "OUT": str(out),
-        "ITERS": "4",
-        "DATA_ARGS": f"--data-cache-dir {data_cache}",
-    }
-    args = [
-        *TINY_MODEL,
-        "--lr",
-        "3e-3",
-        "--lr-warmup-iters",
-        "1",
-        "--save-interval",
-        "4",
-        "--wsm-interval",
-        "2",
-        "--wsm-window",
-        "2",
-        "--output-json",
-        str(out / "r.json"),
-    ]
-    _bash("examples/train_multinode.sh", env, args)
-    result = json.loads((out / "r.json").read_text())
-    assert [h["iteration"] for h in result["train_history"]] == [1, 2, 3, 4]
-    assert all(math.isfinite(h["loss"]) for h in result["train_history"])
-    assert math.isfinite(result["loss"])
-    assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    window = sorted(p.name for p in (out / "ckpt" / "wsm_window").iterdir() if p.is_dir())
-    assert window == ["iter_0000002", "iter_0000004"], window
-    assert os.path.isdir(out / "tb")
