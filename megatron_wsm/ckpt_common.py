@@ -10,7 +10,12 @@ scheduler state a merged checkpoint carries), so this module is the one place th
 - the item is located through :func:`ckpt_integrity.load_metadata` (restricted unpickler) and
   :func:`ckpt_integrity.storage_location` (a shard file inside the checkpoint, nothing else);
 - its zip records' CRC-32 are checked, then it is loaded with ``torch.load(weights_only=True)``
-  (``argparse.Namespace`` allowed: Megatron-LM stores its ``args`` there).
+  (``argparse.Namespace`` allowed: Megatron-LM stores its ``args`` there);
+- every file is opened through :func:`ckpt_integrity.open_regular` (a regular file inside the
+  checkpoint: no FIFO, device or symlink).
+
+A torch_dist checkpoint without a readable common state is not complete: megatron-core cannot
+load it (:func:`common_state_problems`, :func:`common_state_missing`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def is_common_state_key(fqn: str) -> bool:
     return bool(COMMON_STATE_KEY.match(fqn))
 
 
-def _load_bytes(data: bytes | os.PathLike, where: str) -> Any:
+def _load_bytes(data: Any, where: str) -> Any:
     import torch
 
     source = io.BytesIO(data) if isinstance(data, bytes) else data
@@ -73,7 +78,7 @@ def _embedded_item(checkpoint_dir: Path, metadata: Any) -> tuple[str, bytes] | N
             raise CommonStateError(f"{checkpoint_dir}: {index.fqn}: {e}") from e
         where = f"{checkpoint_dir}/{rel} item {index.fqn}"
         try:
-            with open(checkpoint_dir / rel, "rb") as f:
+            with ckpt_integrity.open_regular(checkpoint_dir / rel) as f:
                 size = os.fstat(f.fileno()).st_size
                 # Checked before reading: a crafted length must not make us allocate it.
                 if offset + length > size:
@@ -81,6 +86,8 @@ def _embedded_item(checkpoint_dir: Path, metadata: Any) -> tuple[str, bytes] | N
                         f"{where}: past the end of the file ({offset} + {length} > {size} bytes)"
                     )
                 data = os.pread(f.fileno(), length, offset)
+        except ckpt_integrity.IntegrityError as e:
+            raise CommonStateError(f"{where}: {e}") from e
         except OSError as e:
             raise CommonStateError(f"{where}: unreadable ({e})") from e
         if len(data) != length:
@@ -103,10 +110,16 @@ def read_common_state(checkpoint_dir: str | os.PathLike, metadata: Any = None) -
         ckpt_integrity.IntegrityError: ``.metadata`` is unreadable or unsafe.
     """
     path = Path(checkpoint_dir)
-    if (path / COMMON_FILE).is_file():
-        return _load_bytes(path / COMMON_FILE, str(path / COMMON_FILE))
+    common = path / COMMON_FILE
+    if os.path.lexists(common):
+        try:
+            f = ckpt_integrity.open_regular(common, ckpt_integrity.MAX_COMMON_BYTES)
+        except (ckpt_integrity.IntegrityError, OSError) as e:
+            raise CommonStateError(str(e) if isinstance(e, ValueError) else f"{common}: {e}") from e
+        with f:
+            return _load_bytes(f, str(common))
     if metadata is None:
-        if not (path / ckpt_integrity.METADATA_FILE).is_file():
+        if not os.path.lexists(path / ckpt_integrity.METADATA_FILE):
             return None
         metadata = ckpt_integrity.load_metadata(path)
     found = _embedded_item(path, metadata)
@@ -118,3 +131,55 @@ def read_common_state(checkpoint_dir: str | os.PathLike, metadata: Any = None) -
     if isinstance(state, list) and len(state) == 1:
         state = state[0]
     return state
+
+
+def _has_embedded(metadata: Any) -> bool:
+    items = getattr(metadata, "state_dict_metadata", None) or {}
+    return any(is_common_state_key(str(key)) for key in items)
+
+
+def common_state_missing(checkpoint_dir: str | os.PathLike, metadata: Any) -> str | None:
+    """Why a torch_dist checkpoint has no common state, cheaply (no data read): neither a
+    ``common.pt`` that is a regular file nor an embedded ``common_state`` item in ``metadata``
+    (its restricted ``.metadata``). None when one is there."""
+    path = Path(checkpoint_dir)
+    common = path / COMMON_FILE
+    if os.path.lexists(common):
+        try:
+            ckpt_integrity.regular_size(common)
+        except (ckpt_integrity.IntegrityError, OSError) as e:
+            return str(e)
+        return None
+    if _has_embedded(metadata):
+        return None
+    return (
+        f"{path}: no common state (neither {COMMON_FILE} nor an embedded common_state item): "
+        "megatron-core cannot load it"
+    )
+
+
+def common_state_problems(
+    checkpoint_dir: str | os.PathLike, metadata: Any = None, iteration: int | None = None
+) -> list[str]:
+    """Why a torch_dist checkpoint's common state cannot be trusted (empty: it can): missing,
+    unreadable (not a regular file, CRC, needs unsafe pickles), not a dict, or (``iteration``
+    given: what the manifest or the directory name says) at another iteration."""
+    path = Path(checkpoint_dir)
+    try:
+        state = read_common_state(path, metadata)
+    except (CommonStateError, ckpt_integrity.IntegrityError) as e:
+        return [str(e)]
+    if state is None:
+        return [
+            f"{path}: no common state (neither {COMMON_FILE} nor an embedded common_state "
+            "item): megatron-core cannot load it"
+        ]
+    if not isinstance(state, dict):
+        return [f"{path}: the common state is a {type(state).__name__}, not a dict"]
+    saved = state.get("iteration")
+    if iteration is not None and saved is not None and saved != iteration:
+        return [
+            f"{path}: the common state says iteration {saved!r} but the manifest/directory "
+            f"name says {iteration}: parts of different checkpoints"
+        ]
+    return []

@@ -15,6 +15,12 @@ One owner for the checks every tool runs before trusting a checkpoint's files:
 - :func:`crc_problems` re-computes the CRC-32 of every record of every item's ``torch.save``
   blob (an uncompressed zip) and compares it with the CRC the zip stores: bit rot in tensor data.
 
+- :func:`open_regular` / :func:`read_regular` / :func:`regular_size` are the one way any tool
+  opens a file of a checkpoint (manifest, ``.metadata``, ``common.pt``, shards, the tracker
+  file): a regular file, not a symlink, FIFO, device, socket or directory, and a read bounded by
+  its size. A FIFO in place of ``.metadata`` is refused at once instead of blocking the reader
+  forever; a shard that is a symlink to a file outside the checkpoint is refused, not followed.
+
 All return plain lists of human-readable problems (empty: fine) or raise :class:`IntegrityError`.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -76,6 +83,93 @@ class IntegrityError(ValueError):
     """A checkpoint's files are missing, inconsistent, corrupt or unsafe to load."""
 
 
+#: Size bounds of the files read whole (a bigger regular file is refused, not read).
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_TRACKER_BYTES = 4096
+MAX_METADATA_BYTES = 4 << 30
+MAX_COMMON_BYTES = 4 << 30
+
+_TYPE_NAMES = (
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def _not_regular(path: str | os.PathLike, mode: int) -> IntegrityError:
+    kind = next((name for test, name in _TYPE_NAMES if test(mode)), "special file")
+    if stat.S_ISLNK(mode):
+        try:
+            kind += f" to {os.readlink(path)}"
+        except OSError:
+            pass
+    return IntegrityError(
+        f"{path} is a {kind}, not a regular file: checkpoint files must be regular files inside "
+        "the checkpoint directory; refusing to read it"
+    )
+
+
+def regular_size(path: str | os.PathLike) -> int:
+    """The size of ``path`` if it is a regular file (symlinks are not followed).
+
+    Raises:
+        FileNotFoundError: there is nothing at ``path``.
+        IntegrityError: it is a symlink, FIFO, device, socket or directory.
+    """
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st.st_size
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int | None = None) -> Any:
+    """``path`` opened for binary reading, only if it is a regular file of at most
+    ``max_bytes``: the one way a checkpoint file is opened.
+
+    Checked with ``lstat`` before opening (a FIFO or device is never opened), then opened with
+    ``O_NOFOLLOW | O_NONBLOCK`` and checked again on the descriptor, so neither a symlink nor a
+    FIFO swapped in between can redirect or block the read.
+
+    Raises:
+        FileNotFoundError: there is nothing at ``path``.
+        IntegrityError: not a regular file, bigger than ``max_bytes``, or cannot be opened.
+    """
+    regular_size(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise IntegrityError(f"{path}: cannot be opened ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise IntegrityError(
+                f"{path}: {st.st_size} bytes, more than the {max_bytes} such a file may have; "
+                "refusing to read it"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (:func:`open_regular`), never more than ``max_bytes``."""
+    with open_regular(path, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew after the check
+        raise IntegrityError(f"{path}: more than {max_bytes} bytes; refusing to read it")
+    return data
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds only DCP metadata types; anything else (``os.system``…) is refused."""
 
@@ -102,10 +196,12 @@ def load_metadata(checkpoint_dir: str | os.PathLike) -> Any:
 
     path = Path(checkpoint_dir) / METADATA_FILE
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, MAX_METADATA_BYTES) as f:
             metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError as e:
         raise IntegrityError(f"{checkpoint_dir}: missing {METADATA_FILE}") from e
+    except IntegrityError:
+        raise
     except Exception as e:  # any unpickling failure is corruption or a crafted file
         raise IntegrityError(
             f"{path}: unreadable or unsafe metadata ({type(e).__name__}: {e})"
@@ -193,8 +289,8 @@ def storage_problems(checkpoint_dir: str | os.PathLike, metadata: Any = None) ->
 
     Every described item must have exactly the storage records the state dict lists
     (:func:`coverage_problems`), and every record must name a plain shard file of this directory
-    that exists and is long enough for the item's byte range. Cheap: one ``stat`` per file, no
-    data read.
+    that exists, is a regular file (not a symlink, FIFO or device: :func:`regular_size`) and is
+    long enough for the item's byte range. Cheap: one ``lstat`` per file, no data read.
     """
     root = Path(checkpoint_dir)
     if metadata is None:
@@ -213,10 +309,13 @@ def storage_problems(checkpoint_dir: str | os.PathLike, metadata: Any = None) ->
             continue
         if rel not in sizes:
             try:
-                sizes[rel] = (root / rel).stat().st_size
+                sizes[rel] = regular_size(root / rel)
             except FileNotFoundError:
                 sizes[rel] = None
                 problems.append(f"shard file {rel} is missing")
+            except IntegrityError as e:
+                sizes[rel] = None
+                problems.append(f"shard file {rel}: {e}")
         size = sizes[rel]
         if size is not None and offset + length > size:
             problems.append(
@@ -298,7 +397,7 @@ def crc_problems(
                 continue
             try:
                 rel, offset, length = storage_location(info)
-                f = handles.get(rel) or handles.setdefault(rel, open(root / rel, "rb"))
+                f = handles.get(rel) or handles.setdefault(rel, open_regular(root / rel))
             except (IntegrityError, OSError):
                 continue
 

@@ -9,9 +9,13 @@ checkpoint root (``--save`` for full ones, ``--wsm-save`` for window ones)::
     .tmp-iter_0000120/             a save in progress (or killed): never listed as complete
     latest_checkpointed_iteration.txt   (full root only; Megatron-LM's tracker file)
 
-A checkpoint is *complete* when its manifest says so; where the files are torch_dist, the
-shards must also hold every byte range the ``.metadata`` names (:func:`storage_problems`).
-Nothing here imports torch.
+A checkpoint is *complete* when its manifest says so and its ``iter_N`` name agrees with the
+manifest's iteration; where the files are torch_dist, its files must be regular files, the
+shards must hold every byte range the ``.metadata`` names and a common state must be there
+(:func:`storage_problems`); :func:`checkpoint_problems` also reads the common state and checks
+its iteration. Checkpoint directories found by listing a root are never symlinks (see
+:data:`SYMLINK_REFUSED`): a link can bring another run's checkpoint into a window, and
+retention cannot delete it. Nothing here imports torch at import time.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_common, ckpt_integrity
 from megatron_wsm.manifest import (
     KIND_FULL,
     KIND_WINDOW,
@@ -44,6 +48,14 @@ _NAME_RE = re.compile(rf"^(?:{re.escape(TMP_PREFIX)})?iter_(\d{{7,}})$")
 _FOREIGN_NAME_RE = re.compile(r"iter_(\d+)$")
 
 _IN_PROGRESS = "save in progress or interrupted"
+#: Why a symlinked checkpoint directory found under a root is refused.
+SYMLINK_REFUSED = (
+    "a symlink: checkpoints found under a root must be real directories (a link can bring "
+    "another run's checkpoint into the window); copy it, or name it explicitly"
+)
+#: Files of a checkpoint that tools read; each must be a regular file (no FIFO, symlink...).
+CHECKPOINT_FILES = (ckpt_integrity.METADATA_FILE, "metadata.json", ckpt_common.COMMON_FILE,
+                    MANIFEST_NAME)
 _NO_MANIFEST = "no manifest (incomplete or not written by megatron-wsm)"
 
 
@@ -73,22 +85,28 @@ def iteration_in_name(name: str) -> int | None:
 def has_dist_metadata(path: Path) -> bool:
     """True when ``path`` holds a distributed checkpoint's metadata file (it *is* a checkpoint,
     not a root holding ``iter_*`` ones)."""
-    return any((path / name).exists() for name in DIST_METADATA_FILES)
+    return any(os.path.lexists(path / name) for name in DIST_METADATA_FILES)
 
 
 def is_checkpoint_dir(path: Path) -> bool:
     """True when ``path`` itself is a checkpoint: torch_dist metadata, Megatron's
     ``metadata.json`` or our manifest."""
     markers = (*DIST_METADATA_FILES, MANIFEST_NAME)
-    return path.is_dir() and any((path / name).is_file() for name in markers)
+    return path.is_dir() and any(os.path.lexists(path / name) for name in markers)
 
 
 def read_tracker(root: Path) -> int | None:
-    """The iteration in ``root``'s tracker file; None when absent or not a number."""
+    """The iteration in ``root``'s tracker file; None when absent or not a number.
+
+    Raises:
+        ckpt_integrity.IntegrityError: the tracker is not a regular file (a FIFO, a symlink)
+            or is too big to be one.
+    """
     tracker = root / TRACKER_FILE
-    if not tracker.is_file():
+    if not os.path.lexists(tracker):
         return None
-    text = tracker.read_text().strip()
+    data = ckpt_integrity.read_regular(tracker, ckpt_integrity.MAX_TRACKER_BYTES)
+    text = data.decode("ascii", errors="replace").strip()
     return int(text) if text.isdigit() else None
 
 
@@ -102,18 +120,87 @@ def dir_bytes(path: Path) -> int:
 
 def is_torch_dist(path: Path, manifest: CheckpointManifest | None = None) -> bool:
     """True when ``path`` holds (or, by its manifest, should hold) torch_dist shards."""
-    if (path / ckpt_integrity.METADATA_FILE).is_file() or any(path.glob("*.distcp")):
+    if os.path.lexists(path / ckpt_integrity.METADATA_FILE) or any(path.glob("*.distcp")):
         return True
     return manifest is not None and manifest.checkpoint_format == "torch_dist"
 
 
+def file_type_problems(path: Path) -> list[str]:
+    """Checkpoint files of ``path`` (:data:`CHECKPOINT_FILES`, ``*.distcp``) that are not
+    regular files: a FIFO would block a reader (megatron-core's too) forever, a symlink may
+    point outside the checkpoint. One ``lstat`` per entry, nothing opened."""
+    problems = []
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return [f"{path}: cannot list the directory ({e.strerror or e})"]
+    for name in names:
+        if name in CHECKPOINT_FILES or name.endswith(ckpt_integrity.SHARD_SUFFIX):
+            try:
+                ckpt_integrity.regular_size(path / name)
+            except ckpt_integrity.IntegrityError as e:
+                problems.append(str(e))
+            except OSError:
+                continue  # removed meanwhile: the checks that need it say so
+    return problems
+
+
 def storage_problems(path: Path, manifest: CheckpointManifest | None = None) -> list[str]:
-    """Why a torch_dist checkpoint's files do not hold what its ``.metadata`` names (missing
-    or short shards); empty when they do or the checkpoint is not torch_dist. One ``stat`` per
-    shard file, cheap enough for every listing."""
+    """Why a torch_dist checkpoint's files are not usable: a checkpoint file that is not a
+    regular file (:func:`file_type_problems`), a ``.metadata`` that does not load, shards that
+    do not hold what it names (missing or short), or no common state (neither ``common.pt``
+    nor an embedded one). Empty when usable or not torch_dist. Nothing but ``.metadata`` is
+    read (one ``lstat`` per file), cheap enough for every listing."""
     if not is_torch_dist(path, manifest):
         return []
-    return ckpt_integrity.storage_problems(path)
+    problems = file_type_problems(path)
+    if problems:
+        return problems
+    try:
+        metadata = ckpt_integrity.load_metadata(path)
+    except ckpt_integrity.IntegrityError as e:
+        return [str(e)]
+    problems = ckpt_integrity.storage_problems(path, metadata)
+    missing = ckpt_common.common_state_missing(path, metadata)
+    return problems + ([missing] if missing else [])
+
+
+def name_problem(path: Path, manifest: CheckpointManifest | None) -> str | None:
+    """Why ``path``'s name and its manifest disagree on the iteration (our ``iter_N`` names
+    only; other names state nothing we check); None when they agree."""
+    parsed = parse_name(path.name)
+    if manifest is None or parsed is None or parsed[0] == manifest.iteration:
+        return None
+    return (
+        f"{path.name} names iteration {parsed[0]} but its manifest says {manifest.iteration}: "
+        "a renamed, copied or linked checkpoint of another iteration"
+    )
+
+
+def checkpoint_problems(
+    path: Path, manifest: CheckpointManifest | None, *, crc: bool = False
+) -> list[str]:
+    """Every reason not to load or merge the checkpoint at ``path`` (empty: none): its name and
+    manifest disagree on the iteration (:func:`name_problem`); for torch_dist files, every
+    :func:`storage_problems` problem, then the common state read and checked
+    (:func:`ckpt_common.common_state_problems`: readable, at the manifest's iteration, else the
+    name's), and with ``crc`` the CRC-32 of all item data. Reads the common state (small); the
+    CRC check reads every byte."""
+    problem = name_problem(path, manifest)
+    if problem:
+        return [problem]
+    if not is_torch_dist(path, manifest):
+        return []
+    problems = storage_problems(path, manifest)
+    if problems:
+        return problems
+    metadata = ckpt_integrity.load_metadata(path)
+    parsed = parse_name(path.name)
+    iteration = manifest.iteration if manifest else parsed[0] if parsed else None
+    problems = ckpt_common.common_state_problems(path, metadata, iteration)
+    if crc and not problems:
+        problems = ckpt_integrity.crc_problems(path, metadata)
+    return problems
 
 
 # ----------------------------------------------------------------------------- listing
@@ -132,7 +219,7 @@ class CheckpointInfo:
 
     @property
     def complete(self) -> bool:
-        return self.manifest is not None and self.manifest.complete
+        return self.manifest is not None and self.manifest.complete and self.error is None
 
     def size_bytes(self) -> int:
         return dir_bytes(self.path)
@@ -152,6 +239,9 @@ def read_checkpoint(path: Path, iteration: int | None = None) -> CheckpointInfo:
                 error = _NO_MANIFEST
         except ValueError as e:
             error, unreadable = str(e), True
+        mismatch = name_problem(path, manifest)
+        if mismatch:  # refused like a corrupt manifest: never complete, never merged
+            manifest, error, unreadable = None, mismatch, True
     if iteration is None:
         parsed = parse_name(path.name)
         if manifest is not None:
@@ -175,7 +265,10 @@ def list_checkpoints(
         parsed = parse_name(child.name)
         if parsed is None or not child.is_dir():
             continue
-        info = read_checkpoint(child, parsed[0])
+        if child.is_symlink():
+            info = CheckpointInfo(child, parsed[0], None, _symlink_refused(child), True)
+        else:
+            info = read_checkpoint(child, parsed[0])
         if info.complete or include_incomplete:
             found.append(info)
     found.sort(key=lambda c: (c.iteration, c.path.name))
@@ -212,14 +305,23 @@ def scan_root(root: Path) -> RootScan:
     Unreadable and unfinished ones are reported, not dropped, so that a window containing one
     can be refused (or its gap stated) rather than used with a silent gap.
     """
+    scan = RootScan([], [], [])
     children = [p for p in root.iterdir() if p.is_dir()]
+    links = [p for p in children if p.is_symlink() and not p.name.startswith(".")]
+    children = [p for p in children if not p.is_symlink()]
     candidates = [p for p in children if not p.name.startswith(".")]
     hidden = [p for p in children if p.name.startswith(TMP_PREFIX)]
-    for parent in [p for p in candidates if not (p / MANIFEST_NAME).exists()]:
+    for parent in [p for p in candidates if not os.path.lexists(p / MANIFEST_NAME)]:
         for q in parent.iterdir():
-            if q.is_dir():
+            if not q.is_dir():
+                continue
+            if q.is_symlink():
+                links.append(q)
+            else:
                 (hidden if q.name.startswith(TMP_PREFIX) else candidates).append(q)
-    scan = RootScan([], [], [])
+    for link in links:
+        if _holds_checkpoints(link):
+            scan.unreadable.append((link, iteration_in_name(link.name), _symlink_refused(link)))
     for path in hidden:
         iteration = iteration_in_name(path.name)
         if iteration is not None:
@@ -240,6 +342,27 @@ def scan_root(root: Path) -> RootScan:
     scan.complete.sort(key=lambda pm: (pm[1].iteration, pm[1].kind != KIND_WINDOW))
     scan.incomplete.sort(key=lambda entry: entry[1])
     return scan
+
+
+def _symlink_refused(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"{SYMLINK_REFUSED} (-> {target})"
+
+
+def _holds_checkpoints(path: Path) -> bool:
+    """Whether a (symlinked) directory is a checkpoint or a root holding some (one listing)."""
+    if parse_name(path.name) is not None or is_checkpoint_dir(path):
+        return True
+    try:
+        return any(
+            parse_name(q.name) is not None or os.path.lexists(q / MANIFEST_NAME)
+            for q in path.iterdir()
+        )
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- the window rule

@@ -100,21 +100,110 @@ class CheckpointManifest:
         return {"model": model, "vocab_size": self.model_config.get("vocab_size")}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CheckpointManifest:
-        """Inverse of :meth:`to_json`; raises ValueError on a foreign or malformed file."""
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"not a megatron-wsm manifest (format={data.get('format')!r})")
-        if int(data.get("version", 0)) > MANIFEST_VERSION:
-            raise ValueError(
-                f"manifest version {data.get('version')} is newer than this tool "
-                f"understands ({MANIFEST_VERSION}); upgrade megatron-wsm"
-            )
+    def from_json(cls, data: Any) -> CheckpointManifest:
+        """Inverse of :meth:`to_json`; raises :class:`ManifestError` on a foreign or malformed
+        file, naming every problem (:func:`manifest_problems`)."""
+        problems = manifest_problems(data)
+        if problems:
+            raise ManifestError("; ".join(problems))
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
-        kwargs["parallel"] = ParallelLayout(**data.get("parallel", {}))
-        if kwargs.get("kind") not in KINDS:
-            raise ValueError(f"manifest has unknown kind {kwargs.get('kind')!r}")
+        known = {f.name for f in dataclasses.fields(ParallelLayout)}
+        kwargs["parallel"] = ParallelLayout(
+            **{k: v for k, v in data.get("parallel", {}).items() if k in known}
+        )
         return cls(**kwargs)
+
+
+class ManifestError(ValueError):
+    """A manifest that is not one, or breaks its schema; the message names every problem."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(problems: list[str], name: str, value: Any, ok: bool, what: str) -> None:
+    if not ok:
+        problems.append(f"{name}: {value!r} is not {what}")
+
+
+#: Top-level fields: (type check, what it must be). ``kind``, ``iteration`` are required.
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "consumed_samples": (_is_int, "an integer"),
+    "consumed_tokens": (_is_int, "an integer"),
+    "learning_rate": (_is_number, "a number"),
+    "model_config_hash": (lambda v: isinstance(v, str), "a string"),
+    "model_config": (lambda v: isinstance(v, dict), "an object"),
+    "checkpoint_format": (lambda v: isinstance(v, str), "a string"),
+    "megatron_core_version": (lambda v: isinstance(v, str), "a string"),
+    "model_spec": (lambda v: isinstance(v, dict), "an object"),
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "created_unix": (_is_number, "a number"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
+#: Fields that count something: never negative.
+_COUNTS = ("iteration", "consumed_samples", "consumed_tokens")
+#: Entries of ``extra`` the tools read, and their type.
+_EXTRA_OBJECTS = ("run", EXTRA_OPTIMIZER)
+
+
+def manifest_problems(data: Any) -> list[str]:
+    """Every way ``data`` (a parsed ``wsm_manifest.json``) breaks the manifest schema, one
+    message per problem (empty: valid): a JSON object with our format tag, a version this tool
+    understands, ``kind`` one of :data:`KINDS`, ``iteration`` (and the consumed counts) integers
+    >= 0, ``complete`` a boolean, ``parallel`` an object of positive integers, and every other
+    known field of its type. Unknown fields are ignored (a newer writer may add some)."""
+    if not isinstance(data, dict):
+        return [f"not a JSON object but a JSON {type(data).__name__} (not a manifest)"]
+    if data.get("format") != MANIFEST_FORMAT:
+        return [f"not a megatron-wsm manifest (format={data.get('format')!r})"]
+    problems: list[str] = []
+    version = data.get("version", 0)
+    if not _is_int(version):
+        problems.append(f"version: {version!r} is not an integer")
+    elif version > MANIFEST_VERSION:
+        return [
+            f"manifest version {version} is newer than this tool understands "
+            f"({MANIFEST_VERSION}); upgrade megatron-wsm"
+        ]
+    kind = data.get("kind")
+    if kind not in KINDS:
+        problems.append(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+    if "iteration" not in data:
+        problems.append("iteration: missing")
+    else:
+        _check(problems, "iteration", data["iteration"], _is_int(data["iteration"]),
+               "an integer")
+    for name, (ok, what) in _FIELD_TYPES.items():
+        if name in data:
+            _check(problems, name, data[name], ok(data[name]), what)
+    for name in _COUNTS:
+        value = data.get(name)
+        if _is_int(value) and value < 0:
+            problems.append(f"{name}: {value} is negative")
+    parallel = data.get("parallel", {})
+    if not isinstance(parallel, dict):
+        problems.append(f"parallel: {parallel!r} is not an object")
+    else:
+        for field in dataclasses.fields(ParallelLayout):
+            if field.name in parallel:
+                value = parallel[field.name]
+                name = f"parallel.{field.name}"
+                if not _is_int(value):
+                    problems.append(f"{name}: {value!r} is not an integer")
+                elif value < 1:
+                    problems.append(f"{name}: {value} is not a positive size")
+    extra = data.get("extra", {})
+    if isinstance(extra, dict):
+        for name in _EXTRA_OBJECTS:
+            if name in extra and not isinstance(extra[name], dict):
+                problems.append(f"extra.{name}: {extra[name]!r} is not an object")
+    return problems
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -138,17 +227,28 @@ def write_manifest(checkpoint_dir: str | os.PathLike, manifest: CheckpointManife
 def read_manifest(checkpoint_dir: str | os.PathLike) -> CheckpointManifest | None:
     """Read a checkpoint's manifest; None when the directory has none (not ours, or unfinished).
 
-    A manifest that exists but cannot be parsed raises ValueError: that is corruption, and the
-    caller must not treat the checkpoint as usable.
+    A manifest that exists but is not a regular file (a FIFO, a symlink, a directory: read
+    through :func:`ckpt_integrity.read_regular`, never followed nor blocked on), cannot be
+    parsed, or breaks the schema (:func:`manifest_problems`) raises :class:`ManifestError`
+    naming the file: that is corruption, and the caller must not treat the checkpoint as usable.
     """
+    from megatron_wsm import ckpt_integrity
+
     path = Path(checkpoint_dir) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt manifest {path}: {e}") from e
-    return CheckpointManifest.from_json(data)
+        data = json.loads(ckpt_integrity.read_regular(path, ckpt_integrity.MAX_MANIFEST_BYTES))
+    except ckpt_integrity.IntegrityError as e:
+        raise ManifestError(f"unreadable manifest: {e}") from e
+    except OSError as e:
+        raise ManifestError(f"unreadable manifest {path}: {e.strerror or e}") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ManifestError(f"corrupt manifest {path}: {e}") from e
+    try:
+        return CheckpointManifest.from_json(data)
+    except ValueError as e:
+        raise ManifestError(f"malformed manifest {path}: {e}") from e
 
 
 def is_complete(checkpoint_dir: str | os.PathLike) -> bool:

@@ -87,10 +87,32 @@ def _merged_loader(args: argparse.Namespace) -> Any:
 def _newest_manifest(args: argparse.Namespace) -> Any:
     """The manifest of the newest checkpoint the window would take (the run to rebuild)."""
     from megatron_wsm.cli.merge_wsm import window_options
-    from megatron_wsm.merge import choose_window
+    from megatron_wsm.merge import choose_window, inspect_input
 
     selection = choose_window(args.load_dir, **window_options(args))
+    for path in selection.paths:  # refused here, before any process group starts
+        inspect_input(path)
     return read_manifest(selection.paths[-1])
+
+
+def _checked_load(ckpt: str) -> Any:
+    """The manifest of ``--load CKPT`` (None without one) after the checks a merge input gets
+    (:func:`ckpt_layout.checkpoint_problems`): a FIFO or symlink in place of a checkpoint file,
+    a missing or unreadable common state, an iteration the name, manifest and common state
+    disagree on are refused here, before megatron-core reads a byte (it would block on a FIFO
+    or fail with a traceback). Raises CheckpointError."""
+    from megatron_wsm import ckpt_layout
+
+    path = resolve_load_dir(ckpt)
+    try:
+        manifest = read_manifest(path)
+    except ValueError as e:
+        raise CheckpointError(f"--load {path}: {e}") from e
+    problems = ckpt_layout.checkpoint_problems(path, manifest)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"--load {path}: refusing it: {problems[0]}{more}")
+    return manifest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             weights = _merged_loader(args)
             argv = ["--load", args.load_dir, *argv]
         else:
-            ckpt = argv[argv.index("--load") + 1]
-            manifest = read_manifest(resolve_load_dir(ckpt))
+            manifest = _checked_load(argv[argv.index("--load") + 1])
         base = config_from_run_info(manifest.run_info()) if manifest is not None else None
     except (CheckpointError, MergeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm import ckpt_integrity
 from megatron_wsm import ckpt_layout as layout
 from megatron_wsm.ckpt_layout import CheckpointInfo
 
@@ -65,16 +64,18 @@ def storage_note(info: CheckpointInfo) -> str | None:
 
 
 def verify_problems(info: CheckpointInfo) -> list[str] | None:
-    """Every integrity problem of a checkpoint, CRC-32 of all data included (empty: OK).
+    """Every integrity problem of a checkpoint (empty: OK): its files (regular files, shard
+    names and ranges, the CRC-32 of all data), its common state (present, readable) and its
+    iteration (name, manifest and common state agree) — :func:`ckpt_layout.checkpoint_problems`.
 
     None when it cannot be verified: not a torch_dist checkpoint (no ``.metadata`` and no
     manifest naming torch_dist), or an incomplete save whose files are expected to be partial.
     """
-    if info.manifest is None or not info.manifest.complete:
+    if not info.complete:
         return None
     if not _is_torch_dist(info):
         return None
-    return ckpt_integrity.verify(info.path, crc=True)
+    return layout.checkpoint_problems(info.path, info.manifest, crc=True)
 
 
 def _is_torch_dist(info: CheckpointInfo) -> bool:
@@ -84,10 +85,28 @@ def _is_torch_dist(info: CheckpointInfo) -> bool:
 
 def _summarise(problems: list[str]) -> str:
     more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"files do not match .metadata: {problems[0]}{more}"
+    return f"refused: {problems[0]}{more}"
 
 
 def _row(info: CheckpointInfo, verify: bool) -> dict[str, Any]:
+    """One checkpoint's row; a checkpoint whose files cannot even be examined is shown as
+    refused (with why) instead of stopping the listing."""
+    try:
+        return _checked_row(info, verify)
+    except (OSError, ValueError) as e:
+        why = f"refused: {e}"
+        row = {
+            "path": str(info.path), "kind": "?",
+            "iteration": info.iteration if info.iteration >= 0 else None,
+            "consumed_tokens": None, "learning_rate": None, "bytes": 0,
+            "complete": False, "note": why,
+        }
+        if verify:
+            row["verify"], row["problems"] = "1 problem(s)", [why]
+        return row
+
+
+def _checked_row(info: CheckpointInfo, verify: bool) -> dict[str, Any]:
     m = info.manifest
     note = info.error or ""
     complete = info.complete
@@ -105,7 +124,9 @@ def _row(info: CheckpointInfo, verify: bool) -> dict[str, Any]:
         "note": note,
     }
     if verify:
-        if not _is_torch_dist(info):
+        if info.unreadable:  # a manifest that is not one, a symlink, a name that disagrees
+            row["verify"], row["problems"] = "refused", [str(info.error)]
+        elif not _is_torch_dist(info):
             row["verify"], row["problems"] = "not torch_dist (no .metadata): not verified", []
         elif not info.complete:
             row["verify"], row["problems"] = "incomplete: not verified", []
@@ -113,6 +134,8 @@ def _row(info: CheckpointInfo, verify: bool) -> dict[str, Any]:
             problems = verify_problems(info) or []
             row["verify"] = "OK" if not problems else f"{len(problems)} problem(s)"
             row["problems"] = problems
+            if problems:
+                row["complete"] = False
     return row
 
 

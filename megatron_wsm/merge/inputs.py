@@ -75,14 +75,23 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise MergeError(f"{path}: no such checkpoint directory")
     if detect_format(path) is None:
-        newest = layout.read_tracker(path)
+        try:
+            newest = layout.read_tracker(path)
+        except ckpt_integrity.IntegrityError as e:
+            raise MergeError(str(e)) from e
         if newest is not None and (path / layout.checkpoint_name(newest)).is_dir():
             return path / layout.checkpoint_name(newest)
     return path
 
 
 def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -> CheckpointInput:
-    """Check one input is a finished checkpoint; MergeError with the reason otherwise."""
+    """Check one input is a finished checkpoint; MergeError with the reason otherwise.
+
+    Beyond its manifest: every problem :func:`ckpt_layout.checkpoint_problems` finds without
+    reading tensor data — an ``iter_N`` name, manifest and common state that disagree on the
+    iteration, checkpoint files that are not regular files (FIFOs, symlinks), shards that do not
+    hold what ``.metadata`` names, a missing or unreadable common state (the merged checkpoint
+    would lack one and not load)."""
     path = resolve_checkpoint_dir(path)
     try:
         manifest = read_manifest(path)
@@ -101,8 +110,12 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
             f"{path}: neither a torch_dist checkpoint (.metadata, *.distcp) nor a legacy one "
             f"(mp_rank_*/{LEGACY_FILE})"
         )
-    if fmt == FORMAT_TORCH_DIST and not (path / ".metadata").is_file():
+    if fmt == FORMAT_TORCH_DIST and not os.path.lexists(path / ckpt_integrity.METADATA_FILE):
         raise MergeError(f"{path}: missing .metadata: incomplete or corrupt torch_dist checkpoint")
+    problems = layout.checkpoint_problems(path, manifest)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise MergeError(f"{path}: refusing it: {problems[0]}{more}")
     if manifest is not None:
         iteration = manifest.iteration
     else:

@@ -22,6 +22,7 @@ def _checkpoint(path: Path, iteration: int, kind: str) -> Path:
 
     state = {"w": torch.arange(2048, dtype=torch.float32) * iteration, "b": torch.ones(3, 5)}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+    torch.save({"iteration": iteration}, path / "common.pt")  # megatron-core's common state
     write_manifest(path, CheckpointManifest(kind=kind, iteration=iteration, complete=True))
     return path
 
@@ -81,7 +82,7 @@ def test_truncated_shard_is_not_complete_without_verify(run_dir: Path, tmp_path:
     rc, rows, _ = _rows(capsys, str(tmp_path))
     assert rc == 0  # listing only: the checkpoint is shown, marked
     assert rows[0]["complete"] is False
-    assert "do not match .metadata" in rows[0]["note"] and "past the end" in rows[0]["note"]
+    assert "refused" in rows[0]["note"] and "past the end" in rows[0]["note"]
     rc, rows, _ = _rows(capsys, str(tmp_path), "--complete-only")
     assert rows == []
     rc, rows, _ = _rows(capsys, str(tmp_path), "--verify")

@@ -244,12 +244,14 @@ def _skeleton_items(
             raise MergeError(f"{inp.path}: {index.fqn}: {e}") from e
         path = str(inp.path / rel)
         if path not in sizes:
-            try:
-                sizes[path] = os.stat(path).st_size
+            try:  # a regular file inside the input: no symlink out of it, no FIFO
+                sizes[path] = ckpt_integrity.regular_size(path)
             except FileNotFoundError as e:
                 if not inp.path.is_dir():
                     raise MergeError(gone_message(inp.path)) from e
                 raise MergeError(f"{inp.path}: shard file {rel} is missing") from e
+            except ckpt_integrity.IntegrityError as e:
+                raise MergeError(f"{inp.path}: {e}") from e
         if offset + length > sizes[path]:
             raise MergeError(
                 f"{inp.path}: shard file {rel} is truncated ({sizes[path]} bytes, item "
@@ -278,9 +280,8 @@ def _skeleton_items(
 
 def _reader(path: str, offset: int) -> Callable[[int, int], bytes]:
     def read_at(pos: int, size: int) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(offset + pos)
-            return f.read(size)
+        with ckpt_integrity.open_regular(path) as f:
+            return os.pread(f.fileno(), size, offset + pos)
 
     return read_at
 
@@ -440,7 +441,7 @@ def _check_copied_crc(item: Item, inp: Path) -> None:
     """CRC-32 of a copied item's records (the newest input's bytes go out verbatim)."""
     path, offset, length = item.newest
     try:
-        with open(path, "rb") as f:
+        with ckpt_integrity.open_regular(path) as f:
 
             def read_at(pos: int, size: int) -> bytes:
                 return os.pread(f.fileno(), size, offset + pos)
