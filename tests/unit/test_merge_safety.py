@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm import ckpt_common, ckpt_integrity
 from megatron_wsm.cli import merge_wsm
 from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import MergeError, merge_checkpoints, select_window, torch_dist
@@ -225,9 +225,12 @@ def test_embedded_common_state_past_the_end_is_refused_without_reading(tmp_path)
     md.storage_data[index] = fmt.make_storage_info(info.relative_path, info.offset, 1 << 40)
     fmt.write_metadata(str(newest / ".metadata"), md)
     out = tmp_path / "merged"
-    with pytest.raises(MergeError, match="common_state.*past the end of the file"):
+    # Refused by the input's range check (before its common state is read), or by the reader.
+    with pytest.raises(MergeError, match="common_state.*past the end"):
         merge_checkpoints([older, newest], [0.5, 0.5], out, dry_run=True, allow_no_manifest=True)
     _nothing_published(out)
+    with pytest.raises(ckpt_common.CommonStateError, match="past the end of the file"):
+        ckpt_common.read_common_state(newest)
 
 
 def test_bit_rot_in_the_embedded_common_state_is_refused(tmp_path):
