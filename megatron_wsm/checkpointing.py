@@ -152,6 +152,11 @@ def set_rng_state(state: dict[str, Any], seed: int | None = None) -> bool:
     return rng.restore(state, TrainingConfig.seed if seed is None else seed)
 
 
+def _weights_finite(model: list[Any]) -> bool:
+    """True when every parameter of this rank's model chunks is finite."""
+    return all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+
+
 # ----------------------------------------------------------------------------- I/O
 
 
@@ -193,6 +198,8 @@ class CheckpointManager:
         self.identity_hash = config_hash(self.identity)
         self._async_queue = None
         self._pending: list[Callable[[], None]] = []
+        #: The save directories' trainer locks (rank 0; :func:`pretrain.hold_save_dirs`).
+        self.locks: list[Any] = []
 
     # -- state dicts
 
@@ -288,12 +295,22 @@ class CheckpointManager:
         root = Path(root)
         # Async finalisation runs iterations later: capture the values now.
         iteration = train_state.iteration
+        if not wdist.all_ranks_true(_weights_finite(self.model)):
+            # Defence in depth behind the trainer's step check (which may be switched off):
+            # a diverged model never becomes a checkpoint a resume or a merge would pick.
+            raise CheckpointError(
+                f"refusing to save the {kind} checkpoint of iteration {iteration}: the model "
+                "holds non-finite weights (NaN or inf); the newest checkpoint on disk is the "
+                "last good one"
+            )
         name = checkpoint_name(iteration)
         tmp = root / (TMP_PREFIX + name)
         final = root / name
         if wdist.rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # our own leftover from an interrupted save of this iteration
+            if tmp.exists():
+                # A leftover of an interrupted save of this iteration: ours or a dead run's,
+                # never a live one's (this run holds the directory's trainer lock).
                 shutil.rmtree(tmp)
             tmp.mkdir()
         wdist.barrier()

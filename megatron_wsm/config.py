@@ -395,6 +395,14 @@ class TrainingConfig:
         dest="no_moe_metrics",
         convert=_negate,
     )
+    check_for_nan_in_loss_and_grad: bool = _f(
+        True,
+        "do not stop at a non-finite loss or gradient (Megatron-LM's flag; by default the "
+        "step is not applied, nothing of it is saved and the run stops naming the iteration)",
+        flag="--no-check-for-nan-in-loss-and-grad",
+        dest="no_check_for_nan_in_loss_and_grad",
+        convert=_negate,
+    )
     save: str | None = _f(None, "directory of full checkpoints", group="checkpointing")
     save_interval: int | None = _f(None, group="checkpointing")
     save_keep_last: int | None = _f(

@@ -9,19 +9,22 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_wsm import distributed as wdist
+from megatron_wsm import run_lock
 from megatron_wsm.arguments import ConfigError, parse_run_config, validate
-from megatron_wsm.checkpoint_hook import CheckpointHook
+from megatron_wsm.checkpoint_hook import CheckpointHook, window_save_dir
 from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
 from megatron_wsm.config import RunConfig
 from megatron_wsm.manifest import ParallelLayout
 from megatron_wsm.model import padded_vocab_size
 from megatron_wsm.training import (
     Components,
+    NonFiniteStepError,
     TrainState,
     build_model_and_optimizer,
     evaluate,
@@ -120,12 +123,49 @@ def _layout(cfg: RunConfig) -> ParallelLayout:
 WeightsLoader = Callable[[Components, CheckpointManager], dict[str, Any]]
 
 
+def save_dirs(cfg: RunConfig) -> list[Path]:
+    """The directories this run writes checkpoints into (the window one only when it lies
+    outside ``--save``)."""
+    dirs: list[Path] = []
+    for d in (cfg.training.save, window_save_dir(cfg)):
+        if d is None:
+            continue
+        real = Path(d).resolve()
+        if not any(real == kept or kept in real.parents for kept in dirs):
+            dirs.append(real)
+    return dirs
+
+
+def hold_save_dirs(cfg: RunConfig) -> list[run_lock.RunLock]:
+    """Rank 0 takes the trainer lock of every save directory (a collective: every rank raises
+    CheckpointError, naming the holder, when another live trainer holds one)."""
+    locks: list[run_lock.RunLock] = []
+    error = ""
+    if wdist.rank() == 0 and not cfg.training.eval_only:
+        try:
+            for directory in save_dirs(cfg):
+                locks.append(run_lock.acquire(directory))
+        except run_lock.SaveDirLocked as e:
+            for lock in locks:
+                lock.release()
+            locks, error = [], str(e)
+    verdict = wdist.all_gather_objects(error)[0]
+    if verdict:
+        raise CheckpointError(verdict)
+    for lock in locks:
+        if lock.note:
+            print_rank0(f"note: {lock.directory}: {lock.note}")
+    return locks
+
+
 def setup(
     cfg: RunConfig, weights: WeightsLoader | None = None
 ) -> tuple[Components, CheckpointManager]:
-    """Everything but the loop: process groups, data, model, optimizer, checkpoint loading."""
+    """Everything but the loop: process groups, the save directories' lock, data, model,
+    optimizer, checkpoint loading."""
     wdist.init_distributed(cfg.parallel, cfg.training.seed)
     validate(cfg, wdist.world_size(), torch.cuda.is_available())
+    locks = hold_save_dirs(cfg)  # before anything is built: a refusal costs nothing
     datasets, vocab, source = build_data(cfg)
     padded = padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size)
     cfg.model.vocab_size = vocab
@@ -150,6 +190,7 @@ def setup(
             cfg.parallel.ckpt_optim_sharding if cfg.parallel.use_distributed_optimizer else None
         ),
     )
+    manager.locks = locks
     t = cfg.training
     info = None
     if weights is not None:
@@ -195,6 +236,8 @@ def run(cfg: RunConfig, weights: WeightsLoader | None = None) -> dict[str, Any]:
             history = train(comp, hooks=[hook], readout=readout)
         finally:
             manager.wait()
+            for lock in manager.locks:
+                lock.release()
     result = evaluate(comp, "valid")
     result["train_history"] = history
     if readout is not None:
@@ -238,5 +281,10 @@ def main(
             print(f"error: {e}", file=sys.stderr, flush=True)
         wdist.destroy_distributed(barrier_first=False)
         return 2
+    except NonFiniteStepError as e:  # raised on every rank alike (a collective check)
+        if wdist.rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        wdist.destroy_distributed(barrier_first=False)
+        return 3
     wdist.destroy_distributed()
     return 0

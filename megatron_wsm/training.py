@@ -199,6 +199,59 @@ def run_global_batch(
     return _reduce_loss(losses)
 
 
+class NonFiniteStepError(FloatingPointError):
+    """A step's loss or gradients are not finite; the step was not applied."""
+
+
+def nonfinite_gradients(model: list[DDP], nan_only: bool = False) -> list[str]:
+    """Names of this rank's parameters whose (reduced) gradient holds NaN or inf.
+
+    ``nan_only``: infinities are legitimate (fp16's loss scaler skips those steps itself).
+    The grad buffers are checked first, in one pass each; names are looked up only when one of
+    them is not finite.
+    """
+
+    def bad(t: torch.Tensor) -> bool:
+        return bool(torch.isnan(t).any()) if nan_only else not bool(torch.isfinite(t).all())
+
+    names_found: list[str] = []
+    for chunk in model:
+        buffers = list(getattr(chunk, "buffers", [])) + list(
+            getattr(chunk, "expert_parallel_buffers", [])
+        )
+        if buffers and not any(bad(b.grad_data) for b in buffers):
+            continue
+        for name, param in chunk.module.named_parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None and bad(grad):
+                names_found.append(name)
+    return names_found
+
+
+def check_step_finite(comp: Components, loss: float) -> None:
+    """Raise :class:`NonFiniteStepError` on every rank when the global batch's loss or any
+    rank's gradients are not finite (a collective: all ranks call it before the optimizer
+    step, so the step is skipped everywhere and nothing non-finite reaches the weights)."""
+    nan_only = comp.cfg.model.params_dtype == "fp16"
+    local = nonfinite_gradients(comp.model, nan_only=nan_only)
+    if wdist.all_ranks_true(not local) and math.isfinite(loss):
+        return
+    found = sorted({n for per_rank in wdist.all_gather_objects(local) for n in per_rank})
+    what = []
+    if not math.isfinite(loss):
+        what.append(f"the loss is {loss}")
+    if found:
+        shown = ", ".join(found[:4]) + (f" (+{len(found) - 4} more)" if len(found) > 4 else "")
+        what.append(f"gradients of {len(found)} parameter(s) are not finite: {shown}")
+    raise NonFiniteStepError(
+        f"iteration {comp.state.iteration + 1}: {'; '.join(what)}. The step was not applied "
+        "and nothing of it was saved; the newest checkpoint is the last good one. Lower --lr "
+        "or check the data (--no-check-for-nan-in-loss-and-grad turns this check off)"
+    )
+
+
 @dataclasses.dataclass
 class StepResult:
     """What one training iteration reports."""
@@ -218,6 +271,8 @@ def train_step(comp: Components) -> StepResult:
     comp.optimizer.zero_grad()
     lr = current_lr(comp)
     loss = run_global_batch(comp, comp.datasets["train"], comp.state.consumed_samples, False)
+    if comp.cfg.training.check_for_nan_in_loss_and_grad:
+        check_step_finite(comp, loss)  # raises before the step: the weights stay finite
     update_ok, grad_norm, _ = comp.optimizer.step()
     gbs = comp.cfg.training.global_batch_size
     if update_ok:
