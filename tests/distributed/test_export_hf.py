@@ -6,6 +6,7 @@ Needs the ``hf`` extra (transformers, safetensors); skipped without it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -238,3 +239,25 @@ def test_harness_scores_exported_model(tiny_ckpt, data_cache, tmp_path):
     bpb = scores["wsm_heldout_ppl"]["bits_per_byte"]
     # A 6-iteration model is near uniform over 512 pieces: bits/byte finite and well above 0.
     assert 0.5 < bpb < 20
+
+
+def test_export_refuses_non_finite_weights(tiny_ckpt, data_cache, tmp_path):
+    """A diverged checkpoint (here: NaN written into an expert weight's storage) is refused,
+    naming the tensor, and nothing is published (issue 24, item 3)."""
+    from megatron_wsm.merge import dcp_format as fmt
+
+    bad = tmp_path / "nan_ckpt"
+    shutil.copytree(tiny_ckpt, bad)
+    md = fmt.read_metadata(str(bad))
+    index, info = next((i, v) for i, v in md.storage_data.items() if "linear_fc1.weight" in i.fqn)
+    path = bad / info.relative_path
+    with open(path, "rb") as f:
+        blob = fmt.describe_tensor_blob(fmt.BlobReader(
+            lambda o, n: os.pread(f.fileno(), n, info.offset + o), info.length))
+    with open(path, "r+b") as f:  # float32 NaN (0x7FC00000), element-aligned
+        f.seek(info.offset + blob.data_offset + 8)
+        f.write(b"\x00\x00\xc0\x7f" * 4)
+    proc = export(bad, tmp_path / "hf", "--data-cache-dir", data_cache, check=False)
+    assert proc.returncode == 2 and "non-finite" in proc.stderr and "linear_fc1" in proc.stderr
+    assert not (tmp_path / "hf").exists()
+    assert not list(tmp_path.glob(".hf.exporting-*"))
