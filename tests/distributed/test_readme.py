@@ -3,7 +3,8 @@
 The commands are read from README.md itself (not copied here), so the README cannot promise
 what does not work. Only sizes are shrunk (:data:`TINY_SIZES`, the tiny model, the shared
 corpus cache); ``torchrun ...`` / ``pretrain_moe.py ...`` stand for "the training command
-above", as a reader understands them.
+above", as a reader understands them. Each runs in bash as a newcomer's shell has it (issue 29):
+``.venv/bin`` is not on ``PATH`` except through the README's own activation line, run first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY_MODEL, _env, free_port
+from tests.distributed.newcomer import VENV, newcomer_env, readme_activation
+from tests.helpers import ROOT, TINY_MODEL, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -70,10 +72,9 @@ def shrink(argv: list[str]) -> list[str]:
     return out
 
 
-def _python_argv(argv: list[str], train_args: list[str], data_cache: str) -> list[str]:
-    """A README command as the argv to run from the test's working directory."""
-    import sys
-
+def _shell_argv(argv: list[str], train_args: list[str], data_cache: str) -> list[str]:
+    """A README command as the argv to run from the test's working directory (``torchrun`` and
+    ``python`` as typed: whatever the shell finds)."""
     if argv[0] == "torchrun":
         i = 1
         launcher = []
@@ -85,11 +86,11 @@ def _python_argv(argv: list[str], train_args: list[str], data_cache: str) -> lis
         script, rest = argv[i], argv[i + 1 :]
         if rest[:1] == ["..."]:
             rest = train_args + rest[1:]
-        head = [sys.executable, "-m", "torch.distributed.run", *launcher,
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        head = ["torchrun", *launcher, "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port())]
     else:
         assert argv[0] == "python", argv
-        head, script, rest = [sys.executable], argv[1], argv[2:]
+        head, script, rest = ["python"], argv[1], argv[2:]
     rest = shrink(rest)
     if script == "pretrain_moe.py":
         rest = [*TINY_MODEL, "--data-cache-dir", data_cache, *rest]
@@ -102,8 +103,17 @@ def _python_argv(argv: list[str], train_args: list[str], data_cache: str) -> lis
     return [*head, str(ROOT / script), *rest]
 
 
+def _newcomer_shell(command: str, cwd: Path) -> list[str]:
+    """bash running ``command`` in ``cwd`` after the README's activation line, which is run
+    where the README's reader runs it: the repository root."""
+    activation = readme_activation((ROOT / "README.md").read_text())
+    return ["bash", "-c", f"cd {shlex.quote(str(ROOT))} && {activation} && "
+            f"cd {shlex.quote(str(cwd))} && {command}"]
+
+
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_newcomer_shell(shlex.join(argv), cwd), env=newcomer_env(),
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(
             f"README command failed ({proc.returncode}): {shlex.join(argv)}\n"
@@ -122,6 +132,23 @@ def test_readme_parser_sees_every_command():
     assert sum("--load runs/x/ckpt" in c for c in commands) == 2, commands
     shrunk = shrink(shlex.split(commands[-2]))
     assert "runs/x/ckpt/iter_0000024" in shrunk and "30" in shrunk, shrunk
+    # The set-up's activation line, before "Using it", is what the commands run under.
+    readme = (ROOT / "README.md").read_text()
+    assert readme_activation(readme) == ". .venv/bin/activate"
+    assert readme.index(". .venv/bin/activate") < readme.index("## Using it")
+
+
+def test_readme_shell_finds_the_package_only_through_the_activation(tmp_path):
+    """The commands' shell: ``.venv/bin`` off PATH (no ambient activation), and after the
+    README's activation line ``python`` / ``torchrun`` are the .venv's."""
+    assert (VENV / "bin" / "activate").is_file(), f"{VENV} missing (bash scripts/test.sh)"
+    env = newcomer_env()
+    assert str(VENV / "bin") not in env["PATH"].split(":") and "VIRTUAL_ENV" not in env
+    proc = subprocess.run(_newcomer_shell("command -v python torchrun", tmp_path), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    found = [Path(p) for p in proc.stdout.split()]
+    assert len(found) == 2 and all(p.parent.samefile(VENV / "bin") for p in found), found
 
 
 def test_readme_using_it_commands_run(data_cache, tmp_path):
@@ -129,7 +156,7 @@ def test_readme_using_it_commands_run(data_cache, tmp_path):
     train_args: list[str] = []
     # The planner's inputs: three tiny runs logging to runs/<name>/tb.
     for name, flags in PLANNER_RUNS.items():
-        _run(_python_argv(
+        _run(_shell_argv(
             ["python", "pretrain_moe.py", "--train-iters", "18", "--lr", "3e-3",
              "--lr-warmup-iters", "2", "--tensorboard-dir", f"runs/{name}/tb", *flags],
             [], data_cache), tmp_path)
@@ -138,7 +165,7 @@ def test_readme_using_it_commands_run(data_cache, tmp_path):
         argv = shlex.split(command)
         if "pretrain_moe.py" in argv and not train_args:
             train_args = argv[argv.index("pretrain_moe.py") + 1 :]
-        outputs[command] = _run(_python_argv(argv, train_args, data_cache), tmp_path)
+        outputs[command] = _run(_shell_argv(argv, train_args, data_cache), tmp_path)
 
     runs = tmp_path / "runs" / "x"
     # The stable checkpoint was decayed into runs/x/wsd (24 → 30) and went on (24 → 36).
