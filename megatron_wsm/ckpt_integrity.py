@@ -319,7 +319,8 @@ def storage_problems(checkpoint_dir: str | os.PathLike, metadata: Any = None) ->
         size = sizes[rel]
         if size is not None and offset + length > size:
             problems.append(
-                f"{fqn}: bytes {offset}..{offset + length} lie past the end of {rel} ({size} bytes)"
+                f"{fqn}: bytes {offset}..{offset + length} lie past the end of {rel} "
+                f"({size} bytes: truncated?)"
             )
     return problems
 

@@ -318,7 +318,12 @@ def choose_window(
         by_iteration.setdefault(manifest.iteration, (path, manifest))
     entries = [by_iteration[it] for it in sorted(by_iteration)]
     if not entries:
-        raise MergeError(f"--load-dir {load_dir}: no complete window or full checkpoint found")
+        refused = "".join(
+            f"; refused: {path} ({why})" for path, _, why in scan.unreadable[:3]
+        )
+        raise MergeError(
+            f"--load-dir {load_dir}: no complete window or full checkpoint found{refused}"
+        )
     newest = entries[-1][1]
     # The trainer's retention keeps exactly these (ckpt_layout.window_to_prune): one rule.
     entries = [

@@ -449,7 +449,7 @@ def test_cli_load_dir_merges_newest_window(window: list[Path], tmp_path: Path):
     root = tmp_path / "ckpts"
     root.mkdir()
     for p in window:
-        (root / p.name).symlink_to(p)
+        shutil.copytree(p, root / p.name)  # a symlinked entry would be refused
     code, out, err = run_cli("--load-dir", str(root), "--window-iters", "10", "--method", "mean",
                              "--save", str(tmp_path / "m"), "--no-progress-bar", "--json")
     assert code == 0, err

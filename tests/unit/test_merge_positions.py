@@ -48,17 +48,18 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 
 def placed(src: Path, dst: Path, iteration: int | None = None, **changes) -> Path:
-    """``src`` under ``dst``: a symlink, or a copy whose manifest says ``iteration``/``changes``."""
+    """A copy of ``src`` at ``dst`` (checkpoints found under a root are never symlinks), its
+    manifest and common state moved to ``iteration`` and its manifest given ``changes``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if iteration is None and not changes:
-        dst.symlink_to(src)
-        return dst
     shutil.copytree(src, dst)
     manifest = read_manifest(dst)
     assert manifest is not None
     if iteration is not None:
         manifest.iteration = iteration
         manifest.consumed_tokens = iteration * 1024
+        common = torch.load(dst / "common.pt", weights_only=False)  # our own synthetic file
+        common["iteration"] = iteration  # the name, manifest and common state agree
+        torch.save(common, dst / "common.pt")
     for key, value in changes.items():
         setattr(manifest, key, value)
     write_manifest(dst, manifest)
