@@ -46,6 +46,7 @@ from megatron_wsm.ckpt_layout import (  # noqa: F401 - the listing and window ru
     TRACKER_FILE,
     CheckpointInfo,
     checkpoint_name,
+    checkpoint_problems,
     dir_bytes,
     full_to_prune,
     has_dist_metadata,
@@ -534,18 +535,19 @@ class CheckpointManager:
         every item is checked, the shard files split over the ranks (one extra read of the
         checkpoint in all, shared like the load itself), so bit rot is not loaded silently.
         """
-        if not (ckpt / ckpt_integrity.METADATA_FILE).is_file():
+        if not os.path.lexists(ckpt / ckpt_integrity.METADATA_FILE):
             return  # legacy format: megatron-core refuses it with its own message
         try:
-            metadata = ckpt_integrity.load_metadata(ckpt)
-        except ckpt_integrity.IntegrityError as e:
-            problems = [str(e)]
-        else:  # one metadata read serves the range check and the CRC check
-            problems = ckpt_integrity.storage_problems(ckpt, metadata)
+            # Checkpoint files that are not regular files (megatron-core would block on a FIFO),
+            # metadata, ranges, a readable common state at the iteration of the name/manifest.
+            problems = checkpoint_problems(ckpt, read_manifest(ckpt))
             if not problems:
+                metadata = ckpt_integrity.load_metadata(ckpt)
                 files = ckpt_integrity.shard_files(metadata)
                 mine = files[wdist.rank() :: wdist.world_size()]
                 problems = ckpt_integrity.crc_problems(ckpt, metadata, files=mine)
+        except ValueError as e:  # IntegrityError, ManifestError: changed since it was checked
+            problems = [str(e)]
         if not wdist.all_ranks_true(not problems):
             found = [p for per_rank in wdist.all_gather_objects(problems) for p in per_rank]
             more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
