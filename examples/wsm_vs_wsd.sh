@@ -12,9 +12,10 @@
 # tasks (tools/eval_harness.py, to $OUT/harness/NAME.json): extra columns of the table. It needs
 # `pip install -e .[hf]`; on an existing OUT it only adds the exports and scores.
 #
-# Finds the package's environment itself (examples/use_env.sh: the active one when it has torchrun
-# and megatron-core, else the README's .venv); it installs nothing. CPU by default (2 gloo processes, EP=2); the trainer uses the GPU by itself when there is
-# one (set NPROC to the number of GPUs to use, EP to match).
+# Finds the package's environment itself (examples/use_env.sh: the active one when it has
+# torchrun and megatron-core, else the README's .venv); it installs nothing. CPU by default
+# (2 gloo processes, EP=2); the trainer uses the GPU by itself when there is one (set NPROC to
+# the number of GPUs to use, EP to match).
 #
 # Resumable: a stage whose output (result JSON / merged dir) exists is skipped, so a second run only
 # reprints the table; an interrupted training stage is restarted from scratch. Shortened run for
