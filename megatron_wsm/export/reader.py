@@ -84,7 +84,8 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike) -> None:
         """Read and check ``path``'s metadata; raises :class:`ExportError` on any problem."""
         self.path = Path(path)
-        if not (self.path / ckpt_integrity.METADATA_FILE).is_file():
+        # lexists: a FIFO or symlink in its place is refused by load_metadata, by name.
+        if not os.path.lexists(self.path / ckpt_integrity.METADATA_FILE):
             raise ExportError(
                 f"{self.path} is not a torch_dist checkpoint (no {ckpt_integrity.METADATA_FILE})"
             )
@@ -92,6 +93,8 @@ class CheckpointReader:
             self.metadata = ckpt_integrity.load_metadata(self.path)
         except ckpt_integrity.IntegrityError as e:
             raise ExportError(f"{self.path}: {e}") from e
+        # Shard files are regular files of this directory (no FIFO, no symlink out of it) that
+        # hold every byte range: torch's reader, used below, follows whatever is there.
         problems = ckpt_integrity.storage_problems(self.path, self.metadata)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -418,3 +418,51 @@ def test_clean_window_still_passes_every_check(tmp_path, no_training):
     code, _, err = _evaluate("--load", str(inputs[2]))
     assert code == 0, err
     assert len(no_training) == 1
+
+
+# ----------------------------------------------------------------------------- the trainer's --load
+
+
+def _trainer_refuses(ckpt: Path, fifos: tuple[Path, ...] = ()) -> str:
+    """The message of the trainer's pre-load check (single process: no process group)."""
+    from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
+
+    manager = object.__new__(CheckpointManager)  # the check uses no state of the manager
+    with pytest.raises(CheckpointError) as info:
+        _within(HANG, lambda: manager._verify_before_load(ckpt), fifos)
+    return str(info.value)
+
+
+def test_trainer_load_refuses_before_megatron_core_reads(tmp_path):
+    fifo_md = _ckpt(tmp_path / "fifo_md" / "iter_0000010", 10)
+    fifo = _fifo(fifo_md / ckpt_integrity.METADATA_FILE)
+    assert "FIFO" in _trainer_refuses(fifo_md, (fifo,))
+    fifo_json = _ckpt(tmp_path / "fifo_json" / "iter_0000010", 10)
+    fifo = _fifo(fifo_json / "metadata.json")  # megatron-core reads it first
+    assert "metadata.json" in _trainer_refuses(fifo_json, (fifo,))
+    no_common = _ckpt(tmp_path / "no_common" / "iter_0000010", 10)
+    (no_common / ckpt_common.COMMON_FILE).unlink()
+    assert "no common state" in _trainer_refuses(no_common)
+    moved = _ckpt(tmp_path / "moved" / "iter_0000010", 10, common_iteration=150)
+    assert "150" in _trainer_refuses(moved)
+    linked = _ckpt(tmp_path / "linked" / "iter_0000010", 10)
+    _link_out(linked, "__0_0.distcp", tmp_path / "elsewhere")
+    assert "symlink" in _trainer_refuses(linked)
+    from megatron_wsm.checkpointing import CheckpointManager
+
+    clean = _ckpt(tmp_path / "clean" / "iter_0000010", 10)
+    object.__new__(CheckpointManager)._verify_before_load(clean)  # the control: accepted
+
+
+def test_export_reader_refuses_fifo_metadata_and_shards_linked_out(tmp_path):
+    from megatron_wsm.export.mapping import ExportError
+    from megatron_wsm.export.reader import CheckpointReader
+
+    fifo_md = _ckpt(tmp_path / "a" / "iter_0000010", 10)
+    fifo = _fifo(fifo_md / ckpt_integrity.METADATA_FILE)
+    with pytest.raises(ExportError, match="FIFO"):
+        _within(HANG, lambda: CheckpointReader(fifo_md), (fifo,))
+    linked = _ckpt(tmp_path / "b" / "iter_0000010", 10)
+    _link_out(linked, "__0_0.distcp", tmp_path / "elsewhere")
+    with pytest.raises(ExportError, match="symlink"):
+        CheckpointReader(linked)
