@@ -114,8 +114,10 @@ def read_common_state(checkpoint_dir: str | os.PathLike, metadata: Any = None) -
     if os.path.lexists(common):
         try:
             f = ckpt_integrity.open_regular(common, ckpt_integrity.MAX_COMMON_BYTES)
-        except (ckpt_integrity.IntegrityError, OSError) as e:
-            raise CommonStateError(str(e) if isinstance(e, ValueError) else f"{common}: {e}") from e
+        except ckpt_integrity.IntegrityError as e:  # a FIFO, a symlink, a device...
+            raise CommonStateError(str(e)) from e
+        except OSError as e:
+            raise CommonStateError(f"{common}: unreadable ({e.strerror or e})") from e
         with f:
             return _load_bytes(f, str(common))
     if metadata is None:

@@ -194,7 +194,10 @@ def checkpoint_problems(
     problems = storage_problems(path, manifest)
     if problems:
         return problems
-    metadata = ckpt_integrity.load_metadata(path)
+    try:
+        metadata = ckpt_integrity.load_metadata(path)
+    except ckpt_integrity.IntegrityError as e:  # replaced since storage_problems read it
+        return [str(e)]
     parsed = parse_name(path.name)
     iteration = manifest.iteration if manifest else parsed[0] if parsed else None
     problems = ckpt_common.common_state_problems(path, metadata, iteration)
