@@ -113,6 +113,8 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
     if fmt == FORMAT_TORCH_DIST and not os.path.lexists(path / ckpt_integrity.METADATA_FILE):
         raise MergeError(f"{path}: missing .metadata: incomplete or corrupt torch_dist checkpoint")
     problems = layout.checkpoint_problems(path, manifest)
+    if fmt == FORMAT_TORCH:
+        problems += _legacy_file_problems(path)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MergeError(f"{path}: refusing it: {problems[0]}{more}")
@@ -123,6 +125,21 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
         if iteration is None and fmt == FORMAT_TORCH_DIST:
             iteration = _iteration_from_common(path)
     return CheckpointInput(path=path, format=fmt, manifest=manifest, iteration=iteration)
+
+
+def _legacy_file_problems(path: Path) -> list[str]:
+    """Legacy rank files that are not regular files inside ``path`` (a symlinked ``mp_rank_*``
+    directory or ``model_optim_rng.pt``, a FIFO): refused, not followed."""
+    problems = []
+    for name in legacy_rank_dirs(path):
+        if (path / name).is_symlink():
+            problems.append(f"{path / name} is a symlink: rank directories must be inside {path}")
+            continue
+        try:
+            ckpt_integrity.regular_size(path / name / LEGACY_FILE)
+        except (ckpt_integrity.IntegrityError, OSError) as e:
+            problems.append(str(e))
+    return problems
 
 
 def _iteration_from_common(path: Path) -> int | None:

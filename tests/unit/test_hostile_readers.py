@@ -466,3 +466,14 @@ def test_export_reader_refuses_fifo_metadata_and_shards_linked_out(tmp_path):
     _link_out(linked, "__0_0.distcp", tmp_path / "elsewhere")
     with pytest.raises(ExportError, match="symlink"):
         CheckpointReader(linked)
+
+
+def test_legacy_rank_file_symlinked_out_is_refused(tmp_path):
+    from megatron_wsm.testing import synthetic as syn
+
+    spec = syn.SyntheticSpec(num_layers=1, hidden=8, ffn=8, num_experts=2, vocab=16)
+    ckpt = syn.save_legacy(tmp_path / "iter_0000010", spec, seed=1, iteration=10)
+    assert inspect_input(ckpt).format == "torch"  # the control
+    _link_out(ckpt / "mp_rank_00", "model_optim_rng.pt", tmp_path / "elsewhere")
+    with pytest.raises(MergeError, match="model_optim_rng.pt is a symlink"):
+        inspect_input(ckpt)
