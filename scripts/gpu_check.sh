@@ -30,7 +30,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 PY="${PYTHON:-python3}"
 WORK="${WORK:-/tmp/gpu_check}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-RESERVE=10  # seconds kept for packing the results after the last step
+RESERVE=5  # seconds kept for packing the results after the last step
 STEPS="${GPU_CHECK_STEPS:-install,helpers,probe,pytest,train,throughput}"
 mkdir -p "$OUT" "$WORK"
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
