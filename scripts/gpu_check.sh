@@ -37,6 +37,8 @@ export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 CALLER_PYTHONPATH="${PYTHONPATH:-}"
 : >"$OUT/status.txt"
 rm -f "$OUT/summary.json" "$OUT/gpu_check.tgz"
+# results of an earlier run in $WORK would be packed as this one's
+rm -f "$WORK"/*.json "$WORK"/*.log "$WORK"/*.txt "$WORK"/*.xml "$WORK/step.pid"
 
 # summary.json from status.txt and the JSON results under $WORK; then the log archive. Each is
 # written beside and renamed, so a kill in between leaves the previous complete one.
@@ -105,7 +107,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run within the budget, record rc and sec
     # In the background, so that a TERM to this script is handled while the step runs. timeout
     # puts the step in a process group of its own (to end it whole): its id is in step.pid for
     # whoever must clean up after a SIGKILL of this script.
-    timeout "$limit" "$@" &
+    timeout -k 5 "$limit" "$@" &  # TERM at the limit, KILL 5 s later
     CHILD=$!
     echo "$CHILD" >"$WORK/step.pid"
     wait "$CHILD"
