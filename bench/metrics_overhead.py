@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args, rest = parser.parse_known_args()
 
-    from megatron_wsm.moe_metrics import ExpertLoadTracker
+    from megatron_wsm.moe_metrics import ExpertLoadCallback, ExpertLoadTracker
     from megatron_wsm.training import train_step
 
     comp, _ = build([*BENCH_MODEL, *rest])
@@ -30,14 +30,15 @@ def main() -> None:
         comp.load_tracker.detach()
     tracker = ExpertLoadTracker.for_model(comp.model, comp.transformer_config)
     tracker.detach()
+    expert_counts = ExpertLoadCallback()  # the trainer's: ends the batch of comp.load_tracker
 
     def off() -> None:
         comp.load_tracker = None
-        train_step(comp)
+        expert_counts.after_step(comp, train_step(comp))
 
     def on() -> None:
         comp.load_tracker = tracker
-        train_step(comp)
+        expert_counts.after_step(comp, train_step(comp))
 
     def switch(fn, attach: bool):
         def block_step() -> None:

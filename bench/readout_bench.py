@@ -5,10 +5,10 @@ and what readouts cost a training run at the demo's evaluation interval.
     torchrun --nproc-per-node 2 bench/readout_bench.py --expert-model-parallel-size 2
 
 One process group, one model (the demo's, by default), a window filled by real training with
-the trainer's own checkpoint hook. Then, interleaved ``--rounds`` times:
+the trainer's own callbacks. Then, interleaved ``--rounds`` times:
 
 * readout: the merge built in memory from the window, swapped in, evaluated, swapped out
-  (:class:`megatron_wsm.readout_hook.MergedReadout`, what the trainer runs);
+  (:class:`megatron_wsm.readout_callback.ReadoutCallback`, what the trainer runs);
 * tools: what a user runs without the readout — ``merge_wsm.py --load-dir`` to disk, then
   ``evaluate.py --load`` on the result (same evaluation set, same process count), as
   subprocesses from rank 0;
@@ -55,9 +55,10 @@ def main() -> None:
     args, rest = parser.parse_known_args()
 
     from megatron_wsm import distributed as wdist
-    from megatron_wsm.checkpoint_hook import CheckpointHook
+    from megatron_wsm.checkpoint_callback import CheckpointCallback
     from megatron_wsm.merge import merge_checkpoints
-    from megatron_wsm.readout_hook import MergedReadout
+    from megatron_wsm.moe_metrics import ExpertLoadCallback
+    from megatron_wsm.readout_callback import ReadoutCallback
     from megatron_wsm.training import evaluate, train_step
 
     # The process group starts inside build(): every rank names the same directory itself.
@@ -69,16 +70,18 @@ def main() -> None:
         "--wsm-window", str(args.wsm_window), "--wsm-eval-methods", args.method,
         "--eval-interval", str(args.eval_interval), *rest,
     ])
-    hook = CheckpointHook(comp.cfg, manager)
+    # The trainer's step callbacks, as pretrain.run lists them (logging left out).
+    callbacks = [ExpertLoadCallback(), CheckpointCallback(comp.cfg, manager)]
     steps: list[float] = []
     for _ in range(args.wsm_window + args.wsm_interval):  # a full window (and warm-up)
         start = time.perf_counter()
-        train_step(comp)
+        result = train_step(comp)
+        callbacks[0].after_step(comp, result)  # the expert counts: part of a trainer step
         steps.append(time.perf_counter() - start)
-        hook(comp)
+        callbacks[1].after_step(comp, result)
     manager.finish_pending()
     step_s = statistics.median(steps[5:])
-    readout = MergedReadout(comp.cfg, manager)
+    readout = ReadoutCallback(comp.cfg, manager)
     plan = readout._plan(comp.state.iteration)
     assert not isinstance(plan, str), plan
 
@@ -86,11 +89,12 @@ def main() -> None:
     loss: dict[str, float] = {}
     for r in range(args.rounds):
         start = time.perf_counter()
-        loss["live"] = evaluate(comp)["loss"]
+        live = evaluate(comp)
+        loss["live"] = live["loss"]
         times["eval"].append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        (row,) = readout(comp)
+        (row,) = readout.at_evaluation(comp, live)
         times["readout"].append(time.perf_counter() - start)
         loss["readout"] = row["loss"]
 

@@ -7,7 +7,8 @@ Both variants drive the same GPTModel/DDP/optimizer objects, alternating in bloc
 loop is what a minimal megatron-core user writes: zero grads, ``get_forward_backward_func``
 over pre-collated micro-batches already in memory, ``optimizer.step()``, scheduler step —
 no data loading, no loss reduction, no metrics. Ours is ``training.train_step`` (data from
-GPTDataset, world-reduced loss, MoE counters, LR bookkeeping). Goal: ratio >= 0.98.
+GPTDataset, world-reduced loss, LR bookkeeping) and the trainer's MoE counters
+(``moe_metrics.ExpertLoadCallback``). Goal: ratio >= 0.98.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_wsm.batches import global_batch_iterator
+    from megatron_wsm.moe_metrics import ExpertLoadCallback
     from megatron_wsm.training import _loss_func, device, train_step
 
     comp, _ = build([*BENCH_MODEL, *rest])
@@ -71,8 +73,10 @@ def main() -> None:
         comp.optimizer.step()
         comp.scheduler.step(increment=cfg.training.global_batch_size)
 
+    expert_counts = ExpertLoadCallback()
+
     def our_step() -> None:
-        train_step(comp)
+        expert_counts.after_step(comp, train_step(comp))
 
     for _ in range(3):  # warm-up both paths
         bare_step()

@@ -31,9 +31,15 @@ def main() -> None:
     from megatron_wsm import distributed as wdist
     from megatron_wsm.checkpointing import prune_window_dir
     from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW
+    from megatron_wsm.moe_metrics import ExpertLoadCallback
     from megatron_wsm.training import train_step
 
     comp, manager = build([*BENCH_MODEL, *rest])
+    expert_counts = ExpertLoadCallback()  # a trainer step ends its batch of expert counts
+
+    def trainer_step() -> None:
+        expert_counts.after_step(comp, train_step(comp))
+
     root = tempfile.mkdtemp(prefix="wsm_bench_") if wdist.rank() == 0 else None
     root = _broadcast(root)
     counter = {"sync": 0, "async": 0}
@@ -42,7 +48,7 @@ def main() -> None:
         state = {"n": 0}
 
         def step() -> None:
-            train_step(comp)
+            trainer_step()
             manager.poll()
             state["n"] += 1
             if mode != "off" and state["n"] % args.interval == 0:
@@ -60,7 +66,7 @@ def main() -> None:
         return step
 
     for _ in range(3):
-        train_step(comp)
+        trainer_step()
     # One save of each kind first: process pools start, and gives the sizes.
     manager.save(f"{root}/size_window", KIND_WINDOW, comp.state, comp.last_lr)
     manager.save(f"{root}/size_full", KIND_FULL, comp.state, comp.last_lr)

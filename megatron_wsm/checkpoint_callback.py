@@ -1,20 +1,22 @@
 """When the trainer saves: full checkpoints at ``--save-interval``, window checkpoints at
-``--wsm-interval``, then retention (:mod:`megatron_wsm.ckpt_layout` owns the window rule) and
-the completion of async saves.
+``--wsm-interval``, then retention (:mod:`megatron_wsm.ckpt_layout` owns the window rule), the
+completion of async saves and, at exit, the last pending saves and the save directories' locks.
 
-A hook the training loop calls after every iteration; :mod:`megatron_wsm.checkpointing` does the
-I/O. Kept out of ``pretrain.py`` so that the route of a save flag (flag -> config -> this hook
--> :class:`~megatron_wsm.checkpointing.CheckpointManager`) crosses each file once.
+A :class:`~megatron_wsm.callbacks.Callback` of the training loop;
+:mod:`megatron_wsm.checkpointing` does the I/O. Kept out of ``pretrain.py`` so that the route of
+a save flag (flag -> config -> this callback ->
+:class:`~megatron_wsm.checkpointing.CheckpointManager`) crosses each file once.
 """
 
 from __future__ import annotations
 
 import os
 
+from megatron_wsm.callbacks import Callback
 from megatron_wsm.checkpointing import CheckpointManager, SaveResult, should_save
 from megatron_wsm.config import RunConfig
 from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW
-from megatron_wsm.training import Components, should_exit
+from megatron_wsm.training import Components, StepResult, should_exit
 
 
 def _report_save(result: SaveResult) -> None:
@@ -32,9 +34,10 @@ def window_save_dir(cfg: RunConfig) -> str | None:
     return os.path.join(cfg.training.save, "wsm_window") if cfg.training.save else None
 
 
-class CheckpointHook:
+class CheckpointCallback(Callback):
     """After each iteration: full saves at ``--save-interval``, window saves at
-    ``--wsm-interval``, retention, and finalising async saves."""
+    ``--wsm-interval``, retention, and finalising async saves; at exit, the pending saves and
+    the locks of ``manager.locks``."""
 
     def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
         self.cfg = cfg
@@ -66,7 +69,8 @@ class CheckpointHook:
         for path in self.manager.prune_full(result.path.parent, self.cfg.training.save_keep_last):
             print(f"pruned full checkpoint {path} (--save-keep-last)", flush=True)
 
-    def __call__(self, comp: Components) -> None:
+    def after_step(self, comp: Components, result: StepResult) -> None:
+        """Finalise async saves that finished, then save what this iteration calls for."""
         self.manager.poll()
         it = comp.state.iteration
         lr = comp.last_lr
@@ -90,3 +94,15 @@ class CheckpointHook:
                 async_save=t.async_save,
                 on_complete=self._full_done,
             )
+
+    def at_exit(self, comp: Components, error: BaseException | None) -> None:
+        """Finalise every pending async save, then release the save directories' locks.
+
+        Also when the loop raised (a non-finite step, a failed save): the saves already under
+        way are of good steps and are completed; the locks are released even when that fails.
+        """
+        try:
+            self.manager.wait()
+        finally:
+            for lock in self.manager.locks:
+                lock.release()

@@ -31,7 +31,9 @@ Conventions:
   after token dropping (``routing_map``). Padding tokens (``padding_mask``) are excluded.
   Multi-token-prediction (MTP) layers are not part of the metric (their routers are not hooked).
 
-Typical use by the trainer (``end_batch`` / ``end_eval`` are collectives: every rank calls them)::
+In the trainer, :class:`ExpertLoadCallback` ends each global batch, the log callback
+(``log_callback.py``) writes the interval metrics and ``training.evaluate`` counts evaluations.
+Typical use (``end_batch`` / ``end_eval`` are collectives: every rank calls them)::
 
     tracker = ExpertLoadTracker.for_model(model_chunks, transformer_config)
     for step in ...:
@@ -52,11 +54,12 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_wsm.callbacks import Callback
 from megatron_wsm.moe_violations import (  # noqa: F401 - re-exported: one import path
     CONSOLE_TAGS,
     MEAN_BATCH_MAX_VIOLATION,
@@ -79,6 +82,9 @@ from megatron_wsm.moe_violations import (  # noqa: F401 - re-exported: one impor
     violations,
 )
 
+if TYPE_CHECKING:  # the trainer's types only: this module stays usable without it
+    from megatron_wsm.training import Components, StepResult
+
 __all__ = [
     "CONSOLE_TAGS",
     "MEAN_BATCH_MAX_VIOLATION",
@@ -86,6 +92,7 @@ __all__ = [
     "MEAN_GLOBAL_MAX_VIOLATION",
     "MEAN_GLOBAL_MIN_VIOLATION",
     "BatchViolationAccumulator",
+    "ExpertLoadCallback",
     "ExpertLoadTracker",
     "console_name",
     "eval_summary",
@@ -519,3 +526,17 @@ class ExpertLoadTracker:
     def eval_counts(self, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
         """GLOBAL counts of the last evaluation (collective when a reduction is configured)."""
         return self._reduce(self._eval, reduce_fn)
+
+
+class ExpertLoadCallback(Callback):
+    """Ends the global batch of ``comp.load_tracker`` after every training step (its counts
+    reduced over ranks, the batch violations added to the logging interval); nothing when the
+    run has no tracker (dense model, ``--no-moe-metrics``).
+
+    List it before the log callback: the interval it emits must include this step's batch.
+    """
+
+    def after_step(self, comp: Components, result: StepResult) -> None:
+        """:meth:`ExpertLoadTracker.end_batch` (a collective: every rank, every step)."""
+        if comp.load_tracker is not None:
+            comp.load_tracker.end_batch()

@@ -17,18 +17,20 @@ import torch
 from megatron_wsm import distributed as wdist
 from megatron_wsm import run_lock
 from megatron_wsm.arguments import ConfigError, parse_run_config, validate
-from megatron_wsm.checkpoint_hook import CheckpointHook, window_save_dir
+from megatron_wsm.callbacks import Callback
+from megatron_wsm.checkpoint_callback import CheckpointCallback, window_save_dir
 from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
 from megatron_wsm.config import RunConfig
+from megatron_wsm.log_callback import LogCallback, moe_console
 from megatron_wsm.manifest import ParallelLayout
 from megatron_wsm.model import padded_vocab_size
+from megatron_wsm.moe_metrics import ExpertLoadCallback, ExpertLoadTracker
 from megatron_wsm.training import (
     Components,
     NonFiniteStepError,
     TrainState,
     build_model_and_optimizer,
     evaluate,
-    moe_console,
     print_rank0,
     train,
     write_json,
@@ -172,8 +174,6 @@ def setup(
     tconfig, model, optimizer, scheduler = build_model_and_optimizer(cfg, padded)
     comp = Components(cfg, tconfig, model, optimizer, scheduler, padded, datasets, TrainState())
     if cfg.training.moe_metrics and cfg.model.num_experts:
-        from megatron_wsm.moe_metrics import ExpertLoadTracker
-
         comp.load_tracker = ExpertLoadTracker.for_model(model, tconfig)
     # The whole run config: tools/evaluate.py and the exporter rebuild the model and its data
     # from a checkpoint alone (RunConfig.from_json).
@@ -227,17 +227,21 @@ def run(cfg: RunConfig, weights: WeightsLoader | None = None) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     readout = None
     if not t.eval_only:
-        hook = CheckpointHook(cfg, manager)
+        # The order is the loop's order of work at each point: the batch's expert counts
+        # before the log line that reports them, the log before the saves (as Megatron-LM),
+        # the readout's evaluations before their logging (a separate point), and at exit the
+        # TensorBoard files closed before the wait for pending saves and the locks' release.
+        callbacks: list[Callback] = [
+            ExpertLoadCallback(),
+            LogCallback(comp),
+            CheckpointCallback(cfg, manager),
+        ]
         if cfg.wsm.eval_methods:
-            from megatron_wsm.readout_hook import MergedReadout
+            from megatron_wsm.readout_callback import ReadoutCallback
 
-            readout = MergedReadout(cfg, manager)
-        try:
-            history = train(comp, hooks=[hook], readout=readout)
-        finally:
-            manager.wait()
-            for lock in manager.locks:
-                lock.release()
+            readout = ReadoutCallback(cfg, manager)
+            callbacks.append(readout)
+        history = train(comp, callbacks)  # the checkpoint callback releases the locks
     result = evaluate(comp, "valid")
     result["train_history"] = history
     if readout is not None:

@@ -5,7 +5,7 @@ merge of the window is built in memory (:mod:`megatron_wsm.wsm_readout`: the che
 coefficients ``merge_wsm.py --load-dir`` would use), swapped into the model, evaluated exactly
 like the live weights, and swapped back bit-exactly, so training continues as if nothing
 happened. A window that is not full yet, or cannot be merged, is reported and skipped: a readout
-never stops training.
+never stops training. A :class:`~megatron_wsm.callbacks.Callback` (its evaluation point).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import dataclasses
 import time
 from typing import Any
 
-from megatron_wsm.checkpoint_hook import window_save_dir
+from megatron_wsm.callbacks import Callback, Evaluation
+from megatron_wsm.checkpoint_callback import window_save_dir
 from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
 from megatron_wsm.config import RunConfig
 from megatron_wsm.merge import method_coefficients
@@ -29,8 +30,9 @@ from megatron_wsm.wsm_readout import (
 )
 
 
-class MergedReadout:
-    """Evaluates the window's merge for each of ``--wsm-eval-methods``; keeps every readout."""
+class ReadoutCallback(Callback):
+    """Evaluates the window's merge for each of ``--wsm-eval-methods`` at every periodic
+    evaluation; keeps every readout."""
 
     def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
         self.cfg = cfg
@@ -75,8 +77,9 @@ class MergedReadout:
             return f"the newest window checkpoint is iteration {newest}, not {iteration}"
         return plan
 
-    def __call__(self, comp: Components) -> list[dict[str, Any]]:
-        """Readouts of this iteration (collective: every rank calls it at the same iteration)."""
+    def at_evaluation(self, comp: Components, evaluation: Evaluation) -> list[Evaluation]:
+        """Readouts of this iteration, logged beside the live ``evaluation`` (collective: every
+        rank calls it at the same iteration)."""
         it = comp.state.iteration
         self.manager.finish_pending()  # an async window save of this iteration must be on disk
         plan = self._plan(it)

@@ -1,9 +1,10 @@
-"""The pretraining loop on megatron-core: model, optimizer, schedule, data, logging, eval.
+"""The pretraining loop on megatron-core: model, optimizer, schedule, data, step, eval.
 
 One global batch per iteration: megatron-core's ``get_forward_backward_func`` runs the
 micro-batches (pipelined when PP > 1), its ``DistributedDataParallel`` reduces gradients, its
-optimizer steps and ``OptimizerParamScheduler`` sets the LR. Checkpoints go through
-``checkpointing.py``; MoE load-balance metrics through ``moe_metrics.py``.
+optimizer steps and ``OptimizerParamScheduler`` sets the LR. Everything else the loop does
+happens in callbacks at the named points of ``callbacks.py`` (saving, the merged readout,
+logging, the MoE counters), listed by ``pretrain.py``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -25,19 +25,14 @@ from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 from megatron_wsm import distributed as wdist
 from megatron_wsm import metric_names as names
 from megatron_wsm.batches import global_batch_iterator
+from megatron_wsm.callbacks import Callback, CallbackList
 from megatron_wsm.config import RunConfig
 from megatron_wsm.lr import build_scheduler
 from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
-from megatron_wsm.moe_metrics import (
-    MEAN_GLOBAL_MAX_VIOLATION,
-    MEAN_GLOBAL_MIN_VIOLATION,
-    format_console,
-)
 
 
 @dataclasses.dataclass
@@ -281,8 +276,6 @@ def train_step(comp: Components) -> StepResult:
     comp.state.consumed_samples += gbs
     comp.state.consumed_tokens += comp.tokens_per_iteration
     comp.last_lr = lr
-    if comp.load_tracker is not None:
-        comp.load_tracker.end_batch()
     return StepResult(
         loss=loss,
         grad_norm=None if grad_norm is None else float(grad_norm),
@@ -341,163 +334,18 @@ def evaluate(comp: Components, split: str = "valid", iters: int | None = None) -
 # ----------------------------------------------------------------------------- loop
 
 
-class TrainLogger:
-    """Console line + TensorBoard scalars, on global rank 0 (all values are world-reduced)."""
-
-    def __init__(self, comp: Components) -> None:
-        self.comp = comp
-        self.writer = None
-        tb_dir = comp.cfg.training.tensorboard_dir
-        if tb_dir and wdist.rank() == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=tb_dir, max_queue=50)
-        self._losses: list[float] = []
-        self._times: list[float] = []
-        self._moe_aux: dict[str, torch.Tensor] = {}
-        self._skipped = 0
-
-    def step(self, result: StepResult) -> None:
-        """Record one iteration; emit at ``--log-interval``."""
-        comp = self.comp
-        it = comp.state.iteration
-        self._losses.append(result.loss)
-        self._times.append(result.seconds)
-        self._skipped += int(result.skipped)
-        if comp.cfg.model.num_experts:
-            # megatron-core keeps the aux loss per layer; reduce it across PP/DP every step
-            # (a collective, so every rank calls it) and accumulate like Megatron-LM.
-            track_moe_metrics(
-                loss_scale=1.0 / comp.num_microbatches,
-                iteration=it,
-                writer=None,
-                total_loss_dict=self._moe_aux,
-                num_layers=comp.cfg.model.num_layers,
-            )
-        w = self.writer
-        tokens = comp.state.consumed_tokens
-        if w is not None:
-            w.add_scalar(names.LM_LOSS, result.loss, it)
-            w.add_scalar(names.LM_LOSS_VS_TOKENS, result.loss, tokens)
-            w.add_scalar(names.LEARNING_RATE, result.learning_rate, it)
-            w.add_scalar(names.LEARNING_RATE_VS_TOKENS, result.learning_rate, tokens)
-            if result.grad_norm is not None:
-                w.add_scalar(names.GRAD_NORM, result.grad_norm, it)
-            w.add_scalar(names.CONSUMED_TOKENS, tokens, it)
-            w.add_scalar(names.CONSUMED_SAMPLES, comp.state.consumed_samples, it)
-        if it % comp.cfg.training.log_interval == 0 or it == comp.cfg.training.train_iters:
-            self._emit(result)
-
-    def _emit(self, result: StepResult) -> None:
-        comp = self.comp
-        it = comp.state.iteration
-        n = len(self._losses)
-        mean_time = sum(self._times) / max(n, 1)
-        tok_s = comp.tokens_per_iteration / mean_time if mean_time > 0 else 0.0
-        aux = {k: float(v) / max(n, 1) for k, v in self._moe_aux.items()}
-        moe_summary: dict[str, float] = {}
-        if comp.load_tracker is not None:
-            moe_summary = comp.load_tracker.interval_metrics()
-        w = self.writer
-        if w is not None:
-            w.add_scalar(names.TOKENS_PER_SECOND, tok_s, it)
-            w.add_scalar(names.ITERATION_TIME, mean_time, it)
-            for key, value in aux.items():
-                w.add_scalar(key, value, it)
-            for key, value in moe_summary.items():
-                w.add_scalar(key, value, it)
-            if comp.load_tracker is not None:
-                comp.load_tracker.write_histograms(w, it)
-            w.flush()
-        if comp.load_tracker is not None:
-            comp.load_tracker.reset_interval()  # every rank, after the histograms
-        parts = [
-            f"iter {it:6d}/{comp.cfg.training.train_iters}",
-            f"tokens {comp.state.consumed_tokens:,}",
-            f"lm loss {sum(self._losses) / max(n, 1):.4f}",
-            f"lr {result.learning_rate:.3e}",
-        ]
-        if result.grad_norm is not None:
-            parts.append(f"grad norm {result.grad_norm:.3f}")
-        for key, value in aux.items():
-            parts.append(f"{key} {value:.4f}")
-        if moe_summary:
-            parts.append(format_console(moe_summary).strip(" |"))
-        parts.append(f"{mean_time * 1000:.0f} ms/it")
-        parts.append(f"{tok_s:,.0f} tok/s")
-        if self._skipped:
-            parts.append(f"skipped {self._skipped}")
-        print_rank0(" | ".join(parts))
-        self._losses.clear()
-        self._times.clear()
-        self._moe_aux.clear()
-        self._skipped = 0
-
-    def _eval_scalars(self, result: dict[str, Any], method: str | None) -> None:
-        def tag(name: str) -> str:
-            return name if method is None else names.wsm_readout(name, method)
-
-        assert self.writer is not None
-        it = self.comp.state.iteration
-        self.writer.add_scalar(tag(names.VALID_LOSS), result["loss"], it)
-        self.writer.add_scalar(tag(names.VALID_PPL), result["perplexity"], it)
-        moe = result.get("moe")
-        if moe:
-            self.writer.add_scalar(
-                tag("validation/" + MEAN_GLOBAL_MAX_VIOLATION), moe["mean_global_max_violation"],
-                it,
-            )
-            self.writer.add_scalar(
-                tag("validation/" + MEAN_GLOBAL_MIN_VIOLATION), moe["mean_global_min_violation"],
-                it,
-            )
-
-    def eval(self, result: dict[str, Any], readouts: list[dict[str, Any]] = ()) -> None:
-        """Record an evaluation and the merged-window readouts of the same iteration."""
-        it = self.comp.state.iteration
-        done = [r for r in readouts if "loss" in r]
-        if self.writer is not None:
-            self._eval_scalars(result, None)
-            for r in done:
-                self._eval_scalars(r, r["method"])
-            self.writer.flush()
-        line = (
-            f"validation at iter {it} | lm loss {result['loss']:.4f} | "
-            f"ppl {result['perplexity']:.2f}" + moe_console(result.get("moe"))
-        )
-        for r in done:
-            line += (
-                f" | wsm-{r['method']} lm loss {r['loss']:.4f} ppl {r['perplexity']:.2f}"
-                + moe_console(r.get("moe")).replace(" | moe", " moe")
-            )
-        print_rank0(line)
-
-    def close(self) -> None:
-        """Flush and close TensorBoard."""
-        if self.writer is not None:
-            self.writer.close()
-
-
-def train(
-    comp: Components,
-    hooks: list[Callable[[Components], None]] | None = None,
-    readout: Callable[[Components], list[dict[str, Any]]] | None = None,
-) -> list[dict[str, Any]]:
+def train(comp: Components, callbacks: Iterable[Callback] = ()) -> list[dict[str, Any]]:
     """Run iterations until ``--train-iters``; returns ``{iteration, loss, lr, grad_norm}`` of
     every iteration of this call (plus ``valid_loss`` at evaluation iterations).
 
-    ``hooks`` run after every iteration (checkpoint saving lives there); ``readout`` runs after
-    each periodic evaluation and returns more evaluations to log beside it (the merged window,
-    :mod:`megatron_wsm.readout_hook`).
+    ``callbacks`` are called at the named points of :mod:`megatron_wsm.callbacks`, in list
+    order: after every step (logging, saving), at each periodic evaluation (more evaluations
+    to log beside it, then their logging) and at exit, also when the loop raises.
     """
     cfg = comp.cfg.training
-    logger = TrainLogger(comp)
+    points = CallbackList(callbacks)
     history: list[dict[str, Any]] = []
-    progress = None
-    if cfg.progress_bar and wdist.rank() == 0 and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.train_iters, initial=comp.state.iteration, unit="it")
+    error: BaseException | None = None
     try:
         while comp.state.iteration < cfg.train_iters:
             result = train_step(comp)
@@ -514,34 +362,22 @@ def train(
                     "grad_norm": result.grad_norm,
                 }
             )
-            logger.step(result)
-            if progress is not None:
-                progress.update(1)
-            for hook in hooks or []:
-                hook(comp)
+            points.after_step(comp, result)
             if cfg.eval_interval and comp.state.iteration % cfg.eval_interval == 0:
                 live = evaluate(comp)
                 # The held-out loss joins that iteration's row (curves from --output-json).
                 history[-1]["valid_loss"] = live["loss"]
-                logger.eval(live, readout(comp) if readout is not None else [])
+                points.at_evaluation(comp, live)
             if should_exit(comp):
                 print_rank0(f"exiting at iteration {comp.state.iteration} (--exit-interval)")
                 break
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        if progress is not None:
-            progress.close()
-        logger.close()
+        # Pending saves are finalised and locks released by the callbacks, error or not.
+        points.at_exit(comp, error)
     return history
-
-
-def moe_console(moe: dict[str, Any] | None) -> str:
-    """Console fragment of an evaluation's MoE violations (empty for dense models)."""
-    if not moe:
-        return ""
-    return (
-        f" | moe max vio {moe['mean_global_max_violation']:.4f}"
-        f" | moe min vio {moe['mean_global_min_violation']:.4f}"
-    )
 
 
 def should_exit(comp: Components) -> bool:
