@@ -477,3 +477,13 @@ def test_legacy_rank_file_symlinked_out_is_refused(tmp_path):
     _link_out(ckpt / "mp_rank_00", "model_optim_rng.pt", tmp_path / "elsewhere")
     with pytest.raises(MergeError, match="model_optim_rng.pt is a symlink"):
         inspect_input(ckpt)
+
+
+def test_evaluate_load_dir_checks_every_window_input_before_training(tmp_path, no_training):
+    root = tmp_path / "run"
+    _ckpt(root / "iter_0000010", 10)
+    _ckpt(root / "iter_0000020", 20, common_iteration=150)  # only reading it tells
+    _ckpt(root / "iter_0000030", 30)
+    code, _, err = _evaluate("--load-dir", str(root), "--method", "mean")
+    assert code == 2 and "iter_0000020" in err and "150" in err
+    assert no_training == []
