@@ -130,3 +130,27 @@ def test_storage_index_of_another_save_is_found(tmp_path):
     _rewrite_metadata(small, lambda md: setattr(md, "storage_data", big_md.storage_data))
     assert any("does not describe" in p for p in ci.storage_problems(small))
     assert ci.verify(_save(tmp_path / "clean")) == []
+
+
+# ----------------------------------------------------------------------------- regular files
+
+
+def test_only_regular_files_are_opened_and_reads_are_bounded(tmp_path):
+    plain = tmp_path / "common.pt"
+    plain.write_bytes(b"0123456789")
+    assert ci.read_regular(plain, 10) == b"0123456789"
+    assert ci.regular_size(plain) == 10
+    with pytest.raises(ci.IntegrityError, match="10 bytes, more than the 5"):
+        ci.read_regular(plain, 5)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(plain)  # even one pointing inside the checkpoint
+    (tmp_path / "dir").mkdir()
+    cases = {"fifo": "FIFO", "link": "symlink to", "dir": "directory"}
+    for name, kind in cases.items():
+        for call in (ci.regular_size, ci.open_regular, lambda p: ci.read_regular(p, 100)):
+            with pytest.raises(ci.IntegrityError, match=f"{name} is a {kind}"):
+                call(tmp_path / name)
+    with pytest.raises(ci.IntegrityError, match="character device"):
+        ci.open_regular("/dev/zero")  # never read: it would never end
+    with pytest.raises(FileNotFoundError):
+        ci.open_regular(tmp_path / "missing")
