@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_wsm import ckpt_integrity
 from megatron_wsm.merge.common import MergeError
 from megatron_wsm.merge.torch_dist.plan import (
     _FP32,
@@ -149,7 +150,14 @@ class _Files:
     def fd(self, path: str, flags: int = os.O_RDONLY) -> int:
         key = (path, flags)
         if key not in self._fds:
-            self._fds[key] = os.open(path, flags)
+            if flags == os.O_RDONLY:  # an input shard: a regular file, not followed or blocked on
+                try:
+                    with ckpt_integrity.open_regular(path) as f:
+                        self._fds[key] = os.dup(f.fileno())
+                except ckpt_integrity.IntegrityError as e:  # replaced since it was checked
+                    raise MergeError(str(e)) from e
+            else:
+                self._fds[key] = os.open(path, flags)
         return self._fds[key]
 
     def sync_outputs(self) -> None:
