@@ -127,7 +127,7 @@ def variant_merge(
     import torch.distributed as dist
     import torch.distributed.checkpoint  # noqa: F401 - imported before timing, as in naive
 
-    from megatron_wsm import schedule  # noqa: F401
+    from megatron_wsm import coefficients  # noqa: F401
     from megatron_wsm.merge import merge_checkpoints
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -187,7 +187,7 @@ def variant_naive(inputs: list[Path], out: Path) -> dict[str, Any]:
 
 def ema_coefficients(n: int) -> list[float]:
     """EMA weights: every input contributes (so every input byte is read, as the floor)."""
-    from megatron_wsm.schedule import MergeMethod
+    from megatron_wsm.coefficients import MergeMethod
 
     return MergeMethod("ema", alpha=0.3).coefficients(n - 1)
 

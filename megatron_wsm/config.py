@@ -496,7 +496,7 @@ class WSMConfig:
                 f"tokens per iteration ({tokens_per_iter} = global batch × seq length)"
             )
         if self.wsm_eval_methods is not None:
-            from megatron_wsm.schedule import METHODS
+            from megatron_wsm.coefficients import METHODS
 
             named = [m for m in METHODS if m != "custom"]
             unknown = [m for m in self.eval_methods if m not in named]

@@ -17,9 +17,9 @@ from typing import Any
 from megatron_wsm.callbacks import Callback, Evaluation
 from megatron_wsm.checkpoint_callback import window_save_dir
 from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
+from megatron_wsm.coefficients import MergeMethod
 from megatron_wsm.config import RunConfig
 from megatron_wsm.merge import method_coefficients
-from megatron_wsm.merge_method import MergeMethod
 from megatron_wsm.training import Components, evaluate, print_rank0
 from megatron_wsm.wsm_readout import (
     ReadoutError,

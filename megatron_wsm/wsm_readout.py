@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from megatron_wsm import distributed as wdist
-from megatron_wsm.merge_method import MergeMethod
+from megatron_wsm.coefficients import MergeMethod
 
 
 class ReadoutError(RuntimeError):

@@ -1,6 +1,6 @@
 """LR curves in numpy: the trainer's scheduler and the curve a WSM merge emulates.
 
-Decay shapes come from :mod:`megatron_wsm.schedule` (their one definition).
+Decay shapes come from :mod:`megatron_wsm.coefficients` (their one definition).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from megatron_wsm.annealing.law import _as_lrs
-from megatron_wsm.schedule import MergeMethod, shape_function
+from megatron_wsm.coefficients import MergeMethod, shape_function
 
 #: WSD decay shapes of the trainer (``--lr-wsd-decay-style``).
 WSD_SHAPES = ("linear", "cosine", "exponential", "1-sqrt")
@@ -82,8 +82,8 @@ def trainer_lr_curve(
     return out
 
 
-# The trainer's --lr-wsd-decay-style names -> megatron_wsm.schedule shape names (same f).
-_WSD_TO_SCHEDULE = {
+# The trainer's --lr-wsd-decay-style names -> megatron_wsm.coefficients shape names (same f).
+_WSD_TO_SHAPE = {
     "linear": "linear",
     "cosine": "cosine",
     "exponential": "wsd-exponential",
@@ -93,10 +93,10 @@ _WSD_TO_SCHEDULE = {
 
 
 def _wsd_coeff(shape: str, t: np.ndarray) -> np.ndarray:
-    """The trainer's WSD decay factor at decay fractions ``t``: schedule's shape f, unclamped."""
-    if shape not in _WSD_TO_SCHEDULE:
+    """The trainer's WSD decay factor at decay fractions ``t``: the shape f, unclamped."""
+    if shape not in _WSD_TO_SHAPE:
         raise ValueError(f"unknown WSD decay shape {shape!r}; choose from {WSD_SHAPES}")
-    f = shape_function(_WSD_TO_SCHEDULE[shape], xp=np)
+    f = shape_function(_WSD_TO_SHAPE[shape], xp=np)
     out = np.ones_like(t)
     live = t > 0  # only the decay part needs f; the rest is t = 0 -> 1
     out[live] = f(t[live])
@@ -116,9 +116,9 @@ def merge_lrs(
     The window holds k = window_iters / interval intervals (``interval`` default: the whole
     window in 8 intervals, rounded; 1 = a checkpoint every step). By Theorem 3.1 merging with
     the coefficients of ``method`` scales the updates of interval i by its decay weight
-    w_i (:meth:`megatron_wsm.schedule.MergeMethod.decay_weights`, w_i = f((i-1)/k)), so the
+    w_i (:meth:`megatron_wsm.coefficients.MergeMethod.decay_weights`, w_i = f((i-1)/k)), so the
     emulated LR is ``base_lrs × w_i`` over interval i. Its :func:`final_loss` predicts the
-    merged model. ``method`` is a :class:`~megatron_wsm.schedule.MergeMethod` or a method name
+    merged model. ``method`` is a :class:`~megatron_wsm.coefficients.MergeMethod` or a method name
     with its parameters in ``method_kwargs`` (``alpha``, ``final_ratio``, ``min_lr_ratio``).
     """
     if isinstance(method, MergeMethod):

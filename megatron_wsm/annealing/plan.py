@@ -21,9 +21,9 @@ from megatron_wsm.annealing.logs import load_run, unique_names
 from megatron_wsm.annealing.lr_curve import WSD_SHAPES, merge_lrs, trainer_lr_curve
 from megatron_wsm.annealing.report import curve, curve_steps
 from megatron_wsm.annealing.runs import Run
-from megatron_wsm.schedule import MergeMethod
+from megatron_wsm.coefficients import MergeMethod
 
-#: Merge methods of :mod:`megatron_wsm.schedule` that make sense to plan with.
+#: Merge methods of :mod:`megatron_wsm.coefficients` that make sense to plan with.
 MERGE_METHODS = ("1-sqrt", "linear", "mean", "cosine", "ema", "inverse-sqrt", "exponential")
 
 

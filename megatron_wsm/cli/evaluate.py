@@ -42,8 +42,8 @@ def config_from_run_info(run: dict[str, Any]) -> RunConfig:
 def _merge_parser() -> argparse.ArgumentParser:
     """The window and weight options of ``--load-dir`` (the merge tool's own flags)."""
     from megatron_wsm.cli.merge_wsm import add_window_flags
+    from megatron_wsm.coefficients import MergeMethod
     from megatron_wsm.merge import POSITION_UNITS
-    from megatron_wsm.merge_method import MergeMethod
 
     p = argparse.ArgumentParser(prog="evaluate.py --load-dir", add_help=False)
     p.add_argument("--load-dir", required=True)

@@ -47,8 +47,8 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
+    from megatron_wsm.coefficients import MergeMethod
     from megatron_wsm.merge import DEFAULT_CHUNK_MB, OUTPUT_DTYPES, POSITION_UNITS
-    from megatron_wsm.schedule import MergeMethod
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -202,7 +202,7 @@ def join_negative_lists(argv: Sequence[str]) -> list[str]:
 def merge_method_of(args: argparse.Namespace) -> Any:
     """The MergeMethod of parsed weight flags (also ``evaluate.py --load-dir``'s): no
     --method means custom with --weights/--decay, else 1-sqrt; ValueError for two at once."""
-    from megatron_wsm.schedule import MergeMethod
+    from megatron_wsm.coefficients import MergeMethod
 
     if args.method is not None and (args.weights is not None or args.decay is not None):
         raise ValueError("give only one of --method, --weights, --decay")

@@ -11,7 +11,7 @@ Examples::
     python tools/wsm_weights.py --k 8 --method linear cosine 1-sqrt inverse-sqrt \\
         exponential mean ema --plot docs/wsm_weights_k8.png
 
-The math lives in :mod:`megatron_wsm.schedule`; this module only parses, prints and plots.
+The math lives in :mod:`megatron_wsm.coefficients`; this module only parses, prints and plots.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm.schedule import (
+from megatron_wsm.coefficients import (
     DEFAULT_CONVENTION,
     FORMULAS,
     METHODS,
@@ -76,7 +76,7 @@ class MethodResult:
     coefficients: list[float]
     decay: list[float]
     formula: str = field(default="")
-    #: :func:`megatron_wsm.schedule.describe_convention` of the coefficients.
+    #: :func:`megatron_wsm.coefficients.describe_convention` of the coefficients.
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

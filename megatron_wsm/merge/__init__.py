@@ -53,7 +53,7 @@ from megatron_wsm.merge.inputs import (
 )
 
 if TYPE_CHECKING:
-    from megatron_wsm.schedule import MergeMethod
+    from megatron_wsm.coefficients import MergeMethod
 
 __all__ = [
     "DEFAULT_CHUNK_MB",
@@ -93,8 +93,9 @@ def resolve_coefficients(
     positions: Sequence[float] | None = None,
     **legacy: Any,
 ) -> list[float]:
-    """Merge coefficients c_0…c_k (oldest first) of a :class:`~megatron_wsm.schedule.MergeMethod`
-    for k+1 checkpoints; ValueError (from :mod:`megatron_wsm.schedule`) when invalid.
+    """Merge coefficients c_0…c_k (oldest first) of a
+    :class:`~megatron_wsm.coefficients.MergeMethod` for k+1 checkpoints; ValueError (from
+    :mod:`megatron_wsm.coefficients`) when invalid.
 
     ``positions`` p_0 < … < p_k (iterations or tokens, oldest first) evaluate a shape method's
     decay at the checkpoints' real places; evenly spaced positions, or none, give exactly the
@@ -102,7 +103,7 @@ def resolve_coefficients(
     positions. A method name (or None with ``weights=``) plus the method's fields as keywords is
     still accepted and turned into a :class:`MergeMethod`.
     """
-    from megatron_wsm.schedule import MergeMethod  # lazy: the merge engine needs only numbers
+    from megatron_wsm.coefficients import MergeMethod  # lazy: the merge engine needs only numbers
 
     if not isinstance(method, MergeMethod):
         method = MergeMethod(method or "custom", **legacy)
@@ -126,7 +127,7 @@ def method_coefficients(
     The ``megatron-lm`` convention weights checkpoints by index, so it refuses unevenly
     spaced ones (``positions_from`` names the unit in the message).
     """
-    from megatron_wsm.schedule import is_evenly_spaced
+    from megatron_wsm.coefficients import is_evenly_spaced
 
     if (
         method.method != "custom"
@@ -152,10 +153,10 @@ def describe_coefficients(
 ) -> dict[str, Any]:
     """What the coefficients mean, for the report and the provenance: positions and their
     ``unit``, convention, sampling, discretisation formula, zero-weight inputs and why
-    (:func:`megatron_wsm.schedule.describe_convention`), and the coefficients themselves."""
-    from megatron_wsm import schedule
+    (:func:`megatron_wsm.coefficients.describe_convention`), and the coefficients themselves."""
+    from megatron_wsm.coefficients import describe_convention
 
-    info = schedule.describe_convention(
+    info = describe_convention(
         coefficients, method=method, convention=convention, positions=positions,
         sampling=sampling,
     )
@@ -297,14 +298,14 @@ def merge_checkpoints(
 def _check_coefficients(
     coefficients: Sequence[float], n_inputs: int, allow_negative: bool
 ) -> list[float]:
-    from megatron_wsm import schedule
+    from megatron_wsm.coefficients import validate_coefficients
 
     if n_inputs < 2:
         raise MergeError(f"a merge needs at least 2 checkpoints, got {n_inputs}")
     if len(coefficients) != n_inputs:
         raise MergeError(f"{len(coefficients)} coefficients for {n_inputs} checkpoints")
     try:
-        return schedule.validate_coefficients(list(coefficients), allow_negative=allow_negative)
+        return validate_coefficients(list(coefficients), allow_negative=allow_negative)
     except ValueError as e:
         raise MergeError(f"invalid merge coefficients: {e}") from e
 
@@ -377,7 +378,7 @@ def _report(
     notes: list[str],
     dry_run: bool,
 ) -> MergeReport:
-    from megatron_wsm import schedule
+    from megatron_wsm.coefficients import decay_from_coefficients
 
     described = []
     for inp, c in zip(inputs, coefs):
@@ -389,7 +390,7 @@ def _report(
         format=inputs[0].format,
         inputs=described,
         coefficients=coefs,
-        implied_decay=schedule.decay_from_coefficients(coefs, allow_negative=True),
+        implied_decay=decay_from_coefficients(coefs, allow_negative=True),
         output_dtype=output_dtype,
         bytes_read=plan.bytes_to_read(),
         bytes_written=plan.bytes_to_write(),

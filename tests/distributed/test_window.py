@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints, list_window
+from megatron_wsm.coefficients import merge_coefficients
 from megatron_wsm.manifest import read_manifest
-from megatron_wsm.schedule import merge_coefficients
 from megatron_wsm.testing.launch import run_until_exit, start_script
 from tests.helpers import TINY_MODEL, _env, losses, run_pretrain, run_script
 

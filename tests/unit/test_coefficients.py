@@ -1,4 +1,4 @@
-"""Tests of megatron_wsm.schedule: decay shapes <-> merge coefficients (Theorem 3.1)."""
+"""Tests of megatron_wsm.coefficients: decay shapes <-> merge coefficients (Theorem 3.1)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_wsm import schedule
-from megatron_wsm.schedule import (
+from megatron_wsm import coefficients
+from megatron_wsm.coefficients import (
     DEFAULT_EMA_ALPHA,
     DEFAULT_FINAL_RATIO,
     DIRECT_METHODS,
@@ -447,5 +447,5 @@ def test_methods_tuple() -> None:
     }
     assert set(METHODS) == required
     assert len(METHODS) == len(set(METHODS))
-    assert set(schedule.FORMULAS) == required
+    assert set(coefficients.FORMULAS) == required
     assert set(SHAPE_METHODS) | set(DIRECT_METHODS) | {"custom"} == required

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from megatron_wsm.schedule import (
+from megatron_wsm.coefficients import (
     CONVENTIONS,
     SHAPE_METHODS,
     decay_from_coefficients,

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from megatron_wsm import schedule
-from megatron_wsm.schedule import METHODS, MergeMethod
+from megatron_wsm import coefficients
+from megatron_wsm.coefficients import METHODS, MergeMethod
 
 # Every method with non-default parameters where it has any, on both conventions.
 CASES = [
@@ -52,18 +52,18 @@ def test_coefficients_identical_to_the_keyword_functions(m: MergeMethod) -> None
     k = 3
     kw = old_kwargs(m)
     if m.sampling == "start":
-        assert m.coefficients(k) == schedule.merge_coefficients(m.method, k, **kw)
-        assert m.decay_weights(k) == schedule.decay_weights(m.method, k, **kw)
+        assert m.coefficients(k) == coefficients.merge_coefficients(m.method, k, **kw)
+        assert m.decay_weights(k) == coefficients.decay_weights(m.method, k, **kw)
     even = list(range(k + 1))
-    assert m.coefficients(even) == schedule.merge_coefficients_at(
+    assert m.coefficients(even) == coefficients.merge_coefficients_at(
         m.method, even, sampling=m.sampling, **kw
     )
-    assert m.decay_weights(even) == schedule.decay_weights_at(
+    assert m.decay_weights(even) == coefficients.decay_weights_at(
         m.method, even, sampling=m.sampling, **kw
     )
     if m.convention == "wsm":  # megatron-lm is index-only: uneven positions are refused
         uneven = [0, 10, 30, 70]
-        assert m.coefficients(uneven) == schedule.merge_coefficients_at(
+        assert m.coefficients(uneven) == coefficients.merge_coefficients_at(
             m.method, uneven, sampling=m.sampling, **kw
         )
 
@@ -93,11 +93,11 @@ def test_keyword_functions_take_exactly_the_fields() -> None:
     fields = {f.name for f in dataclasses.fields(MergeMethod)} - {"method", "weights"}
     for name in fields | {"coefficients"}:
         value = MergeMethod().__dict__.get(name)  # the default: accepted by every method
-        schedule.merge_coefficients("1-sqrt", 2, **{name: value})
-    for fn in (schedule.merge_coefficients, schedule.decay_weights):
+        coefficients.merge_coefficients("1-sqrt", 2, **{name: value})
+    for fn in (coefficients.merge_coefficients, coefficients.decay_weights):
         with pytest.raises(TypeError, match="min_lr"):
             fn("linear", 3, min_lr=0.1)
-    for fn in (schedule.merge_coefficients_at, schedule.decay_weights_at):
+    for fn in (coefficients.merge_coefficients_at, coefficients.decay_weights_at):
         with pytest.raises(TypeError, match="weights"):
             fn("custom", [0, 1, 2], coefficients=[0, 0.5, 0.5], weights=[0, 0.5, 0.5])
 
@@ -106,11 +106,11 @@ def test_k_is_never_taken_for_positions() -> None:
     """A k that is not an integer is refused as k, not read as a list of positions."""
     for bad in (3.0, True, 0):
         with pytest.raises(ValueError, match="k \\(number of merged intervals\\)"):
-            schedule.merge_coefficients("linear", bad)
+            coefficients.merge_coefficients("linear", bad)
     # ``sampling="mean"`` of k is the mean over an even window, as MergeMethod computes it.
-    assert schedule.decay_weights("linear", 4, sampling="mean") == schedule.decay_weights_at(
-        "linear", [0, 1, 2, 3, 4], sampling="mean"
-    )
+    assert coefficients.decay_weights(
+        "linear", 4, sampling="mean"
+    ) == coefficients.decay_weights_at("linear", [0, 1, 2, 3, 4], sampling="mean")
 
 
 def flags_of(m: MergeMethod) -> list[str]:
@@ -151,8 +151,8 @@ def test_several_methods_and_deprecated_alias(capsys) -> None:
 
 
 def test_resolved_spells_out_defaults() -> None:
-    assert MergeMethod("ema").resolved().alpha == schedule.DEFAULT_EMA_ALPHA
-    rho = schedule.DEFAULT_FINAL_RATIO["exponential"]
+    assert MergeMethod("ema").resolved().alpha == coefficients.DEFAULT_EMA_ALPHA
+    rho = coefficients.DEFAULT_FINAL_RATIO["exponential"]
     r = MergeMethod("exponential").resolved()
     assert r.final_ratio == rho and r.coefficients(5) == MergeMethod("exponential").coefficients(5)
     assert dataclasses.replace(r, final_ratio=None) == MergeMethod("exponential")
@@ -184,5 +184,5 @@ def test_megatron_wsd_decay_is_schedules_shape(trainer: str, shape: str) -> None
     lrs = np.array(lr_curve(opt, 100, 1))
     # Iteration i uses the LR after i - 1 samples; decay starts after 100 - decay of them.
     t = np.clip((np.arange(100) - (100 - decay)) / decay, 0.0, 1.0)
-    f = schedule.shape_function(shape)
+    f = coefficients.shape_function(shape)
     np.testing.assert_allclose(lrs, peak * np.array([f(x) for x in t]), rtol=1e-12, atol=1e-18)

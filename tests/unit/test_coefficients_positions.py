@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_wsm import schedule
-from megatron_wsm.schedule import (
+from megatron_wsm import coefficients
+from megatron_wsm.coefficients import (
     DIRECT_METHODS,
     METHODS,
     SHAPE_METHODS,
@@ -25,6 +25,7 @@ from megatron_wsm.schedule import (
     merge_coefficients_at,
     window_fractions,
 )
+from megatron_wsm.coefficients.positions import uneven_shape_weights
 
 NAMED = tuple(m for m in METHODS if m != "custom")
 PROPS = settings(max_examples=150, deadline=None)
@@ -54,10 +55,9 @@ def test_position_formula_itself_reduces_bit_exactly(method: str) -> None:
     Integer offsets divided exactly (Python int / int is correctly rounded) are the same
     rational as (i-1)/k, so they round to the same float.
     """
-    rho = schedule._resolve_final_ratio(method, None)
     for k, spacing in itertools.product(range(1, 17), (1, 250, 3 * 2**33)):
         positions = [10**6 + j * spacing for j in range(k + 1)]
-        got = schedule._uneven_shape_weights(method, window_fractions(positions), 0.0, rho, "start")
+        got = uneven_shape_weights(method, window_fractions(positions), sampling="start")
         assert got == decay_weights(method, k)
 
 
@@ -207,7 +207,7 @@ _positions = st.lists(st.integers(min_value=1, max_value=10**12), min_size=1, ma
 @given(
     method=st.sampled_from(SHAPE_METHODS),
     positions=_positions,
-    sampling=st.sampled_from(schedule.SAMPLINGS),
+    sampling=st.sampled_from(coefficients.SAMPLINGS),
     r=st.floats(min_value=0.0, max_value=1.0),
 )
 def test_uneven_coefficients_are_valid(method, positions, sampling, r) -> None:

@@ -461,7 +461,7 @@ def test_cli_load_dir_merges_newest_window(window: list[Path], tmp_path: Path):
 
 
 def test_cli_provenance_holds_the_merge_method(window: list[Path], tmp_path: Path):
-    from megatron_wsm.schedule import MergeMethod
+    from megatron_wsm.coefficients import MergeMethod
 
     code, _, err = run_cli("--inputs", *map(str, window), "--decay", "1,0.25", "--save",
                            str(tmp_path / "m"), "--no-progress-bar")

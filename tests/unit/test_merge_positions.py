@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_wsm import schedule
+from megatron_wsm import coefficients
 from megatron_wsm.cli import merge_wsm
 from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import (
@@ -78,17 +78,17 @@ def uneven_root(window: list[Path], root: Path) -> Path:
 # ----------------------------------------------------------------------------- even = as before
 
 
-@pytest.mark.parametrize("method", [m for m in schedule.METHODS if m != "custom"])
+@pytest.mark.parametrize("method", [m for m in coefficients.METHODS if m != "custom"])
 @pytest.mark.parametrize("positions", [[10, 20, 30, 40], [0, 4096, 8192], [5, 6, 7, 8, 9, 10]])
 def test_even_positions_give_bit_identical_coefficients(method, positions):
     k = len(positions) - 1
-    before = schedule.merge_coefficients(method, k, min_lr_ratio=0.1)
+    before = coefficients.merge_coefficients(method, k, min_lr_ratio=0.1)
     assert resolve_coefficients(method, k, positions=positions, min_lr_ratio=0.1) == before
     assert resolve_coefficients(method, k, min_lr_ratio=0.1) == before
 
 
 def test_even_window_merge_has_the_same_coefficients_whatever_the_unit(window, tmp_path):
-    before = schedule.merge_coefficients("1-sqrt", 2)  # what the tool computed by count
+    before = coefficients.merge_coefficients("1-sqrt", 2)  # what the tool computed by count
     got = {}
     for unit in ("iteration", "tokens", "index"):
         code, out, err = run_cli("--inputs", *map(str, window), "--method", "1-sqrt",

@@ -362,7 +362,7 @@ def test_count_below_two_is_refused(window, tmp_path, capsys):
 
 
 def test_negative_weights_in_plain_form(window, capsys):
-    from megatron_wsm.schedule import validate_coefficients
+    from megatron_wsm.coefficients import validate_coefficients
 
     args = ["--inputs", *map(str, window), "--weights", "-0.5,0.7,0.8", "--dry-run"]
     assert merge_wsm.main(args) == 2

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_wsm import metric_names as names
+from megatron_wsm.coefficients import MergeMethod
 from megatron_wsm.config import ConfigError
 from megatron_wsm.merge import method_coefficients
-from megatron_wsm.merge_method import MergeMethod
 from megatron_wsm.testing.config import tiny_run_config
 from megatron_wsm.wsm_readout import _read_request, swap_weights, swapped_in
 

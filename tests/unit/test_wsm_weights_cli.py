@@ -14,7 +14,7 @@ import pytest
 
 # The CLI draws on an Agg canvas directly (no pyplot), so no backend needs choosing here.
 from megatron_wsm.cli.wsm_weights import main
-from megatron_wsm.schedule import MAIN_METHODS, decay_weights, merge_coefficients
+from megatron_wsm.coefficients import MAIN_METHODS, decay_weights, merge_coefficients
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "wsm_weights.py"
