@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import socket
-import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -74,17 +73,12 @@ def json_marker(check: Callable[[dict], str | None]) -> Callable[[Path], str | N
     applies ``check`` to it."""
 
     def marker_ok(path: Path) -> str | None:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return "has no readable marker"
-        if not stat.S_ISREG(st.st_mode):
-            return f"has a {path.name} that is not a regular file"
-        if st.st_size > 64 << 20:
-            return f"has an oversized {path.name}"
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read(st.st_size + 1))
+        from megatron_wsm.ckpt_integrity import IntegrityError, read_regular
+
+        try:  # a regular file, never followed through a symlink, read with a bound
+            data = json.loads(read_regular(path, 64 << 20))
+        except IntegrityError as e:
+            return f"has a {path.name} that cannot be read as a regular file ({e})"
         except (OSError, ValueError):
             return f"has an unreadable {path.name}"
         if not isinstance(data, dict):

@@ -94,6 +94,14 @@ def export_checkpoint(
     writer.check_save(Path(save), overwrite, inputs=[load, path])
     if manifest is None:
         raise ExportError(f"{path} has no wsm_manifest.json: the model config is unknown")
+    from megatron_wsm.ckpt_layout import checkpoint_problems
+
+    # The same checks as --load and the merge: name, manifest and common state agree, the
+    # files are the ones .metadata describes (CRCs of what is read are checked while reading).
+    problems = checkpoint_problems(path, manifest)
+    if problems:
+        raise ExportError(f"refusing to export {path}: {problems[0]}"
+                          + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
     if not manifest.complete:
         raise ExportError(f"{path} is marked incomplete")
     if manifest.checkpoint_format != "torch_dist":
