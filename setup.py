@@ -1,10 +1,18 @@
 """megatron-wsm: MoE pretraining on megatron-core with Warmup-Stable-Merge."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version is written once, in megatron_wsm/__init__.py; read, not imported (no dependencies
+# are installed yet when this runs).
+_INIT = (Path(__file__).resolve().parent / "megatron_wsm" / "__init__.py").read_text()
+VERSION = re.search(r'^__version__ = "([^"]+)"$', _INIT, re.MULTILINE).group(1)
 
 setup(
     name="megatron-wsm",
-    version="0.1.0",
+    version=VERSION,
     description="Megatron-style MoE pretraining with Warmup-Stable-Merge checkpoint merging",
     packages=find_packages(include=["megatron_wsm", "megatron_wsm.*"]),
     python_requires=">=3.10",

@@ -4,8 +4,8 @@ bare megatron-core measured in the same run (fresh processes, variants interleav
     python bench/cpu_startup.py [--rounds 5]
 
 - import: ``import megatron.core`` + the GPT/MoE modules, bare (megatron-core's ``jit_fuser`` is
-  ``torch.compile``: TorchDynamo and Inductor are imported) vs through ``megatron_wsm`` (the
-  CPU import shim makes ``jit_fuser`` the plain function).
+  ``torch.compile``: TorchDynamo and Inductor are imported) vs after ``megatron_wsm.mcore_prelude``
+  (its CPU import shim makes ``jit_fuser`` the plain function).
 - first save: a process's first ``dist_checkpointing.save`` with megatron-core's write-results
   Manager started by ``spawn`` (its default; the server imports torch to unpickle the first
   result) vs ``fork`` (what the trainer uses without CUDA).
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = "megatron.core, megatron.core.models.gpt, megatron.core.transformer.moe.moe_layer"
 IMPORTS = {
     "bare megatron-core": f"import torch, {MODULES}",
-    "through megatron_wsm": f"import megatron_wsm, torch, {MODULES}",
+    "through megatron_wsm": f"import megatron_wsm.mcore_prelude, torch, {MODULES}",
 }
 
 
@@ -38,6 +38,8 @@ def _save_child(method: str) -> None:
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
+    import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
     import torch
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -45,7 +47,7 @@ def _save_child(method: str) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_wsm import cpu_compat
-    from megatron_wsm.testing.ports import free_port
+    from megatron_wsm.ports import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm.testing.ports import free_port
+from megatron_wsm.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args, rest = parser.parse_known_args()
 
+    import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -17,9 +17,12 @@ Field metadata keys (read by ``arguments.build_parser``):
 * ``const``: an option that stores this constant (``--dist-ckpt-optim-fully-reshardable``);
 * ``shape``: the field decides parameter shapes or routing (hashed into checkpoint manifests).
 
-Longer than the project's ~600-line guide on purpose: it is the one place every trainer flag is
-declared (six small section classes with their own checks); splitting it would split the single
-source of configuration a newcomer reads top to bottom.
+Long on purpose: it is the one place every trainer flag is declared (six small section classes
+with their own checks); splitting it would split the single source of configuration a newcomer
+reads top to bottom. It imports the standard library and two small pure modules only
+(``lr_styles``: the schedule names; ``accelerators``: the Transformer Engine probe, which imports
+torch only when called), so the tools and tests that read a configuration never load
+megatron-core.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any
+
+from megatron_wsm.accelerators import GROUPED_GEMM_NEEDS_TE, transformer_engine_usable
+from megatron_wsm.lr_styles import DECAY_STYLES, WSD_DECAY_STYLES
 
 
 class ConfigError(ValueError):
@@ -36,18 +42,6 @@ class ConfigError(ValueError):
 def _f(default: Any = None, help: str | None = None, **meta: Any) -> Any:  # noqa: A002
     """A dataclass field with its default and command-line metadata."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
-
-
-def _lr_styles() -> list[str]:
-    from megatron_wsm.lr import DECAY_STYLES  # lazily: lr.py imports this module
-
-    return sorted(DECAY_STYLES)
-
-
-def _wsd_styles() -> list[str]:
-    from megatron_wsm.lr import WSD_DECAY_STYLES
-
-    return sorted(WSD_DECAY_STYLES)
 
 
 def _bf16_dtype(flag: bool) -> str:
@@ -176,12 +170,8 @@ class ModelConfig:
             if not self.num_experts:
                 raise ConfigError("--moe-grouped-gemm needs --num-experts")
             if te is None:
-                from megatron_wsm.model import transformer_engine_usable
-
                 te = cuda and transformer_engine_usable()
             if not te:
-                from megatron_wsm.model import GROUPED_GEMM_NEEDS_TE
-
                 raise ConfigError(GROUPED_GEMM_NEEDS_TE)
 
 
@@ -277,11 +267,11 @@ class OptimizerSettings:
         "stable",
         "stable (= constant): warmup then peak LR to the end, for WSM; WSD: stable then "
         "a decay over --lr-wsd-decay-iters",
-        choices=_lr_styles,
+        choices=sorted(DECAY_STYLES),
     )
     lr_decay_iters: int | None = _f(None, "default: --train-iters")
     #: linear | cosine | exponential | 1-sqrt (alias minus_sqrt)
-    lr_wsd_decay_style: str = _f("1-sqrt", choices=_wsd_styles)
+    lr_wsd_decay_style: str = _f("1-sqrt", choices=sorted(WSD_DECAY_STYLES))
     lr_wsd_decay_iters: int | None = _f(None)
     weight_decay: float = _f(0.1)
     adam_beta1: float = _f(0.9)
@@ -295,14 +285,41 @@ class OptimizerSettings:
     )
     use_checkpoint_opt_param_scheduler: bool = _f(False)
 
-    def validate(self, train_iters: int, global_batch_size: int) -> None:
-        """The schedule must be one Megatron's scheduler accepts."""
-        from megatron_wsm.lr import scheduler_kwargs
+    def decay_iters(self, train_iters: int) -> int:
+        """Iterations from the start to the end of the decay: ``--lr-decay-iters``, else
+        ``--train-iters`` (Megatron-LM's default)."""
+        return self.lr_decay_iters or train_iters
 
-        try:
-            scheduler_kwargs(self, max(train_iters, 1), global_batch_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    def validate(self, train_iters: int) -> None:
+        """The schedule must be one megatron-core's ``OptimizerParamScheduler`` accepts (the
+        checks ``lr.scheduler_kwargs`` relies on, made here so that they need no megatron-core).
+        """
+        if self.lr_decay_style not in DECAY_STYLES:
+            raise ConfigError(
+                f"--lr-decay-style {self.lr_decay_style!r} unknown; "
+                f"choose from {sorted(DECAY_STYLES)}"
+            )
+        if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ConfigError(
+                f"--lr-wsd-decay-style {self.lr_wsd_decay_style!r} unknown; "
+                f"choose from {sorted(WSD_DECAY_STYLES)}"
+            )
+        decay_iters = self.decay_iters(train_iters)
+        warmup_iters = self.lr_warmup_iters
+        if warmup_iters >= decay_iters:
+            raise ConfigError(
+                f"--lr-warmup-iters ({warmup_iters}) must be smaller than the decay length "
+                f"({decay_iters} iterations: --lr-decay-iters or --train-iters)"
+            )
+        if DECAY_STYLES[self.lr_decay_style] == "WSD":
+            wsd_iters = self.lr_wsd_decay_iters
+            if wsd_iters is None or wsd_iters <= 0 or wsd_iters > decay_iters - warmup_iters:
+                raise ConfigError(
+                    "--lr-decay-style WSD needs --lr-wsd-decay-iters N with 0 < N <= "
+                    f"{decay_iters - warmup_iters} (decay length minus warmup)"
+                )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
 
 
 #: Built-in corpora selectable with ``--data-source`` (``megatron_wsm.data``: ``corpus.py``,
@@ -626,4 +643,4 @@ class RunConfig:
                     f"({interval} iterations) so the newest checkpoint is the current iteration"
                 )
         self.data.validate()
-        self.optim.validate(t.train_iters, t.global_batch_size)
+        self.optim.validate(max(t.train_iters, 1))

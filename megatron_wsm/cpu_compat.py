@@ -8,11 +8,14 @@ CPU. Everything here is
 
 - active only when ``torch.cuda.is_available()`` is false (``apply()`` is a no-op otherwise),
 - written against megatron-core 0.16.x and checked with 0.19.2 (``apply()`` warns on another
-  version; the README's production section has the per-version table), and
+  version; README.md, "In an NGC PyTorch container", has the per-version table), and
 - one named shim per behaviour, so a reader can see what is worked around and drop a shim when
   megatron-core fixes the behaviour upstream.
 
-It is the only module of megatron-wsm that touches megatron-core internals.
+These are the runtime shims, applied once process groups start (``distributed.py``). The two
+that must be in place while ``megatron.core`` is first imported (the triton stub, the eager
+``jit_fuser``) are in :mod:`megatron_wsm.mcore_prelude`. The two modules are the only ones of
+megatron-wsm that touch megatron-core internals.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import types
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
 
 import torch
 
@@ -479,65 +484,6 @@ def _skip_missing_step(part: Any) -> Callable[[Any, dict[str, Any]], None]:
                 state["step"] = step
 
     return set_states
-
-
-#: megatron-core >= 0.18 imports triton on ``import megatron.core`` (pipeline_parallel.schedules
-#: -> moe.paged_stash -> this module of triton kernels), and CPU builds of torch carry no triton.
-TRITON_KERNEL_MODULE = "megatron.core.transformer.moe.ops.paged_stash"
-
-
-def stub_triton_kernels() -> None:
-    """Register a stand-in for megatron-core's triton-only paged-stash kernels (CPU, mcore >= 0.18).
-
-    Called from ``megatron_wsm/__init__`` before anything imports megatron-core, and only when
-    triton is not importable: the kernels belong to MoE paged stashing (a GPU memory feature
-    megatron-wsm never enables), so calling one on CPU raises instead of computing.
-    """
-    import sys
-
-    if TRITON_KERNEL_MODULE in sys.modules:
-        return
-    stub = types.ModuleType(TRITON_KERNEL_MODULE)
-    stub.GLOBAL_BLOCK_SIZE = 1024  # the value of megatron-core 0.18/0.19 (imported, unused)
-
-    def _needs_triton(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("MoE paged-stash kernels need triton (a GPU build of torch)")
-
-    stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = _needs_triton
-    stub.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
-    sys.modules[TRITON_KERNEL_MODULE] = stub
-
-
-#: megatron-core versions whose ``megatron.core.jit.jit_fuser`` is ``torch.compile`` (torch >=
-#: 2.2), bound once when ``megatron.core`` is imported.
-JIT_FUSER_IS_TORCH_COMPILE = ("0.16.", "0.17.", "0.18.", "0.19.")
-
-
-def _eager(model: Any = None, **kwargs: Any) -> Any:
-    """``torch.compile`` stand-in: the function itself (or a decorator returning it)."""
-    return model if model is not None else (lambda fn: fn)
-
-
-@contextlib.contextmanager
-def eager_jit_fuser(mcore_version: str) -> Any:
-    """While ``megatron.core`` is imported on a machine without CUDA, make its ``jit_fuser``
-    the plain function instead of ``torch.compile``.
-
-    Why: megatron-core decorates small helpers (the router's expert-bias update, GLU
-    activations…) with ``jit_fuser = torch.compile``. On CPU that costs ~3 s per process to
-    import TorchDynamo and Inductor, and a Dynamo trace on first call, for no speed-up: eager
-    is the same arithmetic. Inert when CUDA is available or for an unchecked version. Entered by
-    ``megatron_wsm``'s import hook around ``import megatron.core``.
-    """
-    if torch.cuda.is_available() or not mcore_version.startswith(JIT_FUSER_IS_TORCH_COMPILE):
-        yield
-        return
-    original = torch.compile
-    torch.compile = _eager
-    try:
-        yield
-    finally:
-        torch.compile = original
 
 
 def apply() -> bool:

@@ -6,14 +6,16 @@ import datetime
 import os
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_wsm import cpu_compat
 from megatron_wsm.config import ParallelConfig
+from megatron_wsm.ports import free_port
 from megatron_wsm.process_guard import die_with_launcher
-from megatron_wsm.testing.ports import free_port
 
 
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import torch
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 

@@ -14,6 +14,8 @@ import dataclasses
 import importlib.util
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -24,21 +26,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_wsm.accelerators import GROUPED_GEMM_NEEDS_TE, transformer_engine_usable
 from megatron_wsm.config import ModelConfig, ParallelConfig
 from megatron_wsm.spec_keys import is_norm_param_key
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def transformer_engine_usable() -> bool:
-    """TE is an optional GPU accelerator: use it only when it imports and CUDA is present."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # a broken TE install must not stop a run: fall back to local layers
-        return False
-    return True
 
 
 class SequenceParallelTorchNorm(torch.nn.Module):
@@ -239,12 +231,6 @@ def layer_spec_name() -> str:
 
 class GroupedGemmUnavailable(RuntimeError):
     """``--moe-grouped-gemm`` asked for without Transformer Engine."""
-
-
-GROUPED_GEMM_NEEDS_TE = (
-    "--moe-grouped-gemm needs Transformer Engine on CUDA (its grouped linear layers); "
-    "install transformer-engine[pytorch] (or use an NGC PyTorch container), or drop the flag"
-)
 
 
 def build_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:

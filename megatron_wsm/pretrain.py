@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import torch
 
 from megatron_wsm import distributed as wdist

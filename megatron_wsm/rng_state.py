@@ -25,6 +25,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import numpy as np
 import torch
 

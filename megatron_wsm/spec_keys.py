@@ -21,6 +21,8 @@ import functools
 import re
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 #: Recorded in manifests: norm parameters carry Transformer Engine's names under both specs.
 KEY_SCHEME = "te-norm-names"
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state

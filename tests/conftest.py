@@ -1,6 +1,10 @@
-"""Shared pytest setup: repeatable hypothesis draws, GPU tests skipped without CUDA."""
+"""Shared pytest setup: repeatable hypothesis draws, GPU tests skipped without CUDA, megatron-core's
+CPU import shims in place before any test module imports it."""
 
 import os
+
+# Test modules import megatron.core directly too: its CPU import shims first, as in the package.
+import megatron_wsm.mcore_prelude  # noqa: F401
 
 import pytest
 from hypothesis import settings as hypothesis_settings

@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import (

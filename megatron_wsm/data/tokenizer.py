@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import numpy as np
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm.testing.ports import free_port
+from megatron_wsm.ports import free_port
 
 #: The checkout holding this package (scripts are run from here).
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 
 def patch_router_for_cpu(monkeypatch: Any = None) -> None:
     """Apply both patches: through pytest's ``monkeypatch`` (undone after the test), or, with

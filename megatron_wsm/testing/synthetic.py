@@ -20,10 +20,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
 import torch
 
 from megatron_wsm.manifest import CheckpointManifest, ParallelLayout, write_manifest
-from megatron_wsm.testing.ports import free_port
+from megatron_wsm.ports import free_port
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
-"""The version-gated import shim: megatron-core >= 0.18 imports triton on `import megatron.core`,
-which CPU builds of torch do not carry (checked for real with the 0.19.2 wheel, docs/production
-notes in the README; here the gate and the stub themselves)."""
+"""The import-time shims of megatron_wsm.mcore_prelude: megatron-core >= 0.18 imports triton on
+`import megatron.core`, which CPU builds of torch do not carry (checked for real with the 0.19.2
+wheel, the README's per-version table; here the gate and the stub themselves), and the eager
+jit_fuser while megatron-core is imported without CUDA."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import sys
 
 import pytest
 
-import megatron_wsm
-from megatron_wsm import cpu_compat
+from megatron_wsm import mcore_prelude
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ from megatron_wsm import cpu_compat
 )
 def test_triton_gate_reads_the_installed_version(monkeypatch, version, imports_triton):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
-    assert megatron_wsm._megatron_core_imports_triton() is imports_triton
+    assert mcore_prelude.megatron_core_imports_triton() is imports_triton
 
 
 def test_triton_gate_without_megatron_core(monkeypatch):
@@ -28,13 +28,13 @@ def test_triton_gate_without_megatron_core(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
-    assert megatron_wsm._megatron_core_imports_triton() is False
+    assert mcore_prelude.megatron_core_imports_triton() is False
 
 
 def test_stub_stands_in_for_the_kernel_module_and_refuses_to_run(monkeypatch):
-    name = cpu_compat.TRITON_KERNEL_MODULE
+    name = mcore_prelude.TRITON_KERNEL_MODULE
     monkeypatch.delitem(sys.modules, name, raising=False)
-    cpu_compat.stub_triton_kernels()
+    mcore_prelude.stub_triton_kernels()
     stub = sys.modules[name]
     # exactly the names megatron-core's moe/paged_stash.py imports from it
     assert set(stub.__all__) == {"GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel",
@@ -44,7 +44,7 @@ def test_stub_stands_in_for_the_kernel_module_and_refuses_to_run(monkeypatch):
     # an already imported (real) module is never replaced
     real = object()
     monkeypatch.setitem(sys.modules, name, real)
-    cpu_compat.stub_triton_kernels()
+    mcore_prelude.stub_triton_kernels()
     assert sys.modules[name] is real
     monkeypatch.delitem(sys.modules, name)
 
@@ -62,7 +62,7 @@ def test_megatron_core_imported_through_us_on_cpu_uses_eager_jit_fuser():
         "from megatron.core import jit\n"
         "from megatron.core.transformer.moe import router\n"
         "assert not torch.cuda.is_available()\n"
-        "assert jit.jit_fuser is megatron_wsm.cpu_compat._eager, jit.jit_fuser\n"
+        "assert jit.jit_fuser is megatron_wsm.mcore_prelude._eager, jit.jit_fuser\n"
         "assert torch.compile is original\n"
         "fn = router.TopKRouter._apply_expert_bias\n"
         "assert not hasattr(fn, '_torchdynamo_orig_callable'), fn\n"
@@ -78,7 +78,7 @@ def test_eager_jit_fuser_is_inert_outside_the_checked_versions(version):
     import torch
 
     original = torch.compile
-    with cpu_compat.eager_jit_fuser(version):
+    with mcore_prelude.eager_jit_fuser(version):
         assert torch.compile is original
 
 
@@ -86,8 +86,8 @@ def test_eager_jit_fuser_restores_torch_compile_even_when_the_import_fails():
     import torch
 
     original = torch.compile
-    with pytest.raises(ImportError), cpu_compat.eager_jit_fuser("0.16.1"):
-        assert torch.compile is cpu_compat._eager
-        assert cpu_compat._eager(len) is len and cpu_compat._eager()(len) is len
+    with pytest.raises(ImportError), mcore_prelude.eager_jit_fuser("0.16.1"):
+        assert torch.compile is mcore_prelude._eager
+        assert mcore_prelude._eager(len) is len and mcore_prelude._eager()(len) is len
         raise ImportError("broken extension")
     assert torch.compile is original

@@ -29,7 +29,7 @@ from megatron_wsm.data.datasets import build_gpt_datasets, build_gpt_datasets_fr
 from megatron_wsm.data.indexed import write_indexed_dataset
 from megatron_wsm.data.prepare import prepare_embedded_data
 from megatron_wsm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-from megatron_wsm.testing.ports import free_port
+from megatron_wsm.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 
+from megatron_wsm.ports import free_port
 from megatron_wsm.testing.config import TINY_MODEL, tiny_run_config
 from megatron_wsm.testing.launch import ROOT, torchrun_cmd
-from megatron_wsm.testing.ports import free_port
 
 
 def test_free_port_can_be_bound():

@@ -1,0 +1,29 @@
+"""Which optional GPU accelerators this machine can use (Transformer Engine on CUDA).
+
+Standard library at import: torch is imported only when :func:`transformer_engine_usable` is
+called, so ``config.py`` can refuse GPU-only flags without loading torch for runs that do not
+ask for them. ``model.py`` picks its layer spec with the same probe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+#: Why ``--moe-grouped-gemm`` is refused without Transformer Engine on CUDA (config and model).
+GROUPED_GEMM_NEEDS_TE = (
+    "--moe-grouped-gemm needs Transformer Engine on CUDA (its grouped linear layers); "
+    "install transformer-engine[pytorch] (or use an NGC PyTorch container), or drop the flag"
+)
+
+
+def transformer_engine_usable() -> bool:
+    """TE is an optional GPU accelerator: use it only when it imports and CUDA is present."""
+    import torch  # here, not at the top: the configuration imports this module
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # a broken TE install must not stop a run: fall back to local layers
+        return False
+    return True
