@@ -196,27 +196,25 @@ def as_floats(values: Iterable[object], what: str) -> list[float]:
     return out
 
 
+def _check_choice(kind: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
 def check_method(method: object) -> str:
     """Return ``method`` if it is one of :data:`METHODS`, else raise a ValueError listing them."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    return method
+    return _check_choice("method", method, METHODS)
 
 
 def check_convention(convention: object) -> str:
     """Return ``convention`` if it is one of :data:`CONVENTIONS`, else raise a ValueError."""
-    if not isinstance(convention, str) or convention not in CONVENTIONS:
-        raise ValueError(
-            f"unknown convention {convention!r}; choose one of: {', '.join(CONVENTIONS)}"
-        )
-    return convention
+    return _check_choice("convention", convention, CONVENTIONS)
 
 
 def check_sampling(sampling: object) -> str:
     """Return ``sampling`` if it is one of :data:`SAMPLINGS`, else raise a ValueError."""
-    if not isinstance(sampling, str) or sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}; choose one of: {', '.join(SAMPLINGS)}")
-    return sampling
+    return _check_choice("sampling", sampling, SAMPLINGS)
 
 
 def check_min_lr_ratio(min_lr_ratio: object) -> float:
@@ -377,9 +375,14 @@ def shape_antiderivative(method: str, final_ratio: float | None = None) -> Calla
 # --------------------------------------------------------------------------- the two maps
 
 
-def _first_negative(values: list[float], tol: float, indices: Iterable[int]) -> int | None:
-    """The first index j of ``indices`` with values[j] < -tol (None if there is none)."""
-    return next((j for j in indices if values[j] < -tol), None)
+def _refuse_negative(
+    c: list[float], tol: float, indices: Iterable[int], why: Callable[[int], str]
+) -> None:
+    """Raise a ValueError, ``why(j)`` plus how to allow it, at the first j of ``indices`` with
+    c[j] < -tol: the one negativity check of both maps."""
+    j = next((j for j in indices if c[j] < -tol), None)
+    if j is not None:
+        raise ValueError(f"{why(j)} ({_ALLOW_NEGATIVE_HINT})")
 
 
 def validate_coefficients(
@@ -403,11 +406,15 @@ def validate_coefficients(
             f"coefficients must sum to 1 (tolerance {tol:g}), got {_fmt(total)}; "
             "divide them by their sum to normalise"
         )
-    j = None if allow_negative else _first_negative(cs, tol, range(len(cs)))
-    if j is not None:
-        raise ValueError(
-            f"coefficient c_{j} = {_fmt(cs[j])} is negative: the decay it emulates rises "
-            f"or leaves [0, 1] ({_ALLOW_NEGATIVE_HINT})"
+    if not allow_negative:
+        _refuse_negative(
+            cs,
+            tol,
+            range(len(cs)),
+            lambda j: (
+                f"coefficient c_{j} = {_fmt(cs[j])} is negative: the decay it emulates "
+                "rises or leaves [0, 1]"
+            ),
         )
     return cs
 
@@ -435,12 +442,16 @@ def coefficients_from_decay(
     c.append(ws[-1])
     # With every w_i in [0, 1], c_0 and c_k are non-negative; only a rise between two weights
     # can make one of c_1 … c_{k-1} negative, and the message names that rise.
-    j = None if allow_negative else _first_negative(c, tol, range(1, len(ws)))
-    if j is not None:
-        raise ValueError(
-            f"decay rises from w_{j} = {_fmt(ws[j - 1])} to w_{j + 1} = {_fmt(ws[j])}, "
-            f"giving a negative coefficient c_{j} = {_fmt(c[j])}; a decay must be "
-            f"non-increasing ({_ALLOW_NEGATIVE_HINT})"
+    if not allow_negative:
+        _refuse_negative(
+            c,
+            tol,
+            range(1, len(ws)),
+            lambda j: (
+                f"decay rises from w_{j} = {_fmt(ws[j - 1])} to w_{j + 1} = "
+                f"{_fmt(ws[j])}, giving a negative coefficient c_{j} = {_fmt(c[j])}; a decay must "
+                "be non-increasing"
+            ),
         )
     return c
 
