@@ -45,3 +45,16 @@ def die_with_launcher() -> bool:
         return False
     die_with_parent(os.getppid())
     return True
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists on this host (it may belong to another user)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -30,6 +30,8 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from megatron_wsm.process_guard import pid_alive
+
 #: Files whose presence makes a directory a checkpoint (ours, megatron-core's or Megatron-LM's).
 CHECKPOINT_MARKERS = (".metadata", "metadata.json", "common.pt", "wsm_manifest.json")
 #: Files or entries whose presence makes a directory a run's save directory.
@@ -236,19 +238,6 @@ def stale_temp_dirs(parent: Path, output_name: str, tag: str) -> list[Path]:
         if not pid_alive(int(m.group(2))):
             stale.append(path)
     return sorted(stale)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when process ``pid`` exists on this host."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make_temp_dir(output: Path, tag: str) -> Path:

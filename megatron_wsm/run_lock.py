@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_wsm.process_guard import pid_alive
+
 LOCK_NAME = ".wsm-trainer.lock"
 HEARTBEAT_S = 20.0
 #: A holder whose heartbeat is older than this is taken for dead (file systems without flock).
@@ -56,18 +58,8 @@ def holder_alive(holder: dict[str, Any], mtime: float, now: float, host: str) ->
     fresh = now - mtime < STALE_AFTER_S
     if holder.get("host") == host:
         pid = holder.get("pid")
-        return isinstance(pid, int) and _pid_exists(pid) and pid != os.getpid()
+        return isinstance(pid, int) and pid_alive(pid) and pid != os.getpid()
     return fresh
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
