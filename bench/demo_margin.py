@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -36,6 +37,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def demo_default(var: str) -> str:
+    """The default of a demo variable, as ``scripts/demo.sh`` sets it (``VAR=${VAR:-value}``)."""
+    text = (ROOT / "scripts" / "demo.sh").read_text()
+    match = re.search(rf"^{var}=\$\{{{var}:-([^}}]*)\}}", text, re.M)
+    return match.group(1) if match else "?"
 
 
 def run_demo(seed: int, out: Path, overrides: dict[str, str]) -> tuple[dict, dict, float]:
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-    method = overrides.get("METHOD", "1-sqrt")
+    method = overrides.get("METHOD") or demo_default("METHOD")
     head = ["seed", "stable (last iterate)", f"merge {method}", "margin", "relative"]
     head += [f"margin {spec}" for spec in args.extra] + ["demo s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
@@ -162,7 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         cells.append(f"{r['demo_seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"settings: {overrides or 'the demo defaults'}")
+    settings = {
+        var: overrides.get(var) or demo_default(var)
+        for var in ("ITERS", "LR", "WSM_INTERVAL", "WSM_WINDOW", "METHOD")
+    }
+    lines.append("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     lines.append(f"margin min / mean / max: {spread([r['margin'] for r in rows])}")
     lines.append(
         "relative min / mean / max: "
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "summary.json").write_text(
-        json.dumps({"settings": overrides, "rows": rows}, indent=2) + "\n"
+        json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n"
     )
 
 
