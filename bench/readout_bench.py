@@ -148,13 +148,19 @@ def _tools(root: str, r: int, method: str, layout: list[str]) -> float:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     repo = Path(__file__).resolve().parents[1]
+    # The bench's own rendezvous (a single process sets MASTER_PORT itself and still holds
+    # it) must not reach the tools: each starts its own process group.
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                  "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
 
     def launch(script: str, *argv: str) -> None:
         head = [sys.executable]
         if world > 1:
             head += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                      str(world)]
-        subprocess.run([*head, str(repo / script), *argv], check=True, capture_output=True)
+        subprocess.run([*head, str(repo / script), *argv], check=True, capture_output=True,
+                       env=env)
 
     merged = f"{root}/tools_merged_{r}"
     launch("tools/merge_wsm.py", "--load-dir", f"{root}/ckpt/wsm_window", "--method", method,
