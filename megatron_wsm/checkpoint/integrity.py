@@ -331,7 +331,7 @@ def blob_crc_problems(read_at: Any, length: int, what: str) -> list[str]:
     ``read_at(offset, size)`` reads the blob's bytes. A blob that is not a zip (e.g. raw bytes of
     a non-tensor item) carries no CRC and yields no problem.
     """
-    from megatron_wsm.merge import dcp_format as fmt
+    from megatron_wsm.checkpoint import dcp_format as fmt
 
     try:
         blob = fmt.BlobReader(read_at, length)

@@ -27,8 +27,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_wsm import ckpt_common, ckpt_integrity
-from megatron_wsm.manifest import (
+from megatron_wsm.checkpoint import common_state as ckpt_common
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint.manifest import (
     KIND_FULL,
     KIND_WINDOW,
     MANIFEST_NAME,

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
 
 #: The file megatron-core ≤ 0.18 writes (and 0.19 still reads first).
 COMMON_FILE = "common.pt"

@@ -75,7 +75,7 @@ def json_marker(check: Callable[[dict], str | None]) -> Callable[[Path], str | N
     applies ``check`` to it."""
 
     def marker_ok(path: Path) -> str | None:
-        from megatron_wsm.ckpt_integrity import IntegrityError, read_regular
+        from megatron_wsm.checkpoint.integrity import IntegrityError, read_regular
 
         try:  # a regular file, never followed through a symlink, read with a bound
             data = json.loads(read_regular(path, 64 << 20))

@@ -232,7 +232,7 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> CheckpointManifest | Non
     parsed, or breaks the schema (:func:`manifest_problems`) raises :class:`ManifestError`
     naming the file: that is corruption, and the caller must not treat the checkpoint as usable.
     """
-    from megatron_wsm import ckpt_integrity
+    from megatron_wsm.checkpoint import integrity as ckpt_integrity
 
     path = Path(checkpoint_dir) / MANIFEST_NAME
     if not os.path.lexists(path):

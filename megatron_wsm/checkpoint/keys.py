@@ -72,7 +72,7 @@ def checkpoint_keys(checkpoint_dir: Any) -> set[str]:
 
     Sharded objects are stored as ``<key>/shard_…``; their ``<key>`` is included too.
     """
-    from megatron_wsm import ckpt_integrity
+    from megatron_wsm.checkpoint import integrity as ckpt_integrity
 
     md = ckpt_integrity.load_metadata(checkpoint_dir)
     keys: set[str] = set()

@@ -1,8 +1,8 @@
 """Full and window checkpoints with megatron-core ``dist_checkpointing`` (torch_dist).
 
 (Over ~600 lines on purpose: :class:`CheckpointManager` is one unit of save/load I/O; the pure
-optimizer-state rules are in :mod:`megatron_wsm.optimizer_ckpt`, names and retention in
-:mod:`megatron_wsm.ckpt_layout`.)
+optimizer-state rules are in :mod:`megatron_wsm.checkpoint.optimizer_state`, names and retention in
+:mod:`megatron_wsm.checkpoint.layout`.)
 
 Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for window ones)::
 
@@ -20,7 +20,7 @@ the helper processes saving starts die with the trainer. Retention runs after th
 deletes complete checkpoints of ours, never the newest one.
 
 Names, listing, completeness and the window rule (which checkpoints to keep) are in
-:mod:`megatron_wsm.ckpt_layout`; the save policy is a pure function at the top; I/O is in
+:mod:`megatron_wsm.checkpoint.layout`; the save policy is a pure function at the top; I/O is in
 :class:`CheckpointManager`.
 """
 
@@ -41,9 +41,12 @@ import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU 
 
 import torch
 
-from megatron_wsm import ckpt_common, ckpt_integrity, cpu_compat, spec_keys
+from megatron_wsm import cpu_compat
 from megatron_wsm import distributed as wdist
-from megatron_wsm.ckpt_layout import (  # noqa: F401 - the listing and window rule re-exported
+from megatron_wsm.checkpoint import common_state as ckpt_common
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint import keys as spec_keys
+from megatron_wsm.checkpoint.layout import (  # noqa: F401 - the listing and window rule re-exported
     TMP_PREFIX,
     TRACKER_FILE,
     CheckpointInfo,
@@ -58,7 +61,7 @@ from megatron_wsm.ckpt_layout import (  # noqa: F401 - the listing and window ru
     prune_window_dir,
     window_to_prune,
 )
-from megatron_wsm.manifest import (
+from megatron_wsm.checkpoint.manifest import (
     EXTRA_OPTIMIZER,
     KIND_FULL,
     CheckpointManifest,
@@ -67,7 +70,7 @@ from megatron_wsm.manifest import (
     read_manifest,
     write_manifest,
 )
-from megatron_wsm.optimizer_ckpt import (  # noqa: F401 - re-exported for old import paths
+from megatron_wsm.checkpoint.optimizer_state import (  # noqa: F401 - re-exported for old import paths
     _CONTENT_OPTIMIZER,
     OPTIM_SHARDINGS,
     OPTIMIZER_DISTRIBUTED,
@@ -139,8 +142,8 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the run draws from, for bitwise resume, with its device kind
-    (:mod:`megatron_wsm.rng_state`)."""
-    from megatron_wsm import rng_state as rng
+    (:mod:`megatron_wsm.checkpoint.rng`)."""
+    from megatron_wsm.checkpoint import rng
 
     return rng.capture()
 
@@ -149,7 +152,7 @@ def set_rng_state(state: dict[str, Any], seed: int | None = None) -> bool:
     """Inverse of :func:`rng_state`: the tracker / CUDA states only on the device kind they were
     saved on, else re-seeded from ``seed`` (the run's ``--seed``) as at start-up, with a note.
     Returns whether the device states were restored."""
-    from megatron_wsm import rng_state as rng
+    from megatron_wsm.checkpoint import rng
     from megatron_wsm.config import TrainingConfig
 
     return rng.restore(state, TrainingConfig.seed if seed is None else seed)

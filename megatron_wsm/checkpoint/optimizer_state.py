@@ -4,14 +4,14 @@ The plain optimizer and megatron-core's distributed optimizer store different st
 distributed one is saved ``dp_reshardable`` or ``fully_reshardable`` (:data:`OPTIM_SHARDINGS`).
 :func:`optimizer_record` is what a save records (manifest ``extra``, content metadata) and
 :func:`optimizer_load_problem` why a resume cannot load it. Used by
-:class:`megatron_wsm.checkpointing.CheckpointManager`, which re-exports these names.
+:class:`megatron_wsm.checkpoint.manager.CheckpointManager`, which re-exports these names.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from megatron_wsm.manifest import ParallelLayout
+from megatron_wsm.checkpoint.manifest import ParallelLayout
 
 #: Our key in megatron-core's content metadata: which optimizer wrote the state.
 _CONTENT_OPTIMIZER = "wsm_optimizer"
