@@ -11,9 +11,9 @@
 #   6. print where the TensorBoard logs are.
 # The settings are chosen so that the merge beats the last iterate by a margin far wider than
 # the float differences between machines: over 5 seeds (bench/demo_margin.py, numbers in
-# docs/results.md#demo-margin) the margin never came near 0. With the earlier 300 iterations at
-# 3e-3 and a 1-sqrt merge of 50 iterations the margin was about ±0.01 and flipped sign
-# between machines.
+# docs/results.md, "Demo margin") the margin was -0.068 to -0.114. With the earlier 300
+# iterations at 3e-3 and a 1-sqrt merge of 50 iterations it was -0.019 to +0.016 and its sign
+# changed between machines and seeds.
 # Variables: OUT (runs/demo), ITERS (600), NPROC (2), SEED (1234), LR (6e-3),
 #   WSM_INTERVAL (10), WSM_WINDOW (160), METHOD (ema).
 set -euo pipefail
