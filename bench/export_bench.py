@@ -62,8 +62,8 @@ def build(workdir: Path, size_gb: float) -> Path:
     """Save the checkpoint (1 gloo process) with a manifest the exporter understands."""
     import torch.distributed as dist
 
+    from megatron_wsm.checkpoint.manifest import read_manifest, write_manifest
     from megatron_wsm.data.spm_training import train_sentencepiece
-    from megatron_wsm.manifest import read_manifest, write_manifest
     from megatron_wsm.testing.synthetic import save_torch_dist
 
     spec = _spec(size_gb)
@@ -102,7 +102,7 @@ def child(variant: str, ckpt: Path, out: Path, max_shard_size: str) -> dict[str,
     import torch
 
     # Imports first, so both time and memory count the work, not module loading.
-    import megatron_wsm.checkpointing  # noqa: F401
+    import megatron_wsm.checkpoint.manager  # noqa: F401
     import megatron_wsm.export.hf  # noqa: F401
     from megatron_wsm.export.reader import CheckpointReader
 

@@ -27,3 +27,13 @@ def transformer_engine_usable() -> bool:
     except Exception:  # a broken TE install must not stop a run: fall back to local layers
         return False
     return True
+
+
+#: Names recorded in checkpoint manifests for the two layer specs.
+SPEC_TE = "transformer_engine"
+SPEC_LOCAL = "local"
+
+
+def layer_spec_name() -> str:
+    """Which layer spec ``model.build_layer_spec`` picks on this machine (TE's when usable)."""
+    return SPEC_TE if transformer_engine_usable() else SPEC_LOCAL

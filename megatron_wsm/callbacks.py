@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the loop imports this module: no import of it at run time
-    from megatron_wsm.training import Components, StepResult
+    from megatron_wsm.run_state import Components, StepResult
 
 #: An evaluation as :func:`megatron_wsm.training.evaluate` returns it (loss, perplexity, moe…).
 Evaluation = dict[str, Any]

@@ -1,11 +1,11 @@
 """When the trainer saves: full checkpoints at ``--save-interval``, window checkpoints at
-``--wsm-interval``, then retention (:mod:`megatron_wsm.ckpt_layout` owns the window rule), the
+``--wsm-interval``, then retention (:mod:`megatron_wsm.checkpoint.layout` owns the window rule), the
 completion of async saves and, at exit, the last pending saves and the save directories' locks.
 
 A :class:`~megatron_wsm.callbacks.Callback` of the training loop;
-:mod:`megatron_wsm.checkpointing` does the I/O. Kept out of ``pretrain.py`` so that the route of
-a save flag (flag -> config -> this callback ->
-:class:`~megatron_wsm.checkpointing.CheckpointManager`) crosses each file once.
+:mod:`megatron_wsm.checkpoint.manager` does the I/O. Kept out of ``pretrain.py`` so that the
+route of a save flag (flag -> config -> this callback ->
+:class:`~megatron_wsm.checkpoint.manager.CheckpointManager`) crosses each file once.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 
 from megatron_wsm.callbacks import Callback
-from megatron_wsm.checkpointing import CheckpointManager, SaveResult, should_save
+from megatron_wsm.checkpoint.manager import CheckpointManager, SaveResult, should_save
+from megatron_wsm.checkpoint.manifest import KIND_FULL, KIND_WINDOW
 from megatron_wsm.config import RunConfig
-from megatron_wsm.manifest import KIND_FULL, KIND_WINDOW
-from megatron_wsm.training import Components, StepResult, should_exit
+from megatron_wsm.run_state import Components, StepResult
+from megatron_wsm.training import should_exit
 
 
 def _report_save(result: SaveResult) -> None:
@@ -42,9 +43,7 @@ class CheckpointCallback(Callback):
     def __init__(self, cfg: RunConfig, manager: CheckpointManager) -> None:
         self.cfg = cfg
         self.manager = manager
-        self.window_interval = cfg.wsm.interval_iters(
-            cfg.training.global_batch_size * cfg.model.seq_length
-        )
+        self.window_interval = cfg.wsm.interval_iters(cfg.tokens_per_iteration)
         self.window_root = window_save_dir(cfg)
         self.last_full_bytes: int | None = None
 

@@ -601,6 +601,12 @@ class RunConfig:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     wsm: WSMConfig = dataclasses.field(default_factory=WSMConfig)
 
+    @property
+    def tokens_per_iteration(self) -> int:
+        """Tokens of one global batch (global batch size × sequence length): the unit in which
+        the token-based window flags are converted to iterations."""
+        return self.training.global_batch_size * self.model.seq_length
+
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict of the whole run config (a checkpoint manifest's run info)."""
         return dataclasses.asdict(self)
@@ -633,9 +639,9 @@ class RunConfig:
         dp = par.validate(world_size, cuda)
         m.validate(par, dp, cuda)
         t.validate(dp)
-        self.wsm.validate(t.save, t.global_batch_size * m.seq_length)
+        self.wsm.validate(t.save, self.tokens_per_iteration)
         if self.wsm.wsm_eval_methods is not None and not t.eval_only:
-            interval = self.wsm.interval_iters(t.global_batch_size * m.seq_length)
+            interval = self.wsm.interval_iters(self.tokens_per_iteration)
             if not t.eval_interval or (interval and t.eval_interval % interval):
                 raise ConfigError(
                     f"--wsm-eval-methods reads out the window at every --eval-interval "

@@ -21,7 +21,8 @@ from megatron_wsm.moe_metrics import (
     MEAN_GLOBAL_MIN_VIOLATION,
     format_console,
 )
-from megatron_wsm.training import Components, StepResult, print_rank0
+from megatron_wsm.run_state import Components, StepResult
+from megatron_wsm.training import print_rank0
 
 
 def moe_console(moe: dict[str, Any] | None) -> str:

@@ -27,8 +27,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_wsm.accelerators import GROUPED_GEMM_NEEDS_TE, transformer_engine_usable
+from megatron_wsm.checkpoint.keys import is_norm_param_key
 from megatron_wsm.config import ModelConfig, ParallelConfig
-from megatron_wsm.spec_keys import is_norm_param_key
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -217,16 +217,6 @@ def build_transformer_config(
             moe_router_dtype="fp32",
         )
     return TransformerConfig(**kwargs)
-
-
-#: Names recorded in checkpoint manifests for the two layer specs.
-SPEC_TE = "transformer_engine"
-SPEC_LOCAL = "local"
-
-
-def layer_spec_name() -> str:
-    """Which layer spec :func:`build_layer_spec` picks on this machine."""
-    return SPEC_TE if transformer_engine_usable() else SPEC_LOCAL
 
 
 class GroupedGemmUnavailable(RuntimeError):

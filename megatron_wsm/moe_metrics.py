@@ -85,7 +85,7 @@ from megatron_wsm.moe_violations import (  # noqa: F401 - re-exported: one impor
 )
 
 if TYPE_CHECKING:  # the trainer's types only: this module stays usable without it
-    from megatron_wsm.training import Components, StepResult
+    from megatron_wsm.run_state import Components, StepResult
 
 __all__ = [
     "CONSOLE_TAGS",

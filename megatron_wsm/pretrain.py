@@ -17,14 +17,14 @@ import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU 
 import torch
 
 from megatron_wsm import distributed as wdist
-from megatron_wsm import run_lock
 from megatron_wsm.arguments import ConfigError, parse_run_config, validate
 from megatron_wsm.callbacks import Callback
+from megatron_wsm.checkpoint import lock as run_lock
+from megatron_wsm.checkpoint.manager import CheckpointError, CheckpointManager
+from megatron_wsm.checkpoint.manifest import ParallelLayout
 from megatron_wsm.checkpoint_callback import CheckpointCallback, window_save_dir
-from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
 from megatron_wsm.config import RunConfig
 from megatron_wsm.log_callback import LogCallback, moe_console
-from megatron_wsm.manifest import ParallelLayout
 from megatron_wsm.model import padded_vocab_size
 from megatron_wsm.moe_metrics import ExpertLoadCallback, ExpertLoadTracker
 from megatron_wsm.training import (

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from megatron_wsm.callbacks import Callback, Evaluation
+from megatron_wsm.checkpoint.manager import CheckpointError, CheckpointManager
 from megatron_wsm.checkpoint_callback import window_save_dir
-from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
 from megatron_wsm.coefficients import MergeMethod
 from megatron_wsm.config import RunConfig
 from megatron_wsm.merge import method_coefficients
@@ -39,8 +39,7 @@ class ReadoutCallback(Callback):
         self.manager = manager
         self.methods = [MergeMethod(name) for name in cfg.wsm.eval_methods]
         self.window_dir = window_save_dir(cfg)
-        tokens_per_iter = cfg.training.global_batch_size * cfg.model.seq_length
-        self.full_window = cfg.wsm.window_size(tokens_per_iter)
+        self.full_window = cfg.wsm.window_size(cfg.tokens_per_iteration)
         #: One row per readout: iteration, method, loss, perplexity, moe, merge (or skipped).
         self.readouts: list[dict[str, Any]] = []
         self._verified: set[str] = set()

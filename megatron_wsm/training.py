@@ -9,7 +9,6 @@ logging, the MoE counters), listed by ``pretrain.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,44 +34,7 @@ from megatron_wsm.callbacks import Callback, CallbackList
 from megatron_wsm.config import RunConfig
 from megatron_wsm.lr import build_scheduler
 from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where the run is: restored from and saved to full checkpoints."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-
-
-@dataclasses.dataclass
-class Components:
-    """The megatron-core objects of a run, built once by :func:`setup`."""
-
-    cfg: RunConfig
-    transformer_config: Any
-    model: list[DDP]
-    optimizer: Any
-    scheduler: Any
-    vocab_size: int
-    datasets: dict[str, Any]
-    state: TrainState
-    load_tracker: Any = None  # moe_metrics.ExpertLoadTracker when metrics are on
-    last_lr: float = 0.0  # LR of the step just taken (the scheduler has moved on)
-    #: What setup loaded (CheckpointManager.load's answer, or an in-memory merge's).
-    loaded: dict[str, Any] | None = None
-
-    @property
-    def num_microbatches(self) -> int:
-        t = self.cfg.training
-        return t.global_batch_size // (
-            t.micro_batch_size * parallel_state.get_data_parallel_world_size()
-        )
-
-    @property
-    def tokens_per_iteration(self) -> int:
-        return self.cfg.training.global_batch_size * self.cfg.model.seq_length
+from megatron_wsm.run_state import Components, StepResult, TrainState  # noqa: F401 - re-exported
 
 
 def device() -> torch.device:
@@ -247,17 +209,6 @@ def check_step_finite(comp: Components, loss: float) -> None:
         "and nothing of it was saved; the newest checkpoint is the last good one. Lower --lr "
         "or check the data (--no-check-for-nan-in-loss-and-grad turns this check off)"
     )
-
-
-@dataclasses.dataclass
-class StepResult:
-    """What one training iteration reports."""
-
-    loss: float
-    grad_norm: float | None
-    learning_rate: float
-    skipped: bool
-    seconds: float
 
 
 def train_step(comp: Components) -> StepResult:

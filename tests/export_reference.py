@@ -16,9 +16,9 @@ import torch
 def main() -> None:
     ckpt, tokens_file, out = sys.argv[1:4]
     from megatron_wsm.arguments import parse_run_config
+    from megatron_wsm.checkpoint.manifest import read_manifest
     from megatron_wsm.cli.evaluate import config_from_run_info
     from megatron_wsm.distributed import destroy_distributed
-    from megatron_wsm.manifest import read_manifest
     from megatron_wsm.pretrain import setup
 
     manifest = read_manifest(ckpt)

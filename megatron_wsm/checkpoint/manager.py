@@ -712,10 +712,10 @@ def async_save_kwargs(save: Callable[..., Any]) -> dict[str, Any]:
 
 
 def _model_spec() -> dict[str, Any]:
-    from megatron_wsm.model import layer_spec_name
+    from megatron_wsm.accelerators import SPEC_TE, layer_spec_name
 
     te_version = None
-    if layer_spec_name() == "transformer_engine":
+    if layer_spec_name() == SPEC_TE:
         from importlib.metadata import PackageNotFoundError, version
 
         for dist_name in ("transformer_engine", "transformer-engine"):

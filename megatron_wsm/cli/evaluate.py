@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm.checkpointing import CheckpointError, resolve_load_dir
+from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir
+from megatron_wsm.checkpoint.manifest import read_manifest
 from megatron_wsm.config import RunConfig, TrainingConfig
-from megatron_wsm.manifest import read_manifest
 
 
 def config_from_run_info(run: dict[str, Any]) -> RunConfig:
@@ -101,7 +101,7 @@ def _checked_load(ckpt: str) -> Any:
     a missing or unreadable common state, an iteration the name, manifest and common state
     disagree on are refused here, before megatron-core reads a byte (it would block on a FIFO
     or fail with a traceback). Raises CheckpointError."""
-    from megatron_wsm import ckpt_layout
+    from megatron_wsm.checkpoint import layout as ckpt_layout
 
     path = resolve_load_dir(ckpt)
     try:

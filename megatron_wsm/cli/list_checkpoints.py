@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm import ckpt_layout as layout
-from megatron_wsm.ckpt_layout import CheckpointInfo
+from megatron_wsm.checkpoint import layout
+from megatron_wsm.checkpoint.layout import CheckpointInfo
 
 PROG = "list_checkpoints.py"
 #: Exit codes: a problem found by --verify; a path missing or holding no checkpoint.

@@ -79,8 +79,8 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> ExportReport:
     """Export checkpoint ``load`` to the HF directory ``save``; raises :class:`ExportError`."""
-    from megatron_wsm.checkpointing import CheckpointError, resolve_load_dir
-    from megatron_wsm.manifest import read_manifest
+    from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir
+    from megatron_wsm.checkpoint.manifest import read_manifest
 
     start = time.perf_counter()
     max_bytes = writer.parse_size(max_shard_size)
@@ -94,7 +94,7 @@ def export_checkpoint(
     writer.check_save(Path(save), overwrite, inputs=[load, path])
     if manifest is None:
         raise ExportError(f"{path} has no wsm_manifest.json: the model config is unknown")
-    from megatron_wsm.ckpt_layout import checkpoint_problems
+    from megatron_wsm.checkpoint.layout import checkpoint_problems
 
     # The same checks as --load and the merge: name, manifest and common state agree, the
     # files are the ones .metadata describes (CRCs of what is read are checked while reading).

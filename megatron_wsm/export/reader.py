@@ -1,10 +1,10 @@
 """Read global tensors of a torch_dist checkpoint offline, one slice at a time.
 
 No process group, no megatron-core model: the ``.metadata`` is read with the restricted
-unpickler of :mod:`megatron_wsm.ckpt_integrity` and checked against the shard files first; then
-each request ("key ``K`` at leading index ``(layer, expert)``") becomes a torch DCP load plan
-for exactly the stored chunks that overlap that slice. Memory is one slice (a layer's QKV, one
-expert's ``linear_fc1``) plus the chunks overlapping it, never the whole model.
+unpickler of :mod:`megatron_wsm.checkpoint.integrity` and checked against the shard files
+first; then each request ("key ``K`` at leading index ``(layer, expert)``") becomes a torch DCP
+load plan for exactly the stored chunks that overlap that slice. Memory is one slice (a layer's
+QKV, one expert's ``linear_fc1``) plus the chunks overlapping it, never the whole model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
 from megatron_wsm.export.mapping import ExportError
 
 #: Optimizer state keys: ``optimizer.…``, or ``chained_N.optimizer.…`` when megatron-core chains

@@ -4,8 +4,8 @@ Everything is written into a hidden temporary directory next to ``--save`` and r
 place as the last step, so a killed export never leaves a directory at ``--save`` (let alone one
 that looks complete); leftovers of killed exports are hidden ``.<save>.exporting-<host>-<pid>``
 directories that the next export into the same ``--save`` removes once their process is gone.
-Where ``--save`` may be and what ``--overwrite`` may replace is :mod:`megatron_wsm.publish`'s
-rule, shared with the merge.
+Where ``--save`` may be and what ``--overwrite`` may replace is the rule of
+:mod:`megatron_wsm.checkpoint.publish`, shared with the merge.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from megatron_wsm import publish
+from megatron_wsm.checkpoint import publish
 from megatron_wsm.export.mapping import ExportError, TensorSpec
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-#: Temporary directories are ``.<save>.exporting-<host>-<pid>`` (see :mod:`megatron_wsm.publish`).
+#: Temporary directories are ``.<save>.exporting-<host>-<pid>``
+#: (see :mod:`megatron_wsm.checkpoint.publish`).
 TMP_TAG = "exporting"
 #: The export's provenance file, which also marks a directory as an export.
 MARKER_NAME = "wsm_export.json"
@@ -134,7 +135,7 @@ def _export_marker(data: dict[str, Any]) -> str | None:
 
 
 #: What an export writes (the marker is its provenance file): the one rule of
-#: :mod:`megatron_wsm.publish` decides what ``--overwrite`` may replace.
+#: :mod:`megatron_wsm.checkpoint.publish` decides what ``--overwrite`` may replace.
 EXPORT_OUTPUT = publish.OutputKind(
     tool="the export",
     what="a Hugging Face export",
@@ -149,7 +150,7 @@ EXPORT_OUTPUT = publish.OutputKind(
 
 def check_save(save: Path, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Refuse (ExportError, nothing written) a ``--save`` the export must not create or
-    replace: see :func:`megatron_wsm.publish.output_refusal`."""
+    replace: see :func:`megatron_wsm.checkpoint.publish.output_refusal`."""
     why = publish.output_refusal(Path(save), EXPORT_OUTPUT, overwrite, inputs=inputs)
     if why:
         raise ExportError(why)

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_wsm import publish
-from megatron_wsm.manifest import (
+from megatron_wsm.checkpoint import publish
+from megatron_wsm.checkpoint.manifest import (
     KIND_MERGED,
     MANIFEST_NAME,
     CheckpointManifest,
@@ -337,7 +337,7 @@ def _merged_marker(data: dict[str, Any]) -> str | None:
 
 
 #: What a merged checkpoint directory holds (torch_dist, or legacy ``mp_rank_*`` files);
-#: :mod:`megatron_wsm.publish` lets ``--overwrite`` replace nothing else.
+#: :mod:`megatron_wsm.checkpoint.publish` lets ``--overwrite`` replace nothing else.
 MERGED_OUTPUT = publish.OutputKind(
     tool="the merge",
     what="a merged checkpoint",
@@ -357,8 +357,8 @@ def check_output_location(
 ) -> None:
     """Refuse an ``output`` the merge must not create or replace (MergeError, nothing written).
 
-    The rule of :func:`megatron_wsm.publish.output_refusal`, shared with the export: ``output``
-    (symlinks resolved) must not equal, lie inside or contain an input or a ``protected``
+    The rule of :func:`megatron_wsm.checkpoint.publish.output_refusal`, shared with the export:
+    ``output`` (symlinks resolved) must not equal, lie inside or contain an input or a ``protected``
     directory, nor lie inside any checkpoint or save directory; it must not exist, unless
     ``overwrite`` and it is a merged checkpoint this tool wrote (only those files, manifest kind
     ``merged``); its parent must exist or be creatable, and be writable.

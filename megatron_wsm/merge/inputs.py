@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from megatron_wsm import ckpt_common, ckpt_integrity
-from megatron_wsm import ckpt_layout as layout
-from megatron_wsm.manifest import (
+from megatron_wsm.checkpoint import common_state as ckpt_common
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint import layout
+from megatron_wsm.checkpoint.manifest import (
     MANIFEST_NAME,
     CheckpointManifest,
     read_manifest,

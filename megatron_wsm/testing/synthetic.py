@@ -24,7 +24,7 @@ import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU 
 
 import torch
 
-from megatron_wsm.manifest import CheckpointManifest, ParallelLayout, write_manifest
+from megatron_wsm.checkpoint.manifest import CheckpointManifest, ParallelLayout, write_manifest
 from megatron_wsm.ports import free_port
 
 

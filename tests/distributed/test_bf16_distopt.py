@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from megatron_wsm import ckpt_integrity
-from megatron_wsm.checkpointing import list_checkpoints, list_window
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint.manager import list_checkpoints, list_window
+from megatron_wsm.checkpoint.manifest import read_manifest
 from megatron_wsm.coefficients import merge_coefficients
-from megatron_wsm.manifest import read_manifest
 from tests.distributed.test_window import _read_model
 from tests.helpers import TINY_MODEL, run_pretrain, run_script
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_wsm import ckpt_integrity
-from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint.manager import CRASH_ENV, list_checkpoints
 from megatron_wsm.testing.launch import run_script, run_until_exit, start_script
 from tests.helpers import TINY_MODEL, _env, losses, run_pretrain
 

@@ -244,7 +244,7 @@ def test_harness_scores_exported_model(tiny_ckpt, data_cache, tmp_path):
 def test_export_refuses_non_finite_weights(tiny_ckpt, data_cache, tmp_path):
     """A diverged checkpoint (here: NaN written into an expert weight's storage) is refused,
     naming the tensor, and nothing is published (issue 24, item 3)."""
-    from megatron_wsm.merge import dcp_format as fmt
+    from megatron_wsm.checkpoint import dcp_format as fmt
 
     bad = tmp_path / "nan_ckpt"
     shutil.copytree(tiny_ckpt, bad)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_wsm.manifest import read_manifest
-from megatron_wsm.merge import dcp_format as fmt
+from megatron_wsm.checkpoint import dcp_format as fmt
+from megatron_wsm.checkpoint.manifest import read_manifest
 from megatron_wsm.merge import merge_checkpoints
 from megatron_wsm.testing import synthetic as syn
 from tests.helpers import run_script
@@ -142,7 +142,7 @@ def test_trainer_full_and_window_checkpoints_merge_model_only(data_cache, tmp_pa
     holding full and window checkpoints merges through --load-dir; the output evaluates."""
     import json
 
-    from megatron_wsm import ckpt_integrity
+    from megatron_wsm.checkpoint import integrity as ckpt_integrity
     from megatron_wsm.merge.torch_dist import is_dropped
     from tests.helpers import TINY_MODEL, run_pretrain
 

@@ -21,7 +21,7 @@ AS_IF_ON_A_GPU = textwrap.dedent(
     if __name__ == "__main__":
         import torch
 
-        from megatron_wsm import rng_state
+        from megatron_wsm.checkpoint import rng as rng_state
 
         cpu_capture = rng_state.capture
 

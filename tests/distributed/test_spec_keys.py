@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm import ckpt_integrity, spec_keys
-from megatron_wsm.manifest import read_manifest
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint import keys as spec_keys
+from megatron_wsm.checkpoint.manifest import read_manifest
 from tests.helpers import ROOT, TINY_MODEL, _env, losses, run_pretrain
 
 pytestmark = pytest.mark.distributed
@@ -26,8 +27,9 @@ _LOCAL_KEYS = """
 import json, sys
 from megatron_wsm.config import ModelConfig, ParallelConfig
 from megatron_wsm.distributed import init_distributed
-from megatron_wsm.model import build_gpt_model, build_transformer_config, layer_spec_name
-from megatron_wsm.spec_keys import tensor_keys
+from megatron_wsm.accelerators import layer_spec_name
+from megatron_wsm.model import build_gpt_model, build_transformer_config
+from megatron_wsm.checkpoint.keys import tensor_keys
 par = ParallelConfig()
 init_distributed(par, 1)
 out = []

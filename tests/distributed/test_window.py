@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from megatron_wsm.checkpointing import CRASH_ENV, list_checkpoints, list_window
+from megatron_wsm.checkpoint.manager import CRASH_ENV, list_checkpoints, list_window
+from megatron_wsm.checkpoint.manifest import read_manifest
 from megatron_wsm.coefficients import merge_coefficients
-from megatron_wsm.manifest import read_manifest
 from megatron_wsm.testing.launch import run_until_exit, start_script
 from tests.helpers import TINY_MODEL, _env, losses, run_pretrain, run_script
 

@@ -78,7 +78,7 @@ def test_bf16_distributed_optimizer_resume_is_bit_exact(data_cache, tmp_path):
 def test_async_window_save_holds_bf16_weights(data_cache, tmp_path):
     import torch
 
-    from megatron_wsm.checkpointing import list_checkpoints
+    from megatron_wsm.checkpoint.manager import list_checkpoints
 
     run_pretrain(
         [
@@ -95,7 +95,7 @@ def test_async_window_save_holds_bf16_weights(data_cache, tmp_path):
     )
     window = [c for c in list_checkpoints(tmp_path / "s" / "wsm_window") if c.complete]
     assert [c.iteration for c in window] == [2, 4, 6]
-    from megatron_wsm import ckpt_integrity
+    from megatron_wsm.checkpoint import integrity as ckpt_integrity
 
     md = ckpt_integrity.load_metadata(window[-1].path)
     dtypes = {

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm.checkpointing import CheckpointError, resolve_load_dir, should_save
-from megatron_wsm.ckpt_layout import (
+from megatron_wsm.checkpoint.layout import (
     checkpoint_name,
     full_to_prune,
     in_window,
@@ -16,7 +15,8 @@ from megatron_wsm.ckpt_layout import (
     prune_window_dir,
     window_to_prune,
 )
-from megatron_wsm.manifest import CheckpointManifest, write_manifest
+from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir, should_save
+from megatron_wsm.checkpoint.manifest import CheckpointManifest, write_manifest
 from megatron_wsm.merge import MergeError, choose_window
 
 
@@ -145,7 +145,7 @@ def test_checkpoint_names_round_trip():
 
 
 def test_load_failure_hint_names_the_cause_and_the_way_out():
-    from megatron_wsm.checkpointing import load_failure_hint
+    from megatron_wsm.checkpoint.manager import load_failure_hint
 
     assert load_failure_hint("shape mismatch", loading_optimizer=False) == ""
     layout = load_failure_hint("some sharding error", loading_optimizer=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_wsm import ckpt_integrity as ci
+from megatron_wsm.checkpoint import integrity as ci
 
 
 def _save(path: Path) -> Path:

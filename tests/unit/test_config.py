@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 
 from megatron_wsm.arguments import build_parser, parse_run_config
-from megatron_wsm.checkpointing import model_identity
+from megatron_wsm.checkpoint.manager import model_identity
+from megatron_wsm.checkpoint.manifest import CheckpointManifest
 from megatron_wsm.cli.evaluate import config_from_run_info
 from megatron_wsm.config import SECTIONS, ConfigError, ModelConfig, ParallelConfig, RunConfig
-from megatron_wsm.manifest import CheckpointManifest
 
 
 def test_parser_defaults_are_the_dataclass_defaults() -> None:

@@ -3,10 +3,10 @@ for manifests with run info and for older ones that recorded only the model shap
 
 from __future__ import annotations
 
-from megatron_wsm.checkpointing import model_identity
+from megatron_wsm.checkpoint.manager import model_identity
+from megatron_wsm.checkpoint.manifest import CheckpointManifest
 from megatron_wsm.config import ModelConfig, RunConfig
 from megatron_wsm.export.hf import embedded_tokenizer_settings
-from megatron_wsm.manifest import CheckpointManifest
 
 
 def _run() -> RunConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_wsm import publish
+from megatron_wsm.checkpoint import publish
 from megatron_wsm.export import writer
 from megatron_wsm.export.mapping import ExportError, TensorSpec
 from megatron_wsm.export.reader import CheckpointReader

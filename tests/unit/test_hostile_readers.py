@@ -22,16 +22,17 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_wsm import ckpt_common, ckpt_integrity
-from megatron_wsm import ckpt_layout as layout
-from megatron_wsm.cli import evaluate, list_checkpoints, merge_wsm
-from megatron_wsm.manifest import (
+from megatron_wsm.checkpoint import common_state as ckpt_common
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint import layout
+from megatron_wsm.checkpoint.manifest import (
     MANIFEST_NAME,
     CheckpointManifest,
     is_complete,
     read_manifest,
     write_manifest,
 )
+from megatron_wsm.cli import evaluate, list_checkpoints, merge_wsm
 from megatron_wsm.merge import MergeError, inspect_input, select_window
 
 #: Seconds a tool may take on a hostile file before the test calls it a hang.
@@ -425,7 +426,7 @@ def test_clean_window_still_passes_every_check(tmp_path, no_training):
 
 def _trainer_refuses(ckpt: Path, fifos: tuple[Path, ...] = ()) -> str:
     """The message of the trainer's pre-load check (single process: no process group)."""
-    from megatron_wsm.checkpointing import CheckpointError, CheckpointManager
+    from megatron_wsm.checkpoint.manager import CheckpointError, CheckpointManager
 
     manager = object.__new__(CheckpointManager)  # the check uses no state of the manager
     with pytest.raises(CheckpointError) as info:
@@ -448,7 +449,7 @@ def test_trainer_load_refuses_before_megatron_core_reads(tmp_path):
     linked = _ckpt(tmp_path / "linked" / "iter_0000010", 10)
     _link_out(linked, "__0_0.distcp", tmp_path / "elsewhere")
     assert "symlink" in _trainer_refuses(linked)
-    from megatron_wsm.checkpointing import CheckpointManager
+    from megatron_wsm.checkpoint.manager import CheckpointManager
 
     clean = _ckpt(tmp_path / "clean" / "iter_0000010", 10)
     object.__new__(CheckpointManager)._verify_before_load(clean)  # the control: accepted

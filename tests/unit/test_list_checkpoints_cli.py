@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_wsm import ckpt_integrity as ci
+from megatron_wsm.checkpoint import integrity as ci
+from megatron_wsm.checkpoint.manifest import CheckpointManifest, write_manifest
 from megatron_wsm.cli.list_checkpoints import EXIT_NOT_FOUND, EXIT_PROBLEMS, main
-from megatron_wsm.manifest import CheckpointManifest, write_manifest
 
 
 def _checkpoint(path: Path, iteration: int, kind: str) -> Path:

@@ -100,7 +100,7 @@ def test_state_records_what_megatron_core_leaves_out(key):
 
 
 def _manager_with(sched):
-    from megatron_wsm.checkpointing import CheckpointManager
+    from megatron_wsm.checkpoint.manager import CheckpointManager
 
     return CheckpointManager([], None, sched, None, {}, 0)
 
@@ -121,7 +121,7 @@ def test_manager_loads_a_longer_stable_run_at_the_checkpoints_position():
 
 
 def test_manager_refuses_a_real_conflict_with_the_two_ways_out():
-    from megatron_wsm.checkpointing import CheckpointError
+    from megatron_wsm.checkpoint.manager import CheckpointError
 
     with pytest.raises(CheckpointError, match="--override-opt-param-scheduler.*--use-checkpoint"):
         _manager_with(_scheduler(100, lr=2e-3))._load_scheduler(_state(100, 50))

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_wsm.manifest import read_manifest, write_manifest
+from megatron_wsm.checkpoint import dcp_format as fmt
+from megatron_wsm.checkpoint.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import MergeError, merge_checkpoints, select_window
-from megatron_wsm.merge import dcp_format as fmt
 from megatron_wsm.merge.torch_dist import DELAY_ENV, is_dropped
 from megatron_wsm.testing import synthetic as syn
 

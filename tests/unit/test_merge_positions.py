@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from megatron_wsm import coefficients
+from megatron_wsm.checkpoint.manifest import read_manifest, write_manifest
 from megatron_wsm.cli import merge_wsm
-from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import (
     MergeError,
     choose_window,

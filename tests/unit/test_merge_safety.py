@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_wsm import ckpt_common, ckpt_integrity
+from megatron_wsm.checkpoint import common_state as ckpt_common
+from megatron_wsm.checkpoint import dcp_format as fmt
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint.manifest import read_manifest, write_manifest
 from megatron_wsm.cli import merge_wsm
-from megatron_wsm.manifest import read_manifest, write_manifest
 from megatron_wsm.merge import MergeError, merge_checkpoints, select_window, torch_dist
-from megatron_wsm.merge import dcp_format as fmt
 from megatron_wsm.merge.torch_dist import ACTION_AVERAGE, ACTION_DROP, classify, is_dropped
 from megatron_wsm.testing import synthetic as syn
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_wsm.checkpointing import (
+from megatron_wsm.checkpoint.manager import (
     optimizer_load_problem,
     optimizer_record,
     optimizer_sharding_metadata,
 )
+from megatron_wsm.checkpoint.manifest import ParallelLayout
 from megatron_wsm.cpu_compat import cuda_type_name, cuda_type_names
-from megatron_wsm.manifest import ParallelLayout
 
 
 def test_sharding_metadata_is_explicit_for_the_distributed_optimizer():

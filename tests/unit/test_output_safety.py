@@ -1,4 +1,4 @@
-"""What the export and the merge may delete or replace: one rule (megatron_wsm.publish).
+"""What the export and the merge may delete or replace: one rule (megatron_wsm.checkpoint.publish).
 
 Hostile cases of issue 24, item 1 (``export_hf.py --overwrite`` deleted whatever ``--save``
 named): each builds the victim, runs the tool as a user would, and checks that the victim is
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm import publish
+from megatron_wsm.checkpoint import publish
+from megatron_wsm.checkpoint.manifest import write_manifest
 from megatron_wsm.cli import export_hf
 from megatron_wsm.export import writer
 from megatron_wsm.export.mapping import ExportError
-from megatron_wsm.manifest import write_manifest
 from megatron_wsm.merge import MERGED_OUTPUT, MergeError, check_output_location
 from megatron_wsm.testing import synthetic as syn
 

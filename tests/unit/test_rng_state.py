@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from megatron_wsm import rng_state as rng
+from megatron_wsm.checkpoint import rng
 from tests.helpers import ROOT, _env
 
 CPU_STATE = torch.Generator().manual_seed(3).get_state()
@@ -80,7 +80,7 @@ _SCRIPT = textwrap.dedent(
     from megatron.core import parallel_state as ps, tensor_parallel
     ps.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(7)
-    from megatron_wsm.checkpointing import rng_state, set_rng_state
+    from megatron_wsm.checkpoint.manager import rng_state, set_rng_state
 
     tracker = tensor_parallel.get_cuda_rng_tracker  # the shim's seeding replaces the tracker
     names = sorted(tracker().get_states())

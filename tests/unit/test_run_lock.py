@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_wsm import run_lock
+from megatron_wsm.checkpoint import lock as run_lock
 
 HOLD = (
     "import sys, time\n"
-    "from megatron_wsm import run_lock\n"
+    "from megatron_wsm.checkpoint import lock as run_lock\n"
     "lock = run_lock.acquire(sys.argv[1])\n"
     "print('held', flush=True)\n"
     "time.sleep(120)\n"

@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from megatron_wsm import spec_keys
 from megatron_wsm.arguments import ConfigError, parse_run_config, validate_accelerator_flags
+from megatron_wsm.checkpoint import keys as spec_keys
 from megatron_wsm.model import (
     FusionKernels,
     GroupedGemmUnavailable,
@@ -232,7 +232,7 @@ def test_overlap_flags_pass_validation_only_together_with_the_distributed_optimi
 
 
 def test_async_saves_ask_for_megatron_cores_own_strategy_where_there_is_a_choice():
-    from megatron_wsm.checkpointing import async_save_kwargs
+    from megatron_wsm.checkpoint.manager import async_save_kwargs
 
     def save_016(
         sharded_state_dict, checkpoint_dir, sharded_strategy=None, async_sharded_save=False

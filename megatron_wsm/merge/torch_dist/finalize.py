@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megatron_wsm.merge import dcp_format as fmt
+from megatron_wsm.checkpoint import dcp_format as fmt
 from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.torch_dist.plan import (
     ACTION_AVERAGE,

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from megatron_wsm import ckpt_common, ckpt_integrity
-from megatron_wsm.merge import dcp_format as fmt
+from megatron_wsm.checkpoint import common_state as ckpt_common
+from megatron_wsm.checkpoint import dcp_format as fmt
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
 from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.inputs import CheckpointInput
 
@@ -462,8 +463,8 @@ COMMON_DROPPED = ("optimizer", "rng_state")
 
 def load_common(newest: Path, metadata: Any = None) -> tuple[Any, list[str]]:
     """The newest input's common state (``common.pt`` or megatron-core >= 0.19's embedded
-    ``common_state`` object, read by :mod:`megatron_wsm.ckpt_common`) minus optimizer/RNG, with
-    notes.
+    ``common_state`` object, read by :mod:`megatron_wsm.checkpoint.common_state`) minus
+    optimizer/RNG, with notes.
 
     A common state that does not load with ``weights_only`` (or fails its CRC) is refused rather
     than copied byte for byte: the merged checkpoint would carry an unverified pickle under our

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megatron_wsm import ckpt_integrity
+from megatron_wsm.checkpoint import integrity as ckpt_integrity
 from megatron_wsm.merge.common import MergeError
 from megatron_wsm.merge.torch_dist.plan import (
     _FP32,
