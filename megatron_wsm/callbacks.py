@@ -12,6 +12,8 @@ point                           called
                                 log beside it (the merged window's)
 ``after_evaluation(comp, ev,    then, with every callback's extra evaluations (in list order)
 extra)``
+``after_save(saved)``           when a checkpoint is complete on disk (rank 0; async saves
+                                iterations later)
 ``at_exit(comp, error)``        once when the loop ends, normally (``error`` None) or by an
                                 exception; runs even then, for every callback
 ==============================  ===============================================================
@@ -31,6 +33,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the loop imports this module: no import of it at run time
+    from megatron_wsm.checkpoint.manager import SaveResult
     from megatron_wsm.run_state import Components, StepResult
 
 #: An evaluation as :func:`megatron_wsm.training.evaluate` returns it (loss, perplexity, moe…).
@@ -55,9 +58,17 @@ class Callback:
         """Once every callback's :meth:`at_evaluation` ran: the live evaluation and all extra
         ones, to record."""
 
+    def after_save(self, saved: SaveResult) -> None:
+        """A checkpoint is complete on disk (called on global rank 0, where saves are finalised;
+        for an async save that is iterations after the step it holds)."""
+
     def at_exit(self, comp: Components, error: BaseException | None) -> None:
         """When the loop ends; ``error`` is the exception that ends it, if any. Must finish what
         the callback left open (pending saves, files, locks) in either case."""
+
+    def attach(self, callbacks: CallbackList) -> None:
+        """Called once by the :class:`CallbackList` that holds this callback: a callback that
+        causes a point of its own (the checkpoint callback: :meth:`after_save`) keeps it."""
 
 
 class CallbackList:
@@ -65,6 +76,13 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            callback.attach(self)
+
+    def after_save(self, saved: SaveResult) -> None:
+        """:meth:`Callback.after_save` of each callback."""
+        for callback in self.callbacks:
+            callback.after_save(saved)
 
     def after_step(self, comp: Components, result: StepResult) -> None:
         """:meth:`Callback.after_step` of each callback."""

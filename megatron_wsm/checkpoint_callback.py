@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import os
 
-from megatron_wsm.callbacks import Callback
+from megatron_wsm.callbacks import Callback, CallbackList
 from megatron_wsm.checkpoint.manager import CheckpointManager, SaveResult, should_save
 from megatron_wsm.checkpoint.manifest import KIND_FULL, KIND_WINDOW
 from megatron_wsm.config import RunConfig
 from megatron_wsm.run_state import Components, StepResult
 from megatron_wsm.training import should_exit
-
-
-def _report_save(result: SaveResult) -> None:
-    print(
-        f"saved {result.kind} checkpoint at iteration {result.iteration}: {result.path} "
-        f"({result.bytes / 2**20:.1f} MiB, {result.seconds:.2f} s)",
-        flush=True,
-    )
 
 
 def window_save_dir(cfg: RunConfig) -> str | None:
@@ -45,17 +37,18 @@ class CheckpointCallback(Callback):
         self.manager = manager
         self.window_interval = cfg.wsm.interval_iters(cfg.tokens_per_iteration)
         self.window_root = window_save_dir(cfg)
-        self.last_full_bytes: int | None = None
+        self._saved: CallbackList | None = None
+
+    def attach(self, callbacks: CallbackList) -> None:
+        """Completed saves are announced to every callback of the loop (``after_save``)."""
+        self._saved = callbacks
+
+    def _announce(self, result: SaveResult) -> None:
+        if self._saved is not None:
+            self._saved.after_save(result)
 
     def _window_done(self, result: SaveResult) -> None:
-        note = ""
-        if self.last_full_bytes:
-            note = f", {100.0 * result.bytes / self.last_full_bytes:.1f}% of a full checkpoint"
-        print(
-            f"saved window checkpoint at iteration {result.iteration}: {result.path} "
-            f"({result.bytes / 2**20:.2f} MiB{note}, {result.seconds:.2f} s)",
-            flush=True,
-        )
+        self._announce(result)
         w = self.cfg.wsm
         for path in self.manager.prune_window(
             result.path.parent, w.wsm_window, w.wsm_window_tokens
@@ -63,8 +56,7 @@ class CheckpointCallback(Callback):
             print(f"pruned window checkpoint {path} (outside the window)", flush=True)
 
     def _full_done(self, result: SaveResult) -> None:
-        self.last_full_bytes = result.bytes
-        _report_save(result)
+        self._announce(result)
         for path in self.manager.prune_full(result.path.parent, self.cfg.training.save_keep_last):
             print(f"pruned full checkpoint {path} (--save-keep-last)", flush=True)
 

@@ -16,6 +16,8 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron_wsm import distributed as wdist
 from megatron_wsm import metric_names as names
 from megatron_wsm.callbacks import Callback, Evaluation
+from megatron_wsm.checkpoint.manager import SaveResult
+from megatron_wsm.checkpoint.manifest import KIND_WINDOW
 from megatron_wsm.moe_metrics import (
     MEAN_GLOBAL_MAX_VIOLATION,
     MEAN_GLOBAL_MIN_VIOLATION,
@@ -36,8 +38,21 @@ def moe_console(moe: dict[str, Any] | None) -> str:
 
 
 class LogCallback(Callback):
-    """Console line + TensorBoard scalars on global rank 0 (all values are world-reduced), and
-    the progress bar (``--no-progress-bar``, only on a terminal)."""
+    """Console line + TensorBoard scalars on global rank 0 (all values are world-reduced), the
+    progress bar (``--no-progress-bar``, only on a terminal) and a line per completed save."""
+
+    def after_save(self, saved: SaveResult) -> None:
+        """One console line per complete checkpoint (a window one relative to the last full)."""
+        if saved.kind != KIND_WINDOW:
+            self._last_full_bytes = saved.bytes
+            print(f"saved {saved.kind} checkpoint at iteration {saved.iteration}: {saved.path} "
+                  f"({saved.bytes / 2**20:.1f} MiB, {saved.seconds:.2f} s)", flush=True)
+            return
+        note = ""
+        if self._last_full_bytes:
+            note = f", {100.0 * saved.bytes / self._last_full_bytes:.1f}% of a full checkpoint"
+        print(f"saved window checkpoint at iteration {saved.iteration}: {saved.path} "
+              f"({saved.bytes / 2**20:.2f} MiB{note}, {saved.seconds:.2f} s)", flush=True)
 
     def __init__(self, comp: Components) -> None:
         self.writer = None
@@ -50,6 +65,7 @@ class LogCallback(Callback):
         self._times: list[float] = []
         self._moe_aux: dict[str, torch.Tensor] = {}
         self._skipped = 0
+        self._last_full_bytes: int | None = None
         self.progress = None
         t = comp.cfg.training
         if t.progress_bar and wdist.rank() == 0 and sys.stderr.isatty():

@@ -187,3 +187,33 @@ def test_the_loop_knows_no_callback_by_name() -> None:
         }
     )
     assert list(inspect.signature(training.train).parameters) == ["comp", "callbacks"]
+
+
+def test_completed_saves_reach_every_callback_and_the_logger_prints_them(capsys) -> None:
+    """The checkpoint callback announces a finished save to the whole list (after_save), before
+    retention; the logger prints it (a window save relative to the last full one)."""
+    from pathlib import Path
+
+    from megatron_wsm.checkpoint.manager import SaveResult
+    from megatron_wsm.log_callback import LogCallback
+
+    seen: list[tuple[str, int]] = []
+
+    class Saves(Callback):
+        def after_save(self, saved: SaveResult) -> None:
+            seen.append((saved.kind, saved.iteration))
+
+    logger = LogCallback.__new__(LogCallback)  # after_save needs no TensorBoard
+    logger._last_full_bytes = None
+    checkpoint = CheckpointCallback.__new__(CheckpointCallback)
+    checkpoint.cfg = SimpleNamespace(training=SimpleNamespace(save_keep_last=None),
+                                     wsm=SimpleNamespace(wsm_window=None, wsm_window_tokens=None))
+    checkpoint.manager = SimpleNamespace(prune_full=lambda *a: [], prune_window=lambda *a: [])
+    CallbackList([checkpoint, Saves(), logger])  # attach
+    checkpoint._full_done(SaveResult(Path("ck/iter_0000004"), "full", 4, 4 << 20, 0.5))
+    checkpoint._window_done(SaveResult(Path("ck/wsm_window/iter_0000004"), "window", 4,
+                                       1 << 20, 0.1))
+    assert seen == [("full", 4), ("window", 4)]
+    out = capsys.readouterr().out
+    assert "saved full checkpoint at iteration 4: ck/iter_0000004 (4.0 MiB" in out
+    assert "saved window checkpoint at iteration 4" in out and "25.0% of a full checkpoint" in out
