@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 
 #: The tiny MoE GPT: the architecture megatron-wsm builds (RMSNorm, SwiGLU, no linear biases,
-#: RoPE, untied embeddings, no dropout), as small as it goes. 127 tokens + EOD = 128, padded to
-#: 128 for TP=1 and TP=2 (divisible-by 64 x TP).
+#: RoPE, untied embeddings, no dropout), as small as it goes. 511 tokens + EOD = 512 = the padded
+#: vocabulary megatron-wsm's trainer builds for its tiny test model (--vocab-size 512: a
+#: multiple of 128 x TP for TP=1 and TP=2), so pretrain_moe.py can load the weights as they are.
 MODEL = [
     "--use-mcore-models",
     "--transformer-impl", "local",
@@ -63,7 +64,7 @@ MODEL = [
 DATA = [
     "--mock-data",
     "--tokenizer-type", "NullTokenizer",
-    "--vocab-size", "127",
+    "--vocab-size", "511",
     "--make-vocab-size-divisible-by", "64",
     "--split", "98,1,1",
 ]  # fmt: skip
