@@ -79,3 +79,26 @@ def test_non_finite_step_is_not_applied_nor_saved(data_cache, tmp_path):
                   in (torch.float32, torch.bfloat16)}
         dcp.load(wanted, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
         assert wanted and all(bool(torch.isfinite(t).all()) for t in wanted.values()), ckpt
+
+
+def test_checkpoint_files_follow_the_umask(data_cache, tmp_path):
+    """What the trainer publishes (checkpoints, window, tracker, lock) has the modes a plain
+    ``open`` / ``mkdir`` gives under the user's umask (issue 25, item 4): 027 here, so a
+    group-readable run directory stays group-readable and nothing is world-readable."""
+    import os
+    import stat
+
+    save = tmp_path / "ckpt"
+    old = os.umask(0o027)
+    try:
+        run_script("pretrain_moe.py", _args(save, data_cache, 2, "--save-interval", "2",
+                                            "--wsm-interval", "1", "--wsm-window", "2"))
+    finally:
+        os.umask(old)
+    wrong = []
+    for path in [save, *save.rglob("*")]:
+        want = 0o750 if path.is_dir() else 0o640
+        if stat.S_IMODE(path.stat().st_mode) != want:
+            wrong.append(f"{path.relative_to(tmp_path)} {oct(stat.S_IMODE(path.stat().st_mode))}")
+    assert not wrong, wrong
+    assert (save / "iter_0000002").is_dir() and (save / "wsm_window" / "iter_0000002").is_dir()
