@@ -29,7 +29,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
 
     from megatron_wsm import distributed as wdist
-    from megatron_wsm.checkpoint.manager import prune_window_dir
+    from megatron_wsm.checkpoint.layout import prune_window_dir
     from megatron_wsm.checkpoint.manifest import KIND_FULL, KIND_WINDOW
     from megatron_wsm.moe_metrics import ExpertLoadCallback
     from megatron_wsm.training import train_step
@@ -79,7 +79,7 @@ def main() -> None:
     tail = time.perf_counter() - wait_start
     result = summary(times, "off")
     if rank0():
-        from megatron_wsm.checkpoint.manager import list_checkpoints
+        from megatron_wsm.checkpoint.layout import list_checkpoints
 
         sizes = {
             kind: list_checkpoints(f"{root}/size_{kind}")[0].size_bytes()

@@ -34,9 +34,6 @@ from typing import Any
 
 import torch
 
-#: torch versions this module was checked against (a newer one only warns when used).
-TESTED_TORCH_VERSIONS = ("2.13",)
-
 #: Name of the pickled DCP metadata file inside a torch_dist checkpoint.
 METADATA_FILE = ".metadata"
 
@@ -76,17 +73,6 @@ class FormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- torch support
-
-
-def torch_version_note() -> str | None:
-    """A warning text when the installed torch was not checked against this module, else None."""
-    version = torch.__version__.split("+")[0]
-    if any(version.startswith(v) for v in TESTED_TORCH_VERSIONS):
-        return None
-    return (
-        f"megatron_wsm.merge was checked against torch {', '.join(TESTED_TORCH_VERSIONS)}; "
-        f"found {torch.__version__} (the torch_dist byte layout is re-checked per item)"
-    )
 
 
 def _storage_info_class() -> type:

@@ -46,20 +46,16 @@ from megatron_wsm import distributed as wdist
 from megatron_wsm.checkpoint import common_state as ckpt_common
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
 from megatron_wsm.checkpoint import keys as spec_keys
-from megatron_wsm.checkpoint.layout import (  # noqa: F401 - the listing and window rule re-exported
+from megatron_wsm.checkpoint.layout import (
     TMP_PREFIX,
     TRACKER_FILE,
-    CheckpointInfo,
     checkpoint_name,
     checkpoint_problems,
     dir_bytes,
-    full_to_prune,
     has_dist_metadata,
     list_checkpoints,
-    list_window,
     prune_full_dir,
     prune_window_dir,
-    window_to_prune,
 )
 from megatron_wsm.checkpoint.manifest import (
     EXTRA_OPTIMIZER,
@@ -70,12 +66,9 @@ from megatron_wsm.checkpoint.manifest import (
     read_manifest,
     write_manifest,
 )
-from megatron_wsm.checkpoint.optimizer_state import (  # noqa: F401 - re-exported for old import paths
+from megatron_wsm.checkpoint.optimizer_state import (
     _CONTENT_OPTIMIZER,
-    OPTIM_SHARDINGS,
-    OPTIMIZER_DISTRIBUTED,
     OPTIMIZER_PLAIN,
-    _model_parallel_sizes,
     _optimizer_parts,
     optimizer_load_problem,
     optimizer_record,
@@ -192,7 +185,8 @@ class CheckpointManager:
         optim_sharding: str | None = None,
     ) -> None:
         """``optim_sharding``: None for the plain optimizer, else one of
-        :data:`OPTIM_SHARDINGS` (how the distributed optimizer's state is saved)."""
+        :data:`~megatron_wsm.checkpoint.optimizer_state.OPTIM_SHARDINGS` (how the distributed
+        optimizer's state is saved)."""
         self.run_info = dict(run_info or {})
         self.optim_sharding = optim_sharding
         self.optim_metadata = optimizer_sharding_metadata(optim_sharding)

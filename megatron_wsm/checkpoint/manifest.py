@@ -249,12 +249,3 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> CheckpointManifest | Non
         return CheckpointManifest.from_json(data)
     except ValueError as e:
         raise ManifestError(f"malformed manifest {path}: {e}") from e
-
-
-def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
-    """True when the directory has our manifest and it says ``complete``."""
-    try:
-        manifest = read_manifest(checkpoint_dir)
-    except ValueError:
-        return False
-    return manifest is not None and manifest.complete

@@ -4,7 +4,7 @@ The plain optimizer and megatron-core's distributed optimizer store different st
 distributed one is saved ``dp_reshardable`` or ``fully_reshardable`` (:data:`OPTIM_SHARDINGS`).
 :func:`optimizer_record` is what a save records (manifest ``extra``, content metadata) and
 :func:`optimizer_load_problem` why a resume cannot load it. Used by
-:class:`megatron_wsm.checkpoint.manager.CheckpointManager`, which re-exports these names.
+:class:`megatron_wsm.checkpoint.manager.CheckpointManager`.
 """
 
 from __future__ import annotations

@@ -341,19 +341,6 @@ def read_jsonl(path: str | os.PathLike[str], key: str = "text") -> list[Document
     return docs
 
 
-def corpus_summary() -> dict[str, Any]:
-    """Sizes of the embedded corpus on this Python (for logs and docs)."""
-    corpus = embedded_corpus()
-    return {
-        "python": sys.version.split()[0],
-        "corpus_version": CORPUS_VERSION,
-        "documents": len(corpus.documents),
-        "bytes": corpus.num_bytes,
-        "skipped_modules": list(corpus.skipped_modules),
-        "empty_modules": list(corpus.empty_modules),
-    }
-
-
 if __name__ == "__main__":
     # Used by embedded_corpus() in an isolated interpreter: dump the corpus as JSON on stdout.
     sys.stdout.write(_to_json(extract_corpus_here()))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
@@ -280,9 +280,3 @@ def build_gpt_datasets_from_prefix(
     _drop_empty_splits(config, prefix)
     return _build(config, list(num_samples), is_built_on_rank)
 
-
-def iter_samples(dataset: Any, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Iterate over dataset items in index order (at most ``limit``); handy in tests and tools."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in range(n):
-        yield dataset[i]

@@ -14,7 +14,7 @@ import dataclasses
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
 
@@ -42,10 +42,6 @@ class IndexedStats:
     empty_documents: int = 0  #: input documents that produced no token and were skipped
     tokens: int = 0  #: token ids written, EOD included
     text_bytes: int = 0  #: UTF-8 bytes of the input text of written documents
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain-dict view (for JSON)."""
-        return dataclasses.asdict(self)
 
 
 def _encode_all(

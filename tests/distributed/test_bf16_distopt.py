@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
-from megatron_wsm.checkpoint.manager import list_checkpoints, list_window
+from megatron_wsm.checkpoint.layout import list_checkpoints, list_window
 from megatron_wsm.checkpoint.manifest import read_manifest
 from megatron_wsm.coefficients import merge_coefficients
 from tests.distributed.test_window import _read_model

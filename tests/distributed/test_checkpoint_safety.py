@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
-from megatron_wsm.checkpoint.manager import CRASH_ENV, list_checkpoints
+from megatron_wsm.checkpoint.layout import list_checkpoints
+from megatron_wsm.checkpoint.manager import CRASH_ENV
 from megatron_wsm.testing.launch import run_script, run_until_exit, start_script
 from tests.helpers import TINY_MODEL, _env, losses, run_pretrain
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_wsm.checkpoint.layout import TRACKER_FILE, list_checkpoints
 from megatron_wsm.checkpoint.lock import LOCK_NAME
-from megatron_wsm.checkpoint.manager import TRACKER_FILE, list_checkpoints
 from megatron_wsm.testing.launch import run_script, run_until_exit, start_script
 from tests.helpers import TINY_MODEL
 

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from megatron_wsm.checkpoint.manager import CRASH_ENV, list_checkpoints, list_window
+from megatron_wsm.checkpoint.layout import list_checkpoints, list_window
+from megatron_wsm.checkpoint.manager import CRASH_ENV
 from megatron_wsm.checkpoint.manifest import read_manifest
 from megatron_wsm.coefficients import merge_coefficients
 from megatron_wsm.testing.launch import run_until_exit, start_script

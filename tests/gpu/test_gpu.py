@@ -78,7 +78,7 @@ def test_bf16_distributed_optimizer_resume_is_bit_exact(data_cache, tmp_path):
 def test_async_window_save_holds_bf16_weights(data_cache, tmp_path):
     import torch
 
-    from megatron_wsm.checkpoint.manager import list_checkpoints
+    from megatron_wsm.checkpoint.layout import list_checkpoints
 
     run_pretrain(
         [

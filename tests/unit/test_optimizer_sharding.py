@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_wsm.checkpoint.manager import (
+from megatron_wsm.checkpoint.manifest import ParallelLayout
+from megatron_wsm.checkpoint.optimizer_state import (
     optimizer_load_problem,
     optimizer_record,
     optimizer_sharding_metadata,
 )
-from megatron_wsm.checkpoint.manifest import ParallelLayout
 from megatron_wsm.cpu_compat import cuda_type_name, cuda_type_names
 
 
