@@ -415,12 +415,12 @@ def test_no_space_left_names_the_output(window, tmp_path, monkeypatch):
 
 
 def test_failed_manifest_write_names_the_output(window, tmp_path, monkeypatch, capsys):
-    import megatron_wsm.merge as merge
+    from megatron_wsm.merge import output as merge_output
 
     def full(path, _manifest):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "wsm_manifest.json"))
 
-    monkeypatch.setattr(merge, "write_manifest", full)
+    monkeypatch.setattr(merge_output, "write_manifest", full)
     out = tmp_path / "merged"
     args = ["--inputs", *map(str, window), "--method", "mean", "--save", str(out)]
     assert merge_wsm.main([*args, "--no-progress-bar"]) == 2
