@@ -7,11 +7,11 @@ shard files (a ``torch.save`` of ``[state]``), and still reads ``common.pt`` whe
 The merge and the input ordering need that dict (the iteration of a foreign checkpoint; the
 scheduler state a merged checkpoint carries), so this module is the one place that finds it:
 
-- the item is located through :func:`ckpt_integrity.load_metadata` (restricted unpickler) and
-  :func:`ckpt_integrity.storage_location` (a shard file inside the checkpoint, nothing else);
+- the item is located through :func:`.integrity.load_metadata` (restricted unpickler) and
+  :func:`.integrity.storage_location` (a shard file inside the checkpoint, nothing else);
 - its zip records' CRC-32 are checked, then it is loaded with ``torch.load(weights_only=True)``
   (``argparse.Namespace`` allowed: Megatron-LM stores its ``args`` there);
-- every file is opened through :func:`ckpt_integrity.open_regular` (a regular file inside the
+- every file is opened through :func:`.integrity.open_regular` (a regular file inside the
   checkpoint: no FIFO, device or symlink).
 
 A torch_dist checkpoint without a readable common state is not complete: megatron-core cannot
@@ -21,9 +21,11 @@ load it (:func:`common_state_problems`, :func:`common_state_missing`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,31 @@ def is_common_state_key(fqn: str) -> bool:
     return bool(COMMON_STATE_KEY.match(fqn))
 
 
+@contextlib.contextmanager
+def allowed_globals(types: list[Any]) -> Iterator[None]:
+    """Admit ``types`` to ``torch.load(weights_only=True)`` for the duration, leaving the
+    process-wide allow-list as it was: torch's own ``safe_globals`` context removes its types on
+    exit even when someone registered them before (megatron-core registers ``Namespace`` and
+    more at import), which would break megatron-core's own later loads."""
+    import torch.serialization as ts
+
+    before = set(map(id, ts.get_safe_globals()))
+    added = [t for t in types if id(t) not in before]
+    ts.add_safe_globals(added)
+    try:
+        yield
+    finally:
+        current = [g for g in ts.get_safe_globals() if not any(g is t for t in added)]
+        ts.clear_safe_globals()
+        ts.add_safe_globals(current)
+
+
 def _load_bytes(data: Any, where: str) -> Any:
     import torch
 
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allowed_globals([argparse.Namespace]):
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for unsafe or corrupt pickles
         first = str(e).splitlines()[0] if str(e) else ""

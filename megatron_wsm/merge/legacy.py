@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_wsm.checkpoint.common_state import allowed_globals
 from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.inputs import LEGACY_FILE, CheckpointInput, legacy_rank_dirs
 from megatron_wsm.merge.torch_dist import (
@@ -53,7 +54,7 @@ def _safe_globals() -> list[Any]:
 def load_legacy(path: Path) -> dict[str, Any]:
     """Memory-map one legacy file with ``weights_only=True`` (plus Namespace/numpy RNG state)."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with allowed_globals(_safe_globals()):  # leaves others' registrations alone
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError as e:
         raise MergeError(f"{path}: missing") from e

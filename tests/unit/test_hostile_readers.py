@@ -485,3 +485,33 @@ def test_evaluate_load_dir_checks_every_window_input_before_training(tmp_path, n
     code, _, err = _evaluate("--load-dir", str(root), "--method", "mean")
     assert code == 2 and "iter_0000020" in err and "150" in err
     assert no_training == []
+
+
+def test_reading_a_common_state_leaves_others_safe_globals_registered(tmp_path):
+    """torch's own ``safe_globals`` context unregisters its types on exit even when megatron-core
+    registered them before (it does at import, Namespace among them): after our reader ran,
+    megatron-core's own ``weights_only`` load of a common state holding ``args`` failed with
+    "Unsupported global: argparse.Namespace". Our reader leaves the allow-list as it found it."""
+    import argparse
+
+    import torch
+    import torch.serialization as ts
+
+    from megatron_wsm.checkpoint.common_state import allowed_globals
+
+    path = tmp_path / "common.pt"
+    torch.save({"args": argparse.Namespace(consumed_train_samples=24), "iteration": 3}, path)
+    before = list(ts.get_safe_globals())
+    ts.add_safe_globals([argparse.Namespace])  # as megatron-core's import does
+    try:
+        with allowed_globals([argparse.Namespace, torch.Size]):
+            assert torch.load(path, weights_only=True)["iteration"] == 3
+        assert argparse.Namespace in ts.get_safe_globals()  # still there for megatron-core
+        assert torch.Size not in ts.get_safe_globals()  # ours only while we read
+        assert torch.load(path, weights_only=True)["args"].consumed_train_samples == 24
+    finally:
+        ts.clear_safe_globals()
+        ts.add_safe_globals(before)
+    with allowed_globals([argparse.Namespace]):
+        pass
+    assert argparse.Namespace not in ts.get_safe_globals() or argparse.Namespace in before
