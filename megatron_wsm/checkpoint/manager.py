@@ -13,7 +13,7 @@ Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for win
 Every rank writes only its own shards into ``.tmp-iter_*``; after all ranks finished, rank 0
 writes the manifest (``complete: true``) and renames the directory into place — one atomic
 step, so a crash can never leave a directory that looks complete. Before that, rank 0 checks
-that the ``.metadata`` describes exactly the shards in the directory (``ckpt_integrity``); a
+that the ``.metadata`` describes exactly the shards in the directory (:mod:`.integrity`); a
 save that fails the check fails on every rank and stays a ``.tmp-`` directory. At most one
 save is in flight at a time (async ones included: see :meth:`CheckpointManager.save`), and
 the helper processes saving starts die with the trainer. Retention runs after that and only
@@ -66,6 +66,7 @@ from megatron_wsm.checkpoint.manifest import (
     read_manifest,
     write_manifest,
 )
+from megatron_wsm.checkpoint.megatron_args import megatron_lm_args
 from megatron_wsm.checkpoint.optimizer_state import (
     _CONTENT_OPTIMIZER,
     OPTIMIZER_PLAIN,
@@ -235,6 +236,16 @@ class CheckpointManager:
             "iteration": train_state.iteration,
             "consumed_samples": train_state.consumed_samples,
             "consumed_tokens": train_state.consumed_tokens,
+            # Megatron-LM's command-line record, which its loader reads for the data position
+            # and the model shape (window and merged checkpoints carry it too, for
+            # --use-checkpoint-args); plain values only (checkpoint/megatron_args.py).
+            "args": megatron_lm_args(
+                self.run_info,
+                iteration=train_state.iteration,
+                consumed_samples=train_state.consumed_samples,
+                padded_vocab_size=self.identity["padded_vocab_size"],
+                parallel=dataclasses.asdict(self.layout),
+            ),
         }
         if kind == KIND_FULL:
             sd["optimizer"] = self.optimizer.sharded_state_dict(

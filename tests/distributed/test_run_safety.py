@@ -102,3 +102,13 @@ def test_checkpoint_files_follow_the_umask(data_cache, tmp_path):
             wrong.append(f"{path.relative_to(tmp_path)} {oct(stat.S_IMODE(path.stat().st_mode))}")
     assert not wrong, wrong
     assert (save / "iter_0000002").is_dir() and (save / "wsm_window" / "iter_0000002").is_dir()
+    # The full checkpoint's common state carries Megatron-LM's args with the data position
+    # (issue 28): its loader resumes the sampler from consumed_train_samples.
+    import argparse
+
+    from megatron_wsm.checkpoint.common_state import allowed_globals
+
+    with allowed_globals([argparse.Namespace]):
+        common = torch.load(save / "iter_0000002" / "common.pt", weights_only=True)
+    assert common["args"].consumed_train_samples == common["consumed_samples"] == 8
+    assert common["args"].iteration == 2

@@ -1,0 +1,127 @@
+"""The ``args`` entry Megatron-LM expects in a checkpoint's common state.
+
+Megatron-LM keeps its whole command line (an ``argparse.Namespace``) in every checkpoint and
+reads it back on ``--load``: ``consumed_train_samples`` / ``consumed_valid_samples`` give the
+data position (without them a resume reads the data again from sample 0, with no error), the
+model-shape and parallel fields are compared with the loading run (``check_checkpoint_args``)
+or copied into it (``--use-checkpoint-args``). Our checkpoints carry such a Namespace, written
+with Megatron-LM's field names and meanings, built here from the run's configuration.
+
+Only plain values (``str``, ``int``, ``float``, ``bool``, ``None``) go in, so the entry loads
+with ``torch.load(weights_only=True)`` plus ``argparse.Namespace`` alone — by our restricted
+readers and by megatron-core's. Pure: no torch, no process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from megatron_wsm.lr_styles import DECAY_STYLES, WSD_DECAY_STYLES
+
+#: Megatron-LM's ``--tokenizer-type`` for a SentencePiece ``.model`` (the only kind we train).
+SENTENCEPIECE_TOKENIZER = "SentencePieceTokenizer"
+
+
+def megatron_lm_args(
+    run: dict[str, Any],
+    *,
+    iteration: int,
+    consumed_samples: int,
+    padded_vocab_size: int,
+    parallel: dict[str, Any],
+) -> argparse.Namespace:
+    """The Namespace Megatron-LM's loader reads, from ``run`` (``RunConfig.to_json()``), the
+    position and the layout (``ParallelLayout`` as a dict)."""
+    model = run.get("model", {})
+    training = run.get("training", {})
+    optim = run.get("optim", {})
+    data = run.get("data", {})
+    par = run.get("parallel", {})
+    num_experts = model.get("num_experts") or None
+    rope = model.get("position_embedding_type", "rope") == "rope"
+    heads = model.get("num_attention_heads")
+    groups = model.get("num_query_groups")
+    values: dict[str, Any] = {
+        # the data position: Megatron-LM resumes its sampler here
+        "iteration": iteration,
+        "consumed_train_samples": consumed_samples,
+        "skipped_train_samples": 0,
+        # evaluation always reads the held-out split from its start here
+        "consumed_valid_samples": 0,
+        # model shape (check_checkpoint_args / --use-checkpoint-args)
+        "num_layers": model.get("num_layers"),
+        "hidden_size": model.get("hidden_size"),
+        "ffn_hidden_size": model.get("ffn_hidden_size"),
+        "num_attention_heads": heads,
+        "group_query_attention": bool(groups) and groups != heads,
+        "num_query_groups": groups or heads,
+        "seq_length": model.get("seq_length"),
+        "max_position_embeddings": model.get("max_position_embeddings")
+        or model.get("seq_length"),
+        "position_embedding_type": model.get("position_embedding_type", "rope"),
+        "add_position_embedding": not rope,
+        "normalization": model.get("normalization", "RMSNorm"),
+        "swiglu": True,
+        "add_bias_linear": False,
+        "untie_embeddings_and_output_weights": bool(
+            model.get("untie_embeddings_and_output_weights", True)
+        ),
+        "hidden_dropout": model.get("hidden_dropout", 0.0),
+        "attention_dropout": model.get("attention_dropout", 0.0),
+        "init_method_std": model.get("init_method_std", 0.02),
+        "num_experts": num_experts,
+        "moe_router_topk": model.get("moe_router_topk") if num_experts else None,
+        "moe_ffn_hidden_size": model.get("moe_ffn_hidden_size") if num_experts else None,
+        "moe_aux_loss_coeff": model.get("moe_aux_loss_coeff"),
+        "moe_router_load_balancing_type": model.get("moe_router_load_balancing_type"),
+        "moe_token_dispatcher_type": model.get("moe_token_dispatcher_type"),
+        "bf16": model.get("params_dtype") == "bf16",
+        "fp16": model.get("params_dtype") == "fp16",
+        # vocabulary and tokenizer
+        "padded_vocab_size": padded_vocab_size,
+        "vocab_size": model.get("vocab_size"),
+        "make_vocab_size_divisible_by": 128,
+        "tokenizer_type": SENTENCEPIECE_TOKENIZER,
+        "tokenizer_model": data.get("tokenizer_model"),
+        # parallel layout of the writer
+        "tensor_model_parallel_size": parallel.get("tensor_model_parallel_size", 1),
+        "pipeline_model_parallel_size": parallel.get("pipeline_model_parallel_size", 1),
+        "expert_model_parallel_size": parallel.get("expert_model_parallel_size", 1),
+        "context_parallel_size": parallel.get("context_parallel_size", 1),
+        "data_parallel_size": parallel.get("data_parallel_size", 1),
+        "world_size": parallel.get("world_size", 1),
+        "sequence_parallel": bool(par.get("sequence_parallel", False)),
+        "use_distributed_optimizer": bool(par.get("use_distributed_optimizer", False)),
+        "data_parallel_random_init": False,
+        "ckpt_format": "torch_dist",
+        "use_dist_ckpt": True,
+        # batch and schedule
+        "micro_batch_size": training.get("micro_batch_size"),
+        "global_batch_size": training.get("global_batch_size"),
+        "train_iters": training.get("train_iters"),
+        "seed": training.get("seed"),
+        "lr": optim.get("lr"),
+        "min_lr": optim.get("min_lr"),
+        "lr_decay_style": DECAY_STYLES.get(
+            optim.get("lr_decay_style"), optim.get("lr_decay_style")
+        ),
+        "lr_wsd_decay_style": WSD_DECAY_STYLES.get(
+            optim.get("lr_wsd_decay_style"), optim.get("lr_wsd_decay_style")
+        ),
+        "lr_wsd_decay_iters": optim.get("lr_wsd_decay_iters"),
+        "lr_warmup_iters": optim.get("lr_warmup_iters"),
+        "weight_decay": optim.get("weight_decay"),
+        "clip_grad": optim.get("clip_grad"),
+        "adam_beta1": optim.get("adam_beta1"),
+        "adam_beta2": optim.get("adam_beta2"),
+        "adam_eps": optim.get("adam_eps"),
+    }
+    return argparse.Namespace(**{k: _plain(v) for k, v in values.items()})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a plain scalar (anything else as its string: never a type to unpickle)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
