@@ -42,11 +42,21 @@ _APPLIED = False
 # so streams, events and synchronize() have nothing to do.
 
 
-class _NullStream:
-    """A do-nothing ``torch.cuda.Stream`` for CPU: work is synchronous already."""
+class _NullSync:
+    """What the CPU stand-ins for a CUDA stream and event share: nothing to wait for."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NullStream(_NullSync):
+    """A do-nothing ``torch.cuda.Stream`` for CPU: work is synchronous already."""
 
     def wait_stream(self, *args: Any) -> None:
         pass
@@ -57,12 +67,6 @@ class _NullStream:
     def record_event(self, event: Any = None) -> _NullEvent:
         return event or _NullEvent()
 
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _NullStream)
 
@@ -70,23 +74,14 @@ class _NullStream:
         return 0
 
 
-class _NullEvent:
+class _NullEvent(_NullSync):
     """A do-nothing ``torch.cuda.Event`` for CPU."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def record(self, *args: Any) -> None:
         pass
 
     def wait(self, *args: Any) -> None:
         pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
 
 
 _NULL_STREAM = _NullStream()

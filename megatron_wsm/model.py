@@ -32,6 +32,34 @@ from megatron_wsm.config import ModelConfig, ParallelConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: ``ModelConfig`` fields that ``TransformerConfig`` takes as they are, under the same name.
+_MODEL_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "hidden_dropout",
+    "attention_dropout",
+    "init_method_std",
+    "normalization",
+)
+#: The same for MoE models only.
+_MOE_FIELDS = (
+    "moe_router_topk",
+    "moe_token_dispatcher_type",
+    "moe_aux_loss_coeff",
+    "moe_router_load_balancing_type",
+    "moe_grouped_gemm",
+)
+#: ``ParallelConfig`` fields that ``TransformerConfig`` takes as they are.
+_PARALLEL_FIELDS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "context_parallel_size",
+    "sequence_parallel",
+)
+
 
 class SequenceParallelTorchNorm(torch.nn.Module):
     """RMSNorm / LayerNorm in plain torch that accepts ``config.sequence_parallel``.
@@ -174,26 +202,15 @@ def build_transformer_config(
     params_dtype = _DTYPES[model.params_dtype]
     num_experts = model.num_experts or None
     ffn = model.ffn_hidden_size or 4 * model.hidden_size
-    kwargs: dict[str, Any] = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
+    kwargs: dict[str, Any] = {name: getattr(model, name) for name in _MODEL_FIELDS}
+    kwargs.update({name: getattr(parallel, name) for name in _PARALLEL_FIELDS})
+    kwargs.update(
         ffn_hidden_size=ffn,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        init_method_std=model.init_method_std,
-        normalization=model.normalization,
         # Linear biases with TP hit an in-place-on-view autograd error on CPU in 0.16, and
         # modern MoE LLMs do without them anyway.
         add_bias_linear=False,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=model.params_dtype == "bf16",
@@ -205,14 +222,10 @@ def build_transformer_config(
         deterministic_mode=not use_cuda,
     )
     if num_experts:
+        kwargs.update({name: getattr(model, name) for name in _MOE_FIELDS})
         kwargs.update(
             num_moe_experts=num_experts,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or ffn,
-            moe_router_topk=model.moe_router_topk,
-            moe_token_dispatcher_type=model.moe_token_dispatcher_type,
-            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-            moe_router_load_balancing_type=model.moe_router_load_balancing_type,
-            moe_grouped_gemm=model.moe_grouped_gemm,
             moe_permute_fusion=False,
             moe_router_dtype="fp32",
         )

@@ -64,7 +64,7 @@ def prepare_builtin_data(cfg: RunConfig) -> PreparedData:
 
 def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     """Tokenizer and train/valid/test GPTDatasets; returns (datasets, vocab size, description)."""
-    from megatron_wsm.data.datasets import build_gpt_datasets, build_gpt_datasets_from_prefix
+    from megatron_wsm.data.datasets import build_gpt_datasets
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer
 
     t = cfg.training
@@ -92,13 +92,15 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     else:
         assert cfg.data.tokenizer_model is not None
         tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
-        train_ds, valid_ds, test_ds = build_gpt_datasets_from_prefix(
+        train_ds, valid_ds, test_ds = build_gpt_datasets(
             cfg.data.data_path,
-            cfg.data.split,
+            None,
+            None,
             tokenizer,
             cfg.model.seq_length,
             t.seed,
             num_samples,
+            split=cfg.data.split,
             create_attention_mask=False,
         )
         source = cfg.data.data_path

@@ -204,6 +204,22 @@ def _nelder_mead(
     return np.asarray(res.x), float(res.fun)
 
 
+def _smoothed_from(
+    run: Run, start: int | None, smooth_window: int | None
+) -> tuple[int, int, np.ndarray]:
+    """``(first scored iteration, smoothing window, smoothed loss)`` of a run, with the
+    defaults of :func:`fit_law`: :func:`default_fit_start` and :func:`default_smooth_window`."""
+    first = start if start is not None else default_fit_start(run)
+    # Need some LR area before the first fitted point (S1 > 0).
+    first = max(first, 1 + run.loss_lag + (1 if run.lrs[0] == 0 else 0))
+    window = (
+        smooth_window
+        if smooth_window is not None
+        else default_smooth_window(int(run.steps[-1] - run.steps[0] + 1))
+    )
+    return first, window, smooth(run.steps, run.loss, window)
+
+
 def fit_law(
     runs: Sequence[Run],
     *,
@@ -244,16 +260,8 @@ def fit_law(
     for run in runs:
         if not run.has_loss:
             raise IdentificationError(f"{run.name}: no loss values to fit")
-        start = fit_start if fit_start is not None else default_fit_start(run)
-        # Need some LR area before the first fitted point (S1 > 0).
-        start = max(start, 1 + run.loss_lag + (1 if run.lrs[0] == 0 else 0))
-        window = (
-            smooth_window
-            if smooth_window is not None
-            else default_smooth_window(int(run.steps[-1] - run.steps[0] + 1))
-        )
+        start, window, sm = _smoothed_from(run, fit_start, smooth_window)
         windows.append(window)
-        sm = smooth(run.steps, run.loss, window)
         keep = run.steps >= start
         steps, obs, raw = run.steps[keep], sm[keep], run.loss[keep]
         if steps.size > max_points:
@@ -407,14 +415,7 @@ def evaluate(
     """
     if not run.has_loss:
         raise ValueError(f"{run.name}: no observed loss to compare with")
-    st = start if start is not None else default_fit_start(run)
-    st = max(st, 1 + run.loss_lag + (1 if run.lrs[0] == 0 else 0))
-    window = (
-        smooth_window
-        if smooth_window is not None
-        else default_smooth_window(int(run.steps[-1] - run.steps[0] + 1))
-    )
-    sm = smooth(run.steps, run.loss, window)
+    st, _, sm = _smoothed_from(run, start, smooth_window)
     keep = run.steps >= st
     if not np.any(keep):
         raise ValueError(f"{run.name}: no loss values at or after iteration {st}")

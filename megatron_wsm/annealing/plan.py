@@ -63,6 +63,31 @@ class PlanRequest:
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+#: Default decay ratios / merge-window fractions searched: 0.025, 0.05, …, 0.6.
+_SEARCH_GRID = np.round(np.arange(0.025, 0.6001, 0.025), 4)
+
+
+def _searched_iters(fraction: float, train_iters: int, warmup_iters: int) -> int:
+    """``round(fraction · train_iters)`` iterations, clipped to 1 … the post-warmup part."""
+    n = int(round(float(fraction) * train_iters))
+    return min(max(n, 1), train_iters - warmup_iters)
+
+
+def _wsd_curve(
+    train_iters: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int, shape: str
+) -> np.ndarray:
+    """The trainer's WSD LR curve, decaying with ``shape`` over the last ``decay_iters``."""
+    return trainer_lr_curve(
+        train_iters=train_iters,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_iters=warmup_iters,
+        style="WSD",
+        wsd_decay_iters=decay_iters,
+        wsd_shape=shape,
+    )
+
+
 def search_decay_ratio(
     params: LawParams,
     *,
@@ -79,26 +104,15 @@ def search_decay_ratio(
     Returns one dict per candidate (``shape``, ``ratio``, ``decay_iters``, ``final_loss``),
     best first.
     """
-    if ratios is None:
-        ratios = np.round(np.arange(0.025, 0.6001, 0.025), 4)
     out = []
     seen = set()
     for shape in shapes:
-        for r in ratios:
-            n = int(round(float(r) * train_iters))
-            n = min(max(n, 1), train_iters - warmup_iters)
+        for r in _SEARCH_GRID if ratios is None else ratios:
+            n = _searched_iters(r, train_iters, warmup_iters)
             if (shape, n) in seen:
                 continue
             seen.add((shape, n))
-            lrs = trainer_lr_curve(
-                train_iters=train_iters,
-                lr=lr,
-                min_lr=min_lr,
-                warmup_iters=warmup_iters,
-                style="WSD",
-                wsd_decay_iters=n,
-                wsd_shape=shape,
-            )
+            lrs = _wsd_curve(train_iters, lr, min_lr, warmup_iters, n, shape)
             out.append(
                 {
                     "kind": "wsd",
@@ -130,17 +144,14 @@ def search_merge_window(
     ``n_intervals`` equal ones. One dict per candidate (``method``, ``fraction``,
     ``window_iters``, ``interval``, ``final_loss``), best first.
     """
-    if fractions is None:
-        fractions = np.round(np.arange(0.025, 0.6001, 0.025), 4)
     base = trainer_lr_curve(
         train_iters=train_iters, lr=lr, warmup_iters=warmup_iters, style="stable"
     )
     out = []
     seen = set()
     for method in methods:
-        for f in fractions:
-            win = int(round(float(f) * train_iters))
-            win = min(max(win, 1), train_iters - warmup_iters)
+        for f in _SEARCH_GRID if fractions is None else fractions:
+            win = _searched_iters(f, train_iters, warmup_iters)
             step = interval if interval is not None else max(1, win // n_intervals)
             win = max(step, win - win % step)  # a whole number of intervals
             if (method, win, step) in seen:
@@ -212,15 +223,7 @@ def schedule_lrs(spec: str, template: dict[str, Any]) -> tuple[np.ndarray, dict[
         if shape not in WSD_SHAPES:
             raise ValueError(f"schedule {spec!r}: shape must be one of {WSD_SHAPES}")
         n = _length(spec, opts, "iters", "ratio", T)
-        lrs = trainer_lr_curve(
-            train_iters=T,
-            lr=lr,
-            min_lr=min_lr,
-            warmup_iters=warm,
-            style="WSD",
-            wsd_decay_iters=n,
-            wsd_shape=shape,
-        )
+        lrs = _wsd_curve(T, lr, min_lr, warm, n, shape)
         info.update(shape=shape, decay_iters=n, ratio=n / T)
     else:
         method = opts.get("method", "1-sqrt")

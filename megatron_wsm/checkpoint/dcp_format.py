@@ -24,7 +24,6 @@ Everything here is pure byte manipulation: no process groups, no megatron-core.
 from __future__ import annotations
 
 import dataclasses
-import io
 import pickle
 import pickletools
 import re
@@ -492,10 +491,3 @@ def _x2nmodp(n: int, k: int) -> int:
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib semantics)."""
     return _multmodp(_x2nmodp(len2, 3), crc1) ^ crc2
-
-
-def torch_save_bytes(obj: Any) -> bytes:
-    """``torch.save`` of ``obj`` into bytes (used to build reference blobs in tests/tools)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()

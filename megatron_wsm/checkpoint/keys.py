@@ -249,17 +249,3 @@ def te_spec_param_keys(
     if untie_embeddings_and_output_weights:
         keys.append("output_layer.weight")
     return sorted(keys)
-
-
-def tensor_keys(sharded: Any) -> list[str]:
-    """Sorted distinct tensor keys of a sharded state dict (what a checkpoint stores)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    return sorted(
-        {
-            v.key
-            for v in nested_values(sharded)
-            if isinstance(v, (ShardedTensor, ShardedTensorFactory))
-        }
-    )

@@ -184,7 +184,7 @@ def checkpoint_problems(
     """Every reason not to load or merge the checkpoint at ``path`` (empty: none): its name and
     manifest disagree on the iteration (:func:`name_problem`); for torch_dist files, every
     :func:`storage_problems` problem, then the common state read and checked
-    (:func:`ckpt_common.common_state_problems`: readable, at the manifest's iteration, else the
+    (:func:`.common_state.common_state_problems`: readable, at the manifest's iteration, else the
     name's), and with ``crc`` the CRC-32 of all item data. Reads the common state (small); the
     CRC check reads every byte."""
     problem = name_problem(path, manifest)

@@ -228,7 +228,7 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> CheckpointManifest | Non
     """Read a checkpoint's manifest; None when the directory has none (not ours, or unfinished).
 
     A manifest that exists but is not a regular file (a FIFO, a symlink, a directory: read
-    through :func:`ckpt_integrity.read_regular`, never followed nor blocked on), cannot be
+    through :func:`.integrity.read_regular`, never followed nor blocked on), cannot be
     parsed, or breaks the schema (:func:`manifest_problems`) raises :class:`ManifestError`
     naming the file: that is corruption, and the caller must not treat the checkpoint as usable.
     """

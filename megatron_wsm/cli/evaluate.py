@@ -97,7 +97,8 @@ def _newest_manifest(args: argparse.Namespace) -> Any:
 
 def _checked_load(ckpt: str) -> Any:
     """The manifest of ``--load CKPT`` (None without one) after the checks a merge input gets
-    (:func:`ckpt_layout.checkpoint_problems`): a FIFO or symlink in place of a checkpoint file,
+    (:func:`~megatron_wsm.checkpoint.layout.checkpoint_problems`): a FIFO or symlink in place
+    of a checkpoint file,
     a missing or unreadable common state, an iteration the name, manifest and common state
     disagree on are refused here, before megatron-core reads a byte (it would block on a FIFO
     or fail with a traceback). Raises CheckpointError."""

@@ -66,7 +66,8 @@ def storage_note(info: CheckpointInfo) -> str | None:
 def verify_problems(info: CheckpointInfo) -> list[str] | None:
     """Every integrity problem of a checkpoint (empty: OK): its files (regular files, shard
     names and ranges, the CRC-32 of all data), its common state (present, readable) and its
-    iteration (name, manifest and common state agree) — :func:`ckpt_layout.checkpoint_problems`.
+    iteration (name, manifest and common state agree) —
+    :func:`~megatron_wsm.checkpoint.layout.checkpoint_problems`.
 
     None when it cannot be verified: not a torch_dist checkpoint (no ``.metadata`` and no
     manifest naming torch_dist), or an incomplete save whose files are expected to be partial.

@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from megatron_wsm.cli import command_parser
+
 PROG = "merge_wsm"
 EPILOG = """coefficients:
   c_0..c_k belong to the k+1 inputs ordered oldest first (by iteration when the manifests or
@@ -50,17 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_wsm.coefficients import MergeMethod
     from megatron_wsm.merge import DEFAULT_CHUNK_MB, OUTPUT_DTYPES, POSITION_UNITS
 
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
+    p = command_parser(
+        PROG,
+        (
             "Average a window of checkpoints saved at a constant learning rate into one "
             "checkpoint, with weights from a decay schedule (WSM). Works shard by shard on "
             "torch_dist (megatron-core dist_checkpointing) and legacy per-rank torch "
             "checkpoints, in their own parallel layout, streaming with bounded memory; run it "
             "with torchrun to split the work over several processes."
         ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     src = p.add_argument_group("inputs (give --inputs or --load-dir)")
     which = src.add_mutually_exclusive_group(required=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from megatron_wsm import annealing as an
 from megatron_wsm import metric_names as names
+from megatron_wsm.cli import command_parser
 
 PROG = "plan_anneal"
 EPILOG = """schedules (--schedule KIND[:key=value,...]):
@@ -46,15 +47,14 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed so docs and tests can inspect it)."""
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
+    p = command_parser(
+        PROG,
+        (
             f"Fit the annealing loss law {an.LAW} (S1 = LR area, S2 = momentum of LR drops) "
             "to training runs, predict the loss of other schedules and of WSM merges, and "
             "search the decay ratio / merge window with the lowest predicted final loss."
         ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     p.add_argument("--fit", nargs="+", required=True, metavar="RUN", help="runs to fit")
     p.add_argument(
@@ -137,20 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per iteration (default: from the runs' token counts)",
     )
-    s.add_argument(
-        "--search-shapes",
-        nargs="+",
-        default=["1-sqrt", "linear", "cosine"],
-        choices=an.WSD_SHAPES,
-        help="WSD shapes searched (default: %(default)s)",
-    )
-    s.add_argument(
-        "--search-methods",
-        nargs="+",
-        default=["1-sqrt", "mean", "ema"],
-        choices=an.MERGE_METHODS,
-        help="merge methods searched (default: %(default)s)",
-    )
+    for flag, searched, choices, what in (
+        ("--search-shapes", ["1-sqrt", "linear", "cosine"], an.WSD_SHAPES, "WSD shapes"),
+        ("--search-methods", ["1-sqrt", "mean", "ema"], an.MERGE_METHODS, "merge methods"),
+    ):
+        help_text = f"{what} searched (default: %(default)s)"
+        s.add_argument(flag, nargs="+", default=searched, choices=choices, help=help_text)
     s.add_argument(
         "--merge-interval",
         type=int,

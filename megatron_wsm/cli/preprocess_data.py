@@ -29,6 +29,8 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 
+from megatron_wsm.cli import command_parser
+
 PROG = "preprocess_data"
 EPILOG = """examples:
   preprocess_data.py --input corpus.jsonl --json-keys text --tokenizer-model tok.model \\
@@ -40,11 +42,8 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Tokenize documents into megatron-core indexed datasets (.bin/.idx).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser(
+        PROG, "Tokenize documents into megatron-core indexed datasets (.bin/.idx).", EPILOG
     )
     p.add_argument(
         "--input",

@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from megatron_wsm.cli import command_parser
+
 PROG = "train_tokenizer"
 EPILOG = """examples:
   train_tokenizer.py --embedded --output-prefix data/tok
@@ -30,11 +32,8 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Train a deterministic byte-fallback SentencePiece BPE tokenizer.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser(
+        PROG, "Train a deterministic byte-fallback SentencePiece BPE tokenizer.", EPILOG
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_wsm.cli import command_parser
 from megatron_wsm.coefficients import (
     DEFAULT_CONVENTION,
     FORMULAS,
@@ -94,15 +95,14 @@ class MethodResult:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed so docs and tests can inspect it)."""
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
+    p = command_parser(
+        PROG,
+        (
             "Print the WSM merge coefficients c_0..c_k (oldest checkpoint first) of a decay "
             "method and the decay w_1..w_k they emulate (Theorem 3.1: c_k = w_k, "
             f"c_j = w_j - w_(j+1), c_0 = 1 - w_1). Discretisation: {DISCRETISATION}."
         ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     MergeMethod.add_cli_flags(p, several=True, coefficients_alias=True)
     p.add_argument(

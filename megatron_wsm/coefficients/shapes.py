@@ -76,14 +76,8 @@ DIRECT_METHODS: tuple[str, ...] = ("mean", "ema")
 #: Every method name a command line accepts (argparse ``choices``), in display order.
 #: ``custom`` needs explicit ``coefficients=`` or ``decay=``.
 METHODS: tuple[str, ...] = (
-    "linear",
-    "cosine",
-    "1-sqrt",
-    "inverse-sqrt",
-    "exponential",
-    "wsd-exponential",
-    "mean",
-    "ema",
+    *(m for m in SHAPE_METHODS if m != "constant"),
+    *DIRECT_METHODS,
     "constant",
     "custom",
 )
@@ -406,16 +400,15 @@ def validate_coefficients(
             f"coefficients must sum to 1 (tolerance {tol:g}), got {_fmt(total)}; "
             "divide them by their sum to normalise"
         )
-    if not allow_negative:
-        _refuse_negative(
-            cs,
-            tol,
-            range(len(cs)),
-            lambda j: (
-                f"coefficient c_{j} = {_fmt(cs[j])} is negative: the decay it emulates "
-                "rises or leaves [0, 1]"
-            ),
+
+    def negative(j: int) -> str:
+        return (
+            f"coefficient c_{j} = {_fmt(cs[j])} is negative: the decay it emulates "
+            "rises or leaves [0, 1]"
         )
+
+    if not allow_negative:
+        _refuse_negative(cs, tol, range(len(cs)), negative)
     return cs
 
 
@@ -442,17 +435,16 @@ def coefficients_from_decay(
     c.append(ws[-1])
     # With every w_i in [0, 1], c_0 and c_k are non-negative; only a rise between two weights
     # can make one of c_1 … c_{k-1} negative, and the message names that rise.
-    if not allow_negative:
-        _refuse_negative(
-            c,
-            tol,
-            range(1, len(ws)),
-            lambda j: (
-                f"decay rises from w_{j} = {_fmt(ws[j - 1])} to w_{j + 1} = "
-                f"{_fmt(ws[j])}, giving a negative coefficient c_{j} = {_fmt(c[j])}; a decay must "
-                "be non-increasing"
-            ),
+
+    def rise(j: int) -> str:
+        return (
+            f"decay rises from w_{j} = {_fmt(ws[j - 1])} to w_{j + 1} = "
+            f"{_fmt(ws[j])}, giving a negative coefficient c_{j} = {_fmt(c[j])}; a decay must "
+            "be non-increasing"
         )
+
+    if not allow_negative:
+        _refuse_negative(c, tol, range(1, len(ws)), rise)
     return c
 
 

@@ -8,7 +8,7 @@ Submodules (imported explicitly; this package imports nothing so light tools sta
 * :mod:`~megatron_wsm.data.indexed` — text → megatron-core ``.bin``/``.idx``;
 * :mod:`~megatron_wsm.data.prepare` — ``prepare_embedded_data`` / ``prepare_env_python_data``
   (cached, lock-protected);
-* :mod:`~megatron_wsm.data.datasets` — ``build_gpt_datasets`` / ``build_gpt_datasets_from_prefix``.
+* :mod:`~megatron_wsm.data.datasets` — ``build_gpt_datasets``.
 
 See ``docs/data.md``.
 """

@@ -108,11 +108,6 @@ class EmbeddedCorpus:
     skipped_modules: tuple[str, ...]  #: modules that failed to import (not fatal)
     empty_modules: tuple[str, ...]  #: modules that imported but define no public docstring
 
-    @property
-    def num_bytes(self) -> int:
-        """Total UTF-8 size of all document texts."""
-        return sum(len(d.text.encode("utf-8")) for d in self.documents)
-
 
 def _own_doc(obj: Any) -> str | None:
     """The docstring written for ``obj`` itself, not one inherited from a base class."""

@@ -60,27 +60,6 @@ def _default_cache(prefix: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(prefix)), "gpt_index_cache")
 
 
-def _config(
-    tokenizer: Any,
-    seq_length: int,
-    seed: int,
-    path_to_cache: str,
-    create_attention_mask: bool,
-    **fields: Any,
-) -> GPTDatasetConfig:
-    return GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=tokenizer,
-        path_to_cache=path_to_cache,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=create_attention_mask,
-        **fields,
-    )
-
-
 def _token_counts(prefix: str, split_matrix: Sequence[Any]) -> list[int | None]:
     """Tokens in each split's document range, computed the way megatron-core cuts the ranges."""
     indexed = IndexedDataset(prefix)
@@ -204,10 +183,12 @@ def build_gpt_datasets(
     num_samples: tuple[int | None, int | None, int | None],
     path_to_cache: str | None = None,
     *,
+    split: str | None = None,
     create_attention_mask: bool = True,
     is_built_on_rank: Callable[[], bool] | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Build train/valid/test ``GPTDataset``s, one indexed dataset per split (``blend_per_split``).
+    """Build train/valid/test ``GPTDataset``s, one indexed dataset per split (``blend_per_split``)
+    or, with ``split``, all three from the one indexed dataset ``train_prefix``.
 
     Args:
         train_prefix, valid_prefix, test_prefix: indexed-dataset prefixes (no ``.bin``/``.idx``);
@@ -221,6 +202,10 @@ def build_gpt_datasets(
             deterministic full-split evaluation.
         path_to_cache: where megatron-core caches the sample indices (created); defaults to
             ``gpt_index_cache`` next to the train prefix (or the first given prefix).
+        split: Megatron's ``--split`` (e.g. ``"949,50,1"``), with ``train_prefix`` the only
+            prefix: its documents are cut, in storage order, into three contiguous ranges with
+            those weights, so the split is by document. A zero weight gives ``None`` for that
+            split, and so does a range that holds no document (with a warning).
         create_attention_mask: include the dense causal ``attention_mask`` in samples.
         is_built_on_rank: with torch.distributed, which ranks get a dataset (others get
             ``None``); default: every rank.
@@ -232,51 +217,30 @@ def build_gpt_datasets(
     given = [p for p in prefixes if p is not None]
     if not given:
         raise ValueError("at least one of train/valid/test prefixes is required")
-    for p in given:
-        # An empty indexed dataset would make megatron-core loop forever (see _drop_empty_splits).
-        if _token_counts(p, [(0.0, 1.0)])[0] == 0:
-            raise ValueError(f"indexed dataset {p!r} holds no token")
     cache = os.fspath(path_to_cache) if path_to_cache is not None else _default_cache(given[0])
-    config = _config(
-        _as_tokenizer(tokenizer),
-        seq_length,
-        seed,
-        cache,
-        create_attention_mask,
-        blend_per_split=[([p], None) if p is not None else None for p in prefixes],
+    fields: dict[str, Any]
+    if split is None:
+        for p in given:
+            # An empty indexed dataset would make megatron-core loop forever (see
+            # _drop_empty_splits).
+            if _token_counts(p, [(0.0, 1.0)])[0] == 0:
+                raise ValueError(f"indexed dataset {p!r} holds no token")
+        fields = {"blend_per_split": [([p], None) if p is not None else None for p in prefixes]}
+    elif given != [train_prefix]:
+        raise ValueError("split cuts one indexed dataset: give train_prefix only")
+    else:
+        fields = {"blend": ([train_prefix], None), "split": split}
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=_as_tokenizer(tokenizer),
+        path_to_cache=cache,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=create_attention_mask,
+        **fields,
     )
+    if split is not None:
+        _drop_empty_splits(config, given[0])
     return _build(config, list(num_samples), is_built_on_rank)
-
-
-def build_gpt_datasets_from_prefix(
-    prefix: str,
-    split: str,
-    tokenizer: Any,
-    seq_length: int,
-    seed: int,
-    num_samples: tuple[int | None, int | None, int | None],
-    path_to_cache: str | None = None,
-    *,
-    create_attention_mask: bool = True,
-    is_built_on_rank: Callable[[], bool] | None = None,
-) -> tuple[Any, Any, Any]:
-    """Build train/valid/test ``GPTDataset``s from one indexed dataset and a split string.
-
-    ``split`` is Megatron's ``--split`` (e.g. ``"949,50,1"``): the documents of ``prefix`` are
-    cut, in storage order, into three contiguous ranges with those weights, so the split is by
-    document. A zero weight gives ``None`` for that split. Other arguments as in
-    :func:`build_gpt_datasets`.
-    """
-    cache = os.fspath(path_to_cache) if path_to_cache is not None else _default_cache(prefix)
-    config = _config(
-        _as_tokenizer(tokenizer),
-        seq_length,
-        seed,
-        cache,
-        create_attention_mask,
-        blend=([prefix], None),
-        split=split,
-    )
-    _drop_empty_splits(config, prefix)
-    return _build(config, list(num_samples), is_built_on_rank)
-

@@ -248,16 +248,3 @@ def environment_fingerprint(roots: tuple[SourceRoot, ...]) -> dict[str, object]:
         "num_distributions": len(dists),
     }
 
-
-def env_python_documents(
-    max_bytes: int | None = None,
-    max_file_bytes: int = MAX_FILE_BYTES,
-    roots: tuple[SourceRoot, ...] | None = None,
-    on_file: Callable[[int], None] | None = None,
-) -> tuple[list[Document], SelectionStats]:
-    """The ``env-python`` corpus of this interpreter (or of ``roots``), with its statistics."""
-    roots = source_roots() if roots is None else roots
-    files, too_large = list_source_files(roots, max_file_bytes)
-    docs, stats = select_documents(files, max_bytes, on_file)
-    stats.too_large = too_large
-    return docs, stats

@@ -20,7 +20,6 @@ from megatron_wsm.merge.common import MergeError
 
 FORMAT_TORCH_DIST = "torch_dist"
 FORMAT_TORCH = "torch"  # legacy per-rank files: mp_rank_XX[_YYY[_ZZZ]]/model_optim_rng.pt
-FORMATS = (FORMAT_TORCH_DIST, FORMAT_TORCH)
 
 LEGACY_FILE = "model_optim_rng.pt"
 _MP_RANK_RE = re.compile(r"^mp_rank_\d{2}(_\d{3}){0,2}$")
@@ -88,7 +87,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -> CheckpointInput:
     """Check one input is a finished checkpoint; MergeError with the reason otherwise.
 
-    Beyond its manifest: every problem :func:`ckpt_layout.checkpoint_problems` finds without
+    Beyond its manifest: every problem
+    :func:`~megatron_wsm.checkpoint.layout.checkpoint_problems` finds without
     reading tensor data — an ``iter_N`` name, manifest and common state that disagree on the
     iteration, checkpoint files that are not regular files (FIFOs, symlinks), shards that do not
     hold what ``.metadata`` names, a missing or unreadable common state (the merged checkpoint
@@ -343,7 +343,7 @@ def choose_window(
             f"--load-dir {load_dir}: no complete window or full checkpoint found{refused}"
         )
     newest = entries[-1][1]
-    # The trainer's retention keeps exactly these (ckpt_layout.window_to_prune): one rule.
+    # The trainer's retention keeps exactly these (checkpoint.layout.window_to_prune): one rule.
     entries = [
         (path, m)
         for path, m in entries

@@ -29,7 +29,16 @@ from megatron_wsm.config import ModelConfig, ParallelConfig
 from megatron_wsm.distributed import init_distributed
 from megatron_wsm.accelerators import layer_spec_name
 from megatron_wsm.model import build_gpt_model, build_transformer_config
-from megatron_wsm.checkpoint.keys import tensor_keys
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+
+def tensor_keys(sharded):
+    # Sorted distinct tensor keys of a sharded state dict (what a checkpoint stores).
+    tensors = (ShardedTensor, ShardedTensorFactory)
+    return sorted({v.key for v in nested_values(sharded) if isinstance(v, tensors)})
+
+
 par = ParallelConfig()
 init_distributed(par, 1)
 out = []

@@ -25,7 +25,7 @@ from megatron_wsm.data.corpus import (
     split_of,
     write_jsonl,
 )
-from megatron_wsm.data.datasets import build_gpt_datasets, build_gpt_datasets_from_prefix
+from megatron_wsm.data.datasets import build_gpt_datasets
 from megatron_wsm.data.indexed import write_indexed_dataset
 from megatron_wsm.data.prepare import prepare_embedded_data
 from megatron_wsm.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -257,16 +257,32 @@ def test_gpt_datasets_from_prepared(prepared, tmp_path: Path) -> None:
 def test_gpt_datasets_from_single_prefix_split(prepared, tmp_path: Path) -> None:
     data, _, _ = prepared
     n_docs = data.stats["splits"]["train"]["documents"]
-    train, valid, test = build_gpt_datasets_from_prefix(
-        data.train_prefix, "90,10,0", data.tokenizer_model, 32, 1, (50, 5, None), str(tmp_path)
+    train, valid, test = build_gpt_datasets(
+        data.train_prefix,
+        None,
+        None,
+        data.tokenizer_model,
+        32,
+        1,
+        (50, 5, None),
+        str(tmp_path),
+        split="90,10,0",
     )
     assert test is None and len(train) >= 50 and len(valid) >= 5
     # A split whose range holds no document would make megatron-core loop forever: it becomes
     # None with a warning instead (fewer than 1000 documents, so 1/1000 rounds to none).
     assert n_docs < 1000
     with pytest.warns(RuntimeWarning, match="no test document"):
-        train, valid, test = build_gpt_datasets_from_prefix(
-            data.train_prefix, "949,50,1", data.tokenizer_model, 32, 1, (50, 5, 5), str(tmp_path)
+        train, valid, test = build_gpt_datasets(
+            data.train_prefix,
+            None,
+            None,
+            data.tokenizer_model,
+            32,
+            1,
+            (50, 5, 5),
+            str(tmp_path),
+            split="949,50,1",
         )
     assert test is None and valid is not None
 

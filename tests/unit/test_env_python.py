@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from megatron_wsm.config import ConfigError, DataConfig, RunConfig
-from megatron_wsm.data.corpus import split_documents
+from megatron_wsm.data.corpus import Document, split_documents
 from megatron_wsm.data.env_python import (
+    SelectionStats,
     SourceRoot,
     clean_source,
-    env_python_documents,
     environment_fingerprint,
     list_source_files,
     select_documents,
@@ -24,6 +24,13 @@ from megatron_wsm.data.env_python import (
 from megatron_wsm.data.prepare import prepare_env_python_data
 from megatron_wsm.testing.config import TINY_MODEL
 from megatron_wsm.testing.launch import run_pretrain, run_script
+
+
+def _documents(roots: tuple[SourceRoot, ...]) -> tuple[list[Document], SelectionStats]:
+    """Every document of ``roots`` that the env-python selection keeps, with its statistics."""
+    files, _ = list_source_files(roots)
+    return select_documents(files)
+
 
 #: A slice of this interpreter's stdlib with at least one valid and one test file (19 files on
 #: CPython 3.11; the selection is a prefix of the sorted stdlib, so it grows only by ~files).
@@ -126,7 +133,7 @@ def test_dedup_keeps_the_first_copy_even_when_headers_differ(tmp_path) -> None:
             "site/three.py": body + "\n# trailing comment makes it different\n",
         },
     )
-    docs, stats = env_python_documents(roots=_roots(tmp_path))
+    docs, stats = _documents(_roots(tmp_path))
     assert [d.name for d in docs] == ["stdlib/one.py", "purelib/three.py"]
     assert stats.duplicates == 1
 
@@ -134,7 +141,7 @@ def test_dedup_keeps_the_first_copy_even_when_headers_differ(tmp_path) -> None:
 def test_max_bytes_takes_a_prefix_and_stops_reading(tmp_path) -> None:
     _tree(tmp_path, {f"lib/m{i:02d}.py": f"value_{i} = {i}\n" for i in range(20)})
     roots = _roots(tmp_path)
-    everything, _ = env_python_documents(roots=roots)
+    everything, _ = _documents(roots)
     read: list[int] = []
     files, _ = list_source_files(roots)
     part, stats = select_documents(files, max_bytes=40, on_file=read.append)
@@ -148,7 +155,7 @@ def test_max_bytes_takes_a_prefix_and_stops_reading(tmp_path) -> None:
 def test_split_by_file_is_stable_when_files_come_and_go(tmp_path) -> None:
     _tree(tmp_path, {f"lib/m{i:03d}.py": f"v = {i}\n" for i in range(300)})
     roots = _roots(tmp_path)
-    docs, _ = env_python_documents(roots=roots)
+    docs, _ = _documents(roots)
 
     def assignment(ds) -> dict[str, str]:
         return {d.name: s for s, group in split_documents(ds).items() for d in group}
@@ -159,7 +166,7 @@ def test_split_by_file_is_stable_when_files_come_and_go(tmp_path) -> None:
     _tree(tmp_path, {f"lib/a{i:03d}.py": f"w = {i}\n" for i in range(50)})
     for i in range(0, 300, 7):
         (tmp_path / f"lib/m{i:03d}.py").unlink()
-    after = assignment(env_python_documents(roots=roots)[0])
+    after = assignment(_documents(roots)[0])
     common = set(before) & set(after)
     assert len(common) == 300 - len(range(0, 300, 7))
     assert all(before[n] == after[n] for n in common)

@@ -499,12 +499,19 @@ def test_crc32_combine_matches_zlib():
         assert fmt.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
+def _torch_save_bytes(obj: object) -> bytes:
+    """``torch.save`` of ``obj`` into bytes (a reference blob)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("src", sorted(fmt.STORAGE_CLASS_NAMES, key=str))
 @pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("zip64", [False, True])
 def test_built_blobs_load_in_torch(tmp_path: Path, src, dst, zip64):
     tensor = torch.randn(7, 3).to(src).t()  # non-contiguous strides survive the retyping
-    blob = fmt.torch_save_bytes(tensor)
+    blob = _torch_save_bytes(tensor)
     reader = fmt.BlobReader(lambda o, n: blob[o : o + n], len(blob))
     parsed = fmt.describe_tensor_blob(reader)
     records = []
@@ -528,7 +535,7 @@ def test_built_blobs_load_in_torch(tmp_path: Path, src, dst, zip64):
 
 
 def test_same_dtype_template_round_trips():
-    blob = fmt.torch_save_bytes(torch.arange(10.0))
+    blob = _torch_save_bytes(torch.arange(10.0))
     reader = fmt.BlobReader(lambda o, n: blob[o : o + n], len(blob))
     parsed = fmt.describe_tensor_blob(reader)
     data = blob[parsed.data_offset : parsed.data_offset + parsed.data_size]
