@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-LAYERS = "decoder.layers."
 EXPERTS = "decoder.layers.mlp.experts.experts."
 
 #: Each HF role with the checkpoint keys that can hold it, in both norm schemes the project
