@@ -8,7 +8,7 @@ Layout under a checkpoint root (``--save`` for full ones, ``--wsm-save`` for win
 
     iter_0000100/                  a finished checkpoint: torch_dist shards + wsm_manifest.json
     .tmp-iter_0000120/             a save in progress (or killed): never listed, never loaded
-    latest_checkpointed_iteration.txt   (full root only; Megatron-LM's tracker file)
+    latest_checkpointed_iteration.txt   Megatron-LM's tracker file: the newest checkpoint
 
 Every rank writes only its own shards into ``.tmp-iter_*``; after all ranks finished, rank 0
 writes the manifest (``complete: true``) and renames the directory into place — one atomic
@@ -374,8 +374,10 @@ class CheckpointManager:
                     error or f"{kind} checkpoint of iteration {iteration} refused on rank 0"
                 )
             if wdist.rank() == 0:
-                if kind == KIND_FULL:
-                    _write_text_atomic(root / TRACKER_FILE, str(iteration))
+                # Megatron-LM's tracker, in the window root too: there it names the newest
+                # window checkpoint, so Megatron-LM's --load of the window root finds weights
+                # (--finetune --no-load-optim --no-load-rng) instead of starting from random.
+                _write_text_atomic(root / TRACKER_FILE, str(iteration))
                 result = SaveResult(
                     final,
                     kind,

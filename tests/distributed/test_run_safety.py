@@ -112,3 +112,6 @@ def test_checkpoint_files_follow_the_umask(data_cache, tmp_path):
         common = torch.load(save / "iter_0000002" / "common.pt", weights_only=True)
     assert common["args"].consumed_train_samples == common["consumed_samples"] == 8
     assert common["args"].iteration == 2
+    # Megatron-LM's tracker in both roots: its --load of the window root finds the newest one.
+    assert (save / "wsm_window" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
