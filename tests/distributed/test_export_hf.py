@@ -151,7 +151,7 @@ def test_export_refusals_write_nothing(tiny_ckpt, data_cache, tmp_path):
     assert proc.returncode == 2 and "no such directory" in proc.stderr
     export(tiny_ckpt, hf, "--data-cache-dir", data_cache, "--dtype", "bf16")
     proc = export(tiny_ckpt, hf, "--data-cache-dir", data_cache, check=False)
-    assert proc.returncode == 2 and "exists (pass --overwrite" in proc.stderr
+    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
     config = json.loads((hf / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
 
