@@ -186,11 +186,13 @@ PYEOF
 
 cat >"$WORK/probe.py" <<'PYEOF'
 import json, sys
+import megatron_wsm.mcore_prelude  # before megatron.core, as every module of the package does
 import megatron.core.package_info as info
 from megatron_wsm import model as m
+from megatron_wsm.accelerators import layer_spec_name
 print("megatron-core", sys.argv[1] + ":", info.__version__)
 with open(sys.argv[2], "w") as f:
-    json.dump({"spec": m.layer_spec_name(), **m.decide_fusions(m.probe_fusion_kernels())}, f)
+    json.dump({"spec": layer_spec_name(), **m.decide_fusions(m.probe_fusion_kernels())}, f)
 PYEOF
 
 # Which megatron-core installs to check: the wheels given (offline), else this checkout's pins.

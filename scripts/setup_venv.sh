@@ -80,8 +80,8 @@ if missing:
 PYEOF
         return 1 2>/dev/null || exit 1
     fi
-    if ! python -c "import torch, megatron.core, megatron_wsm" >/dev/null 2>&1; then
-        python -c "import torch, megatron.core, megatron_wsm" || true
+    if ! python -c "import megatron_wsm.mcore_prelude, torch, megatron.core, megatron_wsm" >/dev/null 2>&1; then
+        python -c "import megatron_wsm.mcore_prelude, torch, megatron.core, megatron_wsm" || true
         echo "[setup] offline: megatron-wsm does not import (above)" >&2
         return 1 2>/dev/null || exit 1
     fi
