@@ -153,8 +153,10 @@ def set_rng_state(state: dict[str, Any], seed: int | None = None) -> bool:
 
 
 def _weights_finite(model: list[Any]) -> bool:
-    """True when every parameter of this rank's model chunks is finite."""
-    return all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+    """True when every parameter of this rank's model chunks is finite (one device-to-host
+    read for all of them: a read per parameter would stall a GPU at every save)."""
+    flags = [torch.isfinite(p).all() for chunk in model for p in chunk.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 # ----------------------------------------------------------------------------- I/O

@@ -157,3 +157,17 @@ def test_load_failure_hint_names_the_cause_and_the_way_out():
     )
     assert "--lr" in groups and "parallel layout" not in groups
     assert "--no-load-optim --no-load-rng" in groups
+
+
+def test_weights_finite_sees_one_bad_value_in_any_chunk():
+    """The save-side guard: one NaN or inf anywhere in any model chunk refuses the save."""
+    import torch
+
+    from megatron_wsm.checkpoint.manager import _weights_finite
+
+    chunks = [torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)]
+    assert _weights_finite(chunks)
+    with torch.no_grad():
+        chunks[1].bias[1] = float("inf")
+    assert not _weights_finite(chunks)
+    assert _weights_finite([])
