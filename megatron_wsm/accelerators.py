@@ -1,7 +1,7 @@
 """Which optional GPU accelerators this machine can use (Transformer Engine on CUDA).
 
 Standard library at import: torch is imported only when :func:`transformer_engine_usable` is
-called, so ``config.py`` can refuse GPU-only flags without loading torch for runs that do not
+called, so ``config`` can refuse GPU-only flags without loading torch for runs that do not
 ask for them. ``model.py`` picks its layer spec with the same probe.
 """
 

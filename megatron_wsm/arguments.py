@@ -1,6 +1,6 @@
 """Command-line flags (Megatron-LM names and meanings) → :class:`RunConfig`.
 
-The parser is generated from the dataclasses in ``config.py``, which hold every flag's default,
+The parser is generated from the dataclasses in ``config``, which hold every flag's default,
 help and choices; ``parse_run_config`` is the only place that looks at ``argparse`` output and
 the rest of the code receives the typed config. Validation lives on the config classes.
 """

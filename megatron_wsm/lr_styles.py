@@ -1,6 +1,6 @@
 """The learning-rate schedule names we accept and megatron-core's name for each (pure tables).
 
-Standard library only, so that ``config.py`` can offer them as ``--lr-decay-style`` /
+Standard library only, so that ``config`` can offer them as ``--lr-decay-style`` /
 ``--lr-wsd-decay-style`` choices and check a schedule without importing megatron-core;
 ``lr.py`` maps them when it builds megatron-core's ``OptimizerParamScheduler``.
 """

@@ -1,0 +1,84 @@
+"""Loop length, batches, logging, evaluation and checkpoint flags: :class:`TrainingConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_wsm.config.fields import ConfigError, flag_field, negate
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Loop length, batch sizes, logging, evaluation and checkpointing."""
+
+    GROUP = "training"
+
+    micro_batch_size: int = flag_field(4)
+    global_batch_size: int = flag_field(8)
+    train_iters: int = flag_field(100)
+    exit_interval: int | None = flag_field(
+        None, "stop when the iteration is a multiple of N (a full checkpoint is saved first)"
+    )
+    seed: int = flag_field(1234)
+    log_interval: int = flag_field(10)
+    eval_interval: int = flag_field(50, "0: no periodic evaluation")
+    eval_iters: int = flag_field(10, "global batches per evaluation; 0: whole split")
+    eval_only: bool = flag_field(False, "evaluate --load and exit")
+    output_json: str | None = flag_field(None, "write final evaluation here")
+    tensorboard_dir: str | None = flag_field(None)
+    progress_bar: bool = flag_field(
+        True, None, flag="--no-progress-bar", dest="no_progress_bar", convert=negate
+    )
+    moe_metrics: bool = flag_field(
+        True,
+        "do not compute load-balance violations",
+        flag="--no-moe-metrics",
+        dest="no_moe_metrics",
+        convert=negate,
+    )
+    check_for_nan_in_loss_and_grad: bool = flag_field(
+        True,
+        "do not stop at a non-finite loss or gradient (Megatron-LM's flag; by default the "
+        "step is not applied, nothing of it is saved and the run stops naming the iteration)",
+        flag="--no-check-for-nan-in-loss-and-grad",
+        dest="no_check_for_nan_in_loss_and_grad",
+        convert=negate,
+    )
+    save: str | None = flag_field(None, "directory of full checkpoints", group="checkpointing")
+    save_interval: int | None = flag_field(None, group="checkpointing")
+    save_keep_last: int | None = flag_field(
+        None, "keep only the newest K full checkpoints", group="checkpointing"
+    )
+    load: str | None = flag_field(
+        None, "checkpoint directory (or parent) to load", group="checkpointing"
+    )
+    no_load_optim: bool = flag_field(False, group="checkpointing")
+    no_load_rng: bool = flag_field(False, group="checkpointing")
+    finetune: bool = flag_field(
+        False, "load weights only and start at iteration 0", group="checkpointing"
+    )
+    async_save: bool = flag_field(False, "full saves in the background", group="checkpointing")
+
+    def validate(self, data_parallel_size: int) -> None:
+        """Loop, batch and checkpoint-flag checks (``data_parallel_size``: DP ranks)."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.micro_batch_size < 1 or self.global_batch_size % per_step:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size × DP = {self.micro_batch_size} × {data_parallel_size} = "
+                f"{per_step}"
+            )
+        if self.eval_iters < 0:
+            raise ConfigError("--eval-iters must be >= 0 (0: the whole held-out split)")
+        if self.train_iters < 1 and not self.eval_only:
+            raise ConfigError("--train-iters must be >= 1")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ConfigError("--save-interval must be >= 1")
+        if self.save_interval and not self.save:
+            raise ConfigError("--save-interval needs --save DIR")
+        if self.save_keep_last is not None and self.save_keep_last < 1:
+            raise ConfigError(
+                "--save-keep-last must be >= 1 (the newest checkpoint is always kept)"
+            )
+        if self.eval_only and not self.load:
+            raise ConfigError("--eval-only needs --load CHECKPOINT")
