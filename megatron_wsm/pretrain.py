@@ -66,6 +66,7 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     """Tokenizer and train/valid/test GPTDatasets; returns (datasets, vocab size, description)."""
     from megatron_wsm.data.datasets import build_gpt_datasets
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer
+    from megatron_wsm.data.tokenizers import megatron_vocab_size, tokenizer_from_config
 
     t = cfg.training
     # Sample counts GPTDataset must be able to serve (it repeats epochs as needed).
@@ -90,8 +91,7 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
         )
         source = f"{cfg.data.data_source} corpus (cache: {cfg.data.data_cache_dir})"
     else:
-        assert cfg.data.tokenizer_model is not None
-        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        tokenizer = tokenizer_from_config(cfg.data)
         train_ds, valid_ds, test_ds = build_gpt_datasets(
             cfg.data.data_path,
             None,
@@ -108,7 +108,8 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     for split, ds in datasets.items():
         if ds is None or len(ds) == 0:
             raise ConfigError(f"the {split} split of {source} is empty; adjust --split")
-    return datasets, tokenizer.vocab_size, source
+    # The size Megatron-LM pads (its legacy tokenizer's; differs for SentencePieceTokenizer).
+    return datasets, megatron_vocab_size(cfg.data.tokenizer_type, tokenizer), source
 
 
 def _layout(cfg: RunConfig) -> ParallelLayout:
@@ -173,7 +174,9 @@ def setup(
     validate(cfg, wdist.world_size(), torch.cuda.is_available())
     locks = hold_save_dirs(cfg)  # before anything is built: a refusal costs nothing
     datasets, vocab, source = build_data(cfg)
-    padded = padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size)
+    padded = padded_vocab_size(
+        vocab, cfg.parallel.tensor_model_parallel_size, cfg.data.make_vocab_size_divisible_by
+    )
     cfg.model.vocab_size = vocab
     tconfig, model, optimizer, scheduler = build_model_and_optimizer(cfg, padded)
     comp = Components(cfg, tconfig, model, optimizer, scheduler, padded, datasets, TrainState())

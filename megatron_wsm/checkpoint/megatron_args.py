@@ -19,7 +19,7 @@ from typing import Any
 
 from megatron_wsm.lr_styles import DECAY_STYLES, WSD_DECAY_STYLES
 
-#: Megatron-LM's ``--tokenizer-type`` for a SentencePiece ``.model`` (the only kind we train).
+#: Megatron-LM's ``--tokenizer-type`` for our own SentencePiece ``.model`` (no --tokenizer-type).
 SENTENCEPIECE_TOKENIZER = "SentencePieceTokenizer"
 
 
@@ -57,8 +57,7 @@ def megatron_lm_args(
         "group_query_attention": bool(groups) and groups != heads,
         "num_query_groups": groups or heads,
         "seq_length": model.get("seq_length"),
-        "max_position_embeddings": model.get("max_position_embeddings")
-        or model.get("seq_length"),
+        "max_position_embeddings": model.get("max_position_embeddings") or model.get("seq_length"),
         "position_embedding_type": model.get("position_embedding_type", "rope"),
         "add_position_embedding": not rope,
         "normalization": model.get("normalization", "RMSNorm"),
@@ -80,10 +79,17 @@ def megatron_lm_args(
         "fp16": model.get("params_dtype") == "fp16",
         # vocabulary and tokenizer
         "padded_vocab_size": padded_vocab_size,
-        "vocab_size": model.get("vocab_size"),
-        "make_vocab_size_divisible_by": 128,
-        "tokenizer_type": SENTENCEPIECE_TOKENIZER,
+        # Megatron-LM's --vocab-size is the NullTokenizer's size before EOD (else unset).
+        "vocab_size": (
+            data.get("vocab_size")
+            if data.get("tokenizer_type") == "NullTokenizer"
+            else model.get("vocab_size")
+        ),
+        "make_vocab_size_divisible_by": data.get("make_vocab_size_divisible_by", 128),
+        "tokenizer_type": data.get("tokenizer_type") or SENTENCEPIECE_TOKENIZER,
         "tokenizer_model": data.get("tokenizer_model"),
+        "vocab_file": data.get("vocab_file"),
+        "merge_file": data.get("merge_file"),
         # parallel layout of the writer
         "tensor_model_parallel_size": parallel.get("tensor_model_parallel_size", 1),
         "pipeline_model_parallel_size": parallel.get("pipeline_model_parallel_size", 1),

@@ -1,0 +1,285 @@
+"""Megatron-LM's ``--tokenizer-type`` values, built through megatron-core's tokenizer library.
+
+Megatron-LM core_v0.16.1 builds two tokenizers from the same flags, and this module follows
+each where it matters:
+
+* the **data** tokenizer (``tools/preprocess_data.py`` and ``pretrain_gpt.py``'s datasets) is
+  megatron-core's ``megatron.core.tokenizers`` one (``MegatronTokenizer.from_pretrained`` with
+  the library and keyword arguments of ``megatron.core.tokenizers.text.utils.build_tokenizer``):
+  its ``tokenize`` makes the ``.bin`` token ids and its ``eod`` ends every document;
+* the **vocabulary padding** (``args.padded_vocab_size``, the embedding's rows) comes from the
+  legacy ``megatron.training.tokenizer`` one, which ``set_global_variables`` always builds. The
+  two agree on the vocabulary size except for ``SentencePieceTokenizer``, whose legacy wrapper
+  appends ``<CLS> <SEP> <EOD> <MASK>`` (and ``<PAD>``/``<BOS>``/``<EOS>`` when the model lacks
+  them) after the model's pieces: :func:`megatron_vocab_size` counts them the same way, so the
+  padded size (and a Megatron-LM checkpoint's embedding shape) match.
+
+Two types are not taken from megatron-core as is:
+
+* ``GPT2BPETokenizer``: megatron-core 0.16 maps it to a Hugging Face ``gpt2`` tokenizer that it
+  downloads from the hub (and passes ``--merge-file`` under a misspelt keyword), so it cannot
+  run offline; Megatron-LM's offline path is its legacy tokenizer (``--legacy-tokenizer``).
+  :class:`GPT2BPETokenizer` reads ``--vocab-file``/``--merge-file`` with transformers' GPT-2
+  byte-level BPE (the same algorithm and pre-tokenizer regex), ``eod`` = ``<|endoftext|>``, and
+  its ids equal the legacy tokenizer's (``tests/unit/test_preprocess_parity.py``).
+* no ``--tokenizer-type``: our own :class:`~megatron_wsm.data.tokenizer.SentencePieceTokenizer`
+  (the built-in corpora's tokenizer; ``--tokenizer-model x.model`` alone keeps meaning it).
+
+``HuggingFaceTokenizer`` reads a local directory only and never runs code from it:
+``trust_remote_code=False`` always (an ``auto_map`` in its ``tokenizer_config.json`` is refused
+by transformers instead of imported).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
+
+from megatron.core.tokenizers import MegatronTokenizer, MegatronTokenizerBase
+
+from megatron_wsm.config.data import TOKENIZER_TYPES, UNSUPPORTED_TOKENIZER_TYPES
+from megatron_wsm.config.fields import ConfigError
+
+__all__ = [
+    "GPT2BPETokenizer",
+    "TokenizerError",
+    "build_tokenizer",
+    "megatron_vocab_size",
+    "tokenizer_from_config",
+]
+
+#: Types whose ``--tokenizer-model`` is a sentencepiece ``.model`` (megatron-core's
+#: ``SP_TOKENIZERS``).
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+
+#: What Megatron-LM's legacy ``_SentencePieceTokenizer`` appends after the model's pieces when
+#: they are missing (in this order); pad/bos/eos use the model's own piece when it has one.
+_LEGACY_SP_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+
+
+class TokenizerError(ConfigError):
+    """A tokenizer could not be built from the given flags and files."""
+
+
+class GPT2BPETokenizer(MegatronTokenizerBase):
+    """GPT-2 byte-level BPE from a ``vocab.json`` and a ``merges.txt`` (no download).
+
+    Megatron-LM's legacy ``_GPT2BPETokenizer`` semantics: ``vocab_size`` = entries of
+    ``vocab.json``, ``eod`` = the id of ``<|endoftext|>`` (required in the vocabulary),
+    ``tokenize`` adds no special tokens.
+    """
+
+    EOD_TOKEN = "<|endoftext|>"
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        """Load ``vocab_file`` and ``merge_file``."""
+        super().__init__(vocab_file, config={"library": "gpt2-bpe"})
+        self.vocab_file = str(vocab_file)
+        self.merge_file = str(merge_file)
+        self._load()
+
+    def _load(self) -> None:
+        from transformers import GPT2TokenizerFast
+
+        self._tok = GPT2TokenizerFast(
+            vocab_file=self.vocab_file,
+            merges_file=self.merge_file,
+            unk_token=self.EOD_TOKEN,
+            bos_token=self.EOD_TOKEN,
+            eos_token=self.EOD_TOKEN,
+        )
+        self._encoder: dict[str, int] = dict(self._tok.get_vocab())
+        if self.EOD_TOKEN not in self._encoder:
+            raise TokenizerError(f"--vocab-file {self.vocab_file}: no {self.EOD_TOKEN} entry")
+        self._eod = self._encoder[self.EOD_TOKEN]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the file paths; the fast tokenizer is rebuilt on unpickling."""
+        state = self.__dict__.copy()
+        state.pop("_tok", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild the tokenizer from the pickled paths."""
+        self.__dict__.update(state)
+        self._load()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+        return self._tok.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: a pretraining tokenizer without a chat template."""
+        raise NotImplementedError("GPT2BPETokenizer has no chat template")
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Token -> id."""
+        return self._encoder
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        """Id -> token."""
+        return {i: t for t, i in self._encoder.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        """Entries of ``vocab.json`` (Megatron-LM: ``len(encoder)``)."""
+        return len(self._encoder)
+
+    @property
+    def eod(self) -> int:
+        """The ``<|endoftext|>`` id."""
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        """Same as :attr:`eod`."""
+        return self._eod
+
+    @property
+    def unique_identifiers(self) -> OrderedDict[str, Any]:
+        """What megatron-core's dataset cache key hashes."""
+        return OrderedDict(
+            [
+                ("class", type(self).__name__),
+                ("vocab_file", self.vocab_file),
+                ("merge_file", self.merge_file),
+            ]
+        )
+
+
+def build_tokenizer(
+    tokenizer_type: str | None,
+    tokenizer_model: str | None = None,
+    *,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    vocab_size: int | None = None,
+    hf_use_fast: bool = False,
+    hf_include_special_tokens: bool = False,
+) -> Any:
+    """The data tokenizer of ``--tokenizer-type`` (``None``: our sentencepiece wrapper).
+
+    Arguments are Megatron-LM's flags of the same names; the returned object has what
+    megatron-core's datasets read (``tokenize``, ``eod``, ``vocab_size``,
+    ``unique_identifiers``). Raises :class:`TokenizerError` with the reason when the type is
+    not built here or its files are missing.
+    """
+    if tokenizer_type is None:
+        if tokenizer_model is None:
+            raise TokenizerError("no tokenizer: give --tokenizer-model or --tokenizer-type")
+        from megatron_wsm.data.tokenizer import SentencePieceTokenizer
+
+        _need_file("--tokenizer-model", tokenizer_model)
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type in UNSUPPORTED_TOKENIZER_TYPES:
+        raise TokenizerError(
+            f"--tokenizer-type {tokenizer_type} is not supported: "
+            f"{UNSUPPORTED_TOKENIZER_TYPES[tokenizer_type]}"
+        )
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise TokenizerError(
+            f"--tokenizer-type {tokenizer_type!r}: choose one of {', '.join(TOKENIZER_TYPES)}"
+        )
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None or vocab_size < 1:
+            raise TokenizerError("--tokenizer-type NullTokenizer needs a positive --vocab-size")
+        return MegatronTokenizer.from_pretrained(
+            metadata_path={"library": "null"}, vocab_size=int(vocab_size)
+        )
+    if tokenizer_type == "GPT2BPETokenizer":
+        if vocab_file is None or merge_file is None:
+            raise TokenizerError(
+                "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file"
+            )
+        _need_file("--vocab-file", vocab_file)
+        _need_file("--merge-file", merge_file)
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_model is None:
+        raise TokenizerError(
+            f"--tokenizer-type {tokenizer_type} needs {TOKENIZER_TYPES[tokenizer_type]}"
+        )
+    if tokenizer_type in SENTENCEPIECE_TYPES:
+        _need_file("--tokenizer-model", tokenizer_model)
+        # megatron-core's keyword arguments for these types with Megatron-LM's flag defaults
+        # (--tokenizer-sentencepiece-legacy off, no --tokenizer-special-tokens).
+        return MegatronTokenizer.from_pretrained(
+            tokenizer_path=tokenizer_model,
+            metadata_path={"library": "sentencepiece"},
+            legacy=False,
+            special_tokens=None,
+        )
+    # HuggingFaceTokenizer
+    if not os.path.isdir(tokenizer_model):
+        raise TokenizerError(
+            f"--tokenizer-model {tokenizer_model}: not a directory (HuggingFaceTokenizer reads a "
+            "local tokenizer directory; hub names are not fetched)"
+        )
+    try:
+        return MegatronTokenizer.from_pretrained(
+            tokenizer_path=tokenizer_model,
+            metadata_path={"library": "huggingface"},
+            vocab_file=vocab_file,
+            merges_file=merge_file,
+            additional_special_tokens=[],
+            use_fast=hf_use_fast,
+            # Never: a tokenizer directory's auto_map would import and run its Python files.
+            trust_remote_code=False,
+            include_special_tokens=hf_include_special_tokens,
+        )
+    except ValueError as err:  # megatron-core wraps every transformers failure in ValueError
+        raise TokenizerError(f"--tokenizer-model {tokenizer_model}: {err}") from err
+
+
+def tokenizer_from_config(data: Any) -> Any:
+    """:func:`build_tokenizer` of a :class:`~megatron_wsm.config.DataConfig`'s flags."""
+    return build_tokenizer(
+        data.tokenizer_type,
+        data.tokenizer_model,
+        vocab_file=data.vocab_file,
+        merge_file=data.merge_file,
+        vocab_size=data.vocab_size,
+        hf_use_fast=data.tokenizer_hf_use_fast,
+        hf_include_special_tokens=data.tokenizer_hf_include_special_tokens,
+    )
+
+
+def megatron_vocab_size(tokenizer_type: str | None, tokenizer: Any) -> int:
+    """The vocabulary size Megatron-LM pads (its legacy tokenizer's ``vocab_size``).
+
+    Equal to ``tokenizer.vocab_size`` except for ``SentencePieceTokenizer``, whose legacy
+    wrapper adds the special pieces the model lacks (see the module docstring).
+    """
+    if tokenizer_type != "SentencePieceTokenizer":
+        return int(tokenizer.vocab_size)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
+    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    added: list[str] = []
+    for token in _LEGACY_SP_SPECIALS:
+        if token not in pieces and token not in added:
+            added.append(token)
+    for special_id, fallback in (
+        (sp.pad_id(), "<PAD>"),
+        (sp.bos_id(), "<BOS>"),
+        (sp.eos_id(), "<EOS>"),
+    ):
+        token = sp.id_to_piece(special_id) if 0 <= special_id < sp.get_piece_size() else fallback
+        if token not in pieces and token not in added:
+            added.append(token)
+    return sp.get_piece_size() + len(added)
+
+
+def _need_file(flag: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{flag} {path}: file not found")
