@@ -9,19 +9,29 @@ Examples::
     python tools/preprocess_data.py --input notes/*.txt --tokenizer-model data/tok.model \\
         --output-prefix data/notes --append-eod               # one document per .txt file
 
-Flags and output naming follow Megatron-LM's ``tools/preprocess_data.py``: one JSON object per
-line, one document per object, and one dataset ``<output-prefix>_<key>_document`` per JSON key.
-Plain-text inputs (any extension other than ``.json``/``.jsonl``) are one document per file, or
-one per line / per blank-line-separated paragraph with ``--text-boundary``; their key is
-``text``. Documents that tokenize to nothing are skipped. ``--append-eod`` (recommended for GPT
+Megatron-LM's tokenizer flags (``--tokenizer-type``, ``--tokenizer-model``, ``--vocab-file``,
+``--merge-file``, ``--vocab-size``, ``--tokenizer-hf-use-fast``,
+``--tokenizer-hf-include-special-tokens``) build the same tokenizer as Megatron-LM's
+``tools/preprocess_data.py`` (megatron-core's tokenizer library, ``megatron_wsm.data.tokenizers``);
+without ``--tokenizer-type``, ``--tokenizer-model`` is read by megatron-wsm's own SentencePiece
+wrapper (same ids for the models ``tools/train_tokenizer.py`` trains).
+
+JSON-lines inputs (``.json``/``.jsonl``) give the same ``.bin``/``.idx`` bytes as Megatron-LM's
+tool for the same tokenizer (``megatron_wsm.data.preprocess``; tested against its output in
+``tests/data/megatron_lm/preprocess``): one JSON object per line, one document per object and
+``--json-keys`` key (a list value is a list of sentences), one dataset
+``<output-prefix>_<key>_document`` per key, documents without tokens kept as empty documents.
+Plain-text inputs (any other extension; not in Megatron-LM) are one document per file, or one per
+line / per blank-line-separated paragraph with ``--text-boundary``; their key is ``text`` and
+documents that tokenize to nothing are skipped. ``--append-eod`` (recommended for GPT
 pretraining) ends every document with the tokenizer's EOD id so samples that span documents
-still mark the boundary.
+still mark the boundary. ``--split-sentences`` is refused: it needs NLTK's punkt model, which
+Megatron-LM downloads at run time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -30,6 +40,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from megatron_wsm.cli import command_parser
+from megatron_wsm.config.data import TOKENIZER_TYPES, UNSUPPORTED_TOKENIZER_TYPES
 
 PROG = "preprocess_data"
 EPILOG = """examples:
@@ -58,12 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=["text"],
         help="JSON keys to tokenize, one dataset per key (default: text)",
     )
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
-    p.add_argument(
+    tok = p.add_argument_group("tokenizer (Megatron-LM's flags)")
+    tok.add_argument(
         "--tokenizer-type",
-        default="SentencePieceTokenizer",
-        choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer"],
-        help="accepted for Megatron-LM compatibility; only SentencePiece models are supported",
+        default=None,
+        choices=[*TOKENIZER_TYPES, *UNSUPPORTED_TOKENIZER_TYPES],
+        help="Megatron-LM's tokenizer type (megatron-core's tokenizer library); default: "
+        "megatron-wsm's SentencePiece wrapper of --tokenizer-model",
+    )
+    tok.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece .model file, or a local Hugging Face tokenizer directory "
+        "(HuggingFaceTokenizer)",
+    )
+    tok.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    tok.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    tok.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids before EOD")
+    tok.add_argument(
+        "--tokenizer-hf-use-fast",
+        action="store_true",
+        help="HuggingFaceTokenizer: load the fast tokenizer",
+    )
+    tok.add_argument(
+        "--tokenizer-hf-include-special-tokens",
+        action="store_true",
+        help="HuggingFaceTokenizer: add the tokenizer's special tokens (e.g. BOS) to each text",
+    )
+    p.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="refused: needs NLTK's punkt model, which Megatron-LM downloads at run time",
     )
     p.add_argument(
         "--output-prefix",
@@ -99,25 +135,16 @@ def _split_text(text: str, boundary: str) -> list[str]:
     return [text]
 
 
-def iter_documents(paths: Sequence[str], key: str, boundary: str) -> Iterator[str]:
-    """Document texts of ``paths`` for one JSON ``key`` (plain-text files use ``boundary``)."""
+def iter_documents(paths: Sequence[str], boundary: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """(where, ``{"text": document}``) of plain-text files, split by ``boundary``."""
     for path in paths:
-        if _is_json(path):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if key not in record:
-                        raise KeyError(f"{path}:{lineno}: no key {key!r} in the JSON object")
-                    yield str(record[key])
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield from _split_text(f.read(), boundary)
+        with open(path, encoding="utf-8") as f:
+            for i, doc in enumerate(_split_text(f.read(), boundary), 1):
+                yield f"{path} (document {i})", {"text": doc}
 
 
 def count_documents(paths: Sequence[str], boundary: str) -> int:
-    """Number of documents :func:`iter_documents` will yield per key (for the progress bar)."""
+    """Number of records the inputs hold (for the progress bar)."""
     total = 0
     for path in paths:
         if _is_json(path):
@@ -129,51 +156,91 @@ def count_documents(paths: Sequence[str], boundary: str) -> int:
     return total
 
 
+def tokenizer_args(args: argparse.Namespace) -> dict:
+    """``build_tokenizer`` keyword arguments of the parsed flags."""
+    return {
+        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_model": args.tokenizer_model,
+        "vocab_file": args.vocab_file,
+        "merge_file": args.merge_file,
+        "vocab_size": args.vocab_size,
+        "hf_use_fast": args.tokenizer_hf_use_fast,
+        "hf_include_special_tokens": args.tokenizer_hf_include_special_tokens,
+    }
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """Why the flags cannot run, or None."""
+    if args.workers < 1:
+        return "--workers must be >= 1"
+    if args.split_sentences:
+        return (
+            "--split-sentences is not supported: it needs NLTK's punkt sentence model, which "
+            "Megatron-LM downloads at run time (this tool runs offline); split the text into "
+            "a JSON list of sentences instead (each list item is one sequence, as Megatron-LM "
+            "writes it)"
+        )
+    json_inputs = [p for p in args.input if _is_json(p)]
+    if json_inputs and len(json_inputs) != len(args.input):
+        return "give JSON-lines inputs or plain-text inputs, not both"
+    for path in args.input:
+        if not os.path.isfile(path):
+            return f"no such file: {path}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        print(f"{PROG}: error: --workers must be >= 1", file=sys.stderr)
+    refusal = _refusal(args)
+    if refusal is not None:
+        print(f"{PROG}: error: {refusal}", file=sys.stderr)
         return 2
-    for path in [*args.input, args.tokenizer_model]:
-        if not os.path.isfile(path):
-            print(f"{PROG}: error: no such file: {path}", file=sys.stderr)
-            return 2
-    keys = args.json_keys if any(_is_json(p) for p in args.input) else ["text"]
+    is_json = _is_json(args.input[0])
+    keys = args.json_keys if is_json else ["text"]
 
     # megatron-core warns at import about missing Transformer Engine/Apex: noise for this tool.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         from tqdm import tqdm
 
-        from megatron_wsm.data.indexed import write_indexed_dataset
-        from megatron_wsm.data.tokenizer import SentencePieceTokenizer
+        from megatron_wsm.data.preprocess import RecordError, json_records, write_datasets
+        from megatron_wsm.data.tokenizers import TokenizerError, build_tokenizer
 
-    tokenizer = SentencePieceTokenizer(args.tokenizer_model)
-    n_docs = count_documents(args.input, args.text_boundary)
-    for key in keys:
-        prefix = f"{args.output_prefix}_{key}_document"
-        t0 = time.perf_counter()
-        with tqdm(total=n_docs, unit="doc", desc=key, disable=args.quiet) as bar:
-            try:
-                stats = write_indexed_dataset(
-                    iter_documents(args.input, key, args.text_boundary),
-                    tokenizer,
-                    prefix,
-                    append_eod=args.append_eod,
-                    workers=args.workers,
-                    on_document=lambda _n: bar.update(1),
-                )
-            except (OSError, KeyError, ValueError) as err:
-                bar.close()
-                message = err.args[0] if isinstance(err, KeyError) and err.args else err
-                print(f"{PROG}: error: {message}", file=sys.stderr)
-                return 1
-        seconds = time.perf_counter() - t0
+    tok_args = tokenizer_args(args)
+    try:
+        tokenizer = build_tokenizer(**tok_args)
+    except TokenizerError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    records = (
+        json_records(args.input) if is_json else iter_documents(args.input, args.text_boundary)
+    )
+    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in keys}
+    n_records = count_documents(args.input, args.text_boundary)
+    t0 = time.perf_counter()
+    with tqdm(total=n_records, unit="doc", disable=args.quiet) as bar:
+        try:
+            stats = write_datasets(
+                records,
+                tokenizer,
+                prefixes,
+                append_eod=args.append_eod,
+                keep_empty=is_json,
+                workers=args.workers,
+                tokenizer_args=tok_args,
+                on_record=lambda: bar.update(1),
+            )
+        except (OSError, RecordError) as err:
+            bar.close()
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 1
+    seconds = time.perf_counter() - t0
+    for s in stats.values():
+        empty = "written empty" if is_json else "skipped"
         print(
-            f"{PROG}: {prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens "
-            f"({stats.text_bytes} text bytes, {stats.empty_documents} empty skipped) "
-            f"in {seconds:.1f}s"
+            f"{PROG}: {s.prefix}.bin/.idx: {s.documents} documents, {s.tokens} tokens "
+            f"({s.text_bytes} text bytes, {s.empty_documents} empty {empty}) in {seconds:.1f}s"
         )
     return 0
 

@@ -19,9 +19,10 @@ Two types are not taken from megatron-core as is:
 * ``GPT2BPETokenizer``: megatron-core 0.16 maps it to a Hugging Face ``gpt2`` tokenizer that it
   downloads from the hub (and passes ``--merge-file`` under a misspelt keyword), so it cannot
   run offline; Megatron-LM's offline path is its legacy tokenizer (``--legacy-tokenizer``).
-  :class:`GPT2BPETokenizer` reads ``--vocab-file``/``--merge-file`` with transformers' GPT-2
-  byte-level BPE (the same algorithm and pre-tokenizer regex), ``eod`` = ``<|endoftext|>``, and
-  its ids equal the legacy tokenizer's (``tests/unit/test_preprocess_parity.py``).
+  :class:`GPT2BPETokenizer` reads ``--vocab-file``/``--merge-file`` with the ``tokenizers``
+  library's byte-level BPE (GPT-2's algorithm, byte encoder and pre-tokenizer regex),
+  ``eod`` = ``<|endoftext|>``, and its ids equal the legacy tokenizer's
+  (``tests/unit/test_preprocess_parity.py``).
 * no ``--tokenizer-type``: our own :class:`~megatron_wsm.data.tokenizer.SentencePieceTokenizer`
   (the built-in corpora's tokenizer; ``--tokenizer-model x.model`` alone keeps meaning it).
 
@@ -83,16 +84,22 @@ class GPT2BPETokenizer(MegatronTokenizerBase):
         self._load()
 
     def _load(self) -> None:
-        from transformers import GPT2TokenizerFast
+        # The `tokenizers` library's byte-level BPE: GPT-2's byte encoder, pre-tokenizer regex
+        # and merge order. <|endoftext|> is not an added token: Megatron-LM's GPT-2 tokenizer
+        # does not split it out of the text either.
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        self._tok = GPT2TokenizerFast(
-            vocab_file=self.vocab_file,
-            merges_file=self.merge_file,
-            unk_token=self.EOD_TOKEN,
-            bos_token=self.EOD_TOKEN,
-            eos_token=self.EOD_TOKEN,
-        )
-        self._encoder: dict[str, int] = dict(self._tok.get_vocab())
+        try:
+            bpe = models.BPE.from_file(self.vocab_file, self.merge_file)
+        except Exception as err:  # the Rust library's errors are plain Exceptions
+            raise TokenizerError(
+                f"--vocab-file {self.vocab_file} / --merge-file {self.merge_file}: {err}"
+            ) from err
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        self._tok = tok
+        self._encoder: dict[str, int] = dict(tok.get_vocab(with_added_tokens=False))
         if self.EOD_TOKEN not in self._encoder:
             raise TokenizerError(f"--vocab-file {self.vocab_file}: no {self.EOD_TOKEN} entry")
         self._eod = self._encoder[self.EOD_TOKEN]
@@ -110,11 +117,11 @@ class GPT2BPETokenizer(MegatronTokenizerBase):
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
-        return list(self._tok.encode(text, add_special_tokens=False))
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
-        return self._tok.decode([int(i) for i in ids])
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
         """Not supported: a pretraining tokenizer without a chat template."""
@@ -196,6 +203,8 @@ def build_tokenizer(
         return MegatronTokenizer.from_pretrained(
             metadata_path={"library": "null"}, vocab_size=int(vocab_size)
         )
+    if tokenizer_type in ("GPT2BPETokenizer", "HuggingFaceTokenizer"):
+        _need_hf_extra(tokenizer_type)
     if tokenizer_type == "GPT2BPETokenizer":
         if vocab_file is None or merge_file is None:
             raise TokenizerError(
@@ -283,3 +292,14 @@ def megatron_vocab_size(tokenizer_type: str | None, tokenizer: Any) -> int:
 def _need_file(flag: str, path: str) -> None:
     if not os.path.isfile(path):
         raise TokenizerError(f"{flag} {path}: file not found")
+
+
+def _need_hf_extra(tokenizer_type: str) -> None:
+    import importlib.util
+
+    for module in ("tokenizers", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            raise TokenizerError(
+                f"--tokenizer-type {tokenizer_type} needs the {module} package: "
+                "pip install 'megatron-wsm[hf]'"
+            )
