@@ -45,6 +45,29 @@ _LEGACY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+#: Our (TE) name → the name Megatron-LM's local spec (``--transformer-impl local``) writes:
+#: its MoE layers' key map files the pre-MLP norm under ``mlp.linear_fc1`` (a TE spec, and
+#: megatron-wsm, keep ``pre_mlp_layernorm``).
+# TODO(H5): megatron_wsm.checkpoint.megatron_lm's key aliases, once it lands, if it has them.
+_MEGATRON_LM_LOCAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(r"(^|\.)pre_mlp_layernorm\.(weight|bias)$"),
+        r"\1mlp.linear_fc1.layer_norm_\2",
+    ),
+)
+
+
+def stored_names(key: str) -> list[str]:
+    """Other names a checkpoint may hold ``key`` under, in the order tried: our older local
+    spec's (:func:`legacy_key`), then Megatron-LM's local spec's. Optimizer state keys too."""
+    names = [legacy_key(key)]
+    for pattern, repl in _MEGATRON_LM_LOCAL_PATTERNS:
+        new, n = pattern.subn(repl, key)
+        if n:
+            names.append(new)
+    return [n for n in names if n is not None]
+
+
 def legacy_key(key: str) -> str | None:
     """The name an older local-spec checkpoint stored ``key`` under; None if unchanged.
 
@@ -86,8 +109,9 @@ def checkpoint_keys(checkpoint_dir: Any) -> set[str]:
 def adapt_load_request(sharded: Any, stored: set[str]) -> dict[str, list[str]]:
     """Make a sharded state dict loadable from a checkpoint holding the keys ``stored``.
 
-    In place: a requested tensor key the checkpoint lacks but holds under its older name
-    (:func:`legacy_key`) is renamed to that name; the loaded value lands in the same place of
+    In place: a requested tensor key the checkpoint lacks but holds under another name
+    (:func:`stored_names`: our older local spec's, Megatron-LM's local spec's) is renamed to
+    that name; the loaded value lands in the same place of
     the state dict, so the model sees no difference. A TE ``_extra_state`` object (FP8 scaling
     metadata) the checkpoint lacks, as a checkpoint of the local spec does, keeps the value
     the module has now instead of failing the load. Returns what was changed.
@@ -104,10 +128,12 @@ def adapt_load_request(sharded: Any, stored: set[str]) -> dict[str, list[str]]:
 
     def visit(value: Any) -> Any:
         if isinstance(value, (ShardedTensor, ShardedTensorFactory)):
-            old = legacy_key(value.key)
-            if value.key not in stored and old is not None and old in stored:
-                changed["renamed"].append(f"{value.key} <- {old}")
-                value.key = old
+            if value.key not in stored:
+                for old in stored_names(value.key):
+                    if old in stored:
+                        changed["renamed"].append(f"{value.key} <- {old}")
+                        value.key = old
+                        break
             return value
         if (
             isinstance(value, ShardedObject)

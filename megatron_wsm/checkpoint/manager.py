@@ -56,6 +56,7 @@ from megatron_wsm.checkpoint.layout import (
     list_checkpoints,
     prune_full_dir,
     prune_window_dir,
+    read_tracker,
 )
 from megatron_wsm.checkpoint.manifest import (
     EXTRA_OPTIMIZER,
@@ -69,11 +70,12 @@ from megatron_wsm.checkpoint.manifest import (
 from megatron_wsm.checkpoint.megatron_args import megatron_lm_args
 from megatron_wsm.checkpoint.optimizer_state import (
     _CONTENT_OPTIMIZER,
-    OPTIMIZER_PLAIN,
     _optimizer_parts,
+    load_metadata,
     optimizer_load_problem,
     optimizer_record,
     optimizer_sharding_metadata,
+    saved_optimizer_from_content,
 )
 from megatron_wsm.process_guard import die_with_parent
 
@@ -103,8 +105,6 @@ def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, A
     return ident
 
 
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -125,10 +125,37 @@ def resolve_load_dir(path: str | os.PathLike) -> Path:
         return path
     complete = list_checkpoints(path, include_incomplete=False)
     if not complete:
+        foreign = tracked_checkpoint(path)
+        if foreign is not None:
+            return foreign
         listed = list_checkpoints(path)
         hint = f" ({len(listed)} incomplete ones found)" if listed else ""
         raise CheckpointError(f"--load {path}: no complete checkpoint found{hint}")
     return complete[-1].path
+
+
+def tracked_checkpoint(root: Path) -> Path | None:
+    """The checkpoint Megatron-LM's ``--load root`` resumes, when it is not one of ours: the
+    ``iter_N`` directory its tracker file names, holding torch_dist files and no manifest of
+    ours (a checkpoint Megatron-LM wrote; its files and common state are checked before the
+    load, :meth:`CheckpointManager._verify_before_load`). None otherwise (no tracker, a
+    ``release`` tracker, a symlink, a directory of ours)."""
+    # TODO(H5): use megatron_wsm.checkpoint.megatron_lm's recogniser once it lands.
+    try:
+        iteration = read_tracker(root)
+    except ckpt_integrity.IntegrityError as e:
+        raise CheckpointError(f"--load {root}: {e}") from e
+    if iteration is None:
+        return None
+    candidate = root / checkpoint_name(iteration)
+    if candidate.is_symlink() or not candidate.is_dir() or not has_dist_metadata(candidate):
+        return None
+    try:
+        if read_manifest(candidate) is not None:
+            return None  # ours, and not complete: refused with the listing's message
+    except ValueError:
+        return None
+    return candidate
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -218,12 +245,36 @@ class CheckpointManager:
         return self.bare_model().sharded_state_dict()
 
     def _rng_object(self, value: Any) -> Any:
+        """This rank's ``rng_state`` ShardedObject in Megatron-LM's layout
+        (:func:`megatron_wsm.checkpoint.rng.sharding`), so Megatron-LM resumes it and we resume
+        Megatron-LM's."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        # One RNG state per rank: restoring it needs the same world size (checked on load).
-        return ShardedObject(
-            "rng_state", value, (self.layout.world_size,), (wdist.rank(),), replica_id=0
-        )
+        shape, offset, replica = _rng_sharding()
+        return ShardedObject("rng_state", value, shape, offset, replica_id=replica)
+
+    def _rng_request(self, ckpt: Path) -> Any:
+        """The ``rng_state`` load request for ``ckpt`` in the layout it was saved with, or None
+        (with a note on rank 0) when its layout has no state for this rank: another TP/PP (or,
+        with EP, DP) size, or our older world-shaped layout at another world size."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from megatron_wsm.checkpoint import rng
+
+        stored = spec_keys.checkpoint_keys(ckpt)
+        shape, offset, replica = _rng_sharding()
+        if rng.shard_key(shape, offset) in stored:
+            return ShardedObject("rng_state", None, shape, offset, replica_id=replica)
+        world = (self.layout.world_size,)
+        if rng.shard_key(world, (wdist.rank(),)) in stored:
+            # megatron-wsm before Megatron-LM's layout: one state per global rank.
+            return ShardedObject("rng_state", None, world, (wdist.rank(),), replica_id=0)
+        if any(k.startswith("rng_state/") for k in stored):
+            print_rank0_note(
+                f"note: {ckpt}: its RNG state was saved with another parallel layout; the RNG "
+                "streams continue from this run's seeding (--no-load-rng silences this)"
+            )
+        return None
 
     def _state_dict(self, kind: str, train_state: Any) -> dict[str, Any]:
         for chunk in self.model:
@@ -256,7 +307,7 @@ class CheckpointManager:
             from megatron_wsm import lr as lr_schedule
 
             sd["opt_param_scheduler"] = lr_schedule.scheduler_state(self.scheduler)
-            sd["rng_state"] = self._rng_object(rng_state())
+            sd["rng_state"] = self._rng_object([rng_state()])  # Megatron-LM's one-element list
         return sd
 
     def _save_strategy(self) -> Any:
@@ -571,15 +622,15 @@ class CheckpointManager:
     def _saved_optimizer(ckpt: Path, manifest: CheckpointManifest | None) -> dict[str, Any]:
         """:func:`optimizer_record` of the checkpoint's writer (manifest, else the content
         metadata megatron-core keeps with the checkpoint, else: the plain optimizer)."""
-        if manifest is not None and EXTRA_OPTIMIZER in manifest.extra:
-            return dict(manifest.extra[EXTRA_OPTIMIZER])
         from megatron.core import dist_checkpointing
 
         content = dist_checkpointing.load_content_metadata(str(ckpt)) or {}
-        return {
-            "optimizer": content.get(_CONTENT_OPTIMIZER, OPTIMIZER_PLAIN),
-            "sharding": content.get("distrib_optim_sharding_type"),
-        }
+        from_content = saved_optimizer_from_content(content)
+        if manifest is not None and EXTRA_OPTIMIZER in manifest.extra:
+            record = dict(manifest.extra[EXTRA_OPTIMIZER])
+            record["metadata"] = load_metadata(content, record.get("sharding"))
+            return record
+        return from_content
 
     def load(
         self,
@@ -624,20 +675,24 @@ class CheckpointManager:
                 )
             # Load with the writer's sharding (this run's --dist-ckpt-optim-* choice applies
             # to its own saves).
-            metadata = optimizer_sharding_metadata(saved.get("sharding"))
+            metadata = saved["metadata"]
             cpu_compat.init_torch_adam_state(self.optimizer)
             sharded["optimizer"] = self.optimizer.sharded_state_dict(
                 model_sd, is_loading=True, metadata=metadata
             )
         _adapt_request(sharded, ckpt)
-        same_world = manifest is None or manifest.parallel.world_size == self.layout.world_size
-        if has_optim and load_rng and same_world:
-            sharded["rng_state"] = self._rng_object(None)
+        if has_optim and load_rng:
+            request = self._rng_request(ckpt)
+            if request is not None:
+                sharded["rng_state"] = request
         try:
             loaded = dist_checkpointing.load(sharded, str(ckpt))
             self.bare_model().load_state_dict(loaded["model"], strict=True)
             if "optimizer" in sharded:
-                with cpu_compat.loading_torch_adam_state(self.optimizer):
+                # no_grad: with fp32 parameters the distributed optimizer's main parameters
+                # are views of the model's (leaf tensors that require grad), which its
+                # load copies into in place.
+                with cpu_compat.loading_torch_adam_state(self.optimizer), torch.no_grad():
                     self.optimizer.load_state_dict(loaded["optimizer"])
             elif hasattr(self.optimizer, "reload_model_params"):
                 # fp32 master copies must follow the loaded weights when no optimizer state
@@ -649,7 +704,10 @@ class CheckpointManager:
         if has_optim and load_optim and "opt_param_scheduler" in loaded:
             self._load_scheduler(loaded["opt_param_scheduler"])
         if "rng_state" in sharded and loaded.get("rng_state") is not None:
-            set_rng_state(loaded["rng_state"], (self.run_info.get("training") or {}).get("seed"))
+            set_rng_state(
+                _dp_rank_state(loaded["rng_state"]),
+                (self.run_info.get("training") or {}).get("seed"),
+            )
         wdist.barrier()
         if finetune:
             return {
@@ -659,10 +717,10 @@ class CheckpointManager:
                 "kind": kind,
                 "path": str(ckpt),
             }
+        position = data_position(loaded, (self.run_info.get("model") or {}).get("seq_length"))
         return {
             "iteration": int(loaded.get("iteration", 0)),
-            "consumed_samples": int(loaded.get("consumed_samples", 0)),
-            "consumed_tokens": int(loaded.get("consumed_tokens", 0)),
+            **position,
             "kind": kind,
             "path": str(ckpt),
         }
@@ -702,6 +760,59 @@ def _adapt_request(sharded: dict[str, Any], ckpt: Path) -> None:
     the local spec's older norm names, load into this model."""
     if (ckpt / ckpt_integrity.METADATA_FILE).is_file():
         spec_keys.adapt_load_request(sharded, spec_keys.checkpoint_keys(ckpt))
+
+
+def data_position(common: dict[str, Any], seq_length: int | None) -> dict[str, int]:
+    """Where a loaded checkpoint's data position is: ours keep ``consumed_samples`` and
+    ``consumed_tokens`` at the top level of the common state; Megatron-LM's only in ``args``
+    (``consumed_train_samples``; tokens = samples x its ``seq_length``, else ``seq_length``:
+    the run's). Without either, 0 (a checkpoint that says nothing starts the data over)."""
+    args = common.get("args")
+    if "consumed_samples" in common:
+        samples = int(common["consumed_samples"])
+        tokens = int(common.get("consumed_tokens", 0))
+    elif getattr(args, "consumed_train_samples", None) is not None:
+        samples = int(args.consumed_train_samples)
+        seq = getattr(args, "seq_length", None) or seq_length or 0
+        tokens = samples * int(seq)
+    else:
+        samples = tokens = 0
+    return {"consumed_samples": samples, "consumed_tokens": tokens}
+
+
+def _rng_sharding() -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """:func:`megatron_wsm.checkpoint.rng.sharding` for this rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_wsm.checkpoint import rng
+
+    return rng.sharding(
+        (ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()),
+        (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        (
+            ps.get_data_parallel_rank(with_context_parallel=True),
+            ps.get_data_parallel_world_size(with_context_parallel=True),
+        ),
+        ps.get_expert_model_parallel_world_size(),
+    )
+
+
+def _dp_rank_state(value: Any) -> Any:
+    """This rank's entry of a loaded RNG state (Megatron-LM's list holds one per DP rank with
+    ``--data-parallel-random-init``, else one)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_wsm.checkpoint import rng
+
+    if isinstance(value, (list, tuple)):
+        return rng.normalize(value, ps.get_data_parallel_rank())
+    return value
+
+
+def print_rank0_note(message: str) -> None:
+    """One line on global rank 0."""
+    if wdist.rank() == 0:
+        print(message, flush=True)
 
 
 def _maybe_inject_crash(kind: str, iteration: int, point: str) -> None:

@@ -46,6 +46,39 @@ def optimizer_sharding_metadata(optim_sharding: str | None) -> dict[str, Any]:
     return metadata
 
 
+#: Content-metadata keys megatron-core's ``sharded_state_dict`` methods read (Megatron-LM's
+#: ``_build_sharded_state_dict_metadata`` writes them; its ``dp_cp_group`` is not saved).
+MCORE_METADATA_KEYS = (
+    "distrib_optim_sharding_type",
+    "chained_optim_avoid_prefix",
+    "singleton_local_shards",
+)
+
+
+def saved_optimizer_from_content(content: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`optimizer_record` of a checkpoint's writer from the content metadata
+    megatron-core keeps with it (ours: our ``wsm_optimizer`` key; Megatron-LM's: a distributed
+    optimizer exactly when ``distrib_optim_sharding_type`` is there), plus ``metadata``: the
+    megatron-core metadata its optimizer keys were made with (:func:`load_metadata`)."""
+    content = dict(content or {})
+    sharding = content.get("distrib_optim_sharding_type")
+    default = OPTIMIZER_DISTRIBUTED if sharding else OPTIMIZER_PLAIN
+    return {
+        "optimizer": content.get(_CONTENT_OPTIMIZER, default),
+        "sharding": sharding,
+        "metadata": load_metadata(content, sharding),
+    }
+
+
+def load_metadata(content: dict[str, Any] | None, sharding: str | None) -> dict[str, Any]:
+    """The ``sharded_state_dict`` metadata that requests a checkpoint's optimizer keys: the
+    megatron-core entries of its content metadata when it has any (Megatron-LM's plain
+    optimizer: ``chained_optim_avoid_prefix`` drops the ``chained_N.`` prefix), else what our
+    saves use for ``sharding`` (:func:`optimizer_sharding_metadata`)."""
+    found = {k: v for k, v in (content or {}).items() if k in MCORE_METADATA_KEYS}
+    return found if found else optimizer_sharding_metadata(sharding)
+
+
 def optimizer_record(optim_sharding: str | None) -> dict[str, Any]:
     """What a full checkpoint records about its optimizer state (manifest and checkpoint)."""
     if optim_sharding is None:

@@ -18,6 +18,17 @@ they are re-seeded the way the trainer seeds them at start-up
 is deterministic but not a continuation of the saved streams; one note says so. The
 device-independent generators (``random``, NumPy, torch's CPU generator) are restored in every
 case.
+
+The state is Megatron-LM's (``megatron/training/checkpointing.py`` ``get_rng_state``), so either
+trainer resumes the other's: a dict ``random_rng_state``, ``np_rng_state``, ``torch_rng_state``,
+``cuda_rng_state``, ``rng_tracker_states`` (plus our ``device``, which Megatron-LM ignores),
+stored as a one-element list in a ShardedObject ``rng_state`` of global shape ``(PP, TP)``
+(replicated over DP: DP rank 0 writes), or ``(PP, TP, DP)`` with expert parallelism (the
+expert-parallel stream differs by EP rank, which lies within DP): :func:`sharding`. Without CUDA
+``cuda_rng_state`` is a 16-byte zero placeholder (Megatron-LM's loader sets it unconditionally;
+its own CPU runs record the same). Checkpoints of megatron-wsm before this layout hold a
+world-shaped ShardedObject (one state per global rank) with our older names (``random``,
+``numpy``, ``torch``, ``tracker``, ``cuda``): :func:`normalize` reads both.
 """
 
 from __future__ import annotations
@@ -38,6 +49,58 @@ CPU_STATE_BYTES = 5056
 CUDA_STATE_BYTES = 16
 #: The key under which :func:`capture` records the device kind.
 DEVICE_KEY = "device"
+#: Megatron-LM's names of the saved generator states.
+RANDOM, NUMPY, TORCH, CUDA_STATE, TRACKER = (
+    "random_rng_state",
+    "np_rng_state",
+    "torch_rng_state",
+    "cuda_rng_state",
+    "rng_tracker_states",
+)
+#: Our names before the states took Megatron-LM's (read by :func:`normalize`).
+_OLD_NAMES = {
+    "random": RANDOM,
+    "numpy": NUMPY,
+    "torch": TORCH,
+    "cuda": CUDA_STATE,
+    "tracker": TRACKER,
+}
+
+
+def normalize(state: Any, dp_rank: int = 0) -> dict[str, Any]:
+    """A saved RNG state under Megatron-LM's names, from any layout we read: Megatron-LM's list
+    (one dict, or one per DP rank with ``--data-parallel-random-init``: ``dp_rank``'s), its
+    dict, or megatron-wsm's older dict (``random``, ``numpy``, ``torch``, ``tracker``,
+    ``cuda``). Raises ValueError for anything else."""
+    if isinstance(state, (list, tuple)):
+        if not state:
+            raise ValueError("the checkpoint's RNG state is an empty list")
+        state = state[dp_rank] if len(state) > 1 else state[0]
+    if not isinstance(state, dict):
+        raise ValueError(f"the checkpoint's RNG state is a {type(state).__name__}, not a dict")
+    out = {_OLD_NAMES.get(k, k): v for k, v in state.items()}
+    missing = [k for k in (RANDOM, NUMPY, TORCH) if k not in out]
+    if missing:
+        raise ValueError(f"the checkpoint's RNG state lacks {missing}")
+    out.setdefault(TRACKER, {})
+    return out
+
+
+def sharding(
+    pp: tuple[int, int], tp: tuple[int, int], dp: tuple[int, int], ep_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(global shape, offset, replica id) of this rank's ``rng_state`` ShardedObject, as
+    Megatron-LM shards it: ``(PP, TP)`` replicated over DP (``dp`` includes context
+    parallelism), or ``(PP, TP, DP)`` with expert parallelism. Each of ``pp``, ``tp``, ``dp``
+    is (rank, size)."""
+    if ep_size > 1:
+        return (pp[1], tp[1], dp[1]), (pp[0], tp[0], dp[0]), 0
+    return (pp[1], tp[1]), (pp[0], tp[0]), dp[0]
+
+
+def shard_key(shape: tuple[int, ...], offset: tuple[int, ...]) -> str:
+    """The stored key of one ``rng_state`` shard (megatron-core's ``ShardedObject.unique_key``)."""
+    return f"rng_state/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
 
 
 def here() -> str:
@@ -65,11 +128,11 @@ def saved_kind(state: dict[str, Any]) -> str | None:
     recorded = state.get(DEVICE_KEY)
     if recorded in (CPU, CUDA):
         return recorded
-    tracker = state.get("tracker") or {}
+    tracker = state.get(TRACKER, state.get("tracker")) or {}
     kinds = {generator_state_kind(v) for v in tracker.values()}
     if len(kinds) == 1 and None not in kinds:
         return kinds.pop()
-    if not tracker and "cuda" in state:
+    if not tracker and ("cuda" in state or CUDA_STATE in state):
         return CUDA
     return None
 
@@ -87,16 +150,20 @@ def capture() -> dict[str, Any]:
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
     kinds = {generator_state_kind(v) for v in tracker.values()}
     kind = kinds.pop() if len(kinds) == 1 and None not in kinds else here()
-    state: dict[str, Any] = {
+    return {
         DEVICE_KEY: kind,
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tracker,
+        RANDOM: random.getstate(),
+        NUMPY: np.random.get_state(),
+        TORCH: torch.get_rng_state(),
+        # Megatron-LM's loader sets it unconditionally: a placeholder without CUDA (never
+        # restored: the device kind says CPU).
+        CUDA_STATE: (
+            torch.cuda.get_rng_state()
+            if torch.cuda.is_available()
+            else torch.zeros(CUDA_STATE_BYTES, dtype=torch.uint8)
+        ),
+        TRACKER: tracker,
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def reseed_note(saved: str | None, current: str, seed: int) -> str:
@@ -116,19 +183,20 @@ def restore(state: dict[str, Any], seed: int, verbose: bool = True) -> bool:
     rank 0 when ``verbose``)."""
     from megatron.core import tensor_parallel
 
+    state = normalize(state)
     saved = saved_kind(state)
     current = here()
     same = restores_device_states(saved, current)
     if not same:
         # First: the CPU shim's seeding also seeds torch's CPU generator, restored below.
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    random.setstate(state[RANDOM])
+    np.random.set_state(state[NUMPY])
+    torch.set_rng_state(state[TORCH])
     if same:
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+        if CUDA_STATE in state and current == CUDA:
+            torch.cuda.set_rng_state(state[CUDA_STATE])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state[TRACKER])
     elif verbose and _global_rank() == 0:
         print(reseed_note(saved, current, seed), flush=True)
     return same

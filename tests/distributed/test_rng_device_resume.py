@@ -28,8 +28,9 @@ AS_IF_ON_A_GPU = textwrap.dedent(
         def capture():
             state = cpu_capture()
             state["device"] = "cuda"
-            state["tracker"] = {k: torch.arange(16, dtype=torch.uint8) for k in state["tracker"]}
-            state["cuda"] = torch.arange(16, dtype=torch.uint8)
+            tracker = state["rng_tracker_states"]
+            state["rng_tracker_states"] = {k: torch.arange(16, dtype=torch.uint8) for k in tracker}
+            state["cuda_rng_state"] = torch.arange(16, dtype=torch.uint8)
             return state
 
         rng_state.capture = capture

@@ -52,6 +52,54 @@ def test_saved_kind(state, kind):
     assert rng.saved_kind(state) == kind
 
 
+def test_saved_kind_of_megatron_lm_names():
+    # Megatron-LM's dict (no device entry): by the tracker states, else its CUDA state.
+    assert rng.saved_kind({"rng_tracker_states": {n: CPU_STATE for n in NAMES}}) == "cpu"
+    assert rng.saved_kind({"rng_tracker_states": {}, "cuda_rng_state": CUDA_STATE}) == "cuda"
+
+
+def test_normalize_reads_megatron_lm_and_our_older_layouts():
+    mlm = {
+        "random_rng_state": 1,
+        "np_rng_state": 2,
+        "torch_rng_state": 3,
+        "cuda_rng_state": 4,
+        "rng_tracker_states": {"a": 5},
+    }
+    assert rng.normalize([mlm]) == mlm  # Megatron-LM's one-element list
+    assert rng.normalize(mlm) == mlm
+    per_dp = [mlm, {**mlm, "random_rng_state": 9}]  # --data-parallel-random-init
+    assert rng.normalize(per_dp, dp_rank=1)["random_rng_state"] == 9
+    old = {"device": "cpu", "random": 1, "numpy": 2, "torch": 3, "tracker": {"a": 5}}
+    assert rng.normalize(old) == {
+        "device": "cpu",
+        "random_rng_state": 1,
+        "np_rng_state": 2,
+        "torch_rng_state": 3,
+        "rng_tracker_states": {"a": 5},
+    }
+    for bad in ([], "x", {"random": 1}):
+        with pytest.raises(ValueError):
+            rng.normalize(bad)
+
+
+def test_sharding_is_megatron_lms():
+    # (PP, TP) replicated over DP (DP rank 0 writes) ...
+    assert rng.sharding((0, 1), (1, 2), (3, 4), ep_size=1) == ((1, 2), (0, 1), 3)
+    # ... or (PP, TP, DP) with expert parallelism: one state per rank of the model replica.
+    assert rng.sharding((1, 2), (0, 1), (1, 2), ep_size=2) == ((2, 1, 2), (1, 0, 1), 0)
+    # The stored names the fixtures written by Megatron-LM hold (tests/data/megatron_lm).
+    assert rng.shard_key((1, 1, 2), (0, 0, 1)) == "rng_state/shard_0.0.1_1.1.2"
+
+
+def test_capture_uses_megatron_lm_names_and_a_cuda_placeholder_on_cpu():
+    state = rng.capture()
+    assert {"random_rng_state", "np_rng_state", "torch_rng_state", "cuda_rng_state"} <= set(state)
+    assert "rng_tracker_states" in state and state["device"] == rng.here()
+    if rng.here() == rng.CPU:
+        assert torch.equal(state["cuda_rng_state"], torch.zeros(16, dtype=torch.uint8))
+
+
 def test_device_states_restored_only_on_the_same_kind():
     assert rng.restores_device_states("cpu", "cpu")
     assert rng.restores_device_states("cuda", "cuda")
@@ -99,7 +147,7 @@ _SCRIPT = textwrap.dedent(
     draw()
     saved = rng_state()
     res["kind"] = saved["device"]
-    res["sizes"] = sorted({v.numel() for v in saved["tracker"].values()})
+    res["sizes"] = sorted({v.numel() for v in saved["rng_tracker_states"].values()})
     expected = draw()
     draw()
     res["same_kind_restored"] = set_rng_state(copy.deepcopy(saved), seed=7)
@@ -108,15 +156,15 @@ _SCRIPT = textwrap.dedent(
     # A GPU checkpoint: CUDA Philox states (16 bytes) in the tracker and the CUDA generator.
     for recorded in (True, False):  # with the device kind, and an older one without
         crafted = copy.deepcopy(saved)
-        crafted["tracker"] = {k: torch.arange(16, dtype=torch.uint8) for k in names}
-        crafted["cuda"] = torch.arange(16, dtype=torch.uint8)
+        crafted["rng_tracker_states"] = {k: torch.arange(16, dtype=torch.uint8) for k in names}
+        crafted["cuda_rng_state"] = torch.arange(16, dtype=torch.uint8)
         if recorded:
             crafted["device"] = "cuda"
         else:
             del crafted["device"]
         # What the old restore did: hand them to the CPU tracker; the first fork fails.
         bad = cpu_compat.CpuRNGStatesTracker()
-        bad.set_states(crafted["tracker"])
+        bad.set_states(crafted["rng_tracker_states"])
         try:
             with bad.fork(names[0]):
                 pass
@@ -126,9 +174,9 @@ _SCRIPT = textwrap.dedent(
         random.random(); np.random.rand(); torch.rand(3)  # move the host RNGs on
         restored = set_rng_state(crafted, seed=7)
         after = states()
-        host = (random.getstate() == crafted["random"],
-                torch.equal(torch.get_rng_state(), crafted["torch"]),
-                np.array_equal(np.random.get_state()[1], crafted["numpy"][1]))
+        host = (random.getstate() == crafted["random_rng_state"],
+                torch.equal(torch.get_rng_state(), crafted["torch_rng_state"]),
+                np.array_equal(np.random.get_state()[1], crafted["np_rng_state"][1]))
         first = draw()  # forks work
         tensor_parallel.model_parallel_cuda_manual_seed(7)  # what start-up seeding gives
         fresh = states()
