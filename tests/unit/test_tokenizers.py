@@ -3,7 +3,10 @@ padding and EOD ids, and the refusals (megatron_wsm/data/tokenizers.py)."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
+from pathlib import Path
 
 import megatron_wsm.mcore_prelude  # noqa: F401
 
@@ -101,3 +104,94 @@ def test_build_refuses_missing_files_and_hub_names(tmp_path) -> None:
         build_tokenizer(
             "GPT2BPETokenizer", vocab_file=str(tmp_path / "v.json"), merge_file=str(tmp_path / "m")
         )
+
+
+# -- the reference tokenizers of tests/data/megatron_lm/preprocess ------------------------------
+REF = Path(__file__).resolve().parents[1] / "data" / "megatron_lm" / "preprocess"
+SPM = str(REF / "spm.model")
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "vocab", "megatron_vocab", "eod"),
+    [
+        # Megatron-LM core_v0.16.1 legacy tokenizers (what its padding reads) give, on these
+        # files: _SentencePieceTokenizer 404 (400 + <CLS> <SEP> <EOD> <MASK>),
+        # _GPTSentencePieceTokenizer / _Llama2Tokenizer 400, _GPT2BPETokenizer and
+        # _HuggingFaceTokenizer 420; the data EOD is megatron-core's (the eos id / <|endoftext|>).
+        ("SentencePieceTokenizer", {"tokenizer_model": SPM}, 400, 404, 2),
+        ("GPTSentencePieceTokenizer", {"tokenizer_model": SPM}, 400, 400, 2),
+        ("Llama2Tokenizer", {"tokenizer_model": SPM}, 400, 400, 2),
+        (
+            "GPT2BPETokenizer",
+            {"vocab_file": str(REF / "gpt2" / "vocab.json"),
+             "merge_file": str(REF / "gpt2" / "merges.txt")},
+            420, 420, 0,
+        ),
+        ("HuggingFaceTokenizer", {"tokenizer_model": str(REF / "hf")}, 420, 420, 0),
+        (None, {"tokenizer_model": SPM}, 400, 400, 2),
+    ],
+)  # fmt: skip
+def test_vocab_and_eod_as_megatron_lm(
+    kind: str | None, kwargs: dict, vocab: int, megatron_vocab: int, eod: int
+) -> None:
+    tok = build_tokenizer(kind, **kwargs)
+    assert (tok.vocab_size, megatron_vocab_size(kind, tok), tok.eod) == (vocab, megatron_vocab, eod)
+    assert padded_vocab_size(megatron_vocab, 1) == 512
+    ids = tok.tokenize("def f(x):\n    return x")
+    assert ids and tok.eod not in ids
+    # pickles (DataLoader workers) and tokenizes the same afterwards
+    assert pickle.loads(pickle.dumps(tok)).tokenize("def f(x):\n    return x") == ids
+
+
+def test_legacy_sentencepiece_count_without_pad_piece(tmp_path: Path) -> None:
+    """A model without a pad piece but with <MASK>: Megatron-LM's legacy wrapper adds <CLS>
+    <SEP> <EOD> <PAD> (measured: 404 for this 400-piece model)."""
+    from megatron_wsm.data.spm_training import train_sentencepiece
+
+    lines = (REF / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [t for t in (json.loads(line)["text"] for line in lines) if isinstance(t, str)] * 4
+    model = train_sentencepiece(
+        texts, tmp_path / "nopad", vocab_size=400,
+        extra_options={"pad_id": -1, "user_defined_symbols": ["\n", "<MASK>"]},
+    )  # fmt: skip
+    tok = build_tokenizer("SentencePieceTokenizer", model)
+    assert (tok.vocab_size, megatron_vocab_size("SentencePieceTokenizer", tok)) == (400, 404)
+
+
+# -- hostile tokenizer directories --------------------------------------------------------------
+def _remote_code_dir(root: Path, marker: Path, with_fast_fallback: bool) -> Path:
+    d = root / ("fallback" if with_fast_fallback else "remote")
+    d.mkdir()
+    (d / "evil_tokenizer.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = {
+        "auto_map": {
+            "AutoTokenizer": ["evil_tokenizer.EvilTokenizer", "evil_tokenizer.EvilTokenizer"]
+        },
+        "tokenizer_class": "PreTrainedTokenizerFast" if with_fast_fallback else "EvilTokenizer",
+        "eos_token": "<|endoftext|>",
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    if with_fast_fallback:
+        shutil.copy(REF / "hf" / "tokenizer.json", d / "tokenizer.json")
+    return d
+
+
+@pytest.mark.parametrize("with_fast_fallback", [False, True])
+def test_auto_map_code_is_never_run(tmp_path: Path, with_fast_fallback: bool) -> None:
+    """A tokenizer directory whose config points at its own Python file: loading it runs
+    nothing (trust_remote_code=False); it is refused, or loaded with the built-in class."""
+    marker = tmp_path / "ran.txt"
+    d = _remote_code_dir(tmp_path, marker, with_fast_fallback)
+    try:
+        tok = build_tokenizer("HuggingFaceTokenizer", str(d))
+    except TokenizerError as err:
+        assert not with_fast_fallback
+        assert "trust_remote_code" in str(err) or "EvilTokenizer" in str(err)
+    else:
+        assert with_fast_fallback, "the custom class cannot load without its code"
+        assert tok.tokenize("def f") and tok.eod == 0
+    assert not marker.exists(), "code from the tokenizer directory ran"
