@@ -97,10 +97,10 @@ def should_save(iteration: int, interval: int | None) -> bool:
 
 def model_identity(model_json: dict[str, Any], padded_vocab: int) -> dict[str, Any]:
     """The model fields that decide parameter shapes and routing (``ModelConfig`` fields marked
-    ``shape``); hashed into manifests."""
-    from megatron_wsm.config import shape_fields
+    ``shape``; those added later only when not at their default); hashed into manifests."""
+    from megatron_wsm.config.model import model_identity_fields
 
-    ident = {k: model_json.get(k) for k in shape_fields()}
+    ident = model_identity_fields(model_json)
     ident["padded_vocab_size"] = padded_vocab
     return ident
 
