@@ -50,6 +50,7 @@ __all__ = [
     "TokenizerError",
     "build_tokenizer",
     "megatron_vocab_size",
+    "save_for_transformers",
     "tokenizer_from_config",
 ]
 
@@ -303,3 +304,38 @@ def _need_hf_extra(tokenizer_type: str) -> None:
                 f"--tokenizer-type {tokenizer_type} needs the {module} package: "
                 "pip install 'megatron-wsm[hf]'"
             )
+
+
+#: Types whose tokenizer :func:`save_for_transformers` writes (the sentencepiece types are
+#: written by the export's own sentencepiece path; NullTokenizer has no text tokenizer).
+TRANSFORMERS_SAVABLE = ("HuggingFaceTokenizer", "GPT2BPETokenizer")
+
+
+def save_for_transformers(tokenizer_type: str, tokenizer: Any, out: str | os.PathLike[str]) -> int:
+    """Write ``tokenizer`` (built by :func:`build_tokenizer`) into ``out`` so that
+    transformers' ``AutoTokenizer.from_pretrained(out)`` encodes text to the same ids (without
+    special tokens); returns the vocabulary size.
+
+    ``HuggingFaceTokenizer``: the loaded tokenizer's ``save_pretrained`` (its
+    ``tokenizer.json``/``tokenizer_config.json``; no Python file of the source directory is
+    copied). ``GPT2BPETokenizer``: the byte-level BPE as a ``tokenizer.json`` with
+    ``<|endoftext|>`` as bos/eos/unk (transformers treats that string as one special token where
+    it appears in text; Megatron-LM's GPT-2 tokenizer splits it like any text).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    os.makedirs(out, exist_ok=True)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        tokenizer.save_pretrained(os.fspath(out))
+        return int(tokenizer.vocab_size)
+    if tokenizer_type == "GPT2BPETokenizer":
+        eod = GPT2BPETokenizer.EOD_TOKEN
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer._tok, bos_token=eod, eos_token=eod, unk_token=eod
+        )
+        fast.save_pretrained(os.fspath(out))
+        return int(tokenizer.vocab_size)
+    raise TokenizerError(
+        f"--tokenizer-type {tokenizer_type}: not written here (types: "
+        f"{', '.join(TRANSFORMERS_SAVABLE)})"
+    )

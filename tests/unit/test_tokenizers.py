@@ -10,6 +10,7 @@ from pathlib import Path
 
 import megatron_wsm.mcore_prelude  # noqa: F401
 
+import numpy as np
 import pytest
 
 from megatron_wsm.config import ConfigError
@@ -195,3 +196,72 @@ def test_auto_map_code_is_never_run(tmp_path: Path, with_fast_fallback: bool) ->
         assert with_fast_fallback, "the custom class cannot load without its code"
         assert tok.tokenize("def f") and tok.eod == 0
     assert not marker.exists(), "code from the tokenizer directory ran"
+
+
+# -- a Hugging Face tokenizer directory end to end, offline -------------------------------------
+def test_hf_directory_preprocess_train_and_tokenizer_export_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local tokenizer directory → tools/preprocess_data.py (in-process here; a fresh offline
+    process in test_preprocess_parity.py) → pretrain_moe.py (1 process, offline) →
+    the tokenizer written for transformers from the checkpoint's recorded flags, with
+    HF_HUB_OFFLINE=1. The Mixtral export (tools/export_hf.py) writes only sentencepiece
+    tokenizers so far: it refuses this run before writing anything (docs/data.md)."""
+    import subprocess
+    import sys
+    from pydoc_data.topics import topics
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from megatron_wsm.checkpoint.manager import resolve_load_dir
+    from megatron_wsm.checkpoint.manifest import read_manifest
+    from megatron_wsm.config import RunConfig
+    from megatron_wsm.data.tokenizers import save_for_transformers
+    from megatron_wsm.testing.config import TINY_MODEL
+    from megatron_wsm.testing.launch import ROOT, run_pretrain
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        "".join(json.dumps({"text": topics[k][:1000]}) + "\n" for k in sorted(topics)[:60])
+    )
+    tok_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(REF / "hf")]
+    from megatron_wsm.cli.preprocess_data import main as preprocess
+
+    argv = ["--input", str(docs), "--output-prefix", str(tmp_path / "data" / "docs")]
+    assert preprocess([*argv, "--append-eod", "--quiet", *tok_flags]) == 0
+    prefix = tmp_path / "data" / "docs_text_document"
+    tok = build_tokenizer("HuggingFaceTokenizer", str(REF / "hf"))
+    first = json.loads(docs.read_text().splitlines()[0])["text"]
+    ds = IndexedDataset(str(prefix))
+    assert ds[0].tolist() == [*tok.tokenize(first), tok.eod]
+
+    result = run_pretrain(
+        [*TINY_MODEL, "--train-iters", 3, "--data-path", prefix, "--split", "90,5,5",
+         *tok_flags, "--save", tmp_path / "ckpt", "--save-interval", 3],
+        tmp_path / "result.json",
+    )  # fmt: skip
+    assert all(np.isfinite(h["loss"]) for h in result["train_history"])
+    ckpt = resolve_load_dir(tmp_path / "ckpt")
+    manifest = read_manifest(ckpt)
+    assert manifest is not None
+    run = RunConfig.from_json(manifest.run_info())
+    assert (run.data.tokenizer_type, run.model.vocab_size) == ("HuggingFaceTokenizer", 420)
+    assert manifest.model_config["padded_vocab_size"] == 512
+
+    # the run's tokenizer, rebuilt from the checkpoint's flags, for transformers
+    rebuilt = tokenizer_from_config(run.data)
+    assert save_for_transformers("HuggingFaceTokenizer", rebuilt, tmp_path / "hf_tok") == 420
+    auto = AutoTokenizer.from_pretrained(str(tmp_path / "hf_tok"))
+    assert auto(first, add_special_tokens=False)["input_ids"] == ds[0].tolist()[:-1]
+    assert auto.eos_token_id == tok.eod
+
+    export = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export_hf.py"), "--load", str(tmp_path / "ckpt"),
+         "--save", str(tmp_path / "hf_model")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert export.returncode != 0 and "tokenizer" in export.stderr
+    assert not (tmp_path / "hf_model").exists()
