@@ -39,7 +39,6 @@ def megatron_lm_args(
     data = run.get("data", {})
     par = run.get("parallel", {})
     num_experts = model.get("num_experts") or None
-    rope = model.get("position_embedding_type", "rope") == "rope"
     heads = model.get("num_attention_heads")
     groups = model.get("num_query_groups")
     values: dict[str, Any] = {
@@ -59,13 +58,33 @@ def megatron_lm_args(
         "seq_length": model.get("seq_length"),
         "max_position_embeddings": model.get("max_position_embeddings") or model.get("seq_length"),
         "position_embedding_type": model.get("position_embedding_type", "rope"),
-        "add_position_embedding": not rope,
+        # Megatron-LM's default (True) whatever the position embedding type; only
+        # --no-position-embedding clears it, and its loader compares it with the command line.
+        "add_position_embedding": True,
         "normalization": model.get("normalization", "RMSNorm"),
         "swiglu": True,
         "add_bias_linear": False,
         "untie_embeddings_and_output_weights": bool(
             model.get("untie_embeddings_and_output_weights", True)
         ),
+        # What megatron-wsm's model fixes (megatron-core's defaults), written out so that
+        # Megatron-LM's --use-checkpoint-args copies them instead of keeping its command line's.
+        "kv_channels": (model.get("hidden_size") // heads) if heads else None,
+        "use_rotary_position_embeddings": False,  # deprecated flag: position_embedding_type
+        "rotary_base": 10000,
+        "rotary_percent": 1.0,
+        "rotary_interleaved": False,
+        "add_qkv_bias": False,
+        "qk_layernorm": False,
+        "squared_relu": False,
+        "apply_query_key_layer_scaling": False,
+        "moe_layer_freq": 1,
+        "moe_router_pre_softmax": False,
+        "moe_router_score_function": "softmax",
+        "moe_router_topk_scaling_factor": None,
+        "moe_router_enable_expert_bias": False,
+        "moe_shared_expert_intermediate_size": None,
+        "moe_grouped_gemm": bool(model.get("moe_grouped_gemm", False)),
         "hidden_dropout": model.get("hidden_dropout", 0.0),
         "attention_dropout": model.get("attention_dropout", 0.0),
         "init_method_std": model.get("init_method_std", 0.02),
@@ -95,6 +114,8 @@ def megatron_lm_args(
         "pipeline_model_parallel_size": parallel.get("pipeline_model_parallel_size", 1),
         "expert_model_parallel_size": parallel.get("expert_model_parallel_size", 1),
         "context_parallel_size": parallel.get("context_parallel_size", 1),
+        "virtual_pipeline_model_parallel_size": None,
+        "num_layers_per_virtual_pipeline_stage": None,
         "data_parallel_size": parallel.get("data_parallel_size", 1),
         "world_size": parallel.get("world_size", 1),
         "sequence_parallel": bool(par.get("sequence_parallel", False)),

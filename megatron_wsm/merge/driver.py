@@ -28,7 +28,9 @@ from megatron_wsm.merge.output import (
     OPTIMIZER_NOTE,
     check_output_location,
     make_tmp_dir,
+    merged_iteration,
     naming_save,
+    output_name_refusal,
     publish_merged,
     stale_tmp_dirs_note,
 )
@@ -153,6 +155,9 @@ def _prepare_inputs(
     if output is None:
         return ordered, notes
     check_output_location(output, [inp.path for inp in ordered], protected, overwrite)
+    why = output_name_refusal(output, merged_iteration(ordered))  # before the merge's work
+    if why:
+        raise MergeError(why)
     stale = stale_tmp_dirs_note(output)
     if stale:
         notes.append(stale)

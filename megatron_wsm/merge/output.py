@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from megatron_wsm.checkpoint import publish
+from megatron_wsm.checkpoint.layout import TRACKER_FILE, checkpoint_name, parse_name
 from megatron_wsm.checkpoint.manifest import (
     KIND_MERGED,
     MANIFEST_NAME,
     CheckpointManifest,
+    read_manifest,
     write_manifest,
 )
 from megatron_wsm.merge import torch_dist
@@ -75,6 +77,93 @@ def check_output_location(
     why = publish.output_refusal(output, MERGED_OUTPUT, overwrite, inputs, protected)
     if why:
         raise MergeError(why)
+
+
+# ----------------------------------------------------------------------------- Megatron-LM root
+#
+# Megatron-LM's --load takes a root: it reads ``latest_checkpointed_iteration.txt`` and loads
+# ``<root>/iter_<N:07d>`` (megatron/training/checkpointing.py: _load_base_checkpoint,
+# get_checkpoint_name); a directory that is itself a checkpoint is "not found". So a merge whose
+# --save is named ``iter_<N:07d>`` (N: the merged checkpoint's iteration, its newest input's)
+# gets the tracker in its parent, when that parent is a root of merged checkpoints only: never
+# a training run's save directory (whose tracker names its newest full checkpoint). The merged
+# directory itself stays what our tools read (one checkpoint, manifest inside).
+
+
+def merged_iteration(inputs: Sequence[CheckpointInput]) -> int:
+    """The iteration the merged checkpoint's manifest records: its newest input's."""
+    newest = inputs[-1]
+    if newest.manifest is not None:
+        return newest.manifest.iteration
+    return newest.iteration or 0
+
+
+def output_name_refusal(output: Path, iteration: int) -> str | None:
+    """Why an ``iter_*``-named ``output`` cannot hold a merged checkpoint of ``iteration``
+    (our readers refuse a checkpoint whose name and manifest disagree), else None."""
+    parsed = parse_name(output.name)
+    if parsed is None or parsed[1]:
+        return None
+    if parsed[0] != iteration:
+        return (
+            f"--save {output} names iteration {parsed[0]}, but the merged checkpoint is of "
+            f"iteration {iteration} (its newest input's): name it {checkpoint_name(iteration)} "
+            "(Megatron-LM's layout) or give it a name without iter_"
+        )
+    return None
+
+
+def _merged_root_refusal(root: Path) -> str | None:
+    """Why ``root`` is not a root of merged checkpoints only (None: it is): every entry is a
+    merged ``iter_*`` checkpoint of ours, a merge's temporary directory, or the tracker."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    for entry in entries:
+        name = entry.name
+        if entry.is_symlink():
+            return f"holds {name}, a symbolic link"
+        if name == TRACKER_FILE and entry.is_file(follow_symlinks=False):
+            continue
+        if name.startswith(".") and ".merging-" in name and entry.is_dir():
+            continue  # a merge in progress (or interrupted): named by make_tmp_dir
+        parsed = parse_name(name)
+        if parsed is not None and not parsed[1] and entry.is_dir():
+            try:
+                manifest = read_manifest(Path(entry.path))
+            except ValueError:
+                manifest = None
+            if manifest is not None and manifest.kind == KIND_MERGED:
+                continue
+        return f"holds {name}, which is not a merged checkpoint"
+    return None
+
+
+def write_megatron_lm_tracker(output: Path) -> str | None:
+    """After publishing ``output``: Megatron-LM's tracker in its parent when ``output`` is named
+    ``iter_<N:07d>`` and the parent holds merged checkpoints only; returns a note saying what
+    was done or why not (None when ``output``'s name is not Megatron-LM's)."""
+    parsed = parse_name(output.name)
+    if parsed is None or parsed[1] or output.name != checkpoint_name(parsed[0]):
+        return None
+    root = output.parent
+    why = _merged_root_refusal(root)
+    if why:
+        return (
+            f"Megatron-LM's tracker not written: {root} {why} (it is written only into a "
+            "directory of merged checkpoints; a training run's tracker is never replaced)"
+        )
+    tmp = root / f".{TRACKER_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(parsed[0]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER_FILE)
+    return (
+        f"Megatron-LM loads it as weights with --load {root} --finetune --no-load-optim "
+        f"--no-load-rng ({root / TRACKER_FILE} names iteration {parsed[0]})"
+    )
 
 
 def stale_tmp_dirs_note(output: Path) -> str | None:
@@ -143,7 +232,7 @@ def merged_manifest(
     if newest.manifest is not None:
         base = dataclasses.replace(newest.manifest)
     else:
-        base = CheckpointManifest(kind=KIND_MERGED, iteration=newest.iteration or 0)
+        base = CheckpointManifest(kind=KIND_MERGED, iteration=merged_iteration(inputs))
     base.kind = KIND_MERGED
     base.checkpoint_format = report.format
     base.complete = True
@@ -175,6 +264,9 @@ def _publish(
     inputs: list[CheckpointInput],
     method: dict[str, Any] | None,
 ) -> None:
+    why = output_name_refusal(output, merged_iteration(inputs))
+    if why:
+        raise MergeError(why)
     prov = provenance(report, inputs, method)
     with open(tmp / PROVENANCE_NAME, "w") as f:
         json.dump(prov, f, indent=2)
@@ -182,6 +274,9 @@ def _publish(
         os.fsync(f.fileno())
     write_manifest(tmp, merged_manifest(inputs, report, prov))  # last: marks it complete
     publish.publish_dir(tmp, output, MERGED_OUTPUT, overwrite, refuse=_raise_merge_error)
+    note = write_megatron_lm_tracker(output)
+    if note:
+        report.notes.append(note)
 
 
 def _raise_merge_error(message: str) -> None:

@@ -25,7 +25,7 @@ def test_data_position_shape_and_layout_under_megatron_lm_names():
     assert (a.iteration, a.consumed_train_samples, a.consumed_valid_samples) == (6, 24, 0)
     assert (a.num_layers, a.hidden_size, a.num_attention_heads) == (2, 32, 4)
     assert a.group_query_attention and a.num_query_groups == 2
-    assert a.add_position_embedding is False  # RoPE: no learned position table
+    assert a.add_position_embedding is True  # Megatron-LM's default, RoPE or not
     assert (a.num_experts, a.moe_router_topk, a.padded_vocab_size) == (4, 2, 512)
     assert (a.tensor_model_parallel_size, a.world_size) == (2, 2)
     assert a.tokenizer_type == "SentencePieceTokenizer" and a.ckpt_format == "torch_dist"
