@@ -64,6 +64,9 @@ def _add_field(
             **kw,
         )
         return
+    if "nargs" in meta:  # a word list (Megatron-LM's --data-path: nargs='*' of strings)
+        group.add_argument(flag, dest=field.name, nargs=meta["nargs"], default=default, **kw)
+        return
     kind = _scalar_type(cls, field)
     if kind is bool:
         group.add_argument(flag, dest=field.name, action="store_true", default=default, **kw)

@@ -64,16 +64,19 @@ def prepare_builtin_data(cfg: RunConfig) -> PreparedData:
 
 def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     """Tokenizer and train/valid/test GPTDatasets; returns (datasets, vocab size, description)."""
-    from megatron_wsm.data.datasets import build_gpt_datasets
+    from megatron_wsm.data.blends import megatron_num_samples
+    from megatron_wsm.data.datasets import build_gpt_datasets, datasets_from_flags
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer
     from megatron_wsm.data.tokenizers import megatron_vocab_size, tokenizer_from_config
 
     t = cfg.training
-    # Sample counts GPTDataset must be able to serve (it repeats epochs as needed).
-    # --eval-iters 0 = the whole held-out split, one pass (None: GPTDataset's single epoch).
-    held_out = t.eval_iters * t.global_batch_size if t.eval_iters > 0 else None
-    num_samples = (max(t.train_iters, 1) * t.global_batch_size, held_out, held_out)
-    if cfg.data.data_path is None:
+    d = cfg.data
+    if d.uses_builtin_corpus():
+        # The built-in corpus (sample counts unchanged since the first release: the published
+        # numbers depend on them). --eval-iters 0 = the whole held-out split, one pass (None:
+        # GPTDataset's single epoch).
+        held_out = t.eval_iters * t.global_batch_size if t.eval_iters > 0 else None
+        num_samples = (max(t.train_iters, 1) * t.global_batch_size, held_out, held_out)
         prepared = prepare_builtin_data(cfg)
         tokenizer = SentencePieceTokenizer(prepared.tokenizer_model)
         train_ds, valid_ds, test_ds = build_gpt_datasets(
@@ -84,30 +87,32 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
             cfg.model.seq_length,
             t.seed,
             num_samples,
-            path_to_cache=os.path.join(cfg.data.data_cache_dir, "index_cache"),
+            path_to_cache=os.path.join(d.data_cache_dir, "index_cache"),
             # The model is called with attention_mask=None (causal mask type), so a dense
             # [1, S, S] mask per sample would be built for nothing.
             create_attention_mask=False,
         )
-        source = f"{cfg.data.data_source} corpus (cache: {cfg.data.data_cache_dir})"
+        source = f"{d.data_source} corpus (cache: {d.data_cache_dir})"
     else:
-        tokenizer = tokenizer_from_config(cfg.data)
-        train_ds, valid_ds, test_ds = build_gpt_datasets(
-            cfg.data.data_path,
-            None,
-            None,
+        # Megatron-LM's sample counts, so a blend's index is the one Megatron-LM reads.
+        tokenizer = tokenizer_from_config(d)
+        train_ds, valid_ds, test_ds = datasets_from_flags(
+            d,
             tokenizer,
             cfg.model.seq_length,
             t.seed,
-            num_samples,
-            split=cfg.data.split,
-            create_attention_mask=False,
+            megatron_num_samples(
+                t.train_iters, t.global_batch_size, t.eval_interval, t.eval_iters, t.eval_only
+            ),
         )
-        source = cfg.data.data_path
+        source = d.describe_source()
     datasets = {"train": train_ds, "valid": valid_ds, "test": test_ds}
-    for split, ds in datasets.items():
+    for split in ("train", "valid"):  # the test split is not read by the trainer
+        ds = datasets[split]
         if ds is None or len(ds) == 0:
-            raise ConfigError(f"the {split} split of {source} is empty; adjust --split")
+            raise ConfigError(
+                f"the {split} split of {source} is empty; adjust --split or give its data"
+            )
     # The size Megatron-LM pads (its legacy tokenizer's; differs for SentencePieceTokenizer).
     return datasets, megatron_vocab_size(cfg.data.tokenizer_type, tokenizer), source
 

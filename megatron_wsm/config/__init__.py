@@ -25,6 +25,7 @@ Field metadata keys (read by ``arguments.build_parser``):
 * ``store_true`` flags whose value is not the field's own: ``dest`` (the namespace name) and
   ``convert`` (flag value → field value), e.g. ``--bf16`` → ``params_dtype``;
 * ``const``: an option that stores this constant (``--dist-ckpt-optim-fully-reshardable``);
+* ``nargs``: a word-list option (argparse ``nargs``; strings), e.g. ``--data-path``;
 * ``shape``: the field decides parameter shapes or routing (hashed into checkpoint manifests).
 
 The package imports the standard library and two small pure modules only (``lr_styles``: the

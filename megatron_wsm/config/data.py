@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from megatron_wsm.config.fields import ConfigError, flag_field
+from megatron_wsm.config.fields import ConfigError, flag_field, negate
 
 #: Built-in corpora selectable with ``--data-source`` (``megatron_wsm.data``: ``corpus.py``,
 #: ``env_python.py``).
@@ -39,12 +39,74 @@ class DataConfig:
 
     GROUP = "data"
 
-    data_path: str | None = flag_field(
+    # data paths (H4: these fields stay together; Megatron-LM's names and meanings,
+    # megatron_wsm/data/blends.py reads them)
+    data_path: list[str] | None = flag_field(
         None,
-        "indexed dataset prefix (.bin/.idx, see tools/preprocess_data.py); "
-        "default: the embedded corpus",
+        "Megatron-LM's --data-path: one indexed dataset prefix (.bin/.idx, see "
+        "tools/preprocess_data.py), several prefixes (weighted by their sizes) or weight/prefix "
+        "pairs 'W1 P1 W2 P2 ...'; the splits are cut by --split; default: the built-in corpus",
+        nargs="*",
     )
-    split: str = flag_field("969,30,1", "train,valid,test weights of --data-path")
+    split: str | None = flag_field(
+        None,
+        "train,valid,test weights cutting each --data-path dataset by document (default "
+        "969,30,1, Megatron-LM's legacy default; with --mock-data 1,1,1, megatron-core's)",
+    )
+    train_data_path: list[str] | None = flag_field(
+        None,
+        "the training blend, in --data-path's forms (Megatron-LM's per-split paths)",
+        nargs="*",
+    )
+    valid_data_path: list[str] | None = flag_field(
+        None, "the validation blend, in --data-path's forms", nargs="*"
+    )
+    test_data_path: list[str] | None = flag_field(
+        None, "the test blend, in --data-path's forms", nargs="*"
+    )
+    data_args_path: str | None = flag_field(
+        None, "a text file holding --data-path's words (for long blends; Megatron-LM's flag)"
+    )
+    per_split_data_args_path: str | None = flag_field(
+        None,
+        'a JSON file {"train": ..., "valid": ..., "test": ...} of per-split blends, each '
+        "a string or list of --data-path's words, or null (Megatron-LM's flag)",
+    )
+    mock_data: bool = flag_field(
+        False,
+        "train on megatron-core's MockGPTDataset (synthetic token ramps) instead of files; "
+        "needs a tokenizer, e.g. --tokenizer-type NullTokenizer --vocab-size N",
+    )
+    data_cache_path: str | None = flag_field(
+        None,
+        "directory of megatron-core's sample-index cache for --data-path data (default: "
+        "gpt_index_cache beside the first dataset)",
+    )
+    num_dataset_builder_threads: int = flag_field(
+        1, "threads per rank building the datasets of a blend (megatron-core)"
+    )
+    mmap_bin_files: bool = flag_field(
+        True,
+        "read .bin files with file reads instead of mmap (megatron-core)",
+        flag="--no-mmap-bin-files",
+        dest="no_mmap_bin_files",
+        convert=negate,
+    )
+    reset_position_ids: bool = flag_field(
+        False, "restart position ids after each end-of-document token (megatron-core's dataset)"
+    )
+    eod_mask_loss: bool = flag_field(
+        False, "no loss on end-of-document tokens (megatron-core's dataset)"
+    )
+    create_attention_mask_in_dataloader: bool = flag_field(
+        True,
+        "accepted for Megatron-LM's scripts; the dense mask is never built here (the model "
+        "uses the causal mask, which equals the dataset's without --reset-attention-mask)",
+        flag="--no-create-attention-mask-in-dataloader",
+        dest="no_create_attention_mask_in_dataloader",
+        convert=negate,
+    )
+    # end of the data-path fields
     data_cache_dir: str = flag_field("data_cache", "embedded corpus cache")
     # tokenizer (H3: these fields stay together; Megatron-LM's names and meanings)
     tokenizer_type: str | None = flag_field(
@@ -103,36 +165,98 @@ class DataConfig:
             raise ConfigError(
                 f"--data-source {self.data_source!r}: choose one of {', '.join(DATA_SOURCES)}"
             )
-        if self.data_path is not None and self.data_source != "embedded":
+        if not self.uses_builtin_corpus() and self.data_source != "embedded":
             raise ConfigError(
-                f"--data-source {self.data_source} selects a built-in corpus; --data-path "
-                "replaces it (give one of the two)"
+                f"--data-source {self.data_source} selects a built-in corpus; "
+                f"{'--mock-data' if self.mock_data else '--data-path'} replaces it (give one "
+                "of the two)"
             )
         if self.data_max_bytes is not None:
             if self.data_source != "env-python":
                 raise ConfigError("--data-max-bytes applies to --data-source env-python only")
             if self.data_max_bytes <= 0:
                 raise ConfigError(f"--data-max-bytes must be positive, got {self.data_max_bytes}")
-        path = self.data_path
-        if path is not None and not (
-            os.path.exists(path + ".bin") and os.path.exists(path + ".idx")
-        ):
-            raise ConfigError(f"--data-path {path}: {path}.bin / {path}.idx not found")
+        files = self.validate_data_paths()
         self.validate_tokenizer()
-        if (
-            self.tokenizer_type is not None
-            and path is None
-            and not getattr(self, "mock_data", False)  # H4's --mock-data, where present
-        ):
+        if self.tokenizer_type is not None and not files and not self.mock_data:
             raise ConfigError(
                 f"--tokenizer-type {self.tokenizer_type} needs --data-path (data made with that "
                 "tokenizer) or --mock-data; the built-in corpus brings its own tokenizer"
             )
-        if path is not None and self.tokenizer_model is None and self.tokenizer_type is None:
+        if files and self.tokenizer_model is None and self.tokenizer_type is None:
             raise ConfigError(
                 "--data-path needs the tokenizer that made the data: --tokenizer-model, or "
                 "--tokenizer-type with its files"
             )
+        if self.mock_data and self.tokenizer_model is None and self.tokenizer_type is None:
+            raise ConfigError(
+                "--mock-data needs a tokenizer (megatron-core's mock documents end with its EOD "
+                "id): e.g. --tokenizer-type NullTokenizer --vocab-size N"
+            )
+
+    # data paths (H4)
+    def __post_init__(self) -> None:
+        # Manifests written before --data-path took Megatron-LM's word list hold one string.
+        if isinstance(self.data_path, str):
+            self.data_path = [self.data_path]
+
+    def _data_flags(self) -> list[tuple[str, bool]]:
+        per_split = any(
+            v is not None for v in (self.train_data_path, self.valid_data_path, self.test_data_path)
+        )
+        return [
+            ("--mock-data", self.mock_data),
+            ("--data-path", self.data_path is not None),
+            ("--data-args-path", self.data_args_path is not None),
+            ("--train/valid/test-data-path", per_split),
+            ("--per-split-data-args-path", self.per_split_data_args_path is not None),
+        ]
+
+    def uses_builtin_corpus(self) -> bool:
+        """No data flag: the run trains on ``--data-source``."""
+        return not any(given for _, given in self._data_flags())
+
+    def describe_source(self) -> str:
+        """The data flags in a line (for messages and the log)."""
+        if self.mock_data:
+            return "mock data (megatron-core's MockGPTDataset)"
+        if self.data_path is not None:
+            return "--data-path " + " ".join(self.data_path)
+        if self.data_args_path is not None:
+            return f"--data-args-path {self.data_args_path}"
+        if self.per_split_data_args_path is not None:
+            return f"--per-split-data-args-path {self.per_split_data_args_path}"
+        return "; ".join(
+            f"--{name}-data-path {' '.join(words)}"
+            for name, words in (
+                ("train", self.train_data_path),
+                ("valid", self.valid_data_path),
+                ("test", self.test_data_path),
+            )
+            if words is not None
+        )
+
+    def validate_data_paths(self) -> bool:
+        """One data source, Megatron-LM's rules, every file present; True when data files are
+        given (not the built-in corpus, not mock data)."""
+        from megatron_wsm.data.blends import blends_from_flags
+
+        flags = self._data_flags()
+        per_split = flags[3][1]
+        sources = [name for name, given in flags if given]
+        if len(sources) > 1:
+            raise ConfigError(f"give one data source, not {' and '.join(sources)}")
+        if self.num_dataset_builder_threads < 1:
+            raise ConfigError(
+                "--num-dataset-builder-threads must be >= 1, got "
+                f"{self.num_dataset_builder_threads}"
+            )
+        if self.split is not None and (per_split or self.per_split_data_args_path is not None):
+            raise ConfigError(
+                "--split cuts --data-path datasets; per-split paths are whole splits already"
+            )
+        blend, blend_per_split = blends_from_flags(self)
+        return blend is not None or blend_per_split is not None
 
     # tokenizer (H3)
     def validate_tokenizer(self) -> None:

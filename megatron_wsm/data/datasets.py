@@ -1,5 +1,11 @@
 """megatron-core ``GPTDataset`` splits from indexed datasets, with or without torch.distributed.
 
+Everything goes through megatron-core's ``BlendedMegatronDatasetBuilder`` and ``GPTDatasetConfig``,
+the path Megatron-LM's ``pretrain_gpt.py`` takes: one prefix, a weighted blend
+(``BlendedDataset`` over one ``GPTDataset`` per prefix), per-split blends, or ``MockGPTDataset``
+(:func:`datasets_from_flags`, from Megatron-LM's data flags read by ``data/blends.py``). With the
+same blend, split, seed, sequence length and sample counts, the sample order is Megatron-LM's.
+
 Each dataset item is the dict megatron-core's ``GPTDataset.__getitem__`` returns, for a sequence
 length ``S``:
 
@@ -36,10 +42,12 @@ from typing import Any
 import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
 
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_wsm.data.blends import Blend, BlendError, blends_from_flags
 from megatron_wsm.data.prepare import file_lock
 from megatron_wsm.data.tokenizer import SentencePieceTokenizer
 
@@ -47,6 +55,10 @@ from megatron_wsm.data.tokenizer import SentencePieceTokenizer
 ONE_EPOCH = None
 
 _INDEX_AFFIXES = ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy")
+_BLEND_AFFIXES = ("description.txt", "dataset_index.npy", "dataset_sample_index.npy")
+
+#: Megatron-LM's ``--split`` when ``--data-path`` is given without one (its legacy default).
+LEGACY_SPLIT = "969, 30, 1"
 
 
 def _as_tokenizer(tokenizer: Any) -> Any:
@@ -103,21 +115,46 @@ def _drop_empty_splits(config: GPTDatasetConfig, prefix: str) -> None:
             config.split_matrix[i] = None
 
 
+def _refuse_empty_parts(config: GPTDatasetConfig) -> None:
+    """Refuse a blend member whose part of a split holds no token (megatron-core would loop
+    forever building it, see :func:`_drop_empty_splits`); a one-prefix ``--data-path`` is
+    handled by :func:`_drop_empty_splits` instead."""
+    names = ("train", "valid", "test")
+    if config.blend is not None:
+        for prefix in config.blend[0]:
+            for i, count in enumerate(_token_counts(prefix, config.split_matrix)):
+                if count == 0:
+                    raise BlendError(
+                        f"--split {config.split!r} leaves no {names[i]} document in {prefix!r} "
+                        "(a blend member must hold documents in every split it feeds; change "
+                        "--split, or use per-split paths)"
+                    )
+    for blend in config.blend_per_split or ():
+        for prefix in blend[0] if blend is not None else ():
+            if _token_counts(prefix, [(0.0, 1.0)])[0] == 0:
+                raise BlendError(f"indexed dataset {prefix!r} holds no token")
+
+
 def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _index_files(datasets: Sequence[Any], path_to_cache: str) -> list[str]:
-    """The cache files megatron-core wrote for the given GPTDatasets (same naming as 0.16.1)."""
+    """The cache files megatron-core wrote for the given datasets (same naming as 0.16.1):
+    each GPTDataset's, and each BlendedDataset's with those of its members."""
     files = []
     for ds in datasets:
-        if isinstance(ds, GPTDataset):
+        if isinstance(ds, BlendedDataset):
+            base = f"{ds.unique_description_hash}-{type(ds).__name__}-{ds.split.name}"
+            files += [os.path.join(path_to_cache, f"{base}-{affix}") for affix in _BLEND_AFFIXES]
+            files += _index_files(ds.datasets, path_to_cache)
+        elif isinstance(ds, GPTDataset):
             base = f"{ds.unique_description_hash}-{type(ds).__name__}-{ds.index_split.name}"
             files += [os.path.join(path_to_cache, f"{base}-{affix}") for affix in _INDEX_AFFIXES]
-    return files
+    return list(dict.fromkeys(files))
 
 
-def _share_index_cache(config: GPTDatasetConfig, sizes: list[Any]) -> None:
+def _share_index_cache(config: GPTDatasetConfig, sizes: list[Any], cls: type) -> None:
     """Build the index cache on rank 0 and make sure every rank can read it.
 
     megatron-core's distributed build assumes a shared ``path_to_cache``: ranks other than 0
@@ -128,7 +165,7 @@ def _share_index_cache(config: GPTDatasetConfig, sizes: list[Any]) -> None:
     """
     dist = torch.distributed
     rank = dist.get_rank()
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: dist.get_rank() == 0, config)
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: dist.get_rank() == 0, config)
     lock = file_lock(os.path.join(config.path_to_cache, ".lock")) if rank == 0 else None
     with lock or contextlib.nullcontext():
         built = builder.build()
@@ -162,15 +199,129 @@ def _build(
     is_built_on_rank: Callable[[], bool] | None,
 ) -> tuple[Any, Any, Any]:
     on_rank = is_built_on_rank or (lambda: True)
+    cls = MockGPTDataset if config.mock else GPTDataset
+    cache = config.path_to_cache
     if _dist_ready() and torch.distributed.get_world_size() > 1:
-        _share_index_cache(config, sizes)
+        if cache is not None:
+            _share_index_cache(config, sizes, cls)
         # Every rank now finds the cache: rank 0 loads first, then the others (megatron-core).
-        built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
+        built = BlendedMegatronDatasetBuilder(cls, sizes, on_rank, config).build()
     else:
-        with file_lock(os.path.join(config.path_to_cache, ".lock")):
-            built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, on_rank, config).build()
+        if not _dist_ready() and (config.blend is not None or config.blend_per_split):
+            # megatron-core 0.16.1's BlendedDataset asks torch.distributed for the rank when it
+            # writes its cache (GPTDataset checks is_initialized() first).
+            blended = config.blend is not None and (
+                len(config.blend[0]) > 1 or config.blend[1] is not None
+            )
+            blended = blended or any(
+                b is not None and len(b[0]) > 1 for b in config.blend_per_split or ()
+            )
+            if blended:
+                raise RuntimeError(
+                    "a blend of several datasets needs torch.distributed initialized (a world "
+                    "of one will do): megatron-core's BlendedDataset reads the rank"
+                )
+        lock = file_lock(os.path.join(cache, ".lock")) if cache is not None else None
+        with lock or contextlib.nullcontext():
+            built = BlendedMegatronDatasetBuilder(cls, sizes, on_rank, config).build()
     train, valid, test = built
     return train, valid, test
+
+
+def gpt_dataset_config(
+    tokenizer: Any,
+    seq_length: int,
+    seed: int,
+    *,
+    blend: Blend | None = None,
+    blend_per_split: Sequence[Blend | None] | None = None,
+    split: str | None = None,
+    path_to_cache: str | None = None,
+    num_dataset_builder_threads: int = 1,
+    mmap_bin_files: bool = True,
+    reset_position_ids: bool = False,
+    eod_mask_loss: bool = False,
+    create_attention_mask: bool = False,
+) -> GPTDatasetConfig:
+    """megatron-core's ``GPTDatasetConfig`` as Megatron-LM's ``core_gpt_dataset_config_from_args``
+    fills it for the same flags (the fields this trainer has flags for; others keep
+    megatron-core's defaults, which are Megatron-LM's).
+
+    Neither ``blend`` nor ``blend_per_split``: mock data (megatron-core then sets ``mock`` and,
+    without ``split``, the split ``1,1,1``). ``blend`` without ``split``: Megatron-LM's legacy
+    ``969, 30, 1``. ``path_to_cache`` defaults to ``gpt_index_cache`` beside the first prefix
+    (mock data: no cache unless given).
+    """
+    prefixes = [
+        p
+        for b in ([blend] if blend is not None else list(blend_per_split or ()))
+        if b
+        for p in b[0]
+    ]
+    if path_to_cache is None and prefixes:
+        path_to_cache = _default_cache(prefixes[0])
+    if blend is not None and split is None:
+        split = LEGACY_SPLIT
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        blend_per_split=list(blend_per_split) if blend_per_split is not None else None,
+        split=split,
+        num_dataset_builder_threads=num_dataset_builder_threads,
+        path_to_cache=os.fspath(path_to_cache) if path_to_cache is not None else None,
+        mmap_bin_files=mmap_bin_files,
+        tokenizer=_as_tokenizer(tokenizer),
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+    )
+
+
+def build_from_config(
+    config: GPTDatasetConfig,
+    num_samples: Sequence[int | None],
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[Any, Any, Any]:
+    """``(train, valid, test)`` of megatron-core's builder for ``config`` (``MockGPTDataset``
+    when ``config.mock``), after the empty-split checks megatron-core lacks."""
+    if config.blend is not None and len(config.blend[0]) == 1 and config.blend[1] is None:
+        _drop_empty_splits(config, config.blend[0][0])
+    elif not config.mock:
+        _refuse_empty_parts(config)
+    return _build(config, list(num_samples), is_built_on_rank)
+
+
+def datasets_from_flags(
+    data: Any,
+    tokenizer: Any,
+    seq_length: int,
+    seed: int,
+    num_samples: Sequence[int | None],
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> tuple[Any, Any, Any]:
+    """The datasets Megatron-LM's ``pretrain_gpt.py`` builds for the data flags of a
+    :class:`~megatron_wsm.config.DataConfig` (``--data-path``, ``--data-args-path``, the
+    per-split paths or ``--mock-data``); ``num_samples`` per split, see
+    :func:`megatron_wsm.data.blends.megatron_num_samples`."""
+    blend, blend_per_split = blends_from_flags(data)
+    if blend is None and blend_per_split is None and not data.mock_data:
+        raise ValueError("no data flag given (--data-path, per-split paths or --mock-data)")
+    config = gpt_dataset_config(
+        tokenizer,
+        seq_length,
+        seed,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=data.split,
+        path_to_cache=data.data_cache_path,
+        num_dataset_builder_threads=data.num_dataset_builder_threads,
+        mmap_bin_files=data.mmap_bin_files,
+        reset_position_ids=data.reset_position_ids,
+        eod_mask_loss=data.eod_mask_loss,
+    )
+    return build_from_config(config, num_samples, is_built_on_rank)
 
 
 def build_gpt_datasets(
@@ -218,29 +369,30 @@ def build_gpt_datasets(
     if not given:
         raise ValueError("at least one of train/valid/test prefixes is required")
     cache = os.fspath(path_to_cache) if path_to_cache is not None else _default_cache(given[0])
-    fields: dict[str, Any]
     if split is None:
         for p in given:
             # An empty indexed dataset would make megatron-core loop forever (see
             # _drop_empty_splits).
             if _token_counts(p, [(0.0, 1.0)])[0] == 0:
                 raise ValueError(f"indexed dataset {p!r} holds no token")
-        fields = {"blend_per_split": [([p], None) if p is not None else None for p in prefixes]}
+        config = gpt_dataset_config(
+            tokenizer,
+            seq_length,
+            seed,
+            blend_per_split=[([p], None) if p is not None else None for p in prefixes],
+            path_to_cache=cache,
+            create_attention_mask=create_attention_mask,
+        )
     elif given != [train_prefix]:
         raise ValueError("split cuts one indexed dataset: give train_prefix only")
     else:
-        fields = {"blend": ([train_prefix], None), "split": split}
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=_as_tokenizer(tokenizer),
-        path_to_cache=cache,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=create_attention_mask,
-        **fields,
-    )
-    if split is not None:
-        _drop_empty_splits(config, given[0])
-    return _build(config, list(num_samples), is_built_on_rank)
+        config = gpt_dataset_config(
+            tokenizer,
+            seq_length,
+            seed,
+            blend=([train_prefix], None),
+            split=split,
+            path_to_cache=cache,
+            create_attention_mask=create_attention_mask,
+        )
+    return build_from_config(config, num_samples, is_built_on_rank)
