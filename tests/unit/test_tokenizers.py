@@ -265,3 +265,36 @@ def test_hf_directory_preprocess_train_and_tokenizer_export_offline(
     )  # fmt: skip
     assert export.returncode != 0 and "tokenizer" in export.stderr
     assert not (tmp_path / "hf_model").exists()
+
+
+def test_checkpoint_args_carry_the_tokenizer_flags_under_megatron_lm_names() -> None:
+    """What Megatron-LM's loader reads back (``--use-checkpoint-args``): the type, its files,
+    ``--vocab-size`` only for NullTokenizer (its meaning there) and the padding multiple."""
+    from megatron_wsm.checkpoint.megatron_args import megatron_lm_args
+
+    sizes = (
+        "tensor_model_parallel",
+        "pipeline_model_parallel",
+        "expert_model_parallel",
+        "data_parallel",
+    )
+    layout = {**{f"{name}_size": 1 for name in sizes}, "world_size": 1}
+
+    def args(*flags: str | int):
+        run = tiny_run_config(*flags).to_json()
+        run["model"]["vocab_size"] = 512  # set from the tokenizer by the trainer
+        return megatron_lm_args(
+            run, iteration=1, consumed_samples=4, padded_vocab_size=512, parallel=layout
+        )
+
+    a = args("--tokenizer-type", "NullTokenizer", "--vocab-size", 511,
+             "--make-vocab-size-divisible-by", 64)  # fmt: skip
+    assert (a.tokenizer_type, a.vocab_size, a.make_vocab_size_divisible_by) == (
+        "NullTokenizer", 511, 64,
+    )  # fmt: skip
+    g = args("--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json",
+             "--merge-file", "m.txt")  # fmt: skip
+    assert (g.tokenizer_type, g.vocab_file, g.merge_file, g.vocab_size) == (
+        "GPT2BPETokenizer", "v.json", "m.txt", 512,
+    )  # fmt: skip
+    assert args().tokenizer_type == "SentencePieceTokenizer"  # our default, as before
