@@ -101,6 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refused: needs NLTK's punkt model, which Megatron-LM downloads at run time",
     )
+    mlm = p.add_argument_group(
+        "Megatron-LM's other flags (accepted so its command lines run; see each)"
+    )
+    mlm.add_argument(
+        "--legacy-tokenizer",
+        action="store_true",
+        help="GPT2BPETokenizer: accepted (our GPT-2 tokenizer gives the legacy ids); refused "
+        "for the other types, whose legacy ids differ",
+    )
+    mlm.add_argument(
+        "--trust-remote-code", action="store_true", help="refused: nothing from a tokenizer runs"
+    )
+    mlm.add_argument("--partitions", type=int, default=1, help="only 1 (one output)")
+    mlm.add_argument("--log-interval", type=int, default=1000, help="unused: a progress bar")
+    mlm.add_argument("--keep-newlines", action="store_true", help="only with --split-sentences")
+    mlm.add_argument("--lang", default="english", help="only with --split-sentences")
+    mlm.add_argument(
+        "--keep-sequential-samples", action="store_true", help="only with --partitions > 1"
+    )
+    mlm.add_argument("--vocab-extra-ids", type=int, default=0, help="only 0 (T5's)")
+    for flag in ("--tokenizer-special-tokens", "--tokenizer-metadata"):
+        mlm.add_argument(flag, nargs="+", default=None, help="refused: not wired")
+    mlm.add_argument(
+        "--tokenizer-sentencepiece-legacy",
+        action="store_true",
+        help="refused: megatron-core's legacy sentencepiece mode is not wired",
+    )
     p.add_argument(
         "--output-prefix",
         required=True,
@@ -180,6 +207,24 @@ def _refusal(args: argparse.Namespace) -> str | None:
             "a JSON list of sentences instead (each list item is one sequence, as Megatron-LM "
             "writes it)"
         )
+    if args.legacy_tokenizer and args.tokenizer_type != "GPT2BPETokenizer":
+        return (
+            "--legacy-tokenizer is supported with GPT2BPETokenizer only (same ids); Megatron-LM's "
+            f"legacy {args.tokenizer_type} gives other ids than its default"
+        )
+    if args.trust_remote_code:
+        return "--trust-remote-code is refused: code in a tokenizer directory is never run"
+    if args.partitions != 1:
+        return "--partitions must be 1 (one input, one output; use --workers for speed)"
+    if args.vocab_extra_ids != 0:
+        return "--vocab-extra-ids is for T5's legacy tokenizers; not supported"
+    for flag in (
+        "tokenizer_special_tokens",
+        "tokenizer_metadata",
+        "tokenizer_sentencepiece_legacy",
+    ):
+        if getattr(args, flag):
+            return f"--{flag.replace('_', '-')} is not supported (not wired to the tokenizers)"
     json_inputs = [p for p in args.input if _is_json(p)]
     if json_inputs and len(json_inputs) != len(args.input):
         return "give JSON-lines inputs or plain-text inputs, not both"

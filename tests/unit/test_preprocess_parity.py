@@ -22,13 +22,13 @@ from megatron_wsm.cli.preprocess_data import main
 REPO = Path(__file__).resolve().parents[2]
 REF = REPO / "tests" / "data" / "megatron_lm" / "preprocess"
 
-#: name → (our flags, input); the same tokenizer flags Megatron-LM was run with (for
+#: name → (our flags, input): the tokenizer flags Megatron-LM was run with, unchanged (for
 #: GPT2BPETokenizer Megatron-LM needs --legacy-tokenizer: its megatron-core path downloads gpt2).
 RUNS: dict[str, tuple[list[str], str]] = {
     "hf": (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "hf"], "corpus"),
     "gpt2": (
         ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "gpt2/vocab.json",
-         "--merge-file", "gpt2/merges.txt"],
+         "--merge-file", "gpt2/merges.txt", "--legacy-tokenizer"],
         "corpus",
     ),
     "sp": (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "spm.model"],
@@ -43,7 +43,9 @@ RUNS: dict[str, tuple[list[str], str]] = {
 
 def _run(tmp_path: Path, name: str, flags: list[str], source: str, *extra: str) -> Path:
     out = tmp_path / name
-    argv = ["--input", f"{source}.jsonl", "--output-prefix", str(out), "--append-eod"]
+    # Megatron-LM's command line of the reference (README), unchanged but for the paths
+    argv = ["--input", f"{source}.jsonl", "--output-prefix", str(out), "--workers", "1",
+            "--append-eod"]  # fmt: skip
     cwd = os.getcwd()
     os.chdir(REF)  # the tokenizer paths are relative, as in the reference commands
     try:
@@ -125,6 +127,12 @@ def test_huggingface_directory_offline_in_a_fresh_process(tmp_path: Path) -> Non
         (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "spm.model"],
          "not a directory"),
         (["--workers", "0"], "--workers"),
+        (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "spm.model",
+          "--legacy-tokenizer"], "GPT2BPETokenizer only"),
+        (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "hf",
+          "--trust-remote-code"], "never run"),
+        (["--tokenizer-type", "NullTokenizer", "--vocab-size", "9", "--partitions", "2"],
+         "--partitions must be 1"),
     ],
 )  # fmt: skip
 def test_refusals_name_the_reason(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
