@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from megatron_wsm.config.fields import ConfigError, flag_field, negate
 
@@ -22,6 +23,9 @@ TOKENIZER_TYPES: dict[str, str] = {
     "Llama2Tokenizer": "--tokenizer-model (a sentencepiece .model file)",
     "NullTokenizer": "--vocab-size",
 }
+#: A Hugging Face hub repository id (``org/name``) as Megatron-LM launch scripts pass to
+#: ``--tokenizer-model``; read from the local Hugging Face cache only.
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: Megatron-LM's other ``--tokenizer-type`` values, refused with the reason.
 UNSUPPORTED_TOKENIZER_TYPES: dict[str, str] = {
     "BertWordPieceLowerCase": "a BERT/T5 tokenizer; this trainer builds GPT models",
@@ -275,6 +279,13 @@ class DataConfig:
             raise ConfigError(
                 f"--tokenizer-type {kind!r}: choose one of {', '.join(TOKENIZER_TYPES)}"
             )
+        if kind not in ("GPT2BPETokenizer", "HuggingFaceTokenizer") and (
+            self.vocab_file is not None or self.merge_file is not None
+        ):
+            raise ConfigError(
+                "--vocab-file / --merge-file belong to --tokenizer-type GPT2BPETokenizer (or "
+                "HuggingFaceTokenizer); give that type"
+            )
         if kind == "NullTokenizer":
             if self.vocab_size < 1:
                 raise ConfigError(f"--vocab-size must be positive, got {self.vocab_size}")
@@ -293,11 +304,12 @@ class DataConfig:
                     "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a local "
                     "tokenizer directory)"
                 )
-            if not os.path.isdir(self.tokenizer_model):
+            model = self.tokenizer_model
+            if os.path.isfile(model) or not (os.path.isdir(model) or HF_REPO_ID.match(model)):
                 raise ConfigError(
                     f"--tokenizer-model {self.tokenizer_model}: not a directory (a "
                     "HuggingFaceTokenizer is read from a local directory with tokenizer.json / "
-                    "tokenizer_config.json; hub names are not fetched)"
+                    "tokenizer_config.json, or a hub id from the local Hugging Face cache)"
                 )
         elif kind is not None or self.tokenizer_model is not None:
             if self.tokenizer_model is None:

@@ -26,7 +26,8 @@ Two types are not taken from megatron-core as is:
 * no ``--tokenizer-type``: our own :class:`~megatron_wsm.data.tokenizer.SentencePieceTokenizer`
   (the built-in corpora's tokenizer; ``--tokenizer-model x.model`` alone keeps meaning it).
 
-``HuggingFaceTokenizer`` reads a local directory only and never runs code from it:
+``HuggingFaceTokenizer`` reads a local directory (or a hub id's copy in the local Hugging Face
+cache: nothing is downloaded) and never runs code from it:
 ``trust_remote_code=False`` always (an ``auto_map`` in its ``tokenizer_config.json`` is refused
 by transformers instead of imported).
 """
@@ -42,7 +43,11 @@ import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU 
 
 from megatron.core.tokenizers import MegatronTokenizer, MegatronTokenizerBase
 
-from megatron_wsm.config.data import TOKENIZER_TYPES, UNSUPPORTED_TOKENIZER_TYPES
+from megatron_wsm.config.data import (
+    HF_REPO_ID,
+    TOKENIZER_TYPES,
+    UNSUPPORTED_TOKENIZER_TYPES,
+)
 from megatron_wsm.config.fields import ConfigError
 
 __all__ = [
@@ -229,14 +234,10 @@ def build_tokenizer(
             special_tokens=None,
         )
     # HuggingFaceTokenizer
-    if not os.path.isdir(tokenizer_model):
-        raise TokenizerError(
-            f"--tokenizer-model {tokenizer_model}: not a directory (HuggingFaceTokenizer reads a "
-            "local tokenizer directory; hub names are not fetched)"
-        )
+    local = hf_tokenizer_directory(tokenizer_model)
     try:
         return MegatronTokenizer.from_pretrained(
-            tokenizer_path=tokenizer_model,
+            tokenizer_path=local,
             metadata_path={"library": "huggingface"},
             vocab_file=vocab_file,
             merges_file=merge_file,
@@ -248,6 +249,34 @@ def build_tokenizer(
         )
     except ValueError as err:  # megatron-core wraps every transformers failure in ValueError
         raise TokenizerError(f"--tokenizer-model {tokenizer_model}: {err}") from err
+
+
+def hf_tokenizer_directory(tokenizer_model: str) -> str:
+    """The local directory of a ``HuggingFaceTokenizer``'s ``--tokenizer-model``.
+
+    A directory is used as it is. A hub id (``Qwen/Qwen3-30B-A3B``, what Megatron-LM's scripts
+    pass) is looked up in the local Hugging Face cache only (``HF_HUB_CACHE`` / ``HF_HOME``):
+    nothing is downloaded, a missing tokenizer is refused with the way to get it.
+    """
+    if os.path.isdir(tokenizer_model):
+        return tokenizer_model
+    if not HF_REPO_ID.match(tokenizer_model) or os.path.exists(tokenizer_model):
+        raise TokenizerError(
+            f"--tokenizer-model {tokenizer_model}: not a directory (HuggingFaceTokenizer reads a "
+            "local tokenizer directory, or a hub id already in the local Hugging Face cache)"
+        )
+    _need_hf_extra("HuggingFaceTokenizer")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(tokenizer_model, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise TokenizerError(
+            f"--tokenizer-model {tokenizer_model}: neither a local directory nor in the local "
+            "Hugging Face cache (nothing is downloaded here: fetch it first, e.g. "
+            f"`hf download {tokenizer_model} --include 'tokenizer*'`, or pass a directory)"
+        ) from err
 
 
 def tokenizer_from_config(data: Any) -> Any:

@@ -298,3 +298,42 @@ def test_checkpoint_args_carry_the_tokenizer_flags_under_megatron_lm_names() -> 
         "GPT2BPETokenizer", "v.json", "m.txt", 512,
     )  # fmt: skip
     assert args().tokenizer_type == "SentencePieceTokenizer"  # our default, as before
+
+
+def test_hub_id_is_read_from_the_local_cache_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--tokenizer-model org/name`` (Megatron-LM scripts' form): the local Hugging Face cache's
+    copy is used; a tokenizer missing from the cache is refused, nothing is downloaded."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--tok" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF / "hf" / name, snapshot / name)
+    (hub / "models--org--tok" / "refs").mkdir()
+    (hub / "models--org--tok" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    cached = build_tokenizer("HuggingFaceTokenizer", "org/tok")
+    local = build_tokenizer("HuggingFaceTokenizer", str(REF / "hf"))
+    text = "def f(x):\n    return x"
+    assert cached.tokenize(text) == local.tokenize(text) and cached.eod == local.eod
+    with pytest.raises(TokenizerError, match="local Hugging Face cache"):
+        build_tokenizer("HuggingFaceTokenizer", "org/missing")
+    # the config accepts the hub-id form and refuses other non-directories before any start
+    ok = tiny_run_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "org/tok")
+    ok.data.validate_tokenizer()
+    bad = tiny_run_config(
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "none")
+    )
+    with pytest.raises(ConfigError, match="not a directory"):
+        bad.data.validate_tokenizer()
+
+
+def test_vocab_and_merge_files_need_their_type() -> None:
+    cfg = tiny_run_config("--vocab-file", "v.json", "--merge-file", "m.txt")
+    with pytest.raises(ConfigError, match="belong to --tokenizer-type GPT2BPETokenizer"):
+        cfg.data.validate_tokenizer()
