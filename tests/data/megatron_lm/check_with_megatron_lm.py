@@ -59,10 +59,39 @@ def _te_key_names() -> None:
     gpt_layer_specs.get_gpt_layer_local_spec = spec
 
 
+def _torch_adam_distributed_optimizer_loads() -> None:
+    """S13 (CPU only): Megatron-LM's distributed optimizer with torch's Adam (no Apex / TE, as
+    on a CPU) cannot build its load request before its first step (``state_dict`` asserts one
+    shared ``step``: ``distrib_optimizer.py`` ``assert len(steps) == 1``), so on CPU it loads no
+    distributed-optimizer checkpoint, its own included. Around ``load_checkpoint``: the state
+    torch's Adam creates at its first step, and the step restored per parameter after the load
+    (``megatron_wsm.cpu_compat``'s shims for our trainer; on a GPU TE's / Apex's Adam needs none).
+    Under ``no_grad``: with fp32 parameters the distributed optimizer's main parameters are
+    views of the model's, which its load copies into in place (a RuntimeError otherwise, on any
+    device; bf16 runs have separate fp32 copies).
+    """
+    import torch
+    from megatron.training import training as mlm_training
+
+    from megatron_wsm import cpu_compat
+
+    real = mlm_training.load_checkpoint
+
+    def load_checkpoint(model, optimizer, *args, **kwargs):
+        if optimizer is None:
+            return real(model, optimizer, *args, **kwargs)
+        cpu_compat.init_torch_adam_state(optimizer)
+        with cpu_compat.loading_torch_adam_state(optimizer), torch.no_grad():
+            return real(model, optimizer, *args, **kwargs)
+
+    mlm_training.load_checkpoint = load_checkpoint
+
+
 def worker(mlm_dir: Path, te_key_names: bool, argv: list[str]) -> None:
     make_fixtures.install_shims(mlm_dir)
     if te_key_names:
         _te_key_names()
+    _torch_adam_distributed_optimizer_loads()
     from functools import partial
 
     import torch
@@ -101,7 +130,14 @@ def worker(mlm_dir: Path, te_key_names: bool, argv: list[str]) -> None:
             losses = gpt(inputs, position_ids, None, labels=labels)
         result["loss_fixed_batch"] = float(losses.float().mean())
     except BaseException as e:  # report any failure (SystemExit included) and go on
-        result.update(loaded=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]  # a bare assert says nothing else
+        result.update(
+            loaded=False,
+            error=f"{type(e).__name__}: {str(e)[:1500]}",
+            raised_at=f"{where.filename}:{where.lineno}: {where.line}",
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if int(os.environ.get("RANK", "0")) == 0:

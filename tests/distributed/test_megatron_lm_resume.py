@@ -1,0 +1,101 @@
+"""``pretrain_moe.py --load`` resumes checkpoints written by Megatron-LM's own trainer (issue 28).
+
+The fixtures in ``tests/data/megatron_lm/`` were written by Megatron-LM ``core_v0.16.1``
+(``pretrain_gpt.py`` on CPU, README there): a tiny MoE, EP=2 on 2 processes, iterations 1-3,
+megatron-core's mock data, with Megatron-LM's logged training losses. We resume the save root
+at iteration 1 (its tracker rewritten to 1) and train iterations 2 and 3 with the same flags.
+Iteration 2's loss needs the weights (Megatron-LM's local key names) and the batch at the
+resumed data position (``args.consumed_train_samples``: megatron-core's mock dataset from that
+sample index); iteration 3's also needs the step between them to be Megatron-LM's: Adam's
+moments and step count (plain: keys without the ``chained_N.`` prefix; distributed: its
+``dp_reshardable`` buckets) and the LR schedule. The RNG state (``(PP, TP, DP)``-sharded) is
+restored without the re-seeding note.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_script
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 2-process trainings, ~15 s each
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "megatron_lm"
+
+#: Megatron-LM's lm loss of iterations 2 and 3 and its validation loss after iteration 3, from
+#: the fixtures' training log (tests/data/megatron_lm/README.md; plain and distributed
+#: optimizer agree exactly). Its log of iteration 2 (6.241096) is the mean of iterations 1 and
+#: 2: Megatron-LM's first log line (iteration 1) does not reset its loss sums
+#: (``training_log``: ``should_reset = not is_first_iteration``), so iteration 2's own loss is
+#: 2 x 6.241096 - 6.245936. Printed with 7 digits: compared to 3e-6.
+MEGATRON_LM_LOSSES = {2: 2 * 6.241096 - 6.245936, 3: 6.237114}
+MEGATRON_LM_VALID_LOSS = 6.226568
+TOL = 3e-6
+
+#: make_fixtures.MODEL / DATA / TRAIN under our flag names (same meanings).
+FLAGS = [
+    "--num-layers", "2", "--hidden-size", "16", "--ffn-hidden-size", "32",
+    "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "4",
+    "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+    "--moe-token-dispatcher-type", "alltoall", "--moe-aux-loss-coeff", "0.01",
+    "--seed", "1234",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "511",
+    "--make-vocab-size-divisible-by", "64", "--split", "98,1,1",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+    "--lr", "1e-3", "--min-lr", "1e-3", "--lr-decay-style", "constant",
+    "--lr-warmup-iters", "0", "--weight-decay", "0.01", "--clip-grad", "1.0",
+    "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+    "--eval-iters", "1", "--eval-interval", "0", "--log-interval", "1", "--no-progress-bar",
+    "--expert-model-parallel-size", "2",
+]  # fmt: skip
+
+
+def _root_at(fixture: str, iteration: int, tmp_path: Path) -> Path:
+    """A copy of a fixture save root whose tracker names ``iteration``."""
+    root = tmp_path / fixture
+    shutil.copytree(FIXTURES / fixture, root)
+    (root / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return root
+
+
+@pytest.mark.parametrize(
+    "fixture, extra",
+    [("ep2_plain", []), ("ep2_distopt", ["--use-distributed-optimizer"])],
+)
+def test_resumes_megatron_lm_checkpoint_where_megatron_lm_left_off(fixture, extra, tmp_path):
+    root = _root_at(fixture, 1, tmp_path)
+    out = tmp_path / "r.json"
+    proc = run_script(
+        "pretrain_moe.py", [*FLAGS, *extra, "--load", root, "--output-json", out], nproc=2
+    )
+    assert f"loaded full checkpoint {root / 'iter_0000001'} at iteration 1" in proc.stdout
+    assert "RNG" not in proc.stdout  # restored: no re-seeding note
+    result = json.loads(out.read_text())
+    history = result["train_history"]
+    assert [h["iteration"] for h in history] == [2, 3]
+    # The data position: 4 samples consumed (Megatron-LM's args) + 2 steps of 4, 32 tokens each.
+    assert result["consumed_tokens"] == 12 * 32
+    assert all(h["lr"] == pytest.approx(1e-3) for h in history)
+    losses = {h["iteration"]: h["loss"] for h in history}
+    assert losses == pytest.approx(MEGATRON_LM_LOSSES, abs=TOL)
+    # The held-out split from its start (Megatron-LM's consumed_valid_samples 0) after step 3.
+    assert result["loss"] == pytest.approx(MEGATRON_LM_VALID_LOSS, abs=TOL)
+
+
+def test_resume_without_optimizer_state_differs(tmp_path):
+    """Iteration 3's loss above depends on the loaded optimizer state: with fresh Adam moments
+    the same resume gives another one (while iteration 2's, before any step, is the same)."""
+    root = _root_at("ep2_plain", 1, tmp_path)
+    out = tmp_path / "r.json"
+    run_script(
+        "pretrain_moe.py",
+        [*FLAGS, "--load", root, "--no-load-optim", "--no-load-rng", "--output-json", out],
+        nproc=2,
+    )
+    losses = {h["iteration"]: h["loss"] for h in json.loads(out.read_text())["train_history"]}
+    assert losses[2] == pytest.approx(MEGATRON_LM_LOSSES[2], abs=TOL)
+    assert abs(losses[3] - MEGATRON_LM_LOSSES[3]) > 1e-5
