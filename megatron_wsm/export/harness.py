@@ -62,14 +62,13 @@ def cloze_items(texts: Sequence[str], seed: int = 0) -> list[dict[str, Any]]:
             pos = k * STRIDE_WORDS
             if pos + SPAN_WORDS >= len(ends[i]):
                 break
-            others = [j for j in range(len(texts))
-                      if j != i and pos + SPAN_WORDS < len(ends[j])]
+            others = [j for j in range(len(texts)) if j != i and pos + SPAN_WORDS < len(ends[j])]
             if len(others) < CHOICES - 1:
                 break
             context = text[: ends[i][pos - 1]]
 
             def span(j: int, pos: int = pos) -> str:
-                return texts[j][ends[j][pos - 1]: ends[j][pos + SPAN_WORDS - 1]]
+                return texts[j][ends[j][pos - 1] : ends[j][pos + SPAN_WORDS - 1]]
 
             truth = span(i)
             if len(truth) > MAX_CHOICE_CHARS:
@@ -103,17 +102,19 @@ def write_tasks(out: Path, texts: Sequence[str], seed: int = 0) -> list[str]:
             f.write(json.dumps(item) + "\n")
     common = "dataset_path: json\ntest_split: train\n"
     (out / "wsm_heldout_ppl.yaml").write_text(
-        "task: wsm_heldout_ppl\n" + common
+        "task: wsm_heldout_ppl\n"
+        + common
         + f"dataset_kwargs:\n  data_files: {json.dumps(str(out / 'heldout_docs.jsonl'))}\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
         "  - metric: bits_per_byte\nmetadata:\n  version: 1.0\n"
     )
     (out / "wsm_heldout_cloze.yaml").write_text(
-        "task: wsm_heldout_cloze\n" + common
+        "task: wsm_heldout_cloze\n"
+        + common
         + f"dataset_kwargs:\n  data_files: {json.dumps(str(out / 'heldout_cloze.jsonl'))}\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\ntarget_delimiter: ""\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
         "metadata:\n  version: 1.0\n"
@@ -121,8 +122,9 @@ def write_tasks(out: Path, texts: Sequence[str], seed: int = 0) -> list[str]:
     return list(TASKS)
 
 
-def run_harness(model_dir: str, tasks_dir: Path, batch_size: int = 8,
-                limit: int | None = None) -> dict[str, dict[str, float]]:
+def run_harness(
+    model_dir: str, tasks_dir: Path, batch_size: int = 8, limit: int | None = None
+) -> dict[str, dict[str, float]]:
     """lm-eval's HF backend on ``model_dir`` (fp32, CPU) over our tasks; scores per task."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,15 +132,25 @@ def run_harness(model_dir: str, tasks_dir: Path, batch_size: int = 8,
     from lm_eval.tasks import TaskManager
 
     result = simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=list(TASKS),
-        task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=batch_size,
-        device="cpu", limit=limit, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=list(TASKS),
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        batch_size=batch_size,
+        device="cpu",
+        limit=limit,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
         fewshot_random_seed=0,
     )
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in result["results"].items():
-        scores[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and "stderr" not in k}
+        scores[task] = {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and "stderr" not in k
+        }
     return scores
 
 
@@ -147,8 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported HF directory (tools/export_hf.py)")
     p.add_argument("--data-cache-dir", default="data_cache", help="the run's --data-cache-dir")
-    p.add_argument("--tasks-dir", default=None, help="where to write the tasks (default: "
-                   "<model>/../<model name>_harness_tasks)")
+    p.add_argument(
+        "--tasks-dir",
+        default=None,
+        help="where to write the tasks (default: <model>/../<model name>_harness_tasks)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--output-json", default=None)

@@ -1,7 +1,8 @@
-"""Export a megatron-wsm checkpoint to a Hugging Face Mixtral directory (the whole pipeline).
+"""Export a megatron-wsm checkpoint to a Hugging Face directory (the whole pipeline): Mixtral,
+Qwen3-MoE or DeepSeek-V3, whichever the model is (:mod:`megatron_wsm.export.families`).
 
-Order matters: everything that can refuse (manifest, metadata, storage ranges, what Mixtral can
-express, shapes, tokenizer) is checked before the first byte is written.
+Order matters: everything that can refuse (manifest, metadata, storage ranges, what the
+architecture can express, shapes, tokenizer) is checked before the first byte is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from megatron_wsm.export import mapping, writer
+from megatron_wsm.export import families, mapping, plans, writer
 from megatron_wsm.export import tokenizer as tok
 from megatron_wsm.export.mapping import ExportError
 from megatron_wsm.export.reader import CheckpointReader
@@ -100,8 +101,10 @@ def export_checkpoint(
     # files are the ones .metadata describes (CRCs of what is read are checked while reading).
     problems = checkpoint_problems(path, manifest)
     if problems:
-        raise ExportError(f"refusing to export {path}: {problems[0]}"
-                          + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise ExportError(
+            f"refusing to export {path}: {problems[0]}"
+            + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
     if not manifest.complete:
         raise ExportError(f"{path} is marked incomplete")
     if manifest.checkpoint_format != "torch_dist":
@@ -118,12 +121,23 @@ def export_checkpoint(
         model = RunConfig.from_json(run).model.to_json()
     except (TypeError, ValueError) as e:
         raise ExportError(f"{path}: the manifest's run info does not read back: {e}") from e
-    refusals = mapping.config_refusals(model)
     reader = CheckpointReader(path)
     keys = reader.model_tensors()
-    refusals += mapping.key_refusals(list(keys))
+    # The architecture follows the model (families.choose_family); everything it cannot
+    # express is refused here, all reasons at once.
+    family = families.choose_family(model)
+    try:
+        refusals = families.refusals(model, family)
+    except ExportError as e:  # an unreadable --moe-layer-freq
+        refusals = [str(e)]
+    if family == families.MIXTRAL:
+        refusals += mapping.key_refusals(list(keys))
+    else:
+        refusals += families.key_refusals(list(keys), family)
     if refusals:
-        raise ExportError("cannot export as Mixtral: " + "; ".join(refusals))
+        raise ExportError(
+            f"cannot export as {families.family_name(family)}: " + "; ".join(refusals)
+        )
 
     tok_path = _tokenizer_path(run, tokenizer_model, data_cache_dir)
     sp = tok.load_sentencepiece(tok_path)
@@ -133,9 +147,12 @@ def export_checkpoint(
             f"tokenizer {tok_path} has {vocab} pieces but the model was trained with "
             f"{model['vocab_size']}"
         )
-    shapes = mapping.shapes_from_config(model, vocab)
-    specs = mapping.plan(shapes, keys)
-    out_dtypes = {spec.name: DTYPES.get(dtype, reader.dtype(spec.key)) for spec in specs}
+    shapes = plans.family_shapes(model, vocab, family)
+    specs = plans.plan(shapes, keys)
+    out_dtypes = {
+        spec.name: DTYPES.get(dtype, reader.dtype(spec.key) if spec.key else torch.float32)
+        for spec in specs
+    }
     names = {_DTYPE_NAMES.get(d, str(d)) for d in out_dtypes.values()}
     config_dtype = names.pop() if len(names) == 1 else "float32"
 
@@ -145,26 +162,34 @@ def export_checkpoint(
     shards = writer.plan_shards(specs, nbytes, max_bytes)
 
     def produce(spec: mapping.TensorSpec) -> torch.Tensor:
+        if not spec.key:  # no stored source (a zero router correction bias)
+            return mapping.apply_part(spec, shapes, torch.empty(0)).to(out_dtypes[spec.name])
         source = reader.read(spec.key, spec.index)
         if not bool(torch.isfinite(source).all()):
             # A diverged run's checkpoint: an HF model of NaN/inf weights is no model.
-            raise ExportError(f"{path}: {spec.key} holds non-finite values (NaN or inf); "
-                              "refusing to export it")
+            raise ExportError(
+                f"{path}: {spec.key} holds non-finite values (NaN or inf); refusing to export it"
+            )
         return mapping.apply_part(spec, shapes, source).to(out_dtypes[spec.name])
 
     provenance = _provenance(path, manifest, run, dtype, tok_path)
     bos, eos = sp.bos_id(), sp.eos_id()
-    hf_config = mapping.mixtral_config(model, shapes, bos, eos, config_dtype)
+    hf_config = plans.hf_config(model, shapes, bos, eos, config_dtype)
 
     def fill(tmp: Path) -> None:
         index = writer.write_shards(tmp, shards, produce, {"format": "pt"})
         if index is not None:
             writer.write_json(tmp / writer.INDEX_NAME, index)
         writer.write_json(tmp / "config.json", hf_config)
-        writer.write_json(tmp / "generation_config.json", {
-            "bos_token_id": bos, "eos_token_id": eos,
-            "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else eos, "do_sample": False,
-        })
+        writer.write_json(
+            tmp / "generation_config.json",
+            {
+                "bos_token_id": bos,
+                "eos_token_id": eos,
+                "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else eos,
+                "do_sample": False,
+            },
+        )
         tok.write_tokenizer_files(tmp, tok_path, int(model.get("max_position_embeddings") or 0))
         writer.write_json(tmp / PROVENANCE_NAME, provenance)
         (tmp / "README.md").write_text(model_card(provenance, hf_config))
@@ -172,20 +197,37 @@ def export_checkpoint(
     writer.publish_export(Path(save), overwrite, fill, inputs=[load, path])
     total = sum(nbytes(s) for s in specs)
     return ExportReport(
-        save=str(save), source=str(path), iteration=manifest.iteration, tensors=len(specs),
-        shards=len(shards), bytes=total, dtype=config_dtype,
-        seconds=round(time.perf_counter() - start, 3), vocab_size=vocab,
+        save=str(save),
+        source=str(path),
+        iteration=manifest.iteration,
+        tensors=len(specs),
+        shards=len(shards),
+        bytes=total,
+        dtype=config_dtype,
+        seconds=round(time.perf_counter() - start, 3),
+        vocab_size=vocab,
         padded_vocab_size=keys[mapping.EMBEDDING][0],
     )
 
 
-def _provenance(path: Path, manifest: Any, run: dict[str, Any], dtype: str,
-                tok_path: str) -> dict[str, Any]:
+def _provenance(
+    path: Path, manifest: Any, run: dict[str, Any], dtype: str, tok_path: str
+) -> dict[str, Any]:
     prov = manifest.extra.get("provenance") or {}
     merge = None
     if prov:
-        merge = {k: prov.get(k) for k in ("inputs", "method", "coefficients", "implied_decay",
-                                          "format", "output_dtype", "created")}
+        merge = {
+            k: prov.get(k)
+            for k in (
+                "inputs",
+                "method",
+                "coefficients",
+                "implied_decay",
+                "format",
+                "output_dtype",
+                "created",
+            )
+        }
     return {
         "format": writer.EXPORT_FORMAT,
         "version": 1,
@@ -205,23 +247,38 @@ def _provenance(path: Path, manifest: Any, run: dict[str, Any], dtype: str,
     }
 
 
+def _experts(config: dict[str, Any]) -> Any:
+    for field in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if field in config:
+            return config[field]
+    return "?"
+
+
 def model_card(prov: dict[str, Any], config: dict[str, Any]) -> str:
     """A short README.md saying what the model is and where it came from."""
     lines = [
-        "---", "library_name: transformers", "tags: [mixtral, moe, megatron-wsm]", "---", "",
-        f"# megatron-wsm export: {prov['kind']} checkpoint, iteration {prov['iteration']}", "",
+        "---",
+        "library_name: transformers",
+        f"tags: [{config['model_type']}, moe, megatron-wsm]",
+        "---",
+        "",
+        f"# megatron-wsm export: {prov['kind']} checkpoint, iteration {prov['iteration']}",
+        "",
         f"- source: `{prov['source']}`",
         f"- tokens seen: {prov['consumed_tokens']:,}",
+        f"- architecture: {config['architectures'][0]}",
         f"- shape: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
         f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} KV), "
-        f"{config['num_local_experts']} experts (top-{config['num_experts_per_tok']}), "
+        f"{_experts(config)} experts (top-{config['num_experts_per_tok']}), "
         f"vocabulary {config['vocab_size']}",
     ]
     merge = prov.get("merge")
     if merge:
         coeffs = ", ".join(f"{c:.4g}" for c in merge.get("coefficients") or [])
-        lines += [f"- merge: method `{json.dumps(merge.get('method'))}`, coefficients [{coeffs}]",
-                  "- merge inputs:"]
+        lines += [
+            f"- merge: method `{json.dumps(merge.get('method'))}`, coefficients [{coeffs}]",
+            "- merge inputs:",
+        ]
         lines += [f"  - `{i}`" for i in merge.get("inputs") or []]
     lines += ["", f"Full provenance: `{PROVENANCE_NAME}`.", ""]
     return "\n".join(lines)

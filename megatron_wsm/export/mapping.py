@@ -75,7 +75,7 @@ class TensorSpec:
     key: str  #: checkpoint (global) key
     index: tuple[int, ...]  #: leading indices into the stacked global tensor
     part: str  #: which piece of the source slice (``all``, ``q``, ``k``, ``v``, ``gate``, ``up``,
-    #: ``rows``: the first ``vocab_size`` rows)
+    #: ``rows``: the first ``vocab_size`` rows; ``zeros``: no source, ``key`` is empty)
     shape: tuple[int, ...]  #: shape of the HF tensor
 
     def numel(self) -> int:
@@ -135,6 +135,8 @@ def apply_part(spec: TensorSpec, shapes: Shapes, source: torch.Tensor) -> torch.
         out = gate if spec.part == "gate" else up
     elif spec.part == "rows":
         out = source[: shapes.vocab_size]
+    elif spec.part == "zeros":  # a tensor the checkpoint does not store (a zero router bias)
+        out = torch.zeros(spec.shape, dtype=source.dtype)
     else:  # pragma: no cover - specs are built below
         raise ValueError(f"unknown part {spec.part!r}")
     if tuple(out.shape) != spec.shape:
@@ -168,33 +170,69 @@ def shapes_from_config(model: Mapping[str, Any], vocab_size: int) -> Shapes:
 #: Config fields (ours, or megatron-core's names should a manifest carry them) that Mixtral
 #: cannot express when set away from the value shown; message per field.
 _CONFIG_REFUSALS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("normalization", lambda v: v not in (None, "RMSNorm"),
-     "normalization {v!r}: Mixtral has only RMSNorm (no LayerNorm)"),
-    ("position_embedding_type", lambda v: v not in (None, "rope"),
-     "position_embedding_type {v!r}: Mixtral has only rotary positions (no learned absolute "
-     "positions)"),
-    ("num_experts", lambda v: not v,
-     "num_experts {v!r}: a dense model is not a Mixtral (every layer must be MoE)"),
+    (
+        "normalization",
+        lambda v: v not in (None, "RMSNorm"),
+        "normalization {v!r}: Mixtral has only RMSNorm (no LayerNorm)",
+    ),
+    (
+        "position_embedding_type",
+        lambda v: v not in (None, "rope"),
+        "position_embedding_type {v!r}: Mixtral has only rotary positions (no learned absolute "
+        "positions)",
+    ),
+    (
+        "num_experts",
+        lambda v: not v,
+        "num_experts {v!r}: a dense model is not a Mixtral (every layer must be MoE)",
+    ),
     ("add_bias_linear", lambda v: bool(v), "add_bias_linear: Mixtral's linear layers have no bias"),
     ("add_qkv_bias", lambda v: bool(v), "add_qkv_bias: Mixtral's attention has no bias"),
-    ("moe_shared_expert_intermediate_size", lambda v: bool(v),
-     "moe_shared_expert_intermediate_size {v!r}: Mixtral has no shared experts"),
-    ("moe_router_score_function", lambda v: v not in (None, "softmax"),
-     "moe_router_score_function {v!r}: Mixtral's router is a softmax"),
-    ("moe_router_enable_expert_bias", lambda v: bool(v),
-     "moe_router_enable_expert_bias: Mixtral's router has no bias correction"),
-    ("moe_router_pre_softmax", lambda v: bool(v),
-     "moe_router_pre_softmax: Mixtral renormalises the top-k probabilities"),
-    ("moe_router_topk_scaling_factor", lambda v: v not in (None, 1, 1.0),
-     "moe_router_topk_scaling_factor {v!r}: Mixtral does not scale routing weights"),
-    ("moe_expert_capacity_factor", lambda v: v is not None and v >= 0,
-     "moe_expert_capacity_factor {v!r}: Mixtral never drops tokens"),
-    ("moe_layer_freq", lambda v: v not in (None, 1) and (not isinstance(v, list) or 0 in v),
-     "moe_layer_freq {v!r}: Mixtral has no dense layers between MoE layers"),
-    ("rotary_percent", lambda v: v not in (None, 1, 1.0),
-     "rotary_percent {v!r}: Mixtral rotates the whole head"),
-    ("rotary_interleaved", lambda v: bool(v),
-     "rotary_interleaved: Mixtral rotates halves, not interleaved pairs"),
+    (
+        "moe_shared_expert_intermediate_size",
+        lambda v: bool(v),
+        "moe_shared_expert_intermediate_size {v!r}: Mixtral has no shared experts",
+    ),
+    (
+        "moe_router_score_function",
+        lambda v: v not in (None, "softmax"),
+        "moe_router_score_function {v!r}: Mixtral's router is a softmax",
+    ),
+    (
+        "moe_router_enable_expert_bias",
+        lambda v: bool(v),
+        "moe_router_enable_expert_bias: Mixtral's router has no bias correction",
+    ),
+    (
+        "moe_router_pre_softmax",
+        lambda v: bool(v),
+        "moe_router_pre_softmax: Mixtral renormalises the top-k probabilities",
+    ),
+    (
+        "moe_router_topk_scaling_factor",
+        lambda v: v not in (None, 1, 1.0),
+        "moe_router_topk_scaling_factor {v!r}: Mixtral does not scale routing weights",
+    ),
+    (
+        "moe_expert_capacity_factor",
+        lambda v: v is not None and v >= 0,
+        "moe_expert_capacity_factor {v!r}: Mixtral never drops tokens",
+    ),
+    (
+        "moe_layer_freq",
+        lambda v: v not in (None, 1) and (not isinstance(v, list) or 0 in v),
+        "moe_layer_freq {v!r}: Mixtral has no dense layers between MoE layers",
+    ),
+    (
+        "rotary_percent",
+        lambda v: v not in (None, 1, 1.0),
+        "rotary_percent {v!r}: Mixtral rotates the whole head",
+    ),
+    (
+        "rotary_interleaved",
+        lambda v: bool(v),
+        "rotary_interleaved: Mixtral rotates halves, not interleaved pairs",
+    ),
     ("qk_layernorm", lambda v: bool(v), "qk_layernorm: Mixtral has no query/key norm"),
 )
 
@@ -213,17 +251,33 @@ def config_refusals(model: Mapping[str, Any]) -> list[str]:
 def key_refusals(keys: Sequence[str]) -> list[str]:
     """Why checkpoint tensors cannot be a Mixtral's, by key (one message per kind)."""
     checks = (
-        (lambda k: k.endswith("bias") and "layer_norm" not in k and "norm.bias" not in k
-         and "expert_bias" not in k, "has linear biases ({k}): Mixtral has none"),
-        (lambda k: k.endswith("layer_norm_bias") or k.endswith("norm.bias")
-         or k.endswith("layernorm.bias"), "has LayerNorm biases ({k}): Mixtral uses RMSNorm"),
-        (lambda k: "position_embeddings" in k,
-         "has learned absolute positions ({k}): Mixtral uses rotary positions"),
+        (
+            lambda k: (
+                k.endswith("bias")
+                and "layer_norm" not in k
+                and "norm.bias" not in k
+                and "expert_bias" not in k
+            ),
+            "has linear biases ({k}): Mixtral has none",
+        ),
+        (
+            lambda k: (
+                k.endswith("layer_norm_bias")
+                or k.endswith("norm.bias")
+                or k.endswith("layernorm.bias")
+            ),
+            "has LayerNorm biases ({k}): Mixtral uses RMSNorm",
+        ),
+        (
+            lambda k: "position_embeddings" in k,
+            "has learned absolute positions ({k}): Mixtral uses rotary positions",
+        ),
         (lambda k: "shared_expert" in k, "has shared experts ({k}): Mixtral has none"),
-        (lambda k: "expert_bias" in k,
-         "has a bias-corrected router ({k}): Mixtral's router is a plain softmax"),
-        (lambda k: k in DENSE_MLP,
-         "has dense MLP layers ({k}): every Mixtral layer is MoE"),
+        (
+            lambda k: "expert_bias" in k,
+            "has a bias-corrected router ({k}): Mixtral's router is a plain softmax",
+        ),
+        (lambda k: k in DENSE_MLP, "has dense MLP layers ({k}): every Mixtral layer is MoE"),
     )
     out = []
     for bad, message in checks:
@@ -329,7 +383,7 @@ def mixtral_config(
         "max_position_embeddings": int(model.get("max_position_embeddings") or 0),
         "initializer_range": float(model.get("init_method_std", 0.02)),
         # megatron-core's TransformerConfig.layernorm_epsilon default; our norms pass it on.
-        "rms_norm_eps": float(model.get("layernorm_epsilon", 1e-5)),
+        "rms_norm_eps": float(model.get("norm_epsilon") or model.get("layernorm_epsilon") or 1e-5),
         "use_cache": True,
         "rope_theta": float(model.get("rotary_base", 10000.0)),
         "attention_dropout": 0.0,

@@ -50,8 +50,9 @@ class _SlicePlanner(LoadPlanner):
     def __init__(self, fqn: str, chunk: ChunkStorageMetadata, dest: torch.Tensor) -> None:
         self.fqn, self.chunk, self.dest = fqn, chunk, dest
 
-    def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False,
-                       **kwargs: Any) -> None:
+    def set_up_planner(
+        self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False, **kwargs: Any
+    ) -> None:
         self.metadata = metadata
 
     def create_local_plan(self) -> LoadPlan:
@@ -131,11 +132,11 @@ class CheckpointReader:
         if len(index) > len(size) or any(not 0 <= i < n for i, n in zip(index, size)):
             raise ExportError(f"{key}: index {index} outside global shape {size}")
         offsets = torch.Size([*index, *([0] * (len(size) - len(index)))])
-        sizes = torch.Size([*([1] * len(index)), *size[len(index):]])
+        sizes = torch.Size([*([1] * len(index)), *size[len(index) :]])
         dest = torch.empty(sizes, dtype=md.properties.dtype)
         planner = _SlicePlanner(key, ChunkStorageMetadata(offsets=offsets, sizes=sizes), dest)
         self._last = None  # free the previous slice before the load allocates chunk buffers
         _load_state_dict({}, storage_reader=self._reader, planner=planner, no_dist=True)
-        out = dest.reshape(size[len(index):])
+        out = dest.reshape(size[len(index) :])
         self._last = ((key, index), out)
         return out

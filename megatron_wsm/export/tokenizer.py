@@ -31,6 +31,7 @@ def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
 
 def tokenizer_config(sp: spm.SentencePieceProcessor, max_length: int) -> dict:
     """``tokenizer_config.json`` for our SentencePiece model."""
+
     def piece(i: int) -> str | None:
         return sp.id_to_piece(i) if i >= 0 else None
 

@@ -23,8 +23,18 @@ import torch
 from megatron_wsm.checkpoint import publish
 from megatron_wsm.export.mapping import ExportError, TensorSpec
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 #: Temporary directories are ``.<save>.exporting-<host>-<pid>``
 #: (see :mod:`megatron_wsm.checkpoint.publish`).
 TMP_TAG = "exporting"
@@ -141,9 +151,17 @@ EXPORT_OUTPUT = publish.OutputKind(
     what="a Hugging Face export",
     marker=MARKER_NAME,
     marker_ok=publish.json_marker(_export_marker),
-    files=(INDEX_NAME, SINGLE_NAME, "config.json", "generation_config.json", "README.md",
-           "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-           "tokenizer.json"),
+    files=(
+        INDEX_NAME,
+        SINGLE_NAME,
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+    ),
     patterns=(r"model-\d{5}-of-\d{5}\.safetensors",),
 )
 
@@ -161,7 +179,9 @@ def _refuse(message: str) -> None:
 
 
 def publish_export(
-    save: Path, overwrite: bool, fill: Callable[[Path], None],
+    save: Path,
+    overwrite: bool,
+    fill: Callable[[Path], None],
     inputs: Sequence[str | os.PathLike] = (),
 ) -> None:
     """Create ``save`` atomically: ``fill`` a private temporary sibling directory, then rename

@@ -1,0 +1,366 @@
+"""Which Hugging Face architecture a model exports to, and what that architecture cannot express.
+
+Pure functions of the model config (``ModelConfig.to_json()``: Megatron-LM's argument names).
+The choice follows what only one architecture can hold:
+
+- Multi-Latent Attention → DeepSeek-V3 (``DeepseekV3ForCausalLM``: MLA, shared experts, dense
+  first layers, sigmoid router with a score-correction bias, group-limited routing);
+- QK-layernorm → Qwen3-MoE (``Qwen3MoeForCausalLM``: per-head q/k RMSNorm, any mix of dense
+  and MoE layers, softmax router with or without renormalised top-k);
+- otherwise → Mixtral (``MixtralForCausalLM``).
+
+Each architecture's refusals say, one message per reason, what the checkpoint's model computes
+that the architecture would compute differently; the export refuses before writing anything.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from megatron_wsm.export.mapping import ExportError
+
+MIXTRAL = "mixtral"
+QWEN3_MOE = "qwen3_moe"
+DEEPSEEK_V3 = "deepseek_v3"
+FAMILIES = (MIXTRAL, QWEN3_MOE, DEEPSEEK_V3)
+#: The transformers class each family's ``config.json`` names.
+ARCHITECTURES = {
+    MIXTRAL: "MixtralForCausalLM",
+    QWEN3_MOE: "Qwen3MoeForCausalLM",
+    DEEPSEEK_V3: "DeepseekV3ForCausalLM",
+}
+#: MLATransformerConfig's defaults (megatron-core 0.16), for a config that leaves them unset.
+MLA_DEFAULTS = {
+    "q_lora_rank": 512,
+    "kv_lora_rank": 512,
+    "qk_head_dim": 128,
+    "qk_pos_emb_head_dim": 64,
+    "v_head_dim": 128,
+}
+
+#: transformers builds DeepSeek-V3's latent norms with their default ε, not ``rms_norm_eps``.
+DEEPSEEK_LATENT_NORM_EPS = 1e-6
+
+_NAMES = {MIXTRAL: "Mixtral", QWEN3_MOE: "Qwen3-MoE", DEEPSEEK_V3: "DeepSeek-V3"}
+
+
+def family_name(family: str) -> str:
+    """Human name of a family (``Qwen3-MoE``) for messages."""
+    return _NAMES[family]
+
+
+def _eval_pattern(text: str) -> list[int]:
+    """Megatron-LM's ``--moe-layer-freq`` list expression (``"([0]+[1]*23)"``), evaluated
+    without ``eval``: only list literals of ints, ``+`` and ``*``."""
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = ev(node.left), ev(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ExportError(f"moe_layer_freq {text!r}: not a list pattern like ([0]+[1]*3)")
+
+    try:
+        value = ev(ast.parse(text.strip(), mode="eval"))
+    except SyntaxError as e:
+        raise ExportError(f"moe_layer_freq {text!r}: {e.msg}") from e
+    if not isinstance(value, list):
+        raise ExportError(f"moe_layer_freq {text!r}: not a list pattern")
+    return value
+
+
+def moe_layer_pattern(model: Mapping[str, Any]) -> list[bool]:
+    """Which layers are MoE (``True``) and which dense, as megatron-core builds them.
+
+    ``moe_layer_freq`` N (int) makes layer i MoE when ``i % N == 0``; a list (or Megatron-LM's
+    string expression of one) gives 1 (MoE) or 0 (dense) per layer. No experts: all dense.
+    """
+    layers = int(model["num_layers"])
+    if not model.get("num_experts"):
+        return [False] * layers
+    freq = model.get("moe_layer_freq", 1)
+    if freq is None:
+        freq = 1
+    if isinstance(freq, str):
+        freq = _eval_pattern(freq) if "[" in freq else int(freq)
+    if isinstance(freq, int):
+        if freq < 1:
+            raise ExportError(f"moe_layer_freq {freq}: must be at least 1")
+        return [i % freq == 0 for i in range(layers)]
+    pattern = list(freq)
+    if len(pattern) != layers or any(v not in (0, 1) for v in pattern):
+        raise ExportError(f"moe_layer_freq {pattern}: expected {layers} values of 0 or 1")
+    return [bool(v) for v in pattern]
+
+
+def choose_family(model: Mapping[str, Any]) -> str:
+    """The architecture a model config exports to (see the module docstring)."""
+    if model.get("multi_latent_attention"):
+        return DEEPSEEK_V3
+    if model.get("qk_layernorm"):
+        return QWEN3_MOE
+    return MIXTRAL
+
+
+def _ne(default: Any) -> Callable[[Any], bool]:
+    return lambda v: v is not None and v != default
+
+
+#: Refusals of every family: (field, is_bad(value), message). A field the config lacks is fine.
+_COMMON: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    (
+        "normalization",
+        _ne("RMSNorm"),
+        "normalization {v!r}: {name} has only RMSNorm (no LayerNorm)",
+    ),
+    (
+        "position_embedding_type",
+        _ne("rope"),
+        "position_embedding_type {v!r}: {name} has only "
+        "rotary positions (no learned absolute positions)",
+    ),
+    ("num_experts", lambda v: not v, "num_experts {v!r}: a dense model is not a {name}"),
+    ("add_bias_linear", bool, "add_bias_linear: {name}'s linear layers have no bias"),
+    ("add_qkv_bias", bool, "add_qkv_bias: {name}'s attention has no bias"),
+    ("swiglu", lambda v: v is False, "no --swiglu (GELU MLP): {name}'s MLPs are SwiGLU"),
+    (
+        "apply_layernorm_1p",
+        bool,
+        "apply_layernorm_1p: {name}'s RMSNorm scales by its weight, not 1 + weight",
+    ),
+    ("qk_l2_norm", bool, "qk_l2_norm: {name} has no L2 query/key norm"),
+    (
+        "moe_expert_capacity_factor",
+        lambda v: v is not None and v >= 0,
+        "moe_expert_capacity_factor {v!r}: {name} never drops tokens",
+    ),
+    ("moe_shared_expert_gate", bool, "moe_shared_expert_gate: {name} has no gated shared expert"),
+    (
+        "rotary_percent",
+        _ne(1.0),
+        "rotary_percent {v!r}: {name} rotates the whole rotary part of the head",
+    ),
+    (
+        "use_rope_scaling",
+        bool,
+        "use_rope_scaling: {name}'s export here writes plain RoPE "
+        "(Llama-3 frequency scaling is not mapped)",
+    ),
+)
+
+_NOT_MLA: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    (
+        "rotary_interleaved",
+        bool,
+        "rotary_interleaved: {name} rotates halves, not interleaved pairs",
+    ),
+    (
+        "moe_router_score_function",
+        _ne("softmax"),
+        "moe_router_score_function {v!r}: {name}'s router is a softmax",
+    ),
+    (
+        "moe_router_enable_expert_bias",
+        bool,
+        "moe_router_enable_expert_bias: {name}'s router has no bias correction",
+    ),
+    (
+        "moe_router_topk_scaling_factor",
+        lambda v: v not in (None, 1, 1.0),
+        "moe_router_topk_scaling_factor {v!r}: {name} does not scale routing weights",
+    ),
+    (
+        "moe_router_num_groups",
+        lambda v: bool(v) and v != 1,
+        "moe_router_num_groups {v!r}: {name} has no group-limited routing",
+    ),
+    (
+        "moe_router_group_topk",
+        bool,
+        "moe_router_group_topk {v!r}: {name} has no group-limited routing",
+    ),
+    (
+        "moe_shared_expert_intermediate_size",
+        bool,
+        "moe_shared_expert_intermediate_size {v!r}: {name} has no shared experts (only the "
+        "DeepSeek-V3 export, with --multi-latent-attention, has them)",
+    ),
+)
+
+
+def _table_refusals(model: Mapping[str, Any], table: Any, name: str) -> list[str]:
+    out = []
+    for field, bad, message in table:
+        if field == "num_experts" or field in model:
+            value = model.get(field)
+            if bad(value):
+                out.append(message.format(v=value, name=name))
+    return out
+
+
+def _mixtral_refusals(model: Mapping[str, Any]) -> list[str]:
+    out = []
+    if model.get("moe_router_pre_softmax"):
+        out.append("moe_router_pre_softmax: Mixtral renormalises the top-k probabilities")
+    if model.get("num_experts") and not all(moe_layer_pattern(model)):
+        out.append(
+            f"moe_layer_freq {model.get('moe_layer_freq')!r}: Mixtral has no dense "
+            "layers between MoE layers (a QK-layernorm model exports as Qwen3-MoE, "
+            "which has them)"
+        )
+    return out
+
+
+def _deepseek_refusals(model: Mapping[str, Any]) -> list[str]:
+    out = []
+    if not model.get("qk_layernorm"):
+        out.append(
+            "multi_latent_attention without qk_layernorm: DeepSeek-V3 always normalises "
+            "the query and key-value latents (q_a_layernorm, kv_a_layernorm)"
+        )
+    eps = model.get("norm_epsilon", model.get("layernorm_epsilon"))
+    if eps is not None and float(eps) != DEEPSEEK_LATENT_NORM_EPS:
+        # Measured: with ε = 1e-5 the logits of a tiny model differ by ~1e-4, with 1e-6 by 1e-7.
+        out.append(
+            f"norm epsilon {float(eps):g}: DeepSeek-V3's q_a_layernorm and "
+            f"kv_a_layernorm always use {DEEPSEEK_LATENT_NORM_EPS:g} "
+            f"(pass --norm-epsilon {DEEPSEEK_LATENT_NORM_EPS:g})"
+        )
+    score = model.get("moe_router_score_function") or "softmax"
+    if score != "sigmoid":
+        out.append(f"moe_router_score_function {score!r}: DeepSeek-V3's router is a sigmoid")
+    if model.get("rotary_interleaved"):
+        out.append(
+            "rotary_interleaved with multi_latent_attention: not mapped (megatron-core "
+            "MLA's default de-interleaved rotary is DeepSeek-V3's rope_interleave)"
+        )
+    rope_type = model.get("rope_type") or "yarn"  # MLATransformerConfig's default
+    factor = model.get("rotary_scaling_factor")
+    factor = 1.0 if factor is None else float(factor)
+    if rope_type == "yarn" and factor != 1.0:
+        out.append(
+            f"rope_type yarn with rotary_scaling_factor {factor:g}: YaRN scaling is not "
+            "mapped (rope_type rope, or a factor of 1, exports)"
+        )
+    elif rope_type not in ("rope", "yarn"):
+        out.append(f"rope_type {rope_type!r}: not a megatron-core MLA rotary type")
+    experts = int(model.get("num_experts") or 0)
+    if experts:
+        pattern = moe_layer_pattern(model)
+        first = pattern.index(True) if True in pattern else len(pattern)
+        if not all(pattern[first:]):
+            dense_after = pattern.index(False, first)
+            out.append(
+                f"moe_layer_freq {model.get('moe_layer_freq')!r}: layer {dense_after} is "
+                "dense after an MoE layer; DeepSeek-V3 has dense layers only first "
+                "(first_k_dense_replace)"
+            )
+        shared = int(model.get("moe_shared_expert_intermediate_size") or 0)
+        ffn = int(
+            model.get("moe_ffn_hidden_size")
+            or model.get("ffn_hidden_size")
+            or 4 * int(model["hidden_size"])
+        )
+        if not shared:
+            out.append(
+                "no moe_shared_expert_intermediate_size: every DeepSeek-V3 MoE layer has "
+                "shared experts"
+            )
+        elif shared % ffn:
+            out.append(
+                f"moe_shared_expert_intermediate_size {shared} is not a multiple of the "
+                f"expert width {ffn}: DeepSeek-V3's shared experts are n_shared_experts "
+                "× moe_intermediate_size wide"
+            )
+        groups = int(model.get("moe_router_num_groups") or 0)
+        group_topk = int(model.get("moe_router_group_topk") or 0)
+        topk = int(model.get("moe_router_topk") or 2)
+        if group_topk and not groups:
+            out.append("moe_router_group_topk without moe_router_num_groups")
+        if groups and group_topk:
+            if experts % groups:
+                out.append(f"moe_router_num_groups {groups} does not divide {experts} experts")
+            elif topk // group_topk != 2:
+                out.append(
+                    f"group-limited routing scores each group by its top "
+                    f"{topk // group_topk} experts (moe_router_topk {topk} // "
+                    f"moe_router_group_topk {group_topk}); DeepSeek-V3 by its top 2"
+                )
+        elif groups and groups != 1:
+            out.append(f"moe_router_num_groups {groups} without moe_router_group_topk")
+        if (not groups or not group_topk) and experts < 2:
+            out.append("fewer than 2 experts: DeepSeek-V3 scores expert groups by their top 2")
+    return out
+
+
+def refusals(model: Mapping[str, Any], family: str) -> list[str]:
+    """Why ``model`` cannot be exported as ``family`` (empty when it can)."""
+    name = family_name(family)
+    out = _table_refusals(model, _COMMON, name)
+    if family == DEEPSEEK_V3:
+        return out + _deepseek_refusals(model)
+    out += _table_refusals(model, _NOT_MLA, name)
+    if family == MIXTRAL:
+        out += _mixtral_refusals(model)
+    return out
+
+
+def key_refusals(keys: list[str], family: str) -> list[str]:
+    """Why checkpoint tensors cannot be ``family``'s, by key (one message per kind)."""
+    name = family_name(family)
+    checks: list[tuple[Callable[[str], bool], str]] = [
+        (
+            lambda k: k.endswith("bias") and "norm" not in k and "expert_bias" not in k,
+            "has linear biases ({k}): {name} has none",
+        ),
+        (
+            lambda k: (
+                k.endswith("layer_norm_bias")
+                or k.endswith("norm.bias")
+                or k.endswith("layernorm.bias")
+            ),
+            "has LayerNorm biases ({k}): {name} uses RMSNorm",
+        ),
+        (
+            lambda k: "position_embeddings" in k,
+            "has learned absolute positions ({k}): {name} uses rotary positions",
+        ),
+        (
+            lambda k: k.endswith("shared_experts.gate_weight"),
+            "has a gated shared expert ({k}): {name} has none",
+        ),
+    ]
+    if family != DEEPSEEK_V3:
+        checks += [
+            (lambda k: "shared_expert" in k, "has shared experts ({k}): {name} has none"),
+            (
+                lambda k: "expert_bias" in k,
+                "has a bias-corrected router ({k}): {name}'s router is a plain softmax",
+            ),
+        ]
+    out = []
+    for bad, message in checks:
+        hit = next((k for k in keys if bad(k)), None)
+        if hit is not None:
+            out.append("checkpoint " + message.format(k=hit, name=name))
+    return out
+
+
+def check_exportable(model: Mapping[str, Any], keys: list[str]) -> str:
+    """The family of ``model``; :class:`ExportError` naming every reason when it cannot be
+    exported (the Mixtral family keeps :mod:`mapping`'s own key checks)."""
+    family = choose_family(model)
+    try:
+        problems = refusals(model, family) + key_refusals(keys, family)
+    except ExportError as e:
+        problems = [str(e)]
+    if problems:
+        raise ExportError(f"cannot export as {family_name(family)}: " + "; ".join(problems))
+    return family
