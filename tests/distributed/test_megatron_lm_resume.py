@@ -1,7 +1,7 @@
 """``pretrain_moe.py --load`` resumes checkpoints written by Megatron-LM's own trainer (issue 28).
 
 The fixtures in ``tests/data/megatron_lm/`` were written by Megatron-LM ``core_v0.16.1``
-(``pretrain_gpt.py`` on CPU, README there): a tiny MoE, EP=2 on 2 processes, iterations 1-3,
+(``pretrain_gpt.py`` on CPU, README there): a tiny MoE, EP=2 or TP=2 on 2 processes, iterations 1-3,
 megatron-core's mock data, with Megatron-LM's logged training losses. We resume the save root
 at iteration 1 (its tracker rewritten to 1) and train iterations 2 and 3 with the same flags.
 Iteration 2's loss needs the weights (Megatron-LM's local key names) and the batch at the
@@ -27,13 +27,19 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # 2-process trainings,
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "megatron_lm"
 
 #: Megatron-LM's lm loss of iterations 2 and 3 and its validation loss after iteration 3, from
-#: the fixtures' training log (tests/data/megatron_lm/README.md; plain and distributed
-#: optimizer agree exactly). Its log of iteration 2 (6.241096) is the mean of iterations 1 and
-#: 2: Megatron-LM's first log line (iteration 1) does not reset its loss sums
+#: the fixtures' training logs (tests/data/megatron_lm/README.md; plain and distributed
+#: optimizer agree exactly), per layout. Its log of iteration 2 is the mean of iterations 1
+#: and 2: Megatron-LM's first log line (iteration 1) does not reset its loss sums
 #: (``training_log``: ``should_reset = not is_first_iteration``), so iteration 2's own loss is
-#: 2 x 6.241096 - 6.245936. Printed with 7 digits: compared to 3e-6.
-MEGATRON_LM_LOSSES = {2: 2 * 6.241096 - 6.245936, 3: 6.237114}
-MEGATRON_LM_VALID_LOSS = 6.226568
+#: 2 x logged(2) - logged(1). Printed with 7 digits: compared to 3e-6.
+MEGATRON_LM = {
+    "ep2": {2: 2 * 6.241096 - 6.245936, 3: 6.237114, "valid": 6.226568},
+    "tp2": {2: 2 * 6.240602 - 6.251592, 3: 6.219342, "valid": 6.219274},
+}
+LAYOUT = {
+    "ep2": ["--expert-model-parallel-size", "2"],
+    "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+}
 TOL = 3e-6
 
 #: make_fixtures.MODEL / DATA / TRAIN under our flag names (same meanings).
@@ -50,7 +56,6 @@ FLAGS = [
     "--lr-warmup-iters", "0", "--weight-decay", "0.01", "--clip-grad", "1.0",
     "--adam-beta1", "0.9", "--adam-beta2", "0.95",
     "--eval-iters", "1", "--eval-interval", "0", "--log-interval", "1", "--no-progress-bar",
-    "--expert-model-parallel-size", "2",
 ]  # fmt: skip
 
 
@@ -64,14 +69,19 @@ def _root_at(fixture: str, iteration: int, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     "fixture, extra",
-    [("ep2_plain", []), ("ep2_distopt", ["--use-distributed-optimizer"])],
+    [
+        ("ep2_plain", []),
+        ("ep2_distopt", ["--use-distributed-optimizer"]),
+        ("tp2_plain", []),
+        ("tp2_distopt", ["--use-distributed-optimizer"]),
+    ],
 )
 def test_resumes_megatron_lm_checkpoint_where_megatron_lm_left_off(fixture, extra, tmp_path):
+    layout = fixture.split("_")[0]
     root = _root_at(fixture, 1, tmp_path)
     out = tmp_path / "r.json"
-    proc = run_script(
-        "pretrain_moe.py", [*FLAGS, *extra, "--load", root, "--output-json", out], nproc=2
-    )
+    flags = [*FLAGS, *LAYOUT[layout], *extra, "--load", root, "--output-json", out]
+    proc = run_script("pretrain_moe.py", flags, nproc=2)
     assert f"loaded full checkpoint {root / 'iter_0000001'} at iteration 1" in proc.stdout
     assert "RNG" not in proc.stdout  # restored: no re-seeding note
     result = json.loads(out.read_text())
@@ -80,10 +90,12 @@ def test_resumes_megatron_lm_checkpoint_where_megatron_lm_left_off(fixture, extr
     # The data position: 4 samples consumed (Megatron-LM's args) + 2 steps of 4, 32 tokens each.
     assert result["consumed_tokens"] == 12 * 32
     assert all(h["lr"] == pytest.approx(1e-3) for h in history)
-    losses = {h["iteration"]: h["loss"] for h in history}
-    assert losses == pytest.approx(MEGATRON_LM_LOSSES, abs=TOL)
+    want = MEGATRON_LM[layout]
+    assert {h["iteration"]: h["loss"] for h in history} == pytest.approx(
+        {2: want[2], 3: want[3]}, abs=TOL
+    )
     # The held-out split from its start (Megatron-LM's consumed_valid_samples 0) after step 3.
-    assert result["loss"] == pytest.approx(MEGATRON_LM_VALID_LOSS, abs=TOL)
+    assert result["loss"] == pytest.approx(want["valid"], abs=TOL)
 
 
 def test_resume_without_optimizer_state_differs(tmp_path):
@@ -93,9 +105,10 @@ def test_resume_without_optimizer_state_differs(tmp_path):
     out = tmp_path / "r.json"
     run_script(
         "pretrain_moe.py",
-        [*FLAGS, "--load", root, "--no-load-optim", "--no-load-rng", "--output-json", out],
+        [*FLAGS, *LAYOUT["ep2"], "--load", root, "--no-load-optim", "--no-load-rng",
+         "--output-json", out],
         nproc=2,
-    )
+    )  # fmt: skip
     losses = {h["iteration"]: h["loss"] for h in json.loads(out.read_text())["train_history"]}
-    assert losses[2] == pytest.approx(MEGATRON_LM_LOSSES[2], abs=TOL)
-    assert abs(losses[3] - MEGATRON_LM_LOSSES[3]) > 1e-5
+    assert losses[2] == pytest.approx(MEGATRON_LM["ep2"][2], abs=TOL)
+    assert abs(losses[3] - MEGATRON_LM["ep2"][3]) > 1e-5
