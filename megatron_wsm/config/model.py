@@ -339,6 +339,14 @@ class ModelConfig:
         self.validate_attention(tp)
         if self.num_experts:
             self.validate_moe()
+            if self.add_bias_linear and tp > 1:
+                # megatron-core asserts "Bias in Moe is only supported when ETP==1", and its
+                # expert tensor-parallel size follows TP here (dense TP + biases run on CPU).
+                raise ConfigError(
+                    "--add-bias-linear in an MoE model needs --tensor-model-parallel-size 1: "
+                    "megatron-core supports expert biases only with expert tensor parallel "
+                    "size 1, which follows TP here"
+                )
         self.validate_accelerator(cuda)
 
     def validate_attention(self, tp: int) -> None:
@@ -389,6 +397,11 @@ class ModelConfig:
                 )
             if self.moe_router_group_topk > groups:
                 raise ConfigError("--moe-router-group-topk exceeds --moe-router-num-groups")
+        if self.moe_router_load_balancing_type == "sinkhorn" and self.moe_aux_loss_coeff:
+            raise ConfigError(
+                "--moe-router-load-balancing-type sinkhorn has no auxiliary loss: pass "
+                "--moe-aux-loss-coeff 0 (this project's default is 1e-2, Megatron-LM's 0)"
+            )
         if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor >= 0:
             if self.moe_router_load_balancing_type == "sinkhorn":
                 raise ConfigError(
