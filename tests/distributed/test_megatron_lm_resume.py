@@ -1,7 +1,8 @@
 """``pretrain_moe.py --load`` resumes checkpoints written by Megatron-LM's own trainer (issue 28).
 
 The fixtures in ``tests/data/megatron_lm/`` were written by Megatron-LM ``core_v0.16.1``
-(``pretrain_gpt.py`` on CPU, README there): a tiny MoE, EP=2 or TP=2 on 2 processes, iterations 1-3,
+(``pretrain_gpt.py`` on CPU, README there): a tiny MoE, EP=2 or TP=2 on 2 processes,
+iterations 1-3,
 megatron-core's mock data, with Megatron-LM's logged training losses. We resume the save root
 at iteration 1 (its tracker rewritten to 1) and train iterations 2 and 3 with the same flags.
 Iteration 2's loss needs the weights (Megatron-LM's local key names) and the batch at the
@@ -112,3 +113,54 @@ def test_resume_without_optimizer_state_differs(tmp_path):
     losses = {h["iteration"]: h["loss"] for h in json.loads(out.read_text())["train_history"]}
     assert losses[2] == pytest.approx(MEGATRON_LM["ep2"][2], abs=TOL)
     assert abs(losses[3] - MEGATRON_LM["ep2"][3]) > 1e-5
+
+
+def _stored_keys(ckpt: Path) -> set[str]:
+    from megatron_wsm.checkpoint.keys import checkpoint_keys
+
+    return {k for k in checkpoint_keys(ckpt) if "/shard_" not in k or k.startswith("rng_state")}
+
+
+def test_our_checkpoint_of_a_megatron_lm_run_is_shaped_as_megatron_lms(tmp_path):
+    """Resume Megatron-LM's iteration 1, save our full checkpoint at iteration 2, compare it with
+    the one Megatron-LM saved at iteration 2, then resume ours: iteration 3 is Megatron-LM's.
+
+    Same model keys (but the MoE pre-MLP norm, Megatron-LM's local-spec name vs TE's, ours),
+    the same ``rng_state`` shards, ``args`` with the data position; our plain optimizer keeps its
+    ``chained_N.`` keys (its content metadata says so to any loader, Megatron-LM's included).
+    """
+    import argparse
+
+    from megatron_wsm.checkpoint.common_state import allowed_globals
+
+    root = _root_at("ep2_plain", 1, tmp_path)
+    save = tmp_path / "ours"
+    common = [*FLAGS, *LAYOUT["ep2"]]
+    run_script(
+        "pretrain_moe.py",
+        [*common, "--load", root, "--save", save, "--save-interval", "1", "--exit-interval", "2"],
+        nproc=2,
+    )
+    ours, theirs = _stored_keys(save / "iter_0000002"), _stored_keys(root / "iter_0000002")
+    renamed = {
+        k.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+        for k in ours
+        if not k.startswith(("optimizer.", "chained_"))
+    }
+    assert renamed == {k for k in theirs if not k.startswith("optimizer.")}
+    assert {k for k in ours if k.startswith("rng_state/")} == {
+        "rng_state/shard_0.0.0_1.1.2",
+        "rng_state/shard_0.0.1_1.1.2",
+    }
+    with allowed_globals([argparse.Namespace]):
+        import torch
+
+        args = torch.load(save / "iter_0000002" / "common.pt", weights_only=True)["args"]
+    assert (args.consumed_train_samples, args.expert_model_parallel_size) == (8, 2)
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    out = tmp_path / "r.json"
+    run_script("pretrain_moe.py", [*common, "--load", save, "--output-json", out], nproc=2)
+    history = json.loads(out.read_text())["train_history"]
+    assert [(h["iteration"], round(h["loss"], 6)) for h in history] == [
+        (3, pytest.approx(MEGATRON_LM["ep2"][3], abs=TOL))
+    ]
