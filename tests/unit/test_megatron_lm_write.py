@@ -155,3 +155,83 @@ def test_merge_with_another_name_stays_one_directory(window, tmp_path):
     assert not (tmp_path / "latest_checkpointed_iteration.txt").exists()
     assert not any("Megatron-LM" in n and "tracker" in n for n in report.notes)
     assert json.loads((out / "wsm_manifest.json").read_text())["kind"] == "merged"
+
+
+# ----------------------------------------------------------------------------- reading theirs
+
+
+def test_data_position_from_our_top_level_or_megatron_lms_args():
+    from megatron_wsm.checkpoint.manager import data_position
+
+    ours = {"consumed_samples": 24, "consumed_tokens": 768, "args": argparse.Namespace(
+        consumed_train_samples=999)}  # fmt: skip
+    assert data_position(ours, 32) == {"consumed_samples": 24, "consumed_tokens": 768}
+    theirs = {"args": argparse.Namespace(consumed_train_samples=12, seq_length=32)}
+    assert data_position(theirs, 64) == {"consumed_samples": 12, "consumed_tokens": 384}
+    no_seq = {"args": argparse.Namespace(consumed_train_samples=12)}
+    assert data_position(no_seq, 64) == {"consumed_samples": 12, "consumed_tokens": 768}
+    assert data_position({}, 32) == {"consumed_samples": 0, "consumed_tokens": 0}
+
+
+@pytest.mark.parametrize(
+    "fixture, optimizer, prefix",
+    [("ep2_plain", "plain", False), ("ep2_distopt", "distributed", True)],
+)
+def test_optimizer_record_and_request_metadata_from_megatron_lms_content(
+    fixture, optimizer, prefix
+):
+    """Megatron-LM's content metadata says which optimizer wrote the state and how its keys
+    were made (``chained_optim_avoid_prefix``): the load request is built with exactly that."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_wsm.checkpoint.optimizer_state import saved_optimizer_from_content
+
+    content = dist_checkpointing.load_content_metadata(str(FIXTURES / fixture / "iter_0000003"))
+    record = saved_optimizer_from_content(content)
+    assert record["optimizer"] == optimizer
+    assert record["metadata"]["chained_optim_avoid_prefix"] is True
+    stored = keys.checkpoint_keys(FIXTURES / fixture / "iter_0000003")
+    assert any(k.startswith("chained_0.") for k in stored) == prefix  # distributed: always
+
+
+def test_our_content_metadata_keeps_our_requests():
+    from megatron_wsm.checkpoint.optimizer_state import (
+        optimizer_sharding_metadata,
+        saved_optimizer_from_content,
+    )
+
+    plain = saved_optimizer_from_content({"wsm_optimizer": "plain"})
+    assert plain == {"optimizer": "plain", "sharding": None, "metadata": {}}  # chained_N. keys
+    full = {**optimizer_sharding_metadata("fully_reshardable"), "wsm_optimizer": "distributed"}
+    record = saved_optimizer_from_content(full)
+    assert record["metadata"] == optimizer_sharding_metadata("fully_reshardable")
+    assert saved_optimizer_from_content(None)["optimizer"] == "plain"
+
+
+def test_load_of_a_megatron_lm_save_root_follows_its_tracker(tmp_path):
+    from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir
+
+    root = tmp_path / "mlm"
+    shutil.copytree(FIXTURES / "ep2_plain", root)
+    assert resolve_load_dir(root) == root / "iter_0000003"
+    (root / "latest_checkpointed_iteration.txt").write_text("2")
+    assert resolve_load_dir(root) == root / "iter_0000002"
+    # A tracker naming a missing or linked directory: nothing to resume.
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_load_dir(root)
+    (root / "iter_0000007").symlink_to(root / "iter_0000003")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_load_dir(root)
+
+
+def test_megatron_lm_local_spec_norm_name_is_an_alternative():
+    assert keys.stored_names("decoder.layers.pre_mlp_layernorm.weight") == [
+        "decoder.layers.mlp.linear_fc1.layer_norm_norm.weight",  # our older local spec
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",  # Megatron-LM's local spec
+    ]
+    opt = "optimizer.state.exp_avg.decoder.layers.pre_mlp_layernorm.weight"
+    assert keys.stored_names(opt)[-1] == (
+        "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.layer_norm_weight"
+    )
+    assert keys.stored_names("decoder.layers.mlp.router.weight") == []
