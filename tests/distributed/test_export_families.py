@@ -1,0 +1,180 @@
+"""HF export of each model family, trained by our trainer: logit parity with our model.
+
+Mixtral-style (GQA, --kv-channels), Qwen3-MoE-style (qk-layernorm, a dense layer between MoE
+layers) and DeepSeek-style (multi-latent attention, shared experts, a dense first layer, a
+sigmoid router with expert bias and group-limited routing) models train for 3 iterations, export
+with ``tools/export_hf.py`` and must give the logits of our forward within 1e-4 (fp32), the same
+greedy continuation and the same held-out loss (``check_parity`` of test_export_hf).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.distributed.test_export_hf import check_parity, export, reference
+from tests.helpers import TINY_MODEL, run_pretrain
+
+pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors")
+
+pytestmark = pytest.mark.distributed
+
+#: Larger initial weights than the default 0.02: router logits and attention scores far from
+#: uniform, so a wrong expert choice or rotary convention shows in the logits.
+INIT = ["--init-method-std", "0.1"]
+MIXTRAL = [
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--kv-channels",
+    "12",
+    "--norm-epsilon",
+    "1e-6",
+    "--rotary-base",
+    "500000",
+]
+QWEN3 = [
+    "--num-layers",
+    "3",
+    "--qk-layernorm",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--kv-channels",
+    "12",
+    "--moe-layer-freq",
+    "([1,0,1])",
+    "--ffn-hidden-size",
+    "40",
+    "--moe-ffn-hidden-size",
+    "16",
+    "--norm-epsilon",
+    "1e-6",
+    "--rotary-base",
+    "1000000",
+]
+DEEPSEEK = [
+    "--num-layers", "3", "--multi-latent-attention", "--q-lora-rank", "16",
+    "--kv-lora-rank", "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4",
+    "--v-head-dim", "8", "--qk-layernorm", "--moe-layer-freq", "([0]+[1]*2)",
+    "--num-experts", "8", "--moe-ffn-hidden-size", "8", "--ffn-hidden-size", "48",
+    "--moe-shared-expert-intermediate-size", "16", "--moe-router-score-function", "sigmoid",
+    "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4",
+    "--moe-router-group-topk", "2", "--moe-router-topk", "4",
+    "--moe-router-topk-scaling-factor", "2.5", "--moe-aux-loss-coeff", "0",
+    "--norm-epsilon", "1e-6", "--rotary-base", "5000",
+]  # fmt: skip
+
+
+def train(flags: list[str], tmp, data_cache, nproc: int = 1):
+    """3 iterations of the tiny model with ``flags``; its final checkpoint."""
+    run_pretrain(
+        [
+            *TINY_MODEL,
+            *INIT,
+            *flags,
+            "--train-iters",
+            "3",
+            "--save",
+            tmp / "ckpt",
+            "--data-cache-dir",
+            data_cache,
+        ],
+        tmp / "train.json",
+        nproc=nproc,
+    )
+    return tmp / "ckpt" / "iter_0000003"
+
+
+def tensors(hf) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(hf / "model.safetensors")
+
+
+def exported_matches(ckpt, hf, tmp, data_cache) -> dict:
+    """Export ``ckpt`` to ``hf``, check parity and that transformers used every tensor."""
+    import transformers
+
+    export(ckpt, hf, "--data-cache-dir", data_cache)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(hf, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    check_parity(hf, reference(ckpt, tmp, data_cache, tokens), tokens)
+    return json.loads((hf / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def deepseek_ckpt(tmp_path_factory, data_cache):
+    return train(DEEPSEEK, tmp_path_factory.mktemp("deepseek"), data_cache)
+
+
+def test_mixtral_style_gqa_kv_channels(data_cache, tmp_path):
+    ckpt = train(MIXTRAL, tmp_path, data_cache)
+    config = exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert (config["num_key_value_heads"], config["head_dim"]) == (2, 12)
+    assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-6, 500000.0)
+
+
+def test_qwen3_style_qk_layernorm_and_dense_layer(data_cache, tmp_path):
+    ckpt = train(QWEN3, tmp_path, data_cache)
+    hf = tmp_path / "hf"
+    config = exported_matches(ckpt, hf, tmp_path, data_cache)
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert config["mlp_only_layers"] == [1] and config["norm_topk_prob"] is True
+    assert (config["num_key_value_heads"], config["head_dim"]) == (2, 12)
+    names = set(tensors(hf))
+    assert "model.layers.1.mlp.gate_proj.weight" in names  # the dense layer
+    assert "model.layers.2.mlp.experts.3.down_proj.weight" in names
+    assert "model.layers.0.self_attn.k_norm.weight" in names
+
+
+@pytest.mark.slow
+def test_qwen3_style_pre_softmax_router(data_cache, tmp_path):
+    """--moe-router-pre-softmax: top-k of the softmax, not renormalised (norm_topk_prob off)."""
+    ckpt = train(["--qk-layernorm", "--moe-router-pre-softmax"], tmp_path, data_cache)
+    config = exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
+    assert config["norm_topk_prob"] is False and config["mlp_only_layers"] == []
+
+
+def test_deepseek_style_mla_shared_experts_dense_first(deepseek_ckpt, data_cache, tmp_path):
+    hf = tmp_path / "hf"
+    config = exported_matches(deepseek_ckpt, hf, tmp_path, data_cache)
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (config["first_k_dense_replace"], config["n_shared_experts"]) == (1, 2)
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.5)
+    weights = tensors(hf)
+    # The router's expert bias moved during training and is exported as the score correction.
+    bias = weights["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.abs().max() > 0
+    assert "model.layers.0.mlp.gate_proj.weight" in weights  # the dense first layer
+    assert "model.layers.2.self_attn.kv_a_proj_with_mqa.weight" in weights
+
+
+def test_deepseek_refusals_write_nothing(deepseek_ckpt, data_cache, tmp_path):
+    """What DeepSeek-V3 cannot express is refused before anything is written."""
+    for field, value, message in (
+        ("layernorm_epsilon", 1e-5, "always use 1e-06"),
+        ("moe_layer_freq", "([0]+[1]+[0])", "dense after an MoE layer"),
+    ):
+        bad = tmp_path / field
+        shutil.copytree(deepseek_ckpt, bad)
+        manifest = json.loads((bad / "wsm_manifest.json").read_text())
+        manifest["extra"]["run"]["model"][field] = value
+        (bad / "wsm_manifest.json").write_text(json.dumps(manifest))
+        proc = export(bad, tmp_path / f"hf_{field}", "--data-cache-dir", data_cache, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "cannot export as DeepSeek-V3" in proc.stderr
+        assert not (tmp_path / f"hf_{field}").exists()
+
+
+@pytest.mark.slow
+def test_deepseek_style_two_processes_ep2(data_cache, tmp_path):
+    """A 2-process EP=2 checkpoint of the DeepSeek-style model exports with parity."""
+    ckpt = train([*DEEPSEEK, "--expert-model-parallel-size", "2"], tmp_path, data_cache, nproc=2)
+    exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
