@@ -164,3 +164,60 @@ def test_our_checkpoint_of_a_megatron_lm_run_is_shaped_as_megatron_lms(tmp_path)
     assert [(h["iteration"], round(h["loss"], 6)) for h in history] == [
         (3, pytest.approx(MEGATRON_LM["ep2"][3], abs=TOL))
     ]
+
+
+#: pretrain_moe.py saving RNG state as megatron-wsm did before Megatron-LM's layout: one state
+#: per global rank (a world-shaped ShardedObject) under our older names.
+OLD_RNG_LAYOUT = """
+import sys
+
+if __name__ == "__main__":
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_wsm import distributed as wdist
+    from megatron_wsm.checkpoint import manager, rng
+
+    capture = rng.capture
+    OLD = {"random_rng_state": "random", "np_rng_state": "numpy", "torch_rng_state": "torch",
+           "rng_tracker_states": "tracker"}
+
+    def old_capture():
+        return {OLD.get(k, k): v for k, v in capture().items() if k != "cuda_rng_state"}
+
+    def old_object(self, value):
+        value = value[0] if isinstance(value, list) else value
+        return ShardedObject("rng_state", value, (self.layout.world_size,), (wdist.rank(),),
+                             replica_id=0)
+
+    rng.capture = old_capture
+    manager.CheckpointManager._rng_object = old_object
+    from megatron_wsm.pretrain import main
+
+    sys.exit(main())
+"""
+
+
+def test_our_older_world_shaped_rng_state_still_resumes(tmp_path):
+    wrapper = tmp_path / "pretrain_old_rng_layout.py"
+    wrapper.write_text(OLD_RNG_LAYOUT)
+    root = _root_at("ep2_plain", 1, tmp_path)
+    save = tmp_path / "old"
+    common = [*FLAGS, *LAYOUT["ep2"]]
+    run_script(
+        str(wrapper),
+        [*common, "--load", root, "--save", save, "--save-interval", "1", "--exit-interval", "2"],
+        nproc=2,
+    )
+    from megatron_wsm.checkpoint.keys import checkpoint_keys
+
+    stored = checkpoint_keys(save / "iter_0000002")
+    assert {k for k in stored if k.startswith("rng_state/")} == {
+        "rng_state/shard_0_2",
+        "rng_state/shard_1_2",
+    }
+    out = tmp_path / "r.json"
+    proc = run_script("pretrain_moe.py", [*common, "--load", save, "--output-json", out], nproc=2)
+    assert "RNG" not in proc.stdout  # found and restored: no note about another layout
+    history = json.loads(out.read_text())["train_history"]
+    assert [h["iteration"] for h in history] == [3]
+    assert history[0]["loss"] == pytest.approx(MEGATRON_LM["ep2"][3], abs=TOL)
