@@ -15,10 +15,11 @@ that the architecture would compute differently; the export refuses before writi
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from megatron_wsm.config.layer_freq import LayerFreqError, parse_moe_layer_freq
+from megatron_wsm.config.layer_freq import moe_layer_pattern as pattern_of
 from megatron_wsm.export.mapping import ExportError
 
 MIXTRAL = "mixtral"
@@ -51,52 +52,21 @@ def family_name(family: str) -> str:
     return _NAMES[family]
 
 
-def _eval_pattern(text: str) -> list[int]:
-    """Megatron-LM's ``--moe-layer-freq`` list expression (``"([0]+[1]*23)"``), evaluated
-    without ``eval``: only list literals of ints, ``+`` and ``*``."""
-
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.List):
-            return [ev(e) for e in node.elts]
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return node.value
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            left, right = ev(node.left), ev(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
-        raise ExportError(f"moe_layer_freq {text!r}: not a list pattern like ([0]+[1]*3)")
-
-    try:
-        value = ev(ast.parse(text.strip(), mode="eval"))
-    except SyntaxError as e:
-        raise ExportError(f"moe_layer_freq {text!r}: {e.msg}") from e
-    if not isinstance(value, list):
-        raise ExportError(f"moe_layer_freq {text!r}: not a list pattern")
-    return value
-
-
 def moe_layer_pattern(model: Mapping[str, Any]) -> list[bool]:
     """Which layers are MoE (``True``) and which dense, as megatron-core builds them.
 
     ``moe_layer_freq`` N (int) makes layer i MoE when ``i % N == 0``; a list (or Megatron-LM's
-    string expression of one) gives 1 (MoE) or 0 (dense) per layer. No experts: all dense.
+    string expression of one) gives 1 (MoE) or 0 (dense) per layer (parsed by
+    :mod:`megatron_wsm.config.layer_freq`, never evaluated). No experts: all dense.
     """
     layers = int(model["num_layers"])
     if not model.get("num_experts"):
         return [False] * layers
-    freq = model.get("moe_layer_freq", 1)
-    if freq is None:
-        freq = 1
-    if isinstance(freq, str):
-        freq = _eval_pattern(freq) if "[" in freq else int(freq)
-    if isinstance(freq, int):
-        if freq < 1:
-            raise ExportError(f"moe_layer_freq {freq}: must be at least 1")
-        return [i % freq == 0 for i in range(layers)]
-    pattern = list(freq)
-    if len(pattern) != layers or any(v not in (0, 1) for v in pattern):
-        raise ExportError(f"moe_layer_freq {pattern}: expected {layers} values of 0 or 1")
+    freq = model.get("moe_layer_freq")
+    try:
+        pattern = pattern_of(parse_moe_layer_freq(1 if freq is None else freq), layers)
+    except LayerFreqError as e:
+        raise ExportError(str(e)) from e
     return [bool(v) for v in pattern]
 
 
