@@ -20,7 +20,7 @@ from typing import Any
 
 from megatron_wsm.config.layer_freq import LayerFreqError, parse_moe_layer_freq
 from megatron_wsm.config.layer_freq import moe_layer_pattern as pattern_of
-from megatron_wsm.export.mapping import ExportError
+from megatron_wsm.export.mapping import DENSE_MLP, ExportError
 
 MIXTRAL = "mixtral"
 QWEN3_MOE = "qwen3_moe"
@@ -115,7 +115,7 @@ _COMMON: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     (
         "rotary_percent",
         _ne(1.0),
-        "rotary_percent {v!r}: {name} rotates the whole rotary part of the head",
+        "rotary_percent {v!r}: {name} rotates the whole head (under MLA its whole rotary part)",
     ),
     (
         "use_rope_scaling",
@@ -307,6 +307,10 @@ def key_refusals(keys: list[str], family: str) -> list[str]:
             "has a gated shared expert ({k}): {name} has none",
         ),
     ]
+    if family == MIXTRAL:
+        checks.append(
+            (lambda k: k in DENSE_MLP, "has dense MLP layers ({k}): every {name} layer is MoE")
+        )
     if family != DEEPSEEK_V3:
         checks += [
             (lambda k: "shared_expert" in k, "has shared experts ({k}): {name} has none"),

@@ -125,19 +125,7 @@ def export_checkpoint(
     keys = reader.model_tensors()
     # The architecture follows the model (families.choose_family); everything it cannot
     # express is refused here, all reasons at once.
-    family = families.choose_family(model)
-    try:
-        refusals = families.refusals(model, family)
-    except ExportError as e:  # an unreadable --moe-layer-freq
-        refusals = [str(e)]
-    if family == families.MIXTRAL:
-        refusals += mapping.key_refusals(list(keys))
-    else:
-        refusals += families.key_refusals(list(keys), family)
-    if refusals:
-        raise ExportError(
-            f"cannot export as {families.family_name(family)}: " + "; ".join(refusals)
-        )
+    family = families.check_exportable(model, list(keys))
 
     tok_path = _tokenizer_path(run, tokenizer_model, data_cache_dir)
     sp = tok.load_sentencepiece(tok_path)

@@ -12,7 +12,7 @@ Nothing here reads files; :mod:`megatron_wsm.export.reader` does.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -165,126 +165,24 @@ def shapes_from_config(model: Mapping[str, Any], vocab_size: int) -> Shapes:
     )
 
 
-# -- what Mixtral cannot express ------------------------------------------------------------------
-
-#: Config fields (ours, or megatron-core's names should a manifest carry them) that Mixtral
-#: cannot express when set away from the value shown; message per field.
-_CONFIG_REFUSALS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    (
-        "normalization",
-        lambda v: v not in (None, "RMSNorm"),
-        "normalization {v!r}: Mixtral has only RMSNorm (no LayerNorm)",
-    ),
-    (
-        "position_embedding_type",
-        lambda v: v not in (None, "rope"),
-        "position_embedding_type {v!r}: Mixtral has only rotary positions (no learned absolute "
-        "positions)",
-    ),
-    (
-        "num_experts",
-        lambda v: not v,
-        "num_experts {v!r}: a dense model is not a Mixtral (every layer must be MoE)",
-    ),
-    ("add_bias_linear", lambda v: bool(v), "add_bias_linear: Mixtral's linear layers have no bias"),
-    ("add_qkv_bias", lambda v: bool(v), "add_qkv_bias: Mixtral's attention has no bias"),
-    (
-        "moe_shared_expert_intermediate_size",
-        lambda v: bool(v),
-        "moe_shared_expert_intermediate_size {v!r}: Mixtral has no shared experts",
-    ),
-    (
-        "moe_router_score_function",
-        lambda v: v not in (None, "softmax"),
-        "moe_router_score_function {v!r}: Mixtral's router is a softmax",
-    ),
-    (
-        "moe_router_enable_expert_bias",
-        lambda v: bool(v),
-        "moe_router_enable_expert_bias: Mixtral's router has no bias correction",
-    ),
-    (
-        "moe_router_pre_softmax",
-        lambda v: bool(v),
-        "moe_router_pre_softmax: Mixtral renormalises the top-k probabilities",
-    ),
-    (
-        "moe_router_topk_scaling_factor",
-        lambda v: v not in (None, 1, 1.0),
-        "moe_router_topk_scaling_factor {v!r}: Mixtral does not scale routing weights",
-    ),
-    (
-        "moe_expert_capacity_factor",
-        lambda v: v is not None and v >= 0,
-        "moe_expert_capacity_factor {v!r}: Mixtral never drops tokens",
-    ),
-    (
-        "moe_layer_freq",
-        lambda v: v not in (None, 1) and (not isinstance(v, list) or 0 in v),
-        "moe_layer_freq {v!r}: Mixtral has no dense layers between MoE layers",
-    ),
-    (
-        "rotary_percent",
-        lambda v: v not in (None, 1, 1.0),
-        "rotary_percent {v!r}: Mixtral rotates the whole head",
-    ),
-    (
-        "rotary_interleaved",
-        lambda v: bool(v),
-        "rotary_interleaved: Mixtral rotates halves, not interleaved pairs",
-    ),
-    ("qk_layernorm", lambda v: bool(v), "qk_layernorm: Mixtral has no query/key norm"),
-)
+# -- what Mixtral cannot express (the rules of every family: megatron_wsm.export.families) --------
 
 
 def config_refusals(model: Mapping[str, Any]) -> list[str]:
     """Why a model config cannot be a Mixtral (empty when it can)."""
-    out = []
-    for field, bad, message in _CONFIG_REFUSALS:
-        if field == "num_experts" or field in model:
-            value = model.get(field)
-            if bad(value):
-                out.append(message.format(v=value))
-    return out
+    from megatron_wsm.export import families
+
+    try:
+        return families.refusals(model, families.MIXTRAL)
+    except ExportError as e:  # an unreadable --moe-layer-freq
+        return [str(e)]
 
 
 def key_refusals(keys: Sequence[str]) -> list[str]:
     """Why checkpoint tensors cannot be a Mixtral's, by key (one message per kind)."""
-    checks = (
-        (
-            lambda k: (
-                k.endswith("bias")
-                and "layer_norm" not in k
-                and "norm.bias" not in k
-                and "expert_bias" not in k
-            ),
-            "has linear biases ({k}): Mixtral has none",
-        ),
-        (
-            lambda k: (
-                k.endswith("layer_norm_bias")
-                or k.endswith("norm.bias")
-                or k.endswith("layernorm.bias")
-            ),
-            "has LayerNorm biases ({k}): Mixtral uses RMSNorm",
-        ),
-        (
-            lambda k: "position_embeddings" in k,
-            "has learned absolute positions ({k}): Mixtral uses rotary positions",
-        ),
-        (lambda k: "shared_expert" in k, "has shared experts ({k}): Mixtral has none"),
-        (
-            lambda k: "expert_bias" in k,
-            "has a bias-corrected router ({k}): Mixtral's router is a plain softmax",
-        ),
-        (lambda k: k in DENSE_MLP, "has dense MLP layers ({k}): every Mixtral layer is MoE"),
-    )
-    out = []
-    for bad, message in checks:
-        hit = next((k for k in keys if bad(k)), None)
-        if hit is not None:
-            out.append("checkpoint " + message.format(k=hit))
-    return out
+    from megatron_wsm.export import families
+
+    return families.key_refusals(list(keys), families.MIXTRAL)
 
 
 def _pick(keys: Mapping[str, tuple[int, ...]], candidates: Sequence[str], role: str) -> str:

@@ -77,7 +77,7 @@ def test_exportable_configs_have_no_refusals(model):
         (QWEN3, {"add_qkv_bias": True}, "Qwen3-MoE's attention has no bias"),
         (DEEPSEEK, {"swiglu": False}, "DeepSeek-V3's MLPs are SwiGLU"),
         (QWEN3, {"position_embedding_type": "learned_absolute"}, "only rotary positions"),
-        (QWEN3, {"rotary_percent": 0.5}, "rotates the whole rotary part"),
+        (QWEN3, {"rotary_percent": 0.5}, "rotates the whole head"),
         (DEEPSEEK, {"moe_expert_capacity_factor": 1.0}, "never drops tokens"),
         (QWEN3, {"num_experts": 0}, "a dense model is not a Qwen3-MoE"),
         # Mixtral
