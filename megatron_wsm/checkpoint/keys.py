@@ -155,6 +155,7 @@ def adapt_load_request(sharded: Any, stored: set[str]) -> dict[str, list[str]]:
 _TE_PARAMS: dict[str, tuple[str, ...]] = {
     "TELayerNormColumnParallelLinear": ("layer_norm_weight", "layer_norm_bias:LN", "weight"),
     "TEColumnParallelLinear": ("weight",),
+    "TELinear": ("weight",),  # multi-latent attention's down projections
     "TERowParallelLinear": ("weight",),
     "TEColumnParallelGroupedLinear": ("weight",),
     "TERowParallelGroupedLinear": ("weight",),
@@ -168,7 +169,12 @@ _TE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def te_layer_spec(num_experts: int | None, moe_grouped_gemm: bool = False) -> Any:
+def te_layer_spec(
+    num_experts: int | None,
+    moe_grouped_gemm: bool = False,
+    qk_layernorm: bool = False,
+    multi_latent_attention: bool = False,
+) -> Any:
     """megatron-core's TE layer spec, built even where TE is not installed.
 
     Without TE, megatron-core leaves ``TESpecProvider`` undefined in ``gpt_layer_specs`` and
@@ -178,9 +184,10 @@ def te_layer_spec(num_experts: int | None, moe_grouped_gemm: bool = False) -> An
     from megatron.core.extensions import transformer_engine_spec_provider as tsp
     from megatron.core.models.gpt import gpt_layer_specs as gls
 
+    family = {"qk_layernorm": qk_layernorm, "multi_latent_attention": multi_latent_attention}
     if getattr(gls, "HAVE_TE", False):
         return gls.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
+            num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, **family
         )
     missing = object()
     saved_provider = gls.__dict__.get("TESpecProvider", missing)
@@ -189,7 +196,7 @@ def te_layer_spec(num_experts: int | None, moe_grouped_gemm: bool = False) -> An
     tsp.is_te_min_version = lambda *a, **k: True  # type: ignore[assignment]
     try:
         return gls.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=False
+            num_experts=num_experts, moe_grouped_gemm=False, **family
         )
     finally:
         tsp.is_te_min_version = saved_check  # type: ignore[assignment]
@@ -214,8 +221,14 @@ def _params(name: str, layer_norm: bool) -> list[str]:
     return [p.split(":")[0] for p in _TE_PARAMS[name] if not p.endswith(":LN") or layer_norm]
 
 
-def _module_keys(spec: Any, layer_norm: bool) -> list[str]:
-    """Parameter keys (relative, sharded naming) of one spec entry."""
+#: Spec entries megatron-core builds only when asked (shared experts: with
+#: ``moe_shared_expert_intermediate_size``).
+_NOT_BUILT = frozenset({"shared_experts"})
+
+
+def _module_keys(spec: Any, layer_norm: bool, skip: frozenset[str] = _NOT_BUILT) -> list[str]:
+    """Parameter keys (relative, sharded naming) of one spec entry; submodule fields named in
+    ``skip`` are not built."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if isinstance(spec, ModuleSpec):
@@ -238,9 +251,9 @@ def _module_keys(spec: Any, layer_norm: bool) -> list[str]:
             continue
         if field.name == "sharded_state_dict_keys_map":
             continue
-        if field.name == "shared_experts":
-            continue  # built only with moe_shared_expert_intermediate_size (not used here)
-        keys += [f"{field.name}.{k}" for k in _module_keys(child, layer_norm)]
+        if field.name in skip:
+            continue
+        keys += [f"{field.name}.{k}" for k in _module_keys(child, layer_norm, skip)]
     if name in ("SequentialMLP", "TEGroupedMLP"):
         # Both store experts under "<prefix>experts.<linear>" (TEGroupedMLP's sharded state
         # dict is documented as interchangeable with SequentialMLP's).
@@ -275,3 +288,44 @@ def te_spec_param_keys(
     if untie_embeddings_and_output_weights:
         keys.append("output_layer.weight")
     return sorted(keys)
+
+
+def te_family_param_keys(
+    layer_pattern: list[int],
+    num_experts: int | None,
+    normalization: str = "RMSNorm",
+    *,
+    qk_layernorm: bool = False,
+    multi_latent_attention: bool = False,
+    q_lora_rank: int | None = None,
+    shared_experts: bool = False,
+    expert_bias: bool = False,
+) -> list[str]:
+    """Sorted keys of the decoder layers of a TE-spec model whose layer ``i`` is MoE when
+    ``layer_pattern[i]`` is 1 (megatron-core's ``get_gpt_decoder_block_spec``).
+
+    Mixed dense and MoE layers are stored per layer (``decoder.layers.<i>.…``; megatron-core's
+    "non-homogeneous layers"), all-MoE or all-dense ones stacked (``decoder.layers.…``). MLA
+    builds either the query projection or its LoRA pair (``q_lora_rank``); the router's
+    ``expert_bias`` buffer is stored with ``--moe-router-enable-expert-bias``.
+    """
+    layer_norm = normalization == "LayerNorm"
+    skip = set() if shared_experts else {"shared_experts"}
+    if multi_latent_attention:
+        skip |= (
+            {"linear_q_down_proj", "linear_q_up_proj"} if q_lora_rank is None else {"linear_q_proj"}
+        )
+    per_kind = {}
+    for kind, experts in ((0, None), (1, num_experts or None)):
+        spec = te_layer_spec(
+            experts, qk_layernorm=qk_layernorm, multi_latent_attention=multi_latent_attention
+        )
+        keys = _module_keys(spec, layer_norm, frozenset(skip))
+        if experts and expert_bias:
+            keys.append("mlp.router.expert_bias")
+        per_kind[kind] = keys
+    if len(set(layer_pattern)) == 1:
+        return sorted(f"decoder.layers.{k}" for k in per_kind[layer_pattern[0]])
+    return sorted(
+        f"decoder.layers.{i}.{k}" for i, kind in enumerate(layer_pattern) for k in per_kind[kind]
+    )

@@ -139,3 +139,65 @@ def test_deepseek_family_trains_merges_and_evaluates(data_cache, tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_family_trains_merges_and_evaluates(family, data_cache, tmp_path):
     _check_family(family, data_cache, tmp_path)
+
+
+_LOCAL_KEYS = """
+import json, sys
+from megatron_wsm.arguments import parse_run_config
+from megatron_wsm.distributed import init_distributed
+from megatron_wsm.model import build_gpt_model, build_transformer_config
+from megatron_wsm.testing.config import TINY_MODEL
+from megatron_wsm.testing.families import FAMILY_LAYOUTS
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+out = {}
+for i, name in enumerate(sorted(FAMILY_LAYOUTS)):
+    cfg, _ = parse_run_config([*TINY_MODEL, *FAMILY_LAYOUTS[name][0]])
+    if i == 0:
+        init_distributed(cfg.parallel, 1)
+    gpt = build_gpt_model(build_transformer_config(cfg.model, cfg.parallel), cfg.model, 512)
+    tensors = (ShardedTensor, ShardedTensorFactory)
+    keys = {v.key for v in nested_values(gpt.sharded_state_dict()) if isinstance(v, tensors)}
+    out[name] = sorted(keys)
+print("KEYS" + json.dumps(out))
+"""
+
+
+def test_family_checkpoint_keys_equal_the_te_specs():
+    """The local spec's checkpoint keys for each family are those megatron-core's TE spec
+    gives (the key list derived from its structure, TE itself not being installed here), so a
+    family's checkpoint moves between CPU and GPU runs."""
+    import subprocess
+    import sys
+
+    from megatron_wsm.arguments import parse_run_config
+    from megatron_wsm.checkpoint import keys as spec_keys
+    from megatron_wsm.config.layer_freq import moe_layer_pattern
+    from tests.helpers import ROOT, _env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOCAL_KEYS],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.split("KEYS", 1)[1])
+    for name, local in got.items():
+        m = parse_run_config([*TINY_MODEL, *FAMILIES[name][0]])[0].model
+        te = spec_keys.te_family_param_keys(
+            moe_layer_pattern(m.moe_layer_freq, m.num_layers),
+            m.num_experts,
+            m.normalization,
+            qk_layernorm=m.qk_layernorm,
+            multi_latent_attention=m.multi_latent_attention,
+            q_lora_rank=m.q_lora_rank,
+            shared_experts=bool(m.moe_shared_expert_intermediate_size),
+            expert_bias=m.moe_router_enable_expert_bias,
+        )
+        decoder = [k for k in local if k.startswith("decoder.layers.")]
+        assert decoder == te, (name, sorted(set(decoder) ^ set(te)))
+        assert "decoder.final_layernorm.weight" in local and "output_layer.weight" in local
