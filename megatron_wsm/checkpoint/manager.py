@@ -67,7 +67,11 @@ from megatron_wsm.checkpoint.manifest import (
     read_manifest,
     write_manifest,
 )
-from megatron_wsm.checkpoint.megatron_args import megatron_lm_args
+from megatron_wsm.checkpoint.megatron_args import (
+    megatron_lm_args,
+    parallel_layout_from_args,
+    shape_differences,
+)
 from megatron_wsm.checkpoint.optimizer_state import (
     _CONTENT_OPTIMIZER,
     _optimizer_parts,
@@ -619,6 +623,15 @@ class CheckpointManager:
             raise CheckpointError(f"refusing to load {ckpt}: {found[0]}{more}")
 
     @staticmethod
+    def _checkpoint_args(ckpt: Path) -> Any:
+        """The ``args`` of ``ckpt``'s common state (restricted read), None when unreadable."""
+        try:
+            common = ckpt_common.read_common_state(ckpt)
+        except (ckpt_common.CommonStateError, ckpt_integrity.IntegrityError):
+            return None  # megatron-core's load reports an unreadable checkpoint
+        return common.get("args") if isinstance(common, dict) else None
+
+    @staticmethod
     def _saved_optimizer(ckpt: Path, manifest: CheckpointManifest | None) -> dict[str, Any]:
         """:func:`optimizer_record` of the checkpoint's writer (manifest, else the content
         metadata megatron-core keeps with the checkpoint, else: the plain optimizer)."""
@@ -655,6 +668,16 @@ class CheckpointManager:
         kind = manifest.kind if manifest is not None else KIND_FULL
         self._check_identity(ckpt, manifest)
         self._verify_before_load(ckpt)
+        # Without our manifest (Megatron-LM's checkpoints): the model and layout its args say.
+        foreign_args = self._checkpoint_args(ckpt) if manifest is None else None
+        diff = shape_differences(foreign_args, self.identity)
+        if diff:
+            raise CheckpointError(
+                f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
+            )
+        saved_layout = manifest.parallel if manifest is not None else None
+        if saved_layout is None and parallel_layout_from_args(foreign_args) is not None:
+            saved_layout = ParallelLayout(**parallel_layout_from_args(foreign_args))
         model_sd = self._model_sharded()
         sharded: dict[str, Any] = {"model": model_sd}
         has_optim = kind == KIND_FULL and not finetune
@@ -664,7 +687,7 @@ class CheckpointManager:
             problem = optimizer_load_problem(
                 saved,
                 self.optim_sharding,
-                manifest.parallel if manifest else None,
+                saved_layout,
                 self.layout,
                 _optimizer_parts(self.optimizer),
             )

@@ -152,3 +152,61 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+# ----------------------------------------------------------------------------- reading back
+
+#: Shape fields compared between a checkpoint's ``args`` and this run's model identity
+#: (``CheckpointManager.identity``): same names and meanings in both. Others are left out:
+#: ``vocab_size`` means the tokenizer's size before EOD in Megatron-LM's NullTokenizer
+#: (``padded_vocab_size`` decides the shapes), and None means a derived default in ours.
+_SHAPE_ARGS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "padded_vocab_size",
+    "untie_embeddings_and_output_weights",
+    "normalization",
+    "position_embedding_type",
+)
+
+
+def shape_differences(args: Any, identity: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint, this run)}`` where a checkpoint's ``args`` (Megatron-LM's, or
+    ours) describe another model than ``identity``; fields either side leaves unset (None)
+    are not compared. Empty when ``args`` is not a Namespace."""
+    if not isinstance(args, argparse.Namespace):
+        return {}
+    diff = {}
+    for name in _SHAPE_ARGS:
+        theirs, ours = getattr(args, name, None), identity.get(name)
+        if name == "num_query_groups" and ours is None:
+            ours = identity.get("num_attention_heads")  # ours: None = one group per head
+        if theirs is None or ours is None:
+            continue
+        if theirs != ours:
+            diff[name] = (theirs, ours)
+    return diff
+
+
+def parallel_layout_from_args(args: Any) -> dict[str, int] | None:
+    """The writer's parallel sizes from a checkpoint's ``args`` (``ParallelLayout`` fields),
+    None when ``args`` is not a Namespace or lacks the TP size."""
+    if not isinstance(args, argparse.Namespace):
+        return None
+    if getattr(args, "tensor_model_parallel_size", None) is None:
+        return None
+    fields = (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+        "context_parallel_size",
+        "data_parallel_size",
+        "world_size",
+    )
+    return {f: int(getattr(args, f, None) or 1) for f in fields}

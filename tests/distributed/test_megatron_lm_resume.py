@@ -221,3 +221,26 @@ def test_our_older_world_shaped_rng_state_still_resumes(tmp_path):
     history = json.loads(out.read_text())["train_history"]
     assert [h["iteration"] for h in history] == [3]
     assert history[0]["loss"] == pytest.approx(MEGATRON_LM["ep2"][3], abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "fixture, change, message",
+    [
+        ("ep2_plain", ["--hidden-size", "32"], "holds another model: (checkpoint, this run) "
+         "differ in {'hidden_size': (16, 32)}"),
+        ("ep2_distopt", [], "its optimizer state is from the distributed optimizer and this "
+         "run uses the plain one"),
+    ],
+)  # fmt: skip
+def test_megatron_lm_checkpoint_of_another_model_or_optimizer_is_refused(
+    fixture, change, message, tmp_path
+):
+    """Without our manifest the checks read Megatron-LM's args and content metadata: one clear
+    error (exit 2) instead of a shape or key error from inside megatron-core."""
+    root = _root_at(fixture, 1, tmp_path)
+    proc = run_script(
+        "pretrain_moe.py", [*FLAGS, *LAYOUT["ep2"], *change, "--load", root], nproc=2, check=False
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and message in errors[0], proc.stderr[-3000:]

@@ -235,3 +235,28 @@ def test_megatron_lm_local_spec_norm_name_is_an_alternative():
         "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.layer_norm_weight"
     )
     assert keys.stored_names("decoder.layers.mlp.router.weight") == []
+
+
+def test_shape_and_layout_read_from_megatron_lms_args():
+    from megatron_wsm.checkpoint.manager import model_identity
+    from megatron_wsm.checkpoint.megatron_args import (
+        parallel_layout_from_args,
+        shape_differences,
+    )
+
+    args = _fixture_common("tp2_plain")["args"]
+    cfg, _ = parse_run_config(FIXTURE_FLAGS)
+    identity = model_identity(cfg.model.to_json(), 512)
+    assert shape_differences(args, identity) == {}
+    wider = model_identity({**cfg.model.to_json(), "hidden_size": 32}, 512)
+    assert shape_differences(args, wider) == {"hidden_size": (16, 32)}
+    assert shape_differences(args, model_identity(cfg.model.to_json(), 1024)) == {
+        "padded_vocab_size": (512, 1024)
+    }
+    assert shape_differences(None, identity) == {}
+    assert parallel_layout_from_args(args) == {
+        "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+        "expert_model_parallel_size": 1, "context_parallel_size": 1,
+        "data_parallel_size": 1, "world_size": 2,
+    }  # fmt: skip
+    assert parallel_layout_from_args(argparse.Namespace()) is None
