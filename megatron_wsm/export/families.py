@@ -212,14 +212,7 @@ def _deepseek_refusals(model: Mapping[str, Any]) -> list[str]:
             "MLA's default de-interleaved rotary is DeepSeek-V3's rope_interleave)"
         )
     rope_type = model.get("rope_type") or "yarn"  # MLATransformerConfig's default
-    factor = model.get("rotary_scaling_factor")
-    factor = 1.0 if factor is None else float(factor)
-    if rope_type == "yarn" and factor != 1.0:
-        out.append(
-            f"rope_type yarn with rotary_scaling_factor {factor:g}: YaRN scaling is not "
-            "mapped (rope_type rope, or a factor of 1, exports)"
-        )
-    elif rope_type not in ("rope", "yarn"):
+    if rope_type not in ("rope", "yarn"):
         out.append(f"rope_type {rope_type!r}: not a megatron-core MLA rotary type")
     experts = int(model.get("num_experts") or 0)
     if experts:

@@ -13,6 +13,7 @@ transformers fuses the experts on load.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -421,7 +422,44 @@ def deepseek_v3_config(
         "v_head_dim": s.v_head_dim,
         "head_dim": s.qk_pos_emb_head_dim,
         "rope_interleave": True,
+        "rope_parameters": mla_rope_parameters(model),
         "num_mtp_layers": 0,
+    }
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    """YaRN's attention-scale term (the same formula in megatron-core and transformers)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def mla_rope_parameters(model: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 ``rope_parameters`` for megatron-core MLA's rotary embedding.
+
+    MLA's ``rope_type`` is ``yarn`` (MLATransformerConfig's default; Megatron-LM has no flag
+    for it) with ``--rotary-scaling-factor`` (1: plain RoPE). YaRN maps field by field; the
+    cos/sin factor is given explicitly (``attention_factor``) because transformers infers it
+    as megatron-core does only when ``mscale`` and ``mscale_all_dim`` are both non-zero; the
+    softmax scale (``mscale_all_dim``) is applied by DeepSeek-V3 itself, as by MLA.
+    """
+    theta = float(model.get("rotary_base") or 10000.0)
+    factor = float(model.get("rotary_scaling_factor") or 1.0)
+    if (model.get("rope_type") or "yarn") != "yarn" or factor == 1.0:
+        return {"rope_type": "default", "rope_theta": theta}
+    mscale = float(model.get("mscale", 1.0))
+    mscale_all_dim = float(model.get("mscale_all_dim", 0.0))
+    return {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": factor,
+        "original_max_position_embeddings": int(
+            model.get("original_max_position_embeddings") or 4096
+        ),
+        "beta_fast": float(model.get("beta_fast") or 32.0),
+        "beta_slow": float(model.get("beta_slow") or 1.0),
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+        "attention_factor": _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim),
+        "truncate": True,
     }
 
 

@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from megatron_wsm.testing.families import FAMILY_LAYOUTS
 from tests.distributed.test_export_hf import check_parity, export, reference
 from tests.helpers import TINY_MODEL, run_pretrain
 
@@ -96,6 +97,9 @@ def tensors(hf) -> dict[str, torch.Tensor]:
     return load_file(hf / "model.safetensors")
 
 
+TOKENS = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
 def exported_matches(ckpt, hf, tmp, data_cache) -> dict:
     """Export ``ckpt`` to ``hf``, check parity and that transformers used every tensor."""
     import transformers
@@ -103,9 +107,34 @@ def exported_matches(ckpt, hf, tmp, data_cache) -> dict:
     export(ckpt, hf, "--data-cache-dir", data_cache)
     _, info = transformers.AutoModelForCausalLM.from_pretrained(hf, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
-    check_parity(hf, reference(ckpt, tmp, data_cache, tokens), tokens)
+    check_parity(hf, reference(ckpt, tmp, data_cache, TOKENS), TOKENS)
     return json.loads((hf / "config.json").read_text())
+
+
+def logits_with_config(hf, tmp, **changes) -> torch.Tensor:
+    """The exported model's logits on :data:`TOKENS` with ``config.json`` fields changed."""
+    import transformers
+
+    other = tmp / "changed"
+    shutil.copytree(hf, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, **changes}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(TOKENS).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LAYOUTS))
+def test_megatron_lm_family_flags_export_with_parity(family, data_cache, tmp_path):
+    """The model flags of Megatron-LM's own scripts (megatron_wsm.testing.families: Mixtral,
+    Qwen3-30B-A3B, DeepSeek-R1/V2-Lite, tiny sizes) → each family's own architecture."""
+    ckpt = train(list(FAMILY_LAYOUTS[family][0]), tmp_path, data_cache)
+    config = exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
+    want = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "deepseek": "DeepseekV3"}[family]
+    assert config["architectures"] == [want + "ForCausalLM"]
+    if family == "deepseek":  # YaRN (--rotary-scaling-factor 40, --mscale 0.707, ...)
+        rope = config["rope_parameters"]
+        assert (rope["rope_type"], rope["factor"], rope["mscale_all_dim"]) == ("yarn", 40, 0.707)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +183,10 @@ def test_deepseek_style_mla_shared_experts_dense_first(deepseek_ckpt, data_cache
     assert bias.abs().max() > 0
     assert "model.layers.0.mlp.gate_proj.weight" in weights  # the dense first layer
     assert "model.layers.2.self_attn.kv_a_proj_with_mqa.weight" in weights
+    # The parity above tells rotary conventions apart: DeepSeek-V3's non-interleaved rotary on
+    # the same weights gives other logits (megatron-core MLA de-interleaves before rotating).
+    ref = reference(deepseek_ckpt, tmp_path, data_cache, TOKENS)["logits"]
+    assert (logits_with_config(hf, tmp_path, rope_interleave=False) - ref).abs().max() > 1e-3
 
 
 def test_deepseek_refusals_write_nothing(deepseek_ckpt, data_cache, tmp_path):
