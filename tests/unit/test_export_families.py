@@ -8,6 +8,7 @@ the trainer and transformers is tests/distributed/test_export_families.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_exportable_configs_have_no_refusals(model):
         (DEEPSEEK, {"moe_shared_expert_intermediate_size": None}, "has shared experts"),
         (DEEPSEEK, {"moe_shared_expert_intermediate_size": 12}, "not a multiple of the expert"),
         (DEEPSEEK, {"layernorm_epsilon": 1e-5}, "always use 1e-06"),
-        (DEEPSEEK, {"rotary_scaling_factor": 40.0}, "YaRN scaling is not mapped"),
+        (DEEPSEEK, {"rope_type": "llama3"}, "not a megatron-core MLA rotary type"),
         (DEEPSEEK, {"moe_router_group_topk": 1}, "by its top 4 experts"),
         (DEEPSEEK, {"moe_router_num_groups": 3}, "does not divide 8 experts"),
         (DEEPSEEK, {"moe_shared_expert_gate": True}, "no gated shared expert"),
@@ -108,6 +109,29 @@ def test_each_refusal_names_its_reason(base, change, message):
     model = {**base, **change}
     problems = families.refusals(model, families.choose_family(model))
     assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_mla_rope_parameters():
+    """MLA's rotary: YaRN by default (factor 1 = plain RoPE); megatron-core's cos/sin factor
+    mscale-ratio given explicitly, the softmax term through mscale_all_dim."""
+    assert plans.mla_rope_parameters({**DEEPSEEK, "rotary_base": 5000}) == {
+        "rope_type": "default",
+        "rope_theta": 5000.0,
+    }
+    yarn = {**DEEPSEEK, "rotary_scaling_factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+    rope = plans.mla_rope_parameters(yarn)
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == (
+        "yarn",
+        40.0,
+        4096,
+    )
+    assert (rope["beta_fast"], rope["beta_slow"], rope["mscale_all_dim"]) == (32.0, 1.0, 0.707)
+    assert rope["attention_factor"] == 1.0  # equal mscales cancel
+    rope = plans.mla_rope_parameters({**yarn, "mscale": 1.0, "mscale_all_dim": 0.0})
+    assert rope["attention_factor"] == pytest.approx(0.1 * math.log(40.0) + 1.0)
+    rope = plans.mla_rope_parameters({**yarn, "rope_type": "rope"})
+    assert rope["rope_type"] == "default"
+    assert families.refusals(yarn, families.DEEPSEEK_V3) == []
 
 
 def test_check_exportable_lists_every_reason_at_once():
