@@ -23,6 +23,22 @@ from megatron_wsm.lr_styles import DECAY_STYLES, WSD_DECAY_STYLES
 SENTENCEPIECE_TOKENIZER = "SentencePieceTokenizer"
 
 
+#: ModelConfig fields that are not Megatron-LM ``args`` entries: ours alone, the negating
+#: flags' own fields (Megatron-LM keeps only the positive one), and ``vocab_size`` (the
+#: tokenizer's size with EOD here; Megatron-LM's --vocab-size is NullTokenizer's, set below).
+_NOT_MEGATRON_LM_ARGS = frozenset(
+    {
+        "layout_independent_init",
+        "params_dtype",
+        "vocab_size",
+        "tie_embeddings_and_output_weights",
+        "no_swiglu",
+        "disable_bias_linear",
+        "no_position_embedding",
+    }
+)
+
+
 def megatron_lm_args(
     run: dict[str, Any],
     *,
@@ -48,52 +64,27 @@ def megatron_lm_args(
         "skipped_train_samples": 0,
         # evaluation always reads the held-out split from its start here
         "consumed_valid_samples": 0,
-        # model shape (check_checkpoint_args / --use-checkpoint-args)
-        "num_layers": model.get("num_layers"),
-        "hidden_size": model.get("hidden_size"),
-        "ffn_hidden_size": model.get("ffn_hidden_size"),
-        "num_attention_heads": heads,
-        "group_query_attention": bool(groups) and groups != heads,
+        # The model: every ModelConfig field under its own name (Megatron-LM's names and
+        # meanings, config/model.py), so check_checkpoint_args and --use-checkpoint-args read
+        # what this model is; then the values Megatron-LM derives where ours say "default".
+        **{k: v for k, v in model.items() if k not in _NOT_MEGATRON_LM_ARGS},
         "num_query_groups": groups or heads,
-        "seq_length": model.get("seq_length"),
+        "group_query_attention": bool(model.get("group_query_attention"))
+        or (bool(groups) and groups != heads),
+        "kv_channels": model.get("kv_channels")
+        or ((model.get("hidden_size") // heads) if heads else None),
         "max_position_embeddings": model.get("max_position_embeddings") or model.get("seq_length"),
-        "position_embedding_type": model.get("position_embedding_type", "rope"),
         # Megatron-LM's default (True) whatever the position embedding type; only
         # --no-position-embedding clears it, and its loader compares it with the command line.
-        "add_position_embedding": True,
-        "normalization": model.get("normalization", "RMSNorm"),
-        "swiglu": True,
-        "add_bias_linear": False,
-        "untie_embeddings_and_output_weights": bool(
-            model.get("untie_embeddings_and_output_weights", True)
-        ),
+        "add_position_embedding": not model.get("no_position_embedding", False),
         # What megatron-wsm's model fixes (megatron-core's defaults), written out so that
-        # Megatron-LM's --use-checkpoint-args copies them instead of keeping its command line's.
-        "kv_channels": (model.get("hidden_size") // heads) if heads else None,
-        "use_rotary_position_embeddings": False,  # deprecated flag: position_embedding_type
-        "rotary_base": 10000,
-        "rotary_percent": 1.0,
+        # --use-checkpoint-args copies them instead of keeping its command line's.
         "rotary_interleaved": False,
-        "add_qkv_bias": False,
-        "qk_layernorm": False,
         "squared_relu": False,
         "apply_query_key_layer_scaling": False,
-        "moe_layer_freq": 1,
-        "moe_router_pre_softmax": False,
-        "moe_router_score_function": "softmax",
-        "moe_router_topk_scaling_factor": None,
-        "moe_router_enable_expert_bias": False,
-        "moe_shared_expert_intermediate_size": None,
-        "moe_grouped_gemm": bool(model.get("moe_grouped_gemm", False)),
-        "hidden_dropout": model.get("hidden_dropout", 0.0),
-        "attention_dropout": model.get("attention_dropout", 0.0),
-        "init_method_std": model.get("init_method_std", 0.02),
         "num_experts": num_experts,
         "moe_router_topk": model.get("moe_router_topk") if num_experts else None,
         "moe_ffn_hidden_size": model.get("moe_ffn_hidden_size") if num_experts else None,
-        "moe_aux_loss_coeff": model.get("moe_aux_loss_coeff"),
-        "moe_router_load_balancing_type": model.get("moe_router_load_balancing_type"),
-        "moe_token_dispatcher_type": model.get("moe_token_dispatcher_type"),
         "bf16": model.get("params_dtype") == "bf16",
         "fp16": model.get("params_dtype") == "fp16",
         # vocabulary and tokenizer
@@ -148,9 +139,14 @@ def megatron_lm_args(
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as a plain scalar (anything else as its string: never a type to unpickle)."""
+    """``value`` as a plain scalar, or a list of them (``--moe-layer-freq [0,1]``); anything
+    else as its string: never a type to unpickle."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (list, tuple)) and all(
+        v is None or isinstance(v, (bool, int, float, str)) for v in value
+    ):
+        return list(value)
     return str(value)
 
 
