@@ -3,8 +3,10 @@
 Pure functions of the model config (``ModelConfig.to_json()``: Megatron-LM's argument names).
 The choice follows what only one architecture can hold:
 
-- Multi-Latent Attention → DeepSeek-V3 (``DeepseekV3ForCausalLM``: MLA, shared experts, dense
-  first layers, sigmoid router with a score-correction bias, group-limited routing);
+- Multi-Latent Attention with a sigmoid router → DeepSeek-V3 (``DeepseekV3ForCausalLM``: MLA,
+  shared experts, dense first layers, sigmoid router with a score-correction bias,
+  group-limited routing); with a softmax router → DeepSeek-V2 (``DeepseekV2ForCausalLM``: the
+  same attention and layers, top-k of the softmax over all experts, scaled);
 - QK-layernorm → Qwen3-MoE (``Qwen3MoeForCausalLM``: per-head q/k RMSNorm, any mix of dense
   and MoE layers, softmax router with or without renormalised top-k);
 - otherwise → Mixtral (``MixtralForCausalLM``).
@@ -24,12 +26,14 @@ from megatron_wsm.export.mapping import DENSE_MLP, ExportError
 
 MIXTRAL = "mixtral"
 QWEN3_MOE = "qwen3_moe"
+DEEPSEEK_V2 = "deepseek_v2"
 DEEPSEEK_V3 = "deepseek_v3"
-FAMILIES = (MIXTRAL, QWEN3_MOE, DEEPSEEK_V3)
+FAMILIES = (MIXTRAL, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
 #: The transformers class each family's ``config.json`` names.
 ARCHITECTURES = {
     MIXTRAL: "MixtralForCausalLM",
     QWEN3_MOE: "Qwen3MoeForCausalLM",
+    DEEPSEEK_V2: "DeepseekV2ForCausalLM",
     DEEPSEEK_V3: "DeepseekV3ForCausalLM",
 }
 #: MLATransformerConfig's defaults (megatron-core 0.16), for a config that leaves them unset.
@@ -44,7 +48,12 @@ MLA_DEFAULTS = {
 #: transformers builds DeepSeek-V3's latent norms with their default ε, not ``rms_norm_eps``.
 DEEPSEEK_LATENT_NORM_EPS = 1e-6
 
-_NAMES = {MIXTRAL: "Mixtral", QWEN3_MOE: "Qwen3-MoE", DEEPSEEK_V3: "DeepSeek-V3"}
+_NAMES = {
+    MIXTRAL: "Mixtral",
+    QWEN3_MOE: "Qwen3-MoE",
+    DEEPSEEK_V2: "DeepSeek-V2",
+    DEEPSEEK_V3: "DeepSeek-V3",
+}
 
 
 def family_name(family: str) -> str:
@@ -73,6 +82,9 @@ def moe_layer_pattern(model: Mapping[str, Any]) -> list[bool]:
 def choose_family(model: Mapping[str, Any]) -> str:
     """The architecture a model config exports to (see the module docstring)."""
     if model.get("multi_latent_attention"):
+        # The router decides between the two MLA models: DeepSeek-V2's is a softmax.
+        if (model.get("moe_router_score_function") or "softmax") == "softmax":
+            return DEEPSEEK_V2
         return DEEPSEEK_V3
     if model.get("qk_layernorm"):
         return QWEN3_MOE
@@ -188,78 +200,94 @@ def _mixtral_refusals(model: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _deepseek_refusals(model: Mapping[str, Any]) -> list[str]:
+def _deepseek_refusals(model: Mapping[str, Any], family: str) -> list[str]:
+    """MLA families: what DeepSeek-V2 / DeepSeek-V3 cannot express."""
+    name = family_name(family)
     out = []
     if not model.get("qk_layernorm"):
         out.append(
-            "multi_latent_attention without qk_layernorm: DeepSeek-V3 always normalises "
+            f"multi_latent_attention without qk_layernorm: {name} always normalises "
             "the query and key-value latents (q_a_layernorm, kv_a_layernorm)"
         )
     eps = model.get("norm_epsilon", model.get("layernorm_epsilon"))
     if eps is not None and float(eps) != DEEPSEEK_LATENT_NORM_EPS:
         # Measured: with ε = 1e-5 the logits of a tiny model differ by ~1e-4, with 1e-6 by 1e-7.
         out.append(
-            f"norm epsilon {float(eps):g}: DeepSeek-V3's q_a_layernorm and "
+            f"norm epsilon {float(eps):g}: {name}'s q_a_layernorm and "
             f"kv_a_layernorm always use {DEEPSEEK_LATENT_NORM_EPS:g} "
             f"(pass --norm-epsilon {DEEPSEEK_LATENT_NORM_EPS:g})"
         )
-    score = model.get("moe_router_score_function") or "softmax"
-    if score != "sigmoid":
-        out.append(f"moe_router_score_function {score!r}: DeepSeek-V3's router is a sigmoid")
     if model.get("rotary_interleaved"):
         out.append(
             "rotary_interleaved with multi_latent_attention: not mapped (megatron-core "
-            "MLA's default de-interleaved rotary is DeepSeek-V3's rope_interleave)"
+            f"MLA's default de-interleaved rotary is what {name} computes)"
         )
     rope_type = model.get("rope_type") or "yarn"  # MLATransformerConfig's default
     if rope_type not in ("rope", "yarn"):
         out.append(f"rope_type {rope_type!r}: not a megatron-core MLA rotary type")
     experts = int(model.get("num_experts") or 0)
-    if experts:
-        pattern = moe_layer_pattern(model)
-        first = pattern.index(True) if True in pattern else len(pattern)
-        if not all(pattern[first:]):
-            dense_after = pattern.index(False, first)
-            out.append(
-                f"moe_layer_freq {model.get('moe_layer_freq')!r}: layer {dense_after} is "
-                "dense after an MoE layer; DeepSeek-V3 has dense layers only first "
-                "(first_k_dense_replace)"
-            )
-        shared = int(model.get("moe_shared_expert_intermediate_size") or 0)
-        ffn = int(
-            model.get("moe_ffn_hidden_size")
-            or model.get("ffn_hidden_size")
-            or 4 * int(model["hidden_size"])
+    if not experts:
+        return out
+    pattern = moe_layer_pattern(model)
+    first = pattern.index(True) if True in pattern else len(pattern)
+    if not all(pattern[first:]):
+        dense_after = pattern.index(False, first)
+        out.append(
+            f"moe_layer_freq {model.get('moe_layer_freq')!r}: layer {dense_after} is "
+            f"dense after an MoE layer; {name} has dense layers only first "
+            "(first_k_dense_replace)"
         )
-        if not shared:
+    shared = int(model.get("moe_shared_expert_intermediate_size") or 0)
+    ffn = int(
+        model.get("moe_ffn_hidden_size")
+        or model.get("ffn_hidden_size")
+        or 4 * int(model["hidden_size"])
+    )
+    if not shared:
+        out.append(
+            f"no moe_shared_expert_intermediate_size: every {name} MoE layer has shared experts"
+        )
+    elif shared % ffn:
+        out.append(
+            f"moe_shared_expert_intermediate_size {shared} is not a multiple of the "
+            f"expert width {ffn}: {name}'s shared experts are n_shared_experts "
+            "× moe_intermediate_size wide"
+        )
+    groups = int(model.get("moe_router_num_groups") or 0)
+    group_topk = int(model.get("moe_router_group_topk") or 0)
+    topk = int(model.get("moe_router_topk") or 2)
+    if bool(groups) != bool(group_topk) and groups != 1:
+        out.append("moe_router_num_groups and moe_router_group_topk go together")
+    score = model.get("moe_router_score_function") or "softmax"
+    # megatron-core scores a group by the sum of its top (top-k // group-top-k) experts;
+    # DeepSeek-V3 by the sum of its top 2, DeepSeek-V2 by its best one.
+    per_group = 2 if family == DEEPSEEK_V3 else 1
+    if groups and group_topk:
+        if experts % groups:
+            out.append(f"moe_router_num_groups {groups} does not divide {experts} experts")
+        elif topk // group_topk != per_group:
             out.append(
-                "no moe_shared_expert_intermediate_size: every DeepSeek-V3 MoE layer has "
-                "shared experts"
+                f"group-limited routing scores each group by its top "
+                f"{topk // group_topk} experts (moe_router_topk {topk} // "
+                f"moe_router_group_topk {group_topk}); {name} by its top {per_group}"
             )
-        elif shared % ffn:
-            out.append(
-                f"moe_shared_expert_intermediate_size {shared} is not a multiple of the "
-                f"expert width {ffn}: DeepSeek-V3's shared experts are n_shared_experts "
-                "× moe_intermediate_size wide"
-            )
-        groups = int(model.get("moe_router_num_groups") or 0)
-        group_topk = int(model.get("moe_router_group_topk") or 0)
-        topk = int(model.get("moe_router_topk") or 2)
-        if group_topk and not groups:
-            out.append("moe_router_group_topk without moe_router_num_groups")
-        if groups and group_topk:
-            if experts % groups:
-                out.append(f"moe_router_num_groups {groups} does not divide {experts} experts")
-            elif topk // group_topk != 2:
-                out.append(
-                    f"group-limited routing scores each group by its top "
-                    f"{topk // group_topk} experts (moe_router_topk {topk} // "
-                    f"moe_router_group_topk {group_topk}); DeepSeek-V3 by its top 2"
-                )
-        elif groups and groups != 1:
-            out.append(f"moe_router_num_groups {groups} without moe_router_group_topk")
+    if family == DEEPSEEK_V3:
+        if score != "sigmoid":
+            out.append(f"moe_router_score_function {score!r}: DeepSeek-V3's router is a sigmoid")
         if (not groups or not group_topk) and experts < 2:
             out.append("fewer than 2 experts: DeepSeek-V3 scores expert groups by their top 2")
+    else:  # DeepSeek-V2: softmax over all experts, top-k of it, scaled, not renormalised
+        if not model.get("moe_router_pre_softmax"):
+            out.append(
+                "softmax router without moe_router_pre_softmax: megatron-core renormalises "
+                "the top-k probabilities, DeepSeek-V2 takes them from the softmax over all "
+                "experts (pass --moe-router-pre-softmax, as Megatron-LM's DeepSeek-V2 scripts)"
+            )
+        if model.get("moe_router_enable_expert_bias"):
+            out.append(
+                "moe_router_enable_expert_bias with a softmax router: DeepSeek-V2's router "
+                "has no bias correction (DeepSeek-V3's sigmoid router has)"
+            )
     return out
 
 
@@ -267,8 +295,8 @@ def refusals(model: Mapping[str, Any], family: str) -> list[str]:
     """Why ``model`` cannot be exported as ``family`` (empty when it can)."""
     name = family_name(family)
     out = _table_refusals(model, _COMMON, name)
-    if family == DEEPSEEK_V3:
-        return out + _deepseek_refusals(model)
+    if family in (DEEPSEEK_V2, DEEPSEEK_V3):
+        return out + _deepseek_refusals(model, family)
     out += _table_refusals(model, _NOT_MLA, name)
     if family == MIXTRAL:
         out += _mixtral_refusals(model)
@@ -304,7 +332,14 @@ def key_refusals(keys: list[str], family: str) -> list[str]:
         checks.append(
             (lambda k: k in DENSE_MLP, "has dense MLP layers ({k}): every {name} layer is MoE")
         )
-    if family != DEEPSEEK_V3:
+    if family == DEEPSEEK_V2:
+        checks.append(
+            (
+                lambda k: "expert_bias" in k,
+                "has a bias-corrected router ({k}): {name}'s router is a plain softmax",
+            )
+        )
+    if family not in (DEEPSEEK_V2, DEEPSEEK_V3):
         checks += [
             (lambda k: "shared_expert" in k, "has shared experts ({k}): {name} has none"),
             (

@@ -88,7 +88,7 @@ def family_shapes(model: Mapping[str, Any], vocab_size: int, family: str) -> Fam
         "moe_layers": tuple(families.moe_layer_pattern(model)),
         "shared_ffn_hidden_size": int(model.get("moe_shared_expert_intermediate_size") or 0),
     }
-    if family == families.DEEPSEEK_V3:
+    if family in (families.DEEPSEEK_V2, families.DEEPSEEK_V3):
         mla = {k: model.get(k, v) for k, v in families.MLA_DEFAULTS.items()}
         extra.update(
             q_lora_rank=int(mla["q_lora_rank"]) if mla["q_lora_rank"] else None,
@@ -260,8 +260,9 @@ def plan_qwen3_moe(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list
     return pl.end()
 
 
-def plan_deepseek_v3(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpec]:
-    """Every DeepSeek-V3 tensor, in write order (raises :class:`ExportError` like ``plan``).
+def plan_deepseek(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpec]:
+    """Every DeepSeek-V3 (or DeepSeek-V2: the same but the router's correction bias) tensor,
+    in write order (raises :class:`ExportError` like ``plan``).
 
     MLA maps one to one: ``linear_q_down_proj`` → ``q_a_proj``, ``q_layernorm`` →
     ``q_a_layernorm``, ``linear_q_up_proj`` → ``q_b_proj`` (or ``linear_q_proj`` → ``q_proj``
@@ -301,14 +302,15 @@ def plan_deepseek_v3(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> li
         pl.layer(p + "post_attention_layernorm.weight", i, "pre_mlp_norm", (h,))
         if s.moe_layers[i]:
             pl.layer(p + "mlp.gate.weight", i, "router", (s.num_experts, h))
-            name = p + "mlp.gate.e_score_correction_bias"
-            try:
-                pl.layer(name, i, "expert_bias", (s.num_experts,))
-            except ExportError:
-                if any(k.endswith("expert_bias") for k in keys):
-                    raise
-                # No --moe-router-enable-expert-bias: a zero correction routes the same.
-                pl.specs.append(TensorSpec(name, "", (), "zeros", (s.num_experts,)))
+            if s.family == families.DEEPSEEK_V3:
+                name = p + "mlp.gate.e_score_correction_bias"
+                try:
+                    pl.layer(name, i, "expert_bias", (s.num_experts,))
+                except ExportError:
+                    if any(k.endswith("expert_bias") for k in keys):
+                        raise
+                    # No --moe-router-enable-expert-bias: a zero correction routes the same.
+                    pl.specs.append(TensorSpec(name, "", (), "zeros", (s.num_experts,)))
             pl.experts(p, i, ("gate_proj", "up_proj", "down_proj"))
             pl.mlp(
                 p, i, s.shared_ffn_hidden_size, "shared_fc1", "shared_fc2", "mlp.shared_experts."
@@ -322,8 +324,8 @@ def plan(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpe
     """The tensor plan of ``s.family`` (Mixtral: :func:`megatron_wsm.export.mapping.plan`)."""
     if s.family == families.QWEN3_MOE:
         return plan_qwen3_moe(s, keys)
-    if s.family == families.DEEPSEEK_V3:
-        return plan_deepseek_v3(s, keys)
+    if s.family in (families.DEEPSEEK_V2, families.DEEPSEEK_V3):
+        return plan_deepseek(s, keys)
     from megatron_wsm.export import mapping
 
     return mapping.plan(s, keys)
@@ -427,6 +429,35 @@ def deepseek_v3_config(
     }
 
 
+def deepseek_v2_config(
+    model: Mapping[str, Any], s: FamilyShapes, bos_id: int, eos_id: int, dtype: str
+) -> dict[str, Any]:
+    """``config.json`` of a DeepSeek-V2 export (transformers' ``DeepseekV2Config`` fields).
+
+    The router: softmax over all experts, top-k of it (``--moe-router-pre-softmax``), times
+    ``routed_scaling_factor``; group-limited (``group_limited_greedy``) when megatron-core scores
+    a group by its single best expert. DeepSeek-V2 rotates the rotary part as complex pairs
+    (x[2i], x[2i+1]): the pairs megatron-core's MLA rotates after de-interleaving, in another
+    order of the same dimensions for queries and keys alike, so the attention scores are equal.
+    """
+    v3 = deepseek_v3_config(model, s, bos_id, eos_id, dtype)
+    for field in ("rope_interleave", "num_mtp_layers", "norm_topk_prob", "n_group", "topk_group"):
+        v3.pop(field)
+    groups = int(model.get("moe_router_num_groups") or 0)
+    group_topk = int(model.get("moe_router_group_topk") or 0)
+    limited = bool(groups and group_topk)
+    return {
+        **v3,
+        "architectures": [families.ARCHITECTURES[families.DEEPSEEK_V2]],
+        "model_type": families.DEEPSEEK_V2,
+        "topk_method": "group_limited_greedy" if limited else "greedy",
+        "n_group": groups if limited else None,
+        "topk_group": group_topk if limited else None,
+        "norm_topk_prob": False,
+        "mlp_bias": False,
+    }
+
+
 def _yarn_mscale(scale: float, mscale: float) -> float:
     """YaRN's attention-scale term (the same formula in megatron-core and transformers)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -471,6 +502,8 @@ def hf_config(
         return qwen3_moe_config(model, s, bos_id, eos_id, dtype)
     if s.family == families.DEEPSEEK_V3:
         return deepseek_v3_config(model, s, bos_id, eos_id, dtype)
+    if s.family == families.DEEPSEEK_V2:
+        return deepseek_v2_config(model, s, bos_id, eos_id, dtype)
     from megatron_wsm.export import mapping
 
     return mapping.mixtral_config(model, s, bos_id, eos_id, dtype)

@@ -1,10 +1,11 @@
 """HF export of each model family, trained by our trainer: logit parity with our model.
 
 Mixtral-style (GQA, --kv-channels), Qwen3-MoE-style (qk-layernorm, a dense layer between MoE
-layers) and DeepSeek-style (multi-latent attention, shared experts, a dense first layer, a
-sigmoid router with expert bias and group-limited routing) models train for 3 iterations, export
-with ``tools/export_hf.py`` and must give the logits of our forward within 1e-4 (fp32), the same
-greedy continuation and the same held-out loss (``check_parity`` of test_export_hf).
+layers), DeepSeek-V3-style (multi-latent attention, shared experts, a dense first layer, a
+sigmoid router with expert bias and group-limited routing) and DeepSeek-V2-Lite-style models
+train for 3 iterations, export with ``tools/export_hf.py`` and must give the logits of our
+forward within 1e-4 (fp32), the same greedy continuation and the same held-out loss
+(``check_parity`` of test_export_hf).
 """
 
 from __future__ import annotations
@@ -69,6 +70,23 @@ DEEPSEEK = [
     "--moe-router-topk-scaling-factor", "2.5", "--moe-aux-loss-coeff", "0",
     "--norm-epsilon", "1e-6", "--rotary-base", "5000",
 ]  # fmt: skip
+
+#: Megatron-LM's DeepSeek-V2-Lite model flags (examples/post_training/modelopt/conf/
+#: deepseek-ai/DeepSeek-V2-Lite.sh, core_v0.16.1) at tiny sizes: MLA without query LoRA, YaRN,
+#: softmax router (pre-softmax top-k), shared experts, a dense first layer. The routing scale is
+#: 1.5 instead of the script's 1.0 so that the scale's mapping is seen.
+DEEPSEEK_V2 = (
+    "--num-layers 3 --disable-bias-linear --untie-embeddings-and-output-weights "
+    "--position-embedding-type rope --normalization RMSNorm --norm-epsilon 1e-6 --swiglu "
+    "--multi-latent-attention --kv-lora-rank 16 --qk-head-dim 8 --qk-pos-emb-head-dim 8 "
+    "--v-head-dim 8 --qk-layernorm --kv-channels 16 --moe-layer-freq ([0]+[1]*2) "
+    "--ffn-hidden-size 64 --moe-ffn-hidden-size 16 --moe-shared-expert-intermediate-size 32 "
+    "--moe-router-score-function softmax --moe-router-topk 2 "
+    "--moe-router-topk-scaling-factor 1.5 --moe-router-pre-softmax "
+    "--moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-3 "
+    "--rotary-percent 1.0 --rotary-base 10000 --rotary-scaling-factor 40 --mscale 0.707 "
+    "--mscale-all-dim 0.707"
+).split()
 
 
 def train(flags: list[str], tmp, data_cache, nproc: int = 1):
@@ -204,6 +222,15 @@ def test_deepseek_refusals_write_nothing(deepseek_ckpt, data_cache, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "cannot export as DeepSeek-V3" in proc.stderr
         assert not (tmp_path / f"hf_{field}").exists()
+
+
+def test_deepseek_v2_lite_flags(data_cache, tmp_path):
+    """MLA with a softmax router exports as DeepSeek-V2 (its complex-pair rotary equals MLA's)."""
+    ckpt = train(DEEPSEEK_V2, tmp_path, data_cache)
+    config = exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
+    assert config["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert (config["topk_method"], config["routed_scaling_factor"]) == ("greedy", 1.5)
+    assert config["q_lora_rank"] is None and config["rope_parameters"]["rope_type"] == "yarn"
 
 
 @pytest.mark.slow

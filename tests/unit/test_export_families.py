@@ -32,14 +32,22 @@ DEEPSEEK = {
     "moe_router_group_topk": 2, "moe_router_topk_scaling_factor": 2.5, "q_lora_rank": 16,
     "kv_lora_rank": 16, "qk_head_dim": 8, "qk_pos_emb_head_dim": 4, "v_head_dim": 8,
 }  # fmt: skip
+#: Megatron-LM's DeepSeek-V2-Lite router: softmax, top-k of all experts, scaled.
+DEEPSEEK_V2 = {
+    **DEEPSEEK, "moe_router_score_function": "softmax", "moe_router_pre_softmax": True,
+    "moe_router_enable_expert_bias": False, "moe_router_num_groups": None,
+    "moe_router_group_topk": None, "q_lora_rank": None,
+}  # fmt: skip
 
 
 def test_choose_family_follows_the_attention():
     assert families.choose_family(BASE) == families.MIXTRAL
     assert families.choose_family(QWEN3) == families.QWEN3_MOE
     assert families.choose_family(DEEPSEEK) == families.DEEPSEEK_V3
-    # MLA decides even without qk-layernorm (and is then refused, see below).
-    assert families.choose_family({**BASE, "multi_latent_attention": True}) == "deepseek_v3"
+    assert families.choose_family(DEEPSEEK_V2) == families.DEEPSEEK_V2
+    # MLA decides even without qk-layernorm (and is then refused, see below); its router
+    # tells DeepSeek-V2 (softmax, megatron-core's default) from V3 (sigmoid).
+    assert families.choose_family({**BASE, "multi_latent_attention": True}) == "deepseek_v2"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +72,9 @@ def test_moe_layer_pattern_refuses_without_evaluating():
     assert families.moe_layer_pattern({**BASE, "num_experts": 0}) == [False] * 3
 
 
-@pytest.mark.parametrize("model", [BASE, QWEN3, DEEPSEEK], ids=["mixtral", "qwen3", "deepseek"])
+@pytest.mark.parametrize(
+    "model", [BASE, QWEN3, DEEPSEEK, DEEPSEEK_V2], ids=["mixtral", "qwen3", "deepseek", "v2"]
+)
 def test_exportable_configs_have_no_refusals(model):
     assert families.refusals(model, families.choose_family(model)) == []
 
@@ -94,7 +104,6 @@ def test_exportable_configs_have_no_refusals(model):
         # DeepSeek-V3
         (DEEPSEEK, {"moe_layer_freq": [1, 0, 1]}, "layer 1 is dense after an MoE layer"),
         (DEEPSEEK, {"qk_layernorm": False}, "without qk_layernorm"),
-        (DEEPSEEK, {"moe_router_score_function": "softmax"}, "DeepSeek-V3's router is a sigmoid"),
         (DEEPSEEK, {"moe_shared_expert_intermediate_size": None}, "has shared experts"),
         (DEEPSEEK, {"moe_shared_expert_intermediate_size": 12}, "not a multiple of the expert"),
         (DEEPSEEK, {"layernorm_epsilon": 1e-5}, "always use 1e-06"),
@@ -103,6 +112,15 @@ def test_exportable_configs_have_no_refusals(model):
         (DEEPSEEK, {"moe_router_num_groups": 3}, "does not divide 8 experts"),
         (DEEPSEEK, {"moe_shared_expert_gate": True}, "no gated shared expert"),
         (DEEPSEEK, {"rotary_interleaved": True}, "rotary_interleaved with multi_latent"),
+        # DeepSeek-V2
+        (DEEPSEEK_V2, {"moe_router_pre_softmax": False}, "pass --moe-router-pre-softmax"),
+        (DEEPSEEK_V2, {"moe_router_enable_expert_bias": True}, "DeepSeek-V2's router has no"),
+        (
+            DEEPSEEK_V2,
+            {"moe_router_num_groups": 4, "moe_router_group_topk": 2},
+            "DeepSeek-V2 by its top 1",
+        ),
+        (DEEPSEEK_V2, {"moe_layer_freq": [1, 1, 0]}, "DeepSeek-V2 has dense layers only first"),
     ],
 )
 def test_each_refusal_names_its_reason(base, change, message):
@@ -135,12 +153,14 @@ def test_mla_rope_parameters():
 
 
 def test_check_exportable_lists_every_reason_at_once():
-    model = {**DEEPSEEK, "layernorm_epsilon": 1e-5, "moe_router_score_function": "softmax"}
+    model = {**DEEPSEEK, "layernorm_epsilon": 1e-5, "moe_layer_freq": [1, 0, 1]}
     with pytest.raises(ExportError) as err:
-        families.check_exportable(model, [])
+        families.check_exportable(model, ["decoder.layers.0.self_attention.linear_proj.bias"])
     text = str(err.value)
     assert text.startswith("cannot export as DeepSeek-V3: ")
-    assert "1e-06" in text and "sigmoid" in text
+    assert "1e-06" in text and "dense after an MoE layer" in text and "linear biases" in text
+    softmax = {**DEEPSEEK, "moe_router_score_function": "softmax"}
+    assert "DeepSeek-V3's router is a sigmoid" in families.refusals(softmax, "deepseek_v3")[0]
     assert families.check_exportable(QWEN3, ["decoder.layers.0.mlp.router.weight"]) == "qwen3_moe"
 
 
@@ -155,6 +175,8 @@ def test_key_refusals_per_family():
     assert "linear biases" in families.key_refusals([linear], families.DEEPSEEK_V3)[0]
     gate = "decoder.layers.1.mlp.shared_experts.gate_weight"
     assert "gated shared expert" in families.key_refusals([gate], families.DEEPSEEK_V3)[0]
+    assert families.key_refusals([shared], families.DEEPSEEK_V2) == []
+    assert "bias-corrected" in families.key_refusals([bias], families.DEEPSEEK_V2)[0]
 
 
 # -- plans on real megatron-core models ------------------------------------------------------------
@@ -201,6 +223,15 @@ DEEPSEEK_FLAGS = [
 ]  # fmt: skip
 
 
+DEEPSEEK_V2_FLAGS = [
+    "--num-layers", "3", "--multi-latent-attention", "--kv-lora-rank", "16",
+    "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4", "--v-head-dim", "8", "--qk-layernorm",
+    "--moe-layer-freq", "([0]+[1]*2)", "--moe-ffn-hidden-size", "8", "--ffn-hidden-size", "48",
+    "--moe-shared-expert-intermediate-size", "16", "--moe-router-pre-softmax",
+    "--moe-router-topk-scaling-factor", "1.5", "--norm-epsilon", "1e-6",
+]  # fmt: skip
+
+
 def checkpoint_keys(flags: list[str]) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """The model config and the global checkpoint keys/shapes of our builder's model."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -230,8 +261,10 @@ def checkpoint_keys(flags: list[str]) -> tuple[dict, dict[str, tuple[int, ...]]]
         (QWEN3_FLAGS, families.QWEN3_MOE, 1 + 3 * 8 + 2 * (1 + 4 * 3) + 3 + 2),
         # 9 MLA/norm tensors per layer; MoE layers: gate, bias, 8 experts × 3, shared × 3
         (DEEPSEEK_FLAGS, families.DEEPSEEK_V3, 1 + 3 * 9 + 2 * (2 + 8 * 3 + 3) + 3 + 2),
+        # no query LoRA (q_proj): 7 MLA/norm tensors per layer; no router bias
+        (DEEPSEEK_V2_FLAGS, families.DEEPSEEK_V2, 1 + 3 * 7 + 2 * (1 + 4 * 3 + 3) + 3 + 2),
     ],
-    ids=["mixtral", "qwen3", "deepseek"],
+    ids=["mixtral", "qwen3", "deepseek", "deepseek_v2"],
 )
 def test_plan_uses_every_key_of_a_real_model(megatron_world, flags, family, tensors):
     model, keys = checkpoint_keys(flags)
@@ -267,6 +300,19 @@ def test_deepseek_plan_maps_mla_and_router(megatron_world):
     assert config["first_k_dense_replace"] == 1 and config["n_shared_experts"] == 2
     assert (config["n_group"], config["topk_group"], config["norm_topk_prob"]) == (4, 2, True)
     assert config["rope_interleave"] is True and config["q_lora_rank"] == 16
+
+
+def test_deepseek_v2_config(megatron_world):
+    model, keys = checkpoint_keys(DEEPSEEK_V2_FLAGS)
+    shapes = plans.family_shapes(model, 500, families.DEEPSEEK_V2)
+    specs = {s.name: s for s in plans.plan(shapes, keys)}
+    assert specs["model.layers.0.self_attn.q_proj.weight"].shape == (4 * (8 + 4), 32)
+    assert not any("e_score_correction_bias" in name for name in specs)
+    config = plans.hf_config(model, shapes, 1, 2, "float32")
+    assert config["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert (config["topk_method"], config["routed_scaling_factor"]) == ("greedy", 1.5)
+    assert (config["q_lora_rank"], config["first_k_dense_replace"]) == (None, 1)
+    assert "rope_interleave" not in config and config["norm_topk_prob"] is False
 
 
 def test_deepseek_without_expert_bias_gets_a_zero_correction(megatron_world):
