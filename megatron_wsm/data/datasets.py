@@ -279,6 +279,31 @@ def gpt_dataset_config(
     )
 
 
+def _refuse_whole_weighted_splits(
+    config: GPTDatasetConfig, num_samples: Sequence[int | None]
+) -> None:
+    """A split read whole (``None`` samples: ``--eval-iters 0``) cannot come from a weighted
+    blend: megatron-core draws a weighted blend only to a size (it asserts otherwise)."""
+    names = ("train", "valid", "test")
+    for i, size in enumerate(num_samples):
+        if size is not None:
+            continue
+        if config.blend_per_split is not None:
+            blend = config.blend_per_split[i]
+            weighted = blend is not None and blend[1] is not None
+        else:
+            weighted = (
+                config.blend is not None
+                and config.blend[1] is not None
+                and config.split_matrix[i] is not None
+            )
+        if weighted:
+            raise BlendError(
+                f"the whole {names[i]} split (--eval-iters 0) of a weighted blend is not "
+                "defined (megatron-core blends to a sample count): give --eval-iters N"
+            )
+
+
 def build_from_config(
     config: GPTDatasetConfig,
     num_samples: Sequence[int | None],
@@ -286,6 +311,7 @@ def build_from_config(
 ) -> tuple[Any, Any, Any]:
     """``(train, valid, test)`` of megatron-core's builder for ``config`` (``MockGPTDataset``
     when ``config.mock``), after the empty-split checks megatron-core lacks."""
+    _refuse_whole_weighted_splits(config, num_samples)
     if config.blend is not None and len(config.blend[0]) == 1 and config.blend[1] is None:
         _drop_empty_splits(config, config.blend[0][0])
     elif not config.mock:

@@ -354,6 +354,20 @@ def test_blend_member_without_documents_in_a_split_is_refused(
         _ours(cfg)
 
 
+def test_whole_split_of_a_weighted_blend_is_refused(tmp_path: Path, corpora, world) -> None:
+    from megatron_wsm.data.blends import BlendError
+
+    a, b = corpora["a"], corpora["b"]
+    weighted = ("--data-path", "1", a, "3", b, "--split", "80,10,10", "--eval-iters", "0")
+    with pytest.raises(BlendError, match="whole valid split .* give --eval-iters N"):
+        _ours(_cfg(tmp_path, *weighted))
+    # Unweighted: the whole split is one pass over each member (megatron-core's exhaustive blend).
+    train, valid, _ = _ours(
+        _cfg(tmp_path, "--data-path", a, b, "--split", "80,10,10", "--eval-iters", "0")
+    )
+    assert len(valid) == sum(len(d) for d in valid.datasets)
+
+
 def test_per_split_paths_and_args_files_build_megatron_lms_datasets(
     tmp_path: Path, corpora, world
 ) -> None:
