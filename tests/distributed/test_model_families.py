@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_wsm.testing.families import FAMILY_LAYOUTS as FAMILIES
-from tests.helpers import TINY_MODEL, run_pretrain, run_script
+from tests.helpers import TINY_MODEL, losses, run_pretrain, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -201,3 +201,20 @@ def test_family_checkpoint_keys_equal_the_te_specs():
         decoder = [k for k in local if k.startswith("decoder.layers.")]
         assert decoder == te, (name, sorted(set(decoder) ^ set(te)))
         assert "decoder.final_layernorm.weight" in local and "output_layer.weight" in local
+
+
+@pytest.mark.slow
+def test_deepseek_family_resumes_bitwise(data_cache, tmp_path):
+    """A full checkpoint of the DeepSeek-style model (per-layer keys, MLA, shared experts, the
+    expert-bias buffer, the optimizer) resumes to the losses of the uninterrupted run."""
+    flags, layout, _ = FAMILIES["deepseek"]
+    common = [*TINY_MODEL, *flags, *layout, "--data-cache-dir", data_cache]
+    first = [*common, "--save", tmp_path / "a", "--save-interval", "2"]
+    run_pretrain([*first, "--train-iters", "4"], tmp_path / "1.json", nproc=2)
+    resumed = run_pretrain(
+        [*first, "--train-iters", "6", "--load", tmp_path / "a"], tmp_path / "2.json", nproc=2
+    )
+    straight = run_pretrain(
+        [*common, "--train-iters", "6", "--save", tmp_path / "b"], tmp_path / "3.json", nproc=2
+    )
+    assert losses(resumed) == losses(straight)[-2:]
