@@ -47,3 +47,25 @@ FAMILY_LAYOUTS = {
     "qwen3_moe": (QWEN3, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], [0, 1]),
     "deepseek": (DEEPSEEK, ["--expert-model-parallel-size", "2"], [1, 2]),
 }
+#: DeepSeek-V2-Lite as its script has it: MLA without query LoRA, the softmax router with
+#: pre-softmax top-k and a scaling factor, the dense first layer, shared experts; its dropout,
+#: softmax-in-fp32 and dispatcher flags given, as there.
+DEEPSEEK_V2_LITE = (
+    "--num-layers 3 --attention-dropout 0.0 --hidden-dropout 0.0 --disable-bias-linear "
+    "--untie-embeddings-and-output-weights --position-embedding-type rope --normalization "
+    "RMSNorm --norm-epsilon 1e-6 --swiglu --ffn-hidden-size 64 --kv-channels 16 "
+    "--multi-latent-attention --kv-lora-rank 16 --v-head-dim 8 --qk-head-dim 8 --qk-layernorm "
+    "--qk-pos-emb-head-dim 8 --moe-layer-freq ([0]+[1]*2) --moe-ffn-hidden-size 16 "
+    "--moe-router-score-function softmax --moe-router-topk-scaling-factor 1.0 "
+    "--moe-router-pre-softmax --moe-shared-expert-intermediate-size 32 --moe-aux-loss-coeff "
+    "1e-3 --moe-token-dispatcher-type alltoall --moe-token-drop-policy probs "
+    "--moe-router-load-balancing-type seq_aux_loss --attention-softmax-in-fp32 "
+    "--rotary-percent 1.0 --rotary-base 10000 --rotary-scaling-factor 40 --mscale 0.707 "
+    "--mscale-all-dim 0.707"
+).split()
+#: Every family's flags whose config is checked against Megatron-LM's (tests/data/megatron_lm/
+#: families/); the 2-process runs take FAMILY_LAYOUTS.
+REFERENCE_FAMILIES = {
+    **{name: flags for name, (flags, _layout, _moe) in FAMILY_LAYOUTS.items()},
+    "deepseek_v2_lite": DEEPSEEK_V2_LITE,
+}

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from megatron_wsm.testing.families import FAMILY_LAYOUTS as FAMILIES
+from megatron_wsm.testing.families import REFERENCE_FAMILIES
 from tests.helpers import TINY_MODEL, losses, run_pretrain, run_script
 
 pytestmark = pytest.mark.distributed
@@ -147,13 +148,13 @@ from megatron_wsm.arguments import parse_run_config
 from megatron_wsm.distributed import init_distributed
 from megatron_wsm.model import build_gpt_model, build_transformer_config
 from megatron_wsm.testing.config import TINY_MODEL
-from megatron_wsm.testing.families import FAMILY_LAYOUTS
+from megatron_wsm.testing.families import REFERENCE_FAMILIES
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 out = {}
-for i, name in enumerate(sorted(FAMILY_LAYOUTS)):
-    cfg, _ = parse_run_config([*TINY_MODEL, *FAMILY_LAYOUTS[name][0]])
+for i, name in enumerate(sorted(REFERENCE_FAMILIES)):
+    cfg, _ = parse_run_config([*TINY_MODEL, *REFERENCE_FAMILIES[name]])
     if i == 0:
         init_distributed(cfg.parallel, 1)
     gpt = build_gpt_model(build_transformer_config(cfg.model, cfg.parallel), cfg.model, 512)
@@ -187,7 +188,7 @@ def test_family_checkpoint_keys_equal_the_te_specs():
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.split("KEYS", 1)[1])
     for name, local in got.items():
-        m = parse_run_config([*TINY_MODEL, *FAMILIES[name][0]])[0].model
+        m = parse_run_config([*TINY_MODEL, *REFERENCE_FAMILIES[name]])[0].model
         te = spec_keys.te_family_param_keys(
             moe_layer_pattern(m.moe_layer_freq, m.num_layers),
             m.num_experts,

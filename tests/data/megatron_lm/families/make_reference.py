@@ -4,12 +4,13 @@ Megatron-LM is not part of this project: pass a checkout of it (tag ``core_v0.16
 
     .venv/bin/python tests/data/megatron_lm/families/make_reference.py --mlm-dir /tmp/mlm
 
-For each family of :mod:`megatron_wsm.testing.families` the flags (the tiny model's sizes, then
-the family's) go through Megatron-LM's own ``parse_args`` and ``validate_args`` and
-``core_transformer_config_from_args`` (``megatron/training/arguments.py``), with the CPU shims
-of ``../make_fixtures.py``; ``<family>.json`` keeps the config fields megatron-wsm maps, plus the
-``GPTModel`` arguments Megatron-LM's ``gpt_builders.py`` passes. Megatron-LM's own defaults
-stand wherever the flags set nothing, so the files also show where ours differ.
+For each family of ``megatron_wsm.testing.families.REFERENCE_FAMILIES`` the flags (the tiny
+model's sizes, then the family's) go through Megatron-LM's own ``parse_args``,
+``validate_args`` and ``core_transformer_config_from_args``
+(``megatron/training/arguments.py``), with the CPU shims of ``../make_fixtures.py``;
+``<family>.json`` keeps the config fields megatron-wsm maps, plus the ``GPTModel`` arguments
+Megatron-LM's ``gpt_builders.py`` passes. Megatron-LM's own defaults stand wherever the flags
+set nothing, so the files also show where ours differ.
 """
 
 from __future__ import annotations
@@ -86,12 +87,12 @@ def record(mlm_dir: Path) -> dict[str, dict]:
         validate_args,
     )
 
-    from megatron_wsm.testing.families import FAMILY_LAYOUTS
+    from megatron_wsm.testing.families import REFERENCE_FAMILIES
 
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
     out = {}
-    for name, (flags, _layout, _moe) in FAMILY_LAYOUTS.items():
+    for name, flags in REFERENCE_FAMILIES.items():
         sys.argv = ["pretrain_gpt.py", *megatron_argv(flags)]
         args = parse_args()
         validate_args(args, {})
