@@ -238,3 +238,13 @@ def test_deepseek_style_two_processes_ep2(data_cache, tmp_path):
     """A 2-process EP=2 checkpoint of the DeepSeek-style model exports with parity."""
     ckpt = train([*DEEPSEEK, "--expert-model-parallel-size", "2"], tmp_path, data_cache, nproc=2)
     exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILY_LAYOUTS))
+def test_megatron_lm_family_flags_two_processes(family, data_cache, tmp_path):
+    """Each family in its 2-process layout of megatron_wsm.testing.families (Mixtral EP=2,
+    Qwen3-MoE TP=2 with sequence parallelism, DeepSeek EP=2) exports with parity."""
+    flags, layout, _ = FAMILY_LAYOUTS[family]
+    ckpt = train([*flags, *layout], tmp_path, data_cache, nproc=2)
+    exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
