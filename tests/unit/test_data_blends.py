@@ -470,3 +470,38 @@ def test_trainer_trains_on_a_weighted_blend_and_on_mock_data(
     assert trained[-1] < trained[0]
     assert np.isfinite(result["loss"]) and result["iteration"] == 4
     assert any("valid_loss" in h for h in result["train_history"])
+
+
+# ----------------------------------------------------------------------------- Megatron-LM itself
+
+REFERENCE = Path(__file__).parents[1] / "data" / "megatron_lm" / "blends"
+
+
+def _reference_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_reference", REFERENCE / "make_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_datasets_equal_megatron_lms_own_for_the_same_flags(tmp_path: Path, world) -> None:
+    """Each case of tests/data/megatron_lm/blends (made by Megatron-LM's parser, validate_args,
+    num-samples formula and pretrain_gpt.py's dataset provider): same sample counts, split
+    lengths, train blend index and token ids of every sample a run reads."""
+    ref = _reference_module()
+    expected = json.loads((REFERENCE / "reference.json").read_text())
+    assert set(expected) == set(ref.CASES)
+    subs = ref.write_corpora(tmp_path)
+    for name in ref.CASES:
+        cfg = tiny_run_config(
+            "--train-iters", 6, "--eval-interval", 2, "--eval-iters", 2, "--seed", 1234,
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+            "--data-cache-path", str(tmp_path / f"cache-{name}"),
+            *ref.case_flags(name, subs),
+        )  # fmt: skip
+        cfg.data.validate()
+        got = ref.summary(_ours(cfg), _sizes(cfg))
+        want = {k: v for k, v in expected[name].items() if k not in ("flags", "split")}
+        assert got == want, name
