@@ -101,9 +101,7 @@ def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
             tokenizer,
             cfg.model.seq_length,
             t.seed,
-            megatron_num_samples(
-                t.train_iters, t.global_batch_size, t.eval_interval, t.eval_iters, t.eval_only
-            ),
+            megatron_num_samples(t.train_iters, t.global_batch_size, t.eval_interval, t.eval_iters),
         )
         source = d.describe_source()
     datasets = {"train": train_ds, "valid": valid_ds, "test": test_ds}

@@ -195,22 +195,20 @@ def megatron_num_samples(
     global_batch_size: int,
     eval_interval: int,
     eval_iters: int,
-    eval_only: bool = False,
 ) -> tuple[int, int | None, int | None]:
     """Samples per split that Megatron-LM requests (``get_train_valid_test_num_samples``).
 
     Train: ``train_iters × global batch``. Valid: one ``eval_iters`` batch set per evaluation,
-    ``(train_iters // eval_interval + 1) × eval_iters × global batch`` (``eval_iters`` only
-    when not training). Test: ``eval_iters × global batch``. The blend indices depend on these
-    sizes, so the same sizes give Megatron-LM's sample order. Our ``--eval-interval 0`` (no
-    periodic evaluation) counts the final evaluation only; ``--eval-iters 0`` (the whole split,
-    like Megatron-LM's ``--full-validation``) gives None: one pass.
+    ``(train_iters // eval_interval + 1) × eval_iters × global batch``. Test: ``eval_iters ×
+    global batch``. The blend indices depend on these sizes, so the same sizes give
+    Megatron-LM's sample order. Our ``--eval-interval 0`` (no periodic evaluation) counts the
+    final evaluation only; ``--eval-iters 0`` (the whole split, like Megatron-LM's
+    ``--full-validation``) gives None: one pass. ``--eval-only`` keeps the training run's counts
+    (Megatron-LM's ``--skip-train`` asks ``eval_iters`` batches only), so ``tools/evaluate.py``
+    reads the validation samples the training run evaluated on.
     """
     train = max(train_iters, 1) * global_batch_size
     if eval_iters <= 0:
         return train, None, None
-    if eval_only:
-        evaluations = 1
-    else:
-        evaluations = (train_iters // eval_interval if eval_interval > 0 else 0) + 1
+    evaluations = (train_iters // eval_interval if eval_interval > 0 else 0) + 1
     return train, evaluations * eval_iters * global_batch_size, eval_iters * global_batch_size

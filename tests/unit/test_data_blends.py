@@ -53,7 +53,6 @@ def test_num_samples_follow_megatron_lm_formula() -> None:
     # *gbs, eval_iters*gbs.
     assert megatron_num_samples(10, 4, 3, 2) == (40, (10 // 3 + 1) * 2 * 4, 8)
     assert megatron_num_samples(10, 4, 0, 2) == (40, 8, 8)  # no periodic eval: the final one
-    assert megatron_num_samples(10, 4, 3, 2, eval_only=True) == (40, 8, 8)
     assert megatron_num_samples(10, 4, 3, 0) == (40, None, None)  # whole split, one pass
 
 
