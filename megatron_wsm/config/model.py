@@ -40,7 +40,6 @@ class ModelConfig:
         False,
         "group-query attention with --num-query-groups groups (Megatron-LM: 1 group, i.e. "
         "multi-query attention, when --num-query-groups is not given)",
-        shape=SHAPE_IF_SET,
     )
     kv_channels: int | None = flag_field(
         None, "projection width of one attention head (default: hidden / heads)", shape=SHAPE_IF_SET
@@ -247,6 +246,8 @@ class ModelConfig:
         folding, the canonical field alone holds the setting, so manifests and a resumed run's
         flag defaults read one value.
         """
+        if self.group_query_attention and self.num_query_groups is None:
+            self.num_query_groups = 1  # Megatron-LM's default number of groups
         if self.no_swiglu:
             self.swiglu = False
         if self.tie_embeddings_and_output_weights:
@@ -270,14 +271,10 @@ class ModelConfig:
 
     @property
     def query_groups(self) -> int | None:
-        """Key/value head groups megatron-core gets (None: one per head).
-
-        ``--num-query-groups`` as given; ``--group-query-attention`` alone means Megatron-LM's
-        default of one group.
-        """
-        if self.num_query_groups is not None:
-            return self.num_query_groups
-        return 1 if self.group_query_attention else None
+        """Key/value head groups megatron-core gets (None: one per head): ``--num-query-groups``
+        (``--group-query-attention`` alone has set it to Megatron-LM's default of one group, so
+        the shape lives in one field)."""
+        return self.num_query_groups
 
     def moe_layers(self) -> list[int]:
         """Global indices (from 0) of the MoE layers; empty for a dense model."""

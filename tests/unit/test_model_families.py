@@ -258,7 +258,11 @@ def test_switch_flags_fold_into_one_field():
 
 def test_group_query_attention_as_in_megatron_lm():
     mqa, _ = parse_run_config(["--group-query-attention"])  # Megatron-LM's default: 1 group
-    assert mqa.model.query_groups == 1
+    assert mqa.model.query_groups == 1 and mqa.model.num_query_groups == 1
+    # the shape is in num_query_groups alone: with or without the switch, one identity
+    alone, _ = parse_run_config(["--num-query-groups", "2"])
+    both, _ = parse_run_config(["--group-query-attention", "--num-query-groups", "2"])
+    assert model_identity(alone.model.to_json(), 512) == model_identity(both.model.to_json(), 512)
     gqa, _ = parse_run_config(["--group-query-attention", "--num-query-groups", "2"])
     assert gqa.model.query_groups == 2
     tc = build_transformer_config(gqa.model, gqa.parallel, FusionKernels())
