@@ -97,7 +97,9 @@ class DataConfig:
         convert=negate,
     )
     reset_position_ids: bool = flag_field(
-        False, "restart position ids after each end-of-document token (megatron-core's dataset)"
+        False,
+        "restart position ids after each end-of-document token (megatron-core's dataset; as in "
+        "Megatron-LM, only learned absolute position embeddings read them, RoPE does not)",
     )
     eod_mask_loss: bool = flag_field(
         False, "no loss on end-of-document tokens (megatron-core's dataset)"
