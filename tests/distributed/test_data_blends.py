@@ -1,5 +1,6 @@
 """Data blends with two processes: node-local index caches (rank 0's BlendedDataset and member
-indices shipped to the other rank) and the trainer on a weighted blend with EP=2 / DP=2."""
+indices shipped to the other rank) and the trainer on a weighted blend and on mock data with
+EP=2 / DP=2."""
 
 from __future__ import annotations
 
@@ -91,36 +92,29 @@ def test_blend_with_node_local_caches(tmp_path: Path, corpora) -> None:
         assert sum("-GPTDataset-" in n and n.endswith("shuffle_index.npy") for n in names) == 6
 
 
-def test_trainer_on_a_weighted_blend_with_expert_parallelism(tmp_path: Path, corpora) -> None:
+@pytest.mark.parametrize("source", ["blend", "mock"])
+def test_trainer_on_a_weighted_blend_and_mock_data_with_expert_parallelism(
+    tmp_path: Path, corpora, source: str
+) -> None:
+    """Trains (EP=2, DP=2) on ``--data-path 0.3 A 0.7 B`` and on ``--mock-data`` (the data of
+    the Megatron-LM fixture checkpoints, tests/data/megatron_lm)."""
     a, b = corpora
+    if source == "blend":
+        data = ["--data-path", "0.3", a, "0.7", b, "--split", "80,10,10"]
+        data += ["--data-cache-path", str(tmp_path / "cache")]
+    else:
+        data = ["--mock-data"]
     result = run_pretrain(
         [
-            *TINY_MODEL,
-            "--data-path",
-            "0.3",
-            a,
-            "0.7",
-            b,
-            "--split",
-            "80,10,10",
-            "--data-cache-path",
-            str(tmp_path / "cache"),
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--expert-model-parallel-size",
-            "2",
-            "--train-iters",
-            "4",
-            "--eval-interval",
-            "2",
-            "--lr",
-            "1e-2",
+            *TINY_MODEL, *data,
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+            "--expert-model-parallel-size", "2",
+            "--train-iters", "4", "--eval-interval", "2", "--lr", "1e-2",
         ],
         tmp_path / "out.json",
         nproc=2,
-    )
+    )  # fmt: skip
     trained = losses(result)
     assert len(trained) == 4 and all(np.isfinite(trained)) and trained[-1] < trained[0]
-    assert np.isfinite(result["loss"])
+    assert np.isfinite(result["loss"]) and result["iteration"] == 4
+    assert any("valid_loss" in h for h in result["train_history"])

@@ -432,45 +432,6 @@ def test_trainer_feeds_megatron_cores_samples_at_megatron_lms_indices(
                 np.testing.assert_array_equal(batch["tokens"].numpy(), expect)
 
 
-# ----------------------------------------------------------------------------- training
-
-
-@pytest.mark.parametrize("source", ["blend", "mock"])
-def test_trainer_trains_on_a_weighted_blend_and_on_mock_data(
-    tmp_path: Path, corpora, source: str
-) -> None:
-    from megatron_wsm.testing.config import TINY_MODEL
-    from megatron_wsm.testing.launch import losses, run_pretrain
-
-    if source == "blend":
-        data = ["--data-path", "0.3", corpora["a"], "0.7", corpora["b"], "--split", "80,10,10"]
-        data += ["--data-cache-path", str(tmp_path / "cache")]
-    else:
-        data = ["--mock-data"]
-    result = run_pretrain(
-        [
-            *TINY_MODEL,
-            *data,
-            "--tokenizer-type",
-            "NullTokenizer",
-            "--vocab-size",
-            str(VOCAB),
-            "--train-iters",
-            "4",
-            "--eval-interval",
-            "2",
-            "--lr",
-            "1e-2",
-        ],
-        tmp_path / "out.json",
-    )
-    trained = losses(result)
-    assert len(trained) == 4 and all(np.isfinite(trained))
-    assert trained[-1] < trained[0]
-    assert np.isfinite(result["loss"]) and result["iteration"] == 4
-    assert any("valid_loss" in h for h in result["train_history"])
-
-
 # ----------------------------------------------------------------------------- Megatron-LM itself
 
 REFERENCE = Path(__file__).parents[1] / "data" / "megatron_lm" / "blends"
