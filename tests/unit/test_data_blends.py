@@ -465,3 +465,31 @@ def test_datasets_equal_megatron_lms_own_for_the_same_flags(tmp_path: Path, worl
         got = ref.summary(_ours(cfg), _sizes(cfg))
         want = {k: v for k, v in expected[name].items() if k not in ("flags", "split")}
         assert got == want, name
+
+
+def test_per_split_paths_with_a_sentencepiece_tokenizer_model(tmp_path: Path, world) -> None:
+    """``--tokenizer-model`` (our sentencepiece wrapper, no --tokenizer-type) with per-split
+    paths: the embedded corpus's own files, read through the trainer's build_data, give the
+    samples of megatron-core's GPTDataset over each whole file."""
+    from megatron_wsm.data.prepare import prepare_embedded_data
+    from megatron_wsm.data.tokenizer import SentencePieceTokenizer
+    from megatron_wsm.pretrain import build_data
+
+    data = prepare_embedded_data(tmp_path / "emb", vocab_size=600, seed=3)
+    cfg = tiny_run_config(
+        "--train-iters", 3, "--eval-interval", 0,
+        "--train-data-path", data.train_prefix, "--valid-data-path", data.valid_prefix,
+        "--tokenizer-model", data.tokenizer_model, "--data-cache-path", str(tmp_path / "c"),
+    )  # fmt: skip
+    cfg.data.validate()
+    datasets, vocab, _ = build_data(cfg)
+    assert datasets["test"] is None  # no test path: the trainer does not read one
+    tokenizer = SentencePieceTokenizer(data.tokenizer_model)
+    assert vocab == tokenizer.vocab_size
+    ref = _reference(
+        cfg,
+        tmp_path / "ref",
+        blend_per_split=[([data.train_prefix], None), ([data.valid_prefix], None), None],
+    )
+    _same_samples(datasets["train"], ref[0], range(_sizes(cfg)[0]))
+    _same_samples(datasets["valid"], ref[1], range(_sizes(cfg)[1]))
