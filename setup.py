@@ -36,6 +36,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],  # optional fused GPU layers (TE spec)
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        # Weights & Biases logging (--wandb-project); tests run it offline (0.31 checked).
+        "wandb": ["wandb>=0.17"],
         # Hugging Face export (tools/export_hf.py) and offline downstream scoring. The trainer
         # never imports these. transformers >= 5: the tokenizer parity (AutoTokenizer ids equal
         # to SentencePiece's) was checked with 5.x only.

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from megatron_wsm.config import SECTIONS, ConfigError, RunConfig
+from megatron_wsm.megatron_flags import add_no_effect_flags, given_no_effect, unknown_flag_report
 
 __all__ = [
     "ConfigError",
     "build_parser",
+    "parse_megatron_lm_flags",
     "parse_run_config",
     "validate",
     "validate_accelerator_flags",
@@ -60,7 +63,11 @@ def _add_field(
         return
     if "const" in meta:  # an option that stores a constant in the field
         group.add_argument(
-            flag, dest=field.name, action="store_const", const=meta["const"], default=default,
+            flag,
+            dest=field.name,
+            action="store_const",
+            const=meta["const"],
+            default=default,
             **kw,
         )
         return
@@ -91,6 +98,7 @@ def build_parser(base: RunConfig | None = None) -> argparse.ArgumentParser:
         prog="pretrain_moe.py",
         description=_DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # as Megatron-LM: a prefix of a flag is not that flag
     )
     groups: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
@@ -103,7 +111,32 @@ def build_parser(base: RunConfig | None = None) -> argparse.ArgumentParser:
                 groups[title] = p.add_argument_group(title)
             default = field.default if base is None else getattr(section, field.name)
             _add_field(groups[title], cls, field, default, base is None)
+    add_no_effect_flags(p)
     return p
+
+
+def _rank0() -> bool:
+    """Whether this process is global rank 0 (parsing happens before any process group)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def parse_megatron_lm_flags(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv``; every word no option took is refused in ONE message (each flag with its
+    reason, see :func:`megatron_flags.unknown_flag_report`) through ``parser.error``; returns
+    the namespace and the notes of the Megatron-LM flags accepted without effect."""
+    ns, rest = parser.parse_known_args(argv)
+    if rest:
+        known = {s for action in parser._actions for s in action.option_strings}
+        lines = unknown_flag_report(rest, known)
+        # parser.exit, not parser.error: the usage of ~200 flags would bury the list.
+        parser.exit(
+            2,
+            f"{parser.prog}: error: {len(lines)} flag(s) refused, nothing was started "
+            f"(--help lists the flags):\n  " + "\n  ".join(lines) + "\n",
+        )
+    return ns, given_no_effect(ns)
 
 
 def parse_run_config(
@@ -113,7 +146,7 @@ def parse_run_config(
 
     ``base``: the values of flags not given (default: the dataclasses' defaults).
     """
-    ns = build_parser(base).parse_args(argv)
+    ns, notes = parse_megatron_lm_flags(build_parser(base), argv)
     values = vars(ns)
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
@@ -130,7 +163,13 @@ def parse_run_config(
             else:
                 kwargs[field.name] = values[field.name]
         sections[name] = cls(**kwargs)
-    return RunConfig(**sections), ns
+    cfg = RunConfig(**sections)
+    sp_note = cfg.parallel.disable_sequence_parallel_without_tp()
+    if sp_note:
+        notes.append(sp_note)
+    if notes and _rank0():  # reported once per run, before anything starts
+        print("\n".join(f"note: {n}" for n in notes), flush=True)
+    return cfg, ns
 
 
 def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:

@@ -18,9 +18,15 @@ from megatron_wsm.ports import free_port
 from megatron_wsm.process_guard import die_with_launcher
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
+def init_distributed(
+    parallel: ParallelConfig, seed: int, timeout_minutes: int | None = None
+) -> None:
     """Start the default process group (from torchrun's env, or a 1-process group) and
-    megatron-core's model-parallel groups, and seed the model-parallel RNG streams."""
+    megatron-core's model-parallel groups, and seed the model-parallel RNG streams.
+
+    ``timeout_minutes``: default ``--distributed-timeout-minutes``."""
+    if timeout_minutes is None:
+        timeout_minutes = parallel.distributed_timeout_minutes
     if not torch.cuda.is_available():
         cpu_compat.apply()
     die_with_launcher()  # a SIGKILLed torchrun must not leave its ranks waiting in collectives

@@ -39,20 +39,27 @@ def moe_console(moe: dict[str, Any] | None) -> str:
 
 class LogCallback(Callback):
     """Console line + TensorBoard scalars on global rank 0 (all values are world-reduced), the
+    same scalars to W&B with ``--wandb-project`` (:mod:`megatron_wsm.wandb_writer`), the
     progress bar (``--no-progress-bar``, only on a terminal) and a line per completed save."""
 
     def after_save(self, saved: SaveResult) -> None:
         """One console line per complete checkpoint (a window one relative to the last full)."""
         if saved.kind != KIND_WINDOW:
             self._last_full_bytes = saved.bytes
-            print(f"saved {saved.kind} checkpoint at iteration {saved.iteration}: {saved.path} "
-                  f"({saved.bytes / 2**20:.1f} MiB, {saved.seconds:.2f} s)", flush=True)
+            print(
+                f"saved {saved.kind} checkpoint at iteration {saved.iteration}: {saved.path} "
+                f"({saved.bytes / 2**20:.1f} MiB, {saved.seconds:.2f} s)",
+                flush=True,
+            )
             return
         note = ""
         if self._last_full_bytes:
             note = f", {100.0 * saved.bytes / self._last_full_bytes:.1f}% of a full checkpoint"
-        print(f"saved window checkpoint at iteration {saved.iteration}: {saved.path} "
-              f"({saved.bytes / 2**20:.2f} MiB{note}, {saved.seconds:.2f} s)", flush=True)
+        print(
+            f"saved window checkpoint at iteration {saved.iteration}: {saved.path} "
+            f"({saved.bytes / 2**20:.2f} MiB{note}, {saved.seconds:.2f} s)",
+            flush=True,
+        )
 
     def __init__(self, comp: Components) -> None:
         self.writer = None
@@ -61,17 +68,36 @@ class LogCallback(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tb_dir, max_queue=50)
+        self.wandb = None
+        t = comp.cfg.training
+        if t.wandb_project and wdist.rank() == 0:  # the rank that writes TensorBoard
+            from megatron_wsm.wandb_writer import WandbScalars, wandb_dir
+
+            self.wandb = WandbScalars(
+                t.wandb_project,
+                t.wandb_exp_name,
+                wandb_dir(t.wandb_save_dir, t.save),
+                t.wandb_entity,
+                comp.cfg.to_json(),
+            )
         self._losses: list[float] = []
         self._times: list[float] = []
         self._moe_aux: dict[str, torch.Tensor] = {}
         self._skipped = 0
         self._last_full_bytes: int | None = None
         self.progress = None
-        t = comp.cfg.training
         if t.progress_bar and wdist.rank() == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.progress = tqdm(total=t.train_iters, initial=comp.state.iteration, unit="it")
+
+    def _scalar(self, tag: str, value: float, step: int, iteration: int | None = None) -> None:
+        """One scalar to TensorBoard at ``step`` and to W&B at ``iteration`` (default: the
+        step; tags against consumed tokens pass both)."""
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.add(tag, value, step if iteration is None else iteration)
 
     def after_step(self, comp: Components, result: StepResult) -> None:
         """Record one iteration; emit at ``--log-interval`` (and at the last iteration)."""
@@ -89,17 +115,16 @@ class LogCallback(Callback):
                 total_loss_dict=self._moe_aux,
                 num_layers=comp.cfg.model.num_layers,
             )
-        w = self.writer
         tokens = comp.state.consumed_tokens
-        if w is not None:
-            w.add_scalar(names.LM_LOSS, result.loss, it)
-            w.add_scalar(names.LM_LOSS_VS_TOKENS, result.loss, tokens)
-            w.add_scalar(names.LEARNING_RATE, result.learning_rate, it)
-            w.add_scalar(names.LEARNING_RATE_VS_TOKENS, result.learning_rate, tokens)
+        if self.writer is not None or self.wandb is not None:
+            self._scalar(names.LM_LOSS, result.loss, it)
+            self._scalar(names.LM_LOSS_VS_TOKENS, result.loss, tokens, it)
+            self._scalar(names.LEARNING_RATE, result.learning_rate, it)
+            self._scalar(names.LEARNING_RATE_VS_TOKENS, result.learning_rate, tokens, it)
             if result.grad_norm is not None:
-                w.add_scalar(names.GRAD_NORM, result.grad_norm, it)
-            w.add_scalar(names.CONSUMED_TOKENS, tokens, it)
-            w.add_scalar(names.CONSUMED_SAMPLES, comp.state.consumed_samples, it)
+                self._scalar(names.GRAD_NORM, result.grad_norm, it)
+            self._scalar(names.CONSUMED_TOKENS, tokens, it)
+            self._scalar(names.CONSUMED_SAMPLES, comp.state.consumed_samples, it)
         if it % comp.cfg.training.log_interval == 0 or it == comp.cfg.training.train_iters:
             self._emit(comp, result)
         if self.progress is not None:
@@ -114,14 +139,14 @@ class LogCallback(Callback):
         moe_summary: dict[str, float] = {}
         if comp.load_tracker is not None:
             moe_summary = comp.load_tracker.interval_metrics()
+        self._scalar(names.TOKENS_PER_SECOND, tok_s, it)
+        self._scalar(names.ITERATION_TIME, mean_time, it)
+        for key, value in aux.items():
+            self._scalar(key, value, it)
+        for key, value in moe_summary.items():
+            self._scalar(key, value, it)
         w = self.writer
         if w is not None:
-            w.add_scalar(names.TOKENS_PER_SECOND, tok_s, it)
-            w.add_scalar(names.ITERATION_TIME, mean_time, it)
-            for key, value in aux.items():
-                w.add_scalar(key, value, it)
-            for key, value in moe_summary.items():
-                w.add_scalar(key, value, it)
             if comp.load_tracker is not None:
                 comp.load_tracker.write_histograms(w, it)
             w.flush()
@@ -153,17 +178,18 @@ class LogCallback(Callback):
         def tag(name: str) -> str:
             return name if method is None else names.wsm_readout(name, method)
 
-        assert self.writer is not None
-        self.writer.add_scalar(tag(names.VALID_LOSS), result["loss"], it)
-        self.writer.add_scalar(tag(names.VALID_PPL), result["perplexity"], it)
+        self._scalar(tag(names.VALID_LOSS), result["loss"], it)
+        self._scalar(tag(names.VALID_PPL), result["perplexity"], it)
         moe = result.get("moe")
         if moe:
-            self.writer.add_scalar(
-                tag("validation/" + MEAN_GLOBAL_MAX_VIOLATION), moe["mean_global_max_violation"],
+            self._scalar(
+                tag("validation/" + MEAN_GLOBAL_MAX_VIOLATION),
+                moe["mean_global_max_violation"],
                 it,
             )
-            self.writer.add_scalar(
-                tag("validation/" + MEAN_GLOBAL_MIN_VIOLATION), moe["mean_global_min_violation"],
+            self._scalar(
+                tag("validation/" + MEAN_GLOBAL_MIN_VIOLATION),
+                moe["mean_global_min_violation"],
                 it,
             )
 
@@ -174,10 +200,10 @@ class LogCallback(Callback):
         skipped ones, without ``loss``, are left out)."""
         it = comp.state.iteration
         done = [r for r in extra if "loss" in r]
+        self._eval_scalars(it, evaluation, None)
+        for r in done:
+            self._eval_scalars(it, r, r["method"])
         if self.writer is not None:
-            self._eval_scalars(it, evaluation, None)
-            for r in done:
-                self._eval_scalars(it, r, r["method"])
             self.writer.flush()
         line = (
             f"validation at iter {it} | lm loss {evaluation['loss']:.4f} | "
@@ -191,8 +217,10 @@ class LogCallback(Callback):
         print_rank0(line)
 
     def at_exit(self, comp: Components, error: BaseException | None) -> None:
-        """Close the progress bar, flush and close TensorBoard."""
+        """Close the progress bar, flush and close TensorBoard and W&B."""
         if self.progress is not None:
             self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -14,6 +14,12 @@ class OptimizerSettings:
 
     GROUP = "optimizer and learning rate"
 
+    optimizer: str = flag_field(
+        "adam",
+        "Megatron-LM's adam (decoupled weight decay, megatron-core's optimizer); sgd is not "
+        "supported: the checkpoints and WSM window hold Adam's state",
+        choices=["adam"],
+    )
     lr: float = flag_field(1e-3, "peak learning rate")
     min_lr: float = flag_field(0.0, "LR at the end of a decay")
     lr_warmup_iters: int = flag_field(0)

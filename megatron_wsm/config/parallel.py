@@ -33,6 +33,9 @@ class ParallelConfig:
     )
     #: None → nccl with CUDA, gloo without
     distributed_backend: str | None = flag_field(None, choices=["nccl", "gloo"])
+    distributed_timeout_minutes: int = flag_field(
+        10, "timeout of the process groups' collectives (Megatron-LM's flag and default)"
+    )
     overlap_grad_reduce: bool = flag_field(
         False, "overlap the DP gradient reduce with the backward pass (megatron-core DDP)"
     )
@@ -51,6 +54,17 @@ class ParallelConfig:
             self.expert_model_parallel_size,
         )
 
+    def disable_sequence_parallel_without_tp(self) -> str | None:
+        """Megatron-LM's rule: ``--sequence-parallel`` with TP = 1 is turned off (it would
+        change nothing but the numerics); returns the note to report, None when unchanged."""
+        if not (self.sequence_parallel and self.tensor_model_parallel_size == 1):
+            return None
+        self.sequence_parallel = False
+        return (
+            "--sequence-parallel turned off: tensor model parallelism is disabled "
+            "(--tensor-model-parallel-size 1), as Megatron-LM does"
+        )
+
     def validate(self, world_size: int, cuda: bool) -> int:
         """Own-field checks against the world size; returns the data-parallel size."""
         tp, pp, cp, ep = self.sizes()
@@ -63,6 +77,8 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by TP×PP×CP = {tp}×{pp}×{cp} = "
                 f"{model_parallel}; launch a multiple of {model_parallel} processes"
             )
+        if self.distributed_timeout_minutes < 1:
+            raise ConfigError("--distributed-timeout-minutes must be >= 1")
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if cp > 1 and not cuda:

@@ -44,6 +44,17 @@ class TrainingConfig:
         dest="no_check_for_nan_in_loss_and_grad",
         convert=negate,
     )
+    wandb_project: str | None = flag_field(
+        None,
+        "also log the TensorBoard scalars to this Weights & Biases project (needs the wandb "
+        "extra; the rank that writes TensorBoard logs)",
+        group="logging",
+    )
+    wandb_exp_name: str | None = flag_field(None, "the W&B run name", group="logging")
+    wandb_save_dir: str | None = flag_field(
+        None, "local W&B directory (default: <save>/wandb)", group="logging"
+    )
+    wandb_entity: str | None = flag_field(None, "the W&B entity (team)", group="logging")
     save: str | None = flag_field(None, "directory of full checkpoints", group="checkpointing")
     save_interval: int | None = flag_field(None, group="checkpointing")
     save_keep_last: int | None = flag_field(
@@ -80,5 +91,13 @@ class TrainingConfig:
             raise ConfigError(
                 "--save-keep-last must be >= 1 (the newest checkpoint is always kept)"
             )
+        if self.wandb_project is not None:
+            if self.wandb_exp_name == "":
+                raise ConfigError("--wandb-exp-name must not be empty (Megatron-LM's rule)")
+            from megatron_wsm.wandb_writer import wandb_missing_message
+
+            missing = wandb_missing_message()
+            if missing:
+                raise ConfigError(missing)
         if self.eval_only and not self.load:
             raise ConfigError("--eval-only needs --load CHECKPOINT")

@@ -68,7 +68,9 @@ def test_from_json_reads_old_run_info_and_refuses_unknown_keys() -> None:
 
 
 def test_flags_override_a_base_config_and_unset_flags_keep_it() -> None:
-    base, _ = parse_run_config(["--bf16", "--sequence-parallel", "--num-layers", "6"])
+    base, _ = parse_run_config(
+        ["--bf16", "--sequence-parallel", "--tensor-model-parallel-size", "2", "--num-layers", "6"]
+    )  # TP 2: with TP 1, --sequence-parallel is turned off (Megatron-LM's rule)
     cfg, _ = parse_run_config(["--num-layers", "8"], base)
     assert cfg.model.num_layers == 8
     assert cfg.model.params_dtype == "bf16" and cfg.parallel.sequence_parallel

@@ -1,0 +1,168 @@
+"""Megatron-LM launch flags: accepted with meaning, accepted without effect (reported once),
+or refused before anything starts with every offender in one message."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from megatron_wsm.arguments import build_parser, parse_run_config
+from megatron_wsm.megatron_flags import (
+    ACCEPTED_VALUES,
+    NO_EFFECT,
+    UNSUPPORTED,
+    unknown_flag_report,
+)
+from megatron_wsm.megatron_lm_options import MEGATRON_LM_COMMIT, OPTIONS
+
+LAUNCH = Path(__file__).resolve().parents[1] / "data" / "megatron_lm" / "launch"
+#: the launch scripts' shell variables -> test values
+SHELL_VARS = {
+    "TOKENIZER_MODEL": "tok/tokenizer.model",
+    "DATA_PATH": "data/corpus_text_document",
+    "CHECKPOINT_PATH": "runs/ckpt",
+}
+
+
+def _expand(line: str) -> list[str]:
+    """A flag line's words as bash would pass them (``${V:-"d"}`` -> d, ``$V`` -> value)."""
+    line = re.sub(r'\$\{(\w+):-"([^"]*)"\}', lambda m: m.group(2), line)
+    line = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: SHELL_VARS[m.group(1) or m.group(2)], line)
+    return shlex.split(line)
+
+
+def launch_argv(name: str) -> list[str]:
+    lines = (LAUNCH / name).read_text().splitlines()
+    assert MEGATRON_LM_COMMIT in lines[1]  # the header names the commit of the source
+    return [w for line in lines if line.startswith("--") for w in _expand(line)]
+
+
+def _refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse_run_config(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_one_message_lists_every_offender_with_its_reason(capsys):
+    err = _refusal(
+        [
+            "--fp16",  # Megatron-LM, refused with its own reason
+            "--moe-use-upcycling",  # Megatron-LM, not supported (generic reason)
+            "--decoder-first-pipeline-num-layers", "2",  # its value is not a stray
+            "--lr-decay-iter", "5",  # a typo: Megatron-LM does not know it either
+            "--num-layers", "2",  # a valid flag between the offenders
+            "--tensorboard-dirr=x",
+        ],
+        capsys,
+    )  # fmt: skip
+    lines = [line.strip() for line in err.splitlines()]
+    assert "4 flag(s) refused" not in err and "5 flag(s) refused" in lines[0]
+    assert lines[1:] == [
+        "--fp16: a Megatron-LM flag; " + UNSUPPORTED["--fp16"],
+        "--moe-use-upcycling: a Megatron-LM flag; not supported by megatron-wsm yet",
+        "--decoder-first-pipeline-num-layers: a Megatron-LM flag; "
+        + UNSUPPORTED["--decoder-first-pipeline-num-layers"],
+        "--lr-decay-iter 5: unknown to Megatron-LM as well; did you mean --lr-decay-iters?",
+        "--tensorboard-dirr: unknown to Megatron-LM as well; did you mean --tensorboard-dir?",
+    ]
+
+
+def test_report_skips_values_by_megatron_lm_arity():
+    known = {"--lr"}
+    # --recompute-modules takes '+' words, --fp8-format one, a negative number is a value.
+    report = unknown_flag_report(
+        ["--recompute-modules", "a", "b", "--fp8-format", "-1", "stray", "--zzzz"], known
+    )
+    assert report == [
+        "--recompute-modules: a Megatron-LM flag; not supported by megatron-wsm yet",
+        "--fp8-format: a Megatron-LM flag; " + UNSUPPORTED["--fp8-format"],
+        "'stray': a value without its flag",
+        "--zzzz: unknown to Megatron-LM as well",
+    ]
+
+
+def test_prefix_of_a_flag_is_not_that_flag(capsys):
+    # argparse's abbreviations are off, as in Megatron-LM: --num-layer is not --num-layers.
+    err = _refusal(["--num-layer", "2"], capsys)
+    assert "--num-layer 2: unknown to Megatron-LM as well; did you mean --num-layers?" in err
+
+
+def test_no_effect_flags_take_megatron_lm_syntax_and_are_reported_once(capsys):
+    cfg, _ = parse_run_config(
+        [
+            "--use-mcore-models", "--recompute-granularity", "full", "--recompute-activations",
+            "--recompute-modules", "core_attn", "mlp", "--no-rope-fusion",
+            "--transformer-impl", "local", "--lr", "2e-3",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    notes = [line for line in out if line.startswith("note: accepted, no effect here:")]
+    assert len(notes) == 6 and len(set(notes)) == 6
+    assert any("--recompute-modules core_attn mlp: " in n for n in notes)
+    assert cfg.optim.lr == 2e-3  # the flag after a multi-value one is still parsed
+
+
+def test_no_effect_values_that_would_matter_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["--ckpt-format", "torch"])
+    assert "invalid choice: 'torch'" in capsys.readouterr().err
+
+
+def test_tables_name_megatron_lm_options_only():
+    for option in [*NO_EFFECT, *UNSUPPORTED, *ACCEPTED_VALUES]:
+        assert option in OPTIONS, option
+    ours = {s for a in build_parser()._actions for s in a.option_strings}
+    # A refused flag must not also be one the parser takes.
+    assert not set(UNSUPPORTED) & ours
+
+
+def test_sequence_parallel_without_tp_is_turned_off_with_a_note(capsys):
+    cfg, _ = parse_run_config(["--sequence-parallel"])
+    assert not cfg.parallel.sequence_parallel
+    assert "--sequence-parallel turned off" in capsys.readouterr().out
+    cfg, _ = parse_run_config(["--sequence-parallel", "--tensor-model-parallel-size", "2"])
+    assert cfg.parallel.sequence_parallel
+
+
+def test_training_and_logging_flags_of_megatron_lm():
+    cfg, _ = parse_run_config(
+        ["--optimizer", "adam", "--distributed-timeout-minutes", "7", "--log-throughput"]
+    )
+    assert cfg.optim.optimizer == "adam"
+    assert cfg.parallel.distributed_timeout_minutes == 7
+    with pytest.raises(SystemExit):
+        parse_run_config(["--optimizer", "sgd"])
+    assert parse_run_config([])[0].parallel.distributed_timeout_minutes == 10  # Megatron-LM's
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mixtral_8x7b.flags", "Qwen3-30B-A3B.flags", "DeepSeek-V2-Lite.flags", "DeepSeek-R1.flags"],
+)
+def test_megatron_lm_launch_scripts_parse(name, capsys):
+    """Each reference script's flags, verbatim: no refusal; the values land in the config."""
+    argv = launch_argv(name)
+    cfg, _ = parse_run_config(argv)
+    words = dict(zip(argv, [*argv[1:], None], strict=True))
+    assert cfg.model.num_layers == int(words["--num-layers"])
+    assert cfg.model.hidden_size == int(words["--hidden-size"])
+    assert cfg.model.num_experts == int(words["--num-experts"])
+    assert cfg.model.moe_router_topk == int(words["--moe-router-topk"])
+    assert cfg.training.micro_batch_size == int(words["--micro-batch-size"])
+    assert not cfg.parallel.sequence_parallel  # every script gives it with TP = 1
+    notes = capsys.readouterr().out
+    assert "--use-mcore-models" in notes and "--sequence-parallel turned off" in notes
+
+
+def test_mixtral_script_training_and_logging_values():
+    cfg, _ = parse_run_config(launch_argv("mixtral_8x7b.flags"))
+    o, t = cfg.optim, cfg.training
+    assert (o.lr, o.min_lr, o.lr_decay_iters, o.lr_decay_style) == (1e-4, 1e-5, 320000, "cosine")
+    assert (o.weight_decay, o.clip_grad, o.lr_warmup_iters) == (0.1, 1.0, 500)
+    assert (t.log_interval, t.eval_interval, t.eval_iters) == (1, 1000, 10)
+    assert t.no_load_optim and t.no_load_rng and t.tensorboard_dir == "runs/ckpt/tensorboard"
+    assert (t.wandb_project, t.wandb_exp_name) == ("Mixtral", "Mixtral_8x7B")
