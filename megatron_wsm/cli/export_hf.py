@@ -1,4 +1,5 @@
-"""``tools/export_hf.py --load CKPT --save HF_DIR``: a checkpoint as a Hugging Face Mixtral.
+"""``tools/export_hf.py --load CKPT --save HF_DIR``: a checkpoint as a Hugging Face model, in
+the architecture of its family (Mixtral, Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3: docs/export.md).
 
 CKPT is any torch_dist checkpoint megatron-wsm writes (full, window or merged; any TP/PP/EP
 layout), or a directory of them (the newest complete one is used). No GPU and no process group
@@ -58,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"exported {report.source} (iteration {report.iteration}) → {report.save}: "
+        f"exported {report.source} (iteration {report.iteration}) → {report.save} "
+        f"({report.architecture}): "
         f"{report.tensors} tensors, {report.shards} shard(s), {report.bytes / 2**20:.1f} MiB "
         f"{report.dtype}, vocabulary {report.vocab_size} (padded {report.padded_vocab_size}), "
         f"{report.seconds:.1f} s"

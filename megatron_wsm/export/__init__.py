@@ -1,1 +1,1 @@
-"""Export checkpoints to the Hugging Face Mixtral layout."""
+"""Export checkpoints to Hugging Face: Mixtral, Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3."""

@@ -356,8 +356,8 @@ def key_refusals(keys: list[str], family: str) -> list[str]:
 
 
 def check_exportable(model: Mapping[str, Any], keys: list[str]) -> str:
-    """The family of ``model``; :class:`ExportError` naming every reason when it cannot be
-    exported (the Mixtral family keeps :mod:`mapping`'s own key checks)."""
+    """The family of ``model``; :class:`ExportError` naming every reason (config and checkpoint
+    keys) when it cannot be exported."""
     family = choose_family(model)
     try:
         problems = refusals(model, family) + key_refusals(keys, family)

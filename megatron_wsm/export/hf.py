@@ -41,6 +41,7 @@ class ExportReport:
     seconds: float
     vocab_size: int
     padded_vocab_size: int
+    architecture: str = ""  #: the transformers class written (``MixtralForCausalLM``, ...)
 
 
 def embedded_tokenizer_settings(run: dict[str, Any]) -> tuple[Any, int]:
@@ -195,6 +196,7 @@ def export_checkpoint(
         seconds=round(time.perf_counter() - start, 3),
         vocab_size=vocab,
         padded_vocab_size=keys[mapping.EMBEDDING][0],
+        architecture=families.ARCHITECTURES[family],
     )
 
 

@@ -122,11 +122,13 @@ def exported_matches(ckpt, hf, tmp, data_cache) -> dict:
     """Export ``ckpt`` to ``hf``, check parity and that transformers used every tensor."""
     import transformers
 
-    export(ckpt, hf, "--data-cache-dir", data_cache)
+    proc = export(ckpt, hf, "--data-cache-dir", data_cache)
+    config = json.loads((hf / "config.json").read_text())
+    assert f"({config['architectures'][0]})" in proc.stdout  # the report names the class
     _, info = transformers.AutoModelForCausalLM.from_pretrained(hf, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     check_parity(hf, reference(ckpt, tmp, data_cache, TOKENS), TOKENS)
-    return json.loads((hf / "config.json").read_text())
+    return config
 
 
 def logits_with_config(hf, tmp, **changes) -> torch.Tensor:
