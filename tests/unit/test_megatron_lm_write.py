@@ -260,3 +260,48 @@ def test_shape_and_layout_read_from_megatron_lms_args():
         "data_parallel_size": 1, "world_size": 2,
     }  # fmt: skip
     assert parallel_layout_from_args(argparse.Namespace()) is None
+
+
+def test_resumed_data_position_reads_megatron_lms_next_batch():
+    """After a resume at ``args.consumed_train_samples`` (4 in the fixtures' iteration 1) our
+    trainer's next global batch is samples 4-7 of its train dataset; with the fixtures' flags
+    those are the token ids megatron-core's own builder gives for the ``GPTDatasetConfig``
+    Megatron-LM's ``pretrain_gpt.py`` (core_v0.16.1, ``core_gpt_dataset_config_from_args``) makes
+    from them, with its train / valid / test sample counts (3 x 4, 1 x 4, 1 x 4)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    from megatron_wsm.pretrain import build_data
+
+    args = _fixture_common("ep2_plain", 1)["args"]
+    start = args.consumed_train_samples
+    assert start == 4
+    tokenizer = MegatronTokenizer.from_pretrained(
+        metadata_path={"library": "null"}, vocab_size=args.vocab_size
+    )
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=None,
+        blend_per_split=None,
+        split=args.split,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        MockGPTDataset, [12, 4, 4], lambda: True, config
+    ).build()
+    flags = [f for f in FIXTURE_FLAGS if f not in ("--data-path", "unused")]
+    cfg, _ = parse_run_config([*flags, "--mock-data", "--split", "98,1,1", "--eval-iters", "1"])
+    ours = build_data(cfg)[0]["train"]
+    for i in range(start, start + 4):
+        assert ours[i]["tokens"].tolist() == train[i]["tokens"].tolist()
+        assert ours[i]["labels"].tolist() == train[i]["labels"].tolist()
