@@ -38,10 +38,6 @@ _FUSION = (
     "switches each fusion on where its kernel imports (CUDA) and this flag does not turn it "
     "off yet"
 )
-_RECOMPUTE = (
-    "activation recomputation trades compute for GPU memory (same results); not passed to "
-    "megatron-core yet: activations are kept"
-)
 _OVERLAP = (
     "overlaps GPU communication with compute (same results); not wired to megatron-core here: "
     "the communication is not overlapped"
@@ -76,12 +72,6 @@ NO_EFFECT: dict[str, str] = {
     "--overlap-p2p-communication-warmup-flush": _OVERLAP,
     "--no-overlap-p2p-communication": "pipeline send/receive is not overlapped here anyway",
     "--te-rng-tracker": "megatron-core's own RNG tracker is used (a CPU one without CUDA)",
-    "--recompute-activations": _RECOMPUTE,
-    "--recompute-granularity": _RECOMPUTE,
-    "--recompute-method": _RECOMPUTE,
-    "--recompute-num-layers": _RECOMPUTE,
-    "--recompute-modules": _RECOMPUTE,
-    "--moe-layer-recompute": _RECOMPUTE,
     "--no-create-attention-mask-in-dataloader": (
         "megatron-wsm never builds attention masks in the dataloader (causal mask type)"
     ),

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from megatron_wsm.config.fields import ConfigError, flag_field, negate
+
+_RECOMPUTE = "activation recomputation (Megatron-LM's flags; same results, less memory)"
+
+#: megatron-core 0.16's ``recompute_modules`` choices (TransformerConfig.__post_init__).
+RECOMPUTE_MODULES = (
+    "core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -55,6 +63,37 @@ class TrainingConfig:
         None, "local W&B directory (default: <save>/wandb)", group="logging"
     )
     wandb_entity: str | None = flag_field(None, "the W&B entity (team)", group="logging")
+    recompute_activations: bool = flag_field(
+        False,
+        "recompute the selected submodules in the backward pass (= --recompute-granularity "
+        "selective; default module: core_attn)",
+        group=_RECOMPUTE,
+    )
+    recompute_granularity: str | None = flag_field(
+        None,
+        "full: whole layers (needs --recompute-method and --recompute-num-layers); selective: "
+        "the --recompute-modules",
+        choices=["full", "selective"],
+        group=_RECOMPUTE,
+    )
+    recompute_method: str | None = flag_field(
+        None, "which layers full recomputation covers", choices=["uniform", "block"],
+        group=_RECOMPUTE,
+    )  # fmt: skip
+    recompute_num_layers: int | None = flag_field(
+        None, "layers per recomputed chunk (uniform) or per pipeline stage (block)",
+        group=_RECOMPUTE,
+    )  # fmt: skip
+    recompute_modules: list[str] | None = flag_field(
+        None,
+        f"submodules of selective recomputation: {' '.join(RECOMPUTE_MODULES)} (default core_attn)",
+        nargs="+",
+        group=_RECOMPUTE,
+    )
+    moe_layer_recompute: bool = flag_field(
+        False, "recompute whole MoE layers (megatron-core adds 'moe' to the modules)",
+        group=_RECOMPUTE,
+    )  # fmt: skip
     save: str | None = flag_field(None, "directory of full checkpoints", group="checkpointing")
     save_interval: int | None = flag_field(None, group="checkpointing")
     save_keep_last: int | None = flag_field(
@@ -69,6 +108,43 @@ class TrainingConfig:
         False, "load weights only and start at iteration 0", group="checkpointing"
     )
     async_save: bool = flag_field(False, "full saves in the background", group="checkpointing")
+
+    def recompute_kwargs(self) -> dict[str, Any]:
+        """megatron-core ``TransformerConfig`` recompute fields, as Megatron-LM derives them
+        (``--recompute-activations`` means selective granularity)."""
+        granularity = "selective" if self.recompute_activations else self.recompute_granularity
+        kwargs: dict[str, Any] = {
+            "recompute_granularity": granularity,
+            "recompute_method": self.recompute_method,
+            "recompute_num_layers": self.recompute_num_layers,
+            "moe_layer_recompute": self.moe_layer_recompute,
+        }
+        if self.recompute_modules is not None:
+            kwargs["recompute_modules"] = list(self.recompute_modules)
+        return kwargs
+
+    def validate_recompute(self) -> None:
+        """megatron-core's recompute rules, checked before anything starts."""
+        granularity = self.recompute_kwargs()["recompute_granularity"]
+        if granularity == "full" and (
+            self.recompute_method is None or self.recompute_num_layers is None
+        ):
+            raise ConfigError(
+                "--recompute-granularity full needs --recompute-method uniform|block and "
+                "--recompute-num-layers N (megatron-core)"
+            )
+        if granularity == "selective" and self.recompute_num_layers is not None:
+            raise ConfigError("--recompute-num-layers applies to --recompute-granularity full only")
+        if granularity is None and (self.recompute_method or self.recompute_num_layers):
+            raise ConfigError(
+                "--recompute-method/--recompute-num-layers need --recompute-granularity full"
+            )
+        unknown = sorted(set(self.recompute_modules or ()) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ConfigError(
+                f"--recompute-modules {' '.join(unknown)}: unknown; megatron-core has "
+                f"{' '.join(RECOMPUTE_MODULES)}"
+            )
 
     def validate(self, data_parallel_size: int) -> None:
         """Loop, batch and checkpoint-flag checks (``data_parallel_size``: DP ranks)."""
@@ -99,5 +175,6 @@ class TrainingConfig:
             missing = wandb_missing_message()
             if missing:
                 raise ConfigError(missing)
+        self.validate_recompute()
         if self.eval_only and not self.load:
             raise ConfigError("--eval-only needs --load CHECKPOINT")
