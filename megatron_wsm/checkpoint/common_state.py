@@ -9,8 +9,10 @@ scheduler state a merged checkpoint carries), so this module is the one place th
 
 - the item is located through :func:`.integrity.load_metadata` (restricted unpickler) and
   :func:`.integrity.storage_location` (a shard file inside the checkpoint, nothing else);
-- its zip records' CRC-32 are checked, then it is loaded with ``torch.load(weights_only=True)``
-  (``argparse.Namespace`` allowed: Megatron-LM stores its ``args`` there);
+- its zip records' CRC-32 are checked, then it is loaded by the restricted unpickler of
+  :mod:`.common_pickle`, which admits exactly the types Megatron-LM 0.16-0.19 writes there
+  (``argparse.Namespace``, megatron-core's enums as stand-ins, dtypes, tensors…) and refuses
+  every other global before anything is called;
 - every file is opened through :func:`.integrity.open_regular` (a regular file inside the
   checkpoint: no FIFO, device or symlink).
 
@@ -20,15 +22,14 @@ load it (:func:`common_state_problems`, :func:`common_state_missing`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megatron_wsm.checkpoint import common_pickle
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
 
 #: The file megatron-core ≤ 0.18 writes (and 0.19 still reads first).
@@ -67,17 +68,19 @@ def allowed_globals(types: list[Any]) -> Iterator[None]:
 
 
 def _load_bytes(data: Any, where: str) -> Any:
-    import torch
-
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    """The common state in ``data`` (bytes, or a file object read to its end), through the
+    restricted unpickler of :mod:`.common_pickle`: Megatron-LM's types and nothing else, with no
+    megatron-core import and no change to torch's process-wide allow-list."""
     try:
-        with allowed_globals([argparse.Namespace]):
-            return torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for unsafe or corrupt pickles
-        first = str(e).splitlines()[0] if str(e) else ""
+        blob = data if isinstance(data, bytes) else data.read()
+    except OSError as e:
+        raise CommonStateError(f"{where}: unreadable ({e.strerror or e})") from e
+    try:
+        return common_pickle.load_common(blob)
+    except common_pickle.CommonPickleError as e:
         raise CommonStateError(
-            f"{where}: not loadable with weights_only ({type(e).__name__}: {first}); refusing "
-            "an unverified pickle"
+            f"{where}: not loadable by the restricted common-state reader ({e}); refusing an "
+            "unverified pickle"
         ) from e
 
 

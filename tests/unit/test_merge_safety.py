@@ -169,7 +169,7 @@ def test_common_pt_needing_unsafe_pickles_is_refused_not_copied(window, tmp_path
     newest = _copy(window[2], tmp_path / "w30")
     torch.save({"iteration": 30, "when": datetime.datetime(2024, 1, 1)}, newest / "common.pt")
     out = tmp_path / "merged"
-    with pytest.raises(MergeError, match="common.pt: not loadable with weights_only"):
+    with pytest.raises(MergeError, match="common.pt: not loadable by the restricted"):
         merge_checkpoints([*window[:2], newest], COEFS, out, dry_run=True)
     with pytest.raises(MergeError, match="refusing an unverified pickle"):
         merge_checkpoints([*window[:2], newest], COEFS, out)
@@ -211,7 +211,7 @@ def test_embedded_common_state_needing_unsafe_pickles_runs_no_code(tmp_path, mon
     fmt.write_metadata(str(newest / ".metadata"), md)
     out = tmp_path / "merged"
     for dry_run in (True, False):
-        with pytest.raises(MergeError, match="common_state.*not loadable with weights_only"):
+        with pytest.raises(MergeError, match="common_state.*not loadable by the restricted"):
             merge_checkpoints([older, newest], [0.5, 0.5], out, dry_run=dry_run,
                               allow_no_manifest=True)
     _nothing_published(out)
