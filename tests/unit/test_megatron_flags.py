@@ -228,3 +228,23 @@ def test_recompute_trains_to_the_same_losses(data_cache, tmp_path):
     got = {k: losses(run_pretrain([*common, *v], tmp_path / f"{k}.json")) for k, v in runs.items()}
     assert len(got["none"]) == 3
     assert got["full"] == got["none"] and got["selective"] == got["none"]
+
+
+def test_pretrain_moe_refuses_before_starting_anything(tmp_path):
+    """The command itself: exit status 2, the one message, no traceback, nothing written."""
+    import subprocess
+    import sys
+
+    from megatron_wsm.testing.launch import env
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(repo / "pretrain_moe.py"), "--fp16", "--swiglu", "--no-such-flag",
+         "--save", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "2 flag(s) refused, nothing was started" in proc.stderr
+    assert "--fp16: a Megatron-LM flag" in proc.stderr
+    assert "--no-such-flag: unknown to Megatron-LM as well" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt").exists()
