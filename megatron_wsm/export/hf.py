@@ -70,6 +70,22 @@ def _tokenizer_path(run: dict[str, Any], override: str | None, data_cache_dir: s
     return prepared.tokenizer_model
 
 
+def _export_tokenizer(
+    run: dict[str, Any], model: dict[str, Any], override: str | None, data_cache_dir: str
+) -> tok.ExportTokenizer:
+    """The run's tokenizer: ``--tokenizer-model`` (a SentencePiece ``.model``) when given, else
+    the run's ``--tokenizer-type`` tokenizer or its SentencePiece model (built-in corpus: the
+    one in the data cache)."""
+    data, _ = embedded_tokenizer_settings(run)
+    max_length = int(model.get("max_position_embeddings") or 0)
+    sentencepiece_types = (None, "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                           "Llama2Tokenizer")  # fmt: skip
+    if override or data.tokenizer_type in sentencepiece_types:
+        path = _tokenizer_path(run, override, data_cache_dir)
+        return tok.sentencepiece_tokenizer(path, max_length)
+    return tok.megatron_tokenizer(data)
+
+
 def export_checkpoint(
     load: str | os.PathLike,
     save: str | os.PathLike,
@@ -128,12 +144,11 @@ def export_checkpoint(
     # express is refused here, all reasons at once.
     family = families.check_exportable(model, list(keys))
 
-    tok_path = _tokenizer_path(run, tokenizer_model, data_cache_dir)
-    sp = tok.load_sentencepiece(tok_path)
-    vocab = sp.get_piece_size()
+    export_tok = _export_tokenizer(run, model, tokenizer_model, data_cache_dir)
+    vocab = export_tok.vocab_size
     if model.get("vocab_size") and int(model["vocab_size"]) != vocab:
         raise ExportError(
-            f"tokenizer {tok_path} has {vocab} pieces but the model was trained with "
+            f"tokenizer {export_tok.source} has {vocab} tokens but the model was trained with "
             f"{model['vocab_size']}"
         )
     shapes = plans.family_shapes(model, vocab, family)
@@ -161,8 +176,8 @@ def export_checkpoint(
             )
         return mapping.apply_part(spec, shapes, source).to(out_dtypes[spec.name])
 
-    provenance = _provenance(path, manifest, run, dtype, tok_path)
-    bos, eos = sp.bos_id(), sp.eos_id()
+    provenance = _provenance(path, manifest, run, dtype, export_tok.source)
+    bos, eos = export_tok.bos_id, export_tok.eos_id
     hf_config = plans.hf_config(model, shapes, bos, eos, config_dtype)
 
     def fill(tmp: Path) -> None:
@@ -175,11 +190,11 @@ def export_checkpoint(
             {
                 "bos_token_id": bos,
                 "eos_token_id": eos,
-                "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else eos,
+                "pad_token_id": export_tok.pad_id,
                 "do_sample": False,
             },
         )
-        tok.write_tokenizer_files(tmp, tok_path, int(model.get("max_position_embeddings") or 0))
+        export_tok.write(tmp)
         writer.write_json(tmp / PROVENANCE_NAME, provenance)
         (tmp / "README.md").write_text(model_card(provenance, hf_config))
 

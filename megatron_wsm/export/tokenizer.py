@@ -1,4 +1,6 @@
-"""Tokenizer files of an export: our SentencePiece model, loadable by ``AutoTokenizer``.
+"""Tokenizer files of an export: our SentencePiece model, loadable by ``AutoTokenizer``, or a
+``--tokenizer-type`` tokenizer (a Hugging Face directory, GPT-2 BPE) through the data layer's
+``save_for_transformers``.
 
 Our SentencePiece model never rewrites text (identity normalisation, no dummy prefix, byte
 fallback, ``"\\n"`` as a piece), which transformers' generic SentencePiece→fast conversion does
@@ -9,10 +11,12 @@ trainer does; :func:`ids_match` is the check the tests and the exporter rely on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -72,3 +76,68 @@ def ids_match(hf_tokenizer, sp: spm.SentencePieceProcessor, texts: Iterable[str]
         if ours != theirs:
             bad.append(text[:60])
     return bad
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportTokenizer:
+    """The run's tokenizer as the export writes it: its ids and how to write its files."""
+
+    source: str  #: where it came from (provenance)
+    vocab_size: int  #: the unpadded vocabulary the model was trained with
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    write: Callable[[Path], None]  #: writes the tokenizer files into the export directory
+
+
+def sentencepiece_tokenizer(model_path: str, max_length: int) -> ExportTokenizer:
+    """Our SentencePiece model (the trainer's default tokenizer)."""
+    sp = load_sentencepiece(model_path)
+    eos = sp.eos_id()
+    return ExportTokenizer(
+        source=str(model_path),
+        vocab_size=sp.get_piece_size(),
+        bos_id=sp.bos_id(),
+        eos_id=eos,
+        pad_id=sp.pad_id() if sp.pad_id() >= 0 else eos,
+        write=lambda out: write_tokenizer_files(out, model_path, max_length),
+    )
+
+
+def megatron_tokenizer(data: Any) -> ExportTokenizer:
+    """A ``--tokenizer-type`` the trainer built through megatron-core's tokenizer library,
+    rebuilt from the run's recorded flags (``data``: its ``DataConfig``) and written by
+    :func:`megatron_wsm.data.tokenizers.save_for_transformers`, so ``AutoTokenizer`` encodes
+    text to the trainer's ids. Other types are refused (:class:`ExportError`)."""
+    from megatron_wsm.data import tokenizers
+
+    kind = data.tokenizer_type
+    if kind not in tokenizers.TRANSFORMERS_SAVABLE:
+        raise ExportError(
+            f"the run's --tokenizer-type {kind} is not written for transformers (the export "
+            f"writes {', '.join(tokenizers.TRANSFORMERS_SAVABLE)} and sentencepiece .model "
+            "tokenizers)"
+        )
+    try:
+        built = tokenizers.tokenizer_from_config(data)
+    except tokenizers.TokenizerError as e:
+        raise ExportError(f"the run's tokenizer: {e}") from e
+    eos = int(built.eod)
+    try:
+        bos = built.bos
+    except (AttributeError, NotImplementedError, ValueError):
+        bos = None
+    return ExportTokenizer(
+        source=str(data.tokenizer_model or data.vocab_file),
+        vocab_size=tokenizers.megatron_vocab_size(kind, built),
+        bos_id=int(bos) if isinstance(bos, int) and bos >= 0 else None,
+        eos_id=eos,
+        pad_id=eos,
+        write=lambda out: _save(kind, built, out),
+    )
+
+
+def _save(kind: str, built: Any, out: Path) -> None:
+    from megatron_wsm.data import tokenizers
+
+    tokenizers.save_for_transformers(kind, built, out)

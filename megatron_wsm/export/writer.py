@@ -161,6 +161,11 @@ EXPORT_OUTPUT = publish.OutputKind(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "tokenizer.json",
+        # what save_pretrained may add for a --tokenizer-type tokenizer
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
     ),
     patterns=(r"model-\d{5}-of-\d{5}\.safetensors",),
 )

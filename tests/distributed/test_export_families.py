@@ -250,3 +250,50 @@ def test_megatron_lm_family_flags_two_processes(family, data_cache, tmp_path):
     flags, layout, _ = FAMILY_LAYOUTS[family]
     ckpt = train([*flags, *layout], tmp_path, data_cache, nproc=2)
     exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
+
+
+def test_hf_tokenizer_directory_run_exports_offline(tmp_path, monkeypatch):
+    """A local Hugging Face tokenizer directory → tools/preprocess_data.py → training
+    (--tokenizer-type HuggingFaceTokenizer, a Qwen3-MoE-style model) → export, offline: the
+    exported AutoTokenizer encodes as the preprocessed data and the logits match ours."""
+    from pydoc_data.topics import topics
+
+    import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core)
+
+    import transformers
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_wsm.cli.preprocess_data import main as preprocess
+    from tests.helpers import ROOT
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    texts = [topics[k][:1000] for k in sorted(topics)[:60]]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+           str(ROOT / "tests/data/megatron_lm/preprocess/hf")]  # fmt: skip
+    prefix = tmp_path / "data" / "docs"
+    assert preprocess(["--input", str(docs), "--output-prefix", str(prefix), "--append-eod",
+                       "--quiet", *tok]) == 0  # fmt: skip
+    data = ["--data-path", f"{prefix}_text_document", "--split", "90,5,5"]
+    cache = tmp_path / "cache"  # not used with --data-path: must stay unbuilt
+    ckpt = train([*data, *tok, "--qk-layernorm"], tmp_path, cache)
+    hf = tmp_path / "hf"
+    export(ckpt, hf)
+    auto = transformers.AutoTokenizer.from_pretrained(hf)
+    ds = IndexedDataset(f"{prefix}_text_document")
+    for i in (0, 7, 59):
+        assert auto(texts[i], add_special_tokens=False)["input_ids"] == ds[i].tolist()[:-1]
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == ds[0][-1]
+    tokens = torch.tensor(ds[3][:40].astype("int64")).view(2, 20)
+    # Logits and greedy tokens (check_parity's held-out loss compares against the trainer's
+    # evaluation, whose sample count with --data-path is not the whole split it re-scores).
+    ref = reference(ckpt, tmp_path, cache, tokens)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (model(tokens).logits - ref["logits"]).abs().max() < 1e-4
+        out = model.generate(tokens[:1, :8], max_new_tokens=20, min_new_tokens=20,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert out[0, 8:].tolist() == ref["greedy"]
+    assert not cache.exists()
