@@ -350,3 +350,30 @@ def test_layer_source_finds_per_layer_and_stacked_keys():
         plans.layer_source({**per_layer, **stacked}, 2, 3, "router", (4, 8))
     with pytest.raises(ExportError, match="no router tensor for layer 1"):
         plans.layer_source(per_layer, 1, 3, "router", (4, 8))
+
+
+# -- tokenizers of --tokenizer-type runs -----------------------------------------------------------
+
+
+def test_export_tokenizer_of_a_hugging_face_directory(tmp_path):
+    """A HuggingFaceTokenizer run's tokenizer is rebuilt from its flags and written so that
+    AutoTokenizer encodes the same ids; NullTokenizer (no text tokenizer) is refused."""
+    from pathlib import Path
+
+    from megatron_wsm.data.tokenizers import build_tokenizer
+    from megatron_wsm.export import tokenizer as export_tok
+
+    hf_dir = Path(__file__).parents[1] / "data" / "megatron_lm" / "preprocess" / "hf"
+    cfg = tiny_run_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir)
+    tok = export_tok.megatron_tokenizer(cfg.data)
+    ours = build_tokenizer("HuggingFaceTokenizer", str(hf_dir))
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (420, ours.eod, ours.eod)
+    tok.write(tmp_path)
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "def f(x):\n    return x + 1  # Grüße"
+    assert auto(text, add_special_tokens=False)["input_ids"] == ours.tokenize(text)
+
+    null = tiny_run_config("--tokenizer-type", "NullTokenizer", "--vocab-size", 100)
+    with pytest.raises(ExportError, match="NullTokenizer is not written for transformers"):
+        export_tok.megatron_tokenizer(null.data)
