@@ -35,8 +35,7 @@ __all__ = [
 
 _FUSION = (
     "selects a fused GPU kernel only (same model, same results up to rounding); megatron-wsm "
-    "switches each fusion on where its kernel imports (CUDA) and this flag does not turn it "
-    "off yet"
+    "leaves this fusion off"
 )
 _OVERLAP = (
     "overlaps GPU communication with compute (same results); not wired to megatron-core here: "
@@ -47,17 +46,15 @@ _NOT_TB = "Megatron-LM's extra timers/memory logging do not exist here"
 #: Megatron-LM option -> why it has no effect here (accepted, reported once).
 NO_EFFECT: dict[str, str] = {
     "--use-mcore-models": "megatron-wsm always builds megatron-core's GPTModel",
-    "--no-masked-softmax-fusion": _FUSION,
-    "--no-rope-fusion": _FUSION,
     "--no-bias-swiglu-fusion": _FUSION,
     "--no-bias-gelu-fusion": _FUSION,
-    "--no-bias-dropout-fusion": _FUSION,
-    "--no-gradient-accumulation-fusion": _FUSION,
     "--no-persist-layer-norm": _FUSION,
     "--cross-entropy-loss-fusion": _FUSION,
     "--cross-entropy-fusion-impl": _FUSION,
     "--moe-permute-fusion": _FUSION,
-    "--use-flash-attn": _FUSION,
+    "--use-flash-attn": (
+        "the attention kernel follows the layer spec (Transformer Engine picks its own backend)"
+    ),
     "--attention-backend": (
         "the attention kernel follows the layer spec here (Transformer Engine's where it is "
         "usable, megatron-core's local DotProductAttention otherwise)"

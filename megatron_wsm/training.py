@@ -56,7 +56,7 @@ def print_rank0(*args: Any) -> None:
 def build_model_and_optimizer(cfg: RunConfig, vocab_size: int) -> tuple[Any, list[DDP], Any, Any]:
     """megatron-core GPTModel wrapped in its DDP, its optimizer and LR scheduler."""
     tconfig = build_transformer_config(
-        cfg.model, cfg.parallel, recompute=cfg.training.recompute_kwargs()
+        cfg.model, cfg.parallel, overrides=cfg.training.transformer_overrides()
     )
     gpt = build_gpt_model(tconfig, cfg.model, vocab_size)
     if cfg.model.layout_independent_init:

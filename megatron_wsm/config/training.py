@@ -9,6 +9,17 @@ from megatron_wsm.config.fields import ConfigError, flag_field, negate
 
 _RECOMPUTE = "activation recomputation (Megatron-LM's flags; same results, less memory)"
 
+_KERNELS = (
+    "GPU kernels (Megatron-LM's switches: a fusion is on where its kernel imports, on CPU none "
+    "is; these turn one off)"
+)
+
+#: The fusion switches above: megatron-core ``TransformerConfig`` fields of the same names.
+FUSION_FIELDS = (
+    "masked_softmax_fusion", "apply_rope_fusion", "bias_dropout_fusion",
+    "gradient_accumulation_fusion",
+)  # fmt: skip
+
 #: megatron-core 0.16's ``recompute_modules`` choices (TransformerConfig.__post_init__).
 RECOMPUTE_MODULES = (
     "core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"
@@ -94,6 +105,38 @@ class TrainingConfig:
         False, "recompute whole MoE layers (megatron-core adds 'moe' to the modules)",
         group=_RECOMPUTE,
     )  # fmt: skip
+    masked_softmax_fusion: bool = flag_field(
+        True,
+        "do not use the fused masked-softmax kernel",
+        flag="--no-masked-softmax-fusion",
+        dest="no_masked_softmax_fusion",
+        convert=negate,
+        group=_KERNELS,
+    )
+    apply_rope_fusion: bool = flag_field(
+        True,
+        "do not use Transformer Engine's fused RoPE",
+        flag="--no-rope-fusion",
+        dest="no_rope_fusion",
+        convert=negate,
+        group=_KERNELS,
+    )
+    bias_dropout_fusion: bool = flag_field(
+        True,
+        "do not fuse bias + dropout + add (torch.compile)",
+        flag="--no-bias-dropout-fusion",
+        dest="no_bias_dropout_fusion",
+        convert=negate,
+        group=_KERNELS,
+    )
+    gradient_accumulation_fusion: bool = flag_field(
+        True,
+        "do not fuse the weight-gradient accumulation (apex's kernel)",
+        flag="--no-gradient-accumulation-fusion",
+        dest="no_gradient_accumulation_fusion",
+        convert=negate,
+        group=_KERNELS,
+    )
     save: str | None = flag_field(None, "directory of full checkpoints", group="checkpointing")
     save_interval: int | None = flag_field(None, group="checkpointing")
     save_keep_last: int | None = flag_field(
@@ -122,6 +165,12 @@ class TrainingConfig:
         if self.recompute_modules is not None:
             kwargs["recompute_modules"] = list(self.recompute_modules)
         return kwargs
+
+    def transformer_overrides(self) -> dict[str, Any]:
+        """What this run sets in megatron-core's ``TransformerConfig`` beyond the model: the
+        recompute fields and the fusions switched off (speed and memory, not results)."""
+        off = {name: False for name in FUSION_FIELDS if not getattr(self, name)}
+        return {**self.recompute_kwargs(), **off}
 
     def validate_recompute(self) -> None:
         """megatron-core's recompute rules, checked before anything starts."""

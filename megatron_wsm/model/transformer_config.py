@@ -131,14 +131,14 @@ def build_transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
     kernels: FusionKernels | None = None,
-    recompute: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> TransformerConfig:
     """megatron-core ``TransformerConfig`` (``MLATransformerConfig`` with
     ``--multi-latent-attention``) for our model and parallel layout.
 
-    ``kernels`` (default: probed on this machine) decides which fusions are on; ``recompute``:
-    the training run's activation-recomputation fields (``TrainingConfig.recompute_kwargs``;
-    they change memory, not the model or its results).
+    ``kernels`` (default: probed on this machine) decides which fusions are on;
+    ``overrides``: the training run's activation-recomputation fields and fusions switched
+    off (``TrainingConfig.transformer_overrides``; memory and speed, not the model).
     """
     cls, kwargs = transformer_config_kwargs(
         model,
@@ -146,5 +146,5 @@ def build_transformer_config(
         probe_fusion_kernels() if kernels is None else kernels,
         torch.cuda.is_available(),
     )
-    kwargs.update(recompute or {})
+    kwargs.update(overrides or {})
     return cls(**kwargs)

@@ -95,7 +95,7 @@ def test_no_effect_flags_take_megatron_lm_syntax_and_are_reported_once(capsys):
     cfg, _ = parse_run_config(
         [
             "--use-mcore-models", "--timing-log-option", "minmax", "--tp-comm-overlap",
-            "--no-rope-fusion", "--transformer-impl", "local", "--lr", "2e-3",
+            "--no-persist-layer-norm", "--transformer-impl", "local", "--lr", "2e-3",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out.splitlines()
@@ -111,7 +111,9 @@ def _recompute(*flags: str) -> dict:
 
     cfg, _ = parse_run_config(list(flags))
     cfg.training.validate(1)
-    t = build_transformer_config(cfg.model, cfg.parallel, recompute=cfg.training.recompute_kwargs())
+    t = build_transformer_config(
+        cfg.model, cfg.parallel, overrides=cfg.training.transformer_overrides()
+    )
     return {k: getattr(t, k) for k in ("recompute_granularity", "recompute_method",
                                       "recompute_num_layers", "recompute_modules")}  # fmt: skip
 
@@ -248,3 +250,27 @@ def test_pretrain_moe_refuses_before_starting_anything(tmp_path):
     assert "--fp16: a Megatron-LM flag" in proc.stderr
     assert "--no-such-flag: unknown to Megatron-LM as well" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--no-masked-softmax-fusion", "masked_softmax_fusion"),
+        ("--no-bias-dropout-fusion", "bias_dropout_fusion"),
+    ],
+)
+def test_no_fusion_flags_turn_the_fusion_off_where_it_would_be_on(flag, field):
+    """On a machine whose kernels import (stated, not probed: this one has no CUDA) the fusion
+    is on, and Megatron-LM's ``--no-…-fusion`` switch turns it off."""
+    from megatron_wsm.model import build_transformer_config
+    from megatron_wsm.model.fusions import FusionKernels
+
+    kernels = FusionKernels(cuda=True, masked_softmax=True, triton=True)
+
+    def built(*flags: str) -> bool:
+        cfg, _ = parse_run_config(list(flags))
+        overrides = cfg.training.transformer_overrides()
+        return getattr(build_transformer_config(cfg.model, cfg.parallel, kernels, overrides), field)
+
+    assert built() is True
+    assert built(flag) is False
