@@ -10,12 +10,15 @@ checkpoint root (``--save`` for full ones, ``--wsm-save`` for window ones)::
     latest_checkpointed_iteration.txt   (full root only; Megatron-LM's tracker file)
 
 A checkpoint is *complete* when its manifest says so and its ``iter_N`` name agrees with the
-manifest's iteration; where the files are torch_dist, its files must be regular files, the
-shards must hold every byte range the ``.metadata`` names and a common state must be there
-(:func:`storage_problems`); :func:`checkpoint_problems` also reads the common state and checks
-its iteration. Checkpoint directories found by listing a root are never symlinks (see
-:data:`SYMLINK_REFUSED`): a link can bring another run's checkpoint into a window, and
-retention cannot delete it. Nothing here imports torch at import time.
+manifest's iteration (a Megatron-LM checkpoint, which has no manifest of ours, when
+:func:`.megatron_lm.recognise` finds it complete: consistent files, a readable common state at
+its name's iteration, committed by its root's tracker; it then carries a manifest made from its
+common state, which retention never acts on); where the files are torch_dist, its files must
+be regular files, the shards must hold every byte range the ``.metadata`` names and a common
+state must be there (:func:`storage_problems`); :func:`checkpoint_problems` also reads the
+common state and checks its iteration. Checkpoint directories found by listing a root are
+never symlinks (see :data:`SYMLINK_REFUSED`): a link can bring another run's checkpoint into a
+window, and retention cannot delete it. Nothing here imports torch at import time.
 """
 
 from __future__ import annotations
@@ -55,8 +58,12 @@ SYMLINK_REFUSED = (
     "another run's checkpoint into the window); copy it, or name it explicitly"
 )
 #: Files of a checkpoint that tools read; each must be a regular file (no FIFO, symlink...).
-CHECKPOINT_FILES = (ckpt_integrity.METADATA_FILE, "metadata.json", ckpt_common.COMMON_FILE,
-                    MANIFEST_NAME)
+CHECKPOINT_FILES = (
+    ckpt_integrity.METADATA_FILE,
+    "metadata.json",
+    ckpt_common.COMMON_FILE,
+    MANIFEST_NAME,
+)
 _NO_MANIFEST = "no manifest (incomplete or not written by megatron-wsm)"
 
 
@@ -240,7 +247,7 @@ def read_checkpoint(path: Path, iteration: int | None = None) -> CheckpointInfo:
         try:
             manifest = read_manifest(path)
             if manifest is None:
-                error = _NO_MANIFEST
+                manifest, error, unreadable = _megatron_lm_manifest(path)
         except ValueError as e:
             error, unreadable = str(e), True
         mismatch = name_problem(path, manifest)
@@ -253,6 +260,28 @@ def read_checkpoint(path: Path, iteration: int | None = None) -> CheckpointInfo:
         else:
             iteration = parsed[0] if parsed is not None else -1
     return CheckpointInfo(path, iteration, manifest, error, unreadable)
+
+
+def _megatron_lm_manifest(path: Path) -> tuple[CheckpointManifest | None, str | None, bool]:
+    """(manifest, error, unreadable) of a directory without our manifest: a complete
+    Megatron-LM checkpoint gets the manifest :mod:`.megatron_lm` builds from its common state
+    (marked as such: never written, never pruned); an incomplete one the reason; anything
+    else :data:`_NO_MANIFEST`."""
+    from megatron_wsm.checkpoint import megatron_lm
+
+    found = megatron_lm.recognise(path)
+    if found is None:
+        return None, _NO_MANIFEST, False
+    if found.complete:
+        return megatron_lm.synthesized_manifest(found), None, False
+    return None, f"Megatron-LM checkpoint, not complete: {found.problems[0]}", found.unreadable
+
+
+def _ours(info: CheckpointInfo) -> bool:
+    """Written by megatron-wsm (our manifest on disk): retention may act on it."""
+    from megatron_wsm.checkpoint.megatron_lm import is_synthesized
+
+    return info.manifest is not None and not is_synthesized(info.manifest)
 
 
 def list_checkpoints(
@@ -280,11 +309,12 @@ def list_checkpoints(
 
 
 def list_window(root: str | os.PathLike) -> list[CheckpointInfo]:
-    """Complete window checkpoints under ``root``, oldest first."""
+    """Complete window checkpoints of ours under ``root``, oldest first (a Megatron-LM
+    checkpoint without optimizer state reads as a window one but is never ours to prune)."""
     return [
         c
         for c in list_checkpoints(root, include_incomplete=False)
-        if c.manifest is not None and c.manifest.kind == KIND_WINDOW
+        if _ours(c) and c.manifest is not None and c.manifest.kind == KIND_WINDOW
     ]
 
 
@@ -337,7 +367,10 @@ def scan_root(root: Path) -> RootScan:
             scan.unreadable.append((path, named, str(info.error).splitlines()[0]))
         elif manifest is None:
             if named is not None:
-                scan.incomplete.append((path, named, f"no {MANIFEST_NAME}: save unfinished?"))
+                why = info.error if info.error != _NO_MANIFEST else None
+                scan.incomplete.append(
+                    (path, named, why or f"no {MANIFEST_NAME}: save unfinished?")
+                )
         elif manifest.kind in (KIND_WINDOW, KIND_FULL):
             if manifest.complete:
                 scan.complete.append((path, manifest))
@@ -455,7 +488,7 @@ def prune_full_dir(root: str | os.PathLike, keep_last: int | None) -> list[Path]
     full = [
         c
         for c in list_checkpoints(root, include_incomplete=False)
-        if c.manifest is not None and c.manifest.kind == KIND_FULL
+        if _ours(c) and c.manifest is not None and c.manifest.kind == KIND_FULL
     ]
     doomed = set(full_to_prune([c.iteration for c in full], keep_last))
     return _remove([c for c in full[:-1] if c.iteration in doomed])

@@ -360,6 +360,13 @@ def tracker_problem(path: Path, iteration: int) -> str | None:
             f"its root's tracker names iteration {int(text)}, before this one ({iteration}): "
             "a save not finished (or not committed) by Megatron-LM"
         )
+    tracked = path.parent / f"iter_{int(text):07d}"
+    if tracked.is_symlink() or not tracked.is_dir():
+        # Megatron-LM's --load of this root would fail: the tracker is not sane.
+        return (
+            f"its root's tracker names iteration {int(text)}, but {tracked.name} is missing (or "
+            "a symlink): not a save directory Megatron-LM itself can load"
+        )
     return None
 
 

@@ -204,4 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_table(rows, args.verify)
     if args.verify and rc == 0 and any(r["problems"] for r in rows):
         rc = EXIT_PROBLEMS
+    if args.verify and rc == 0 and not any(r["complete"] for r in rows):
+        # --verify is a promise that what is listed was checked: with no complete checkpoint
+        # (every one unfinished, unrecognised or refused) nothing was, and that is no "all is
+        # well" (a save directory we cannot read must not pass a check).
+        print(f"{PROG}: --verify: no complete checkpoint was found to verify", file=sys.stderr)
+        rc = EXIT_PROBLEMS
     return rc

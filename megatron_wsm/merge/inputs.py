@@ -98,6 +98,8 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
         manifest = read_manifest(path)
     except ValueError as e:
         raise MergeError(f"{path}: {e}") from e
+    if manifest is None:
+        manifest = _megatron_lm_input(path, allow_no_manifest)
     if manifest is None and not allow_no_manifest:
         raise MergeError(
             f"{path}: no {MANIFEST_NAME}, so not a finished megatron-wsm checkpoint (interrupted "
@@ -126,6 +128,31 @@ def inspect_input(path: str | os.PathLike, *, allow_no_manifest: bool = False) -
         if iteration is None and fmt == FORMAT_TORCH_DIST:
             iteration = _iteration_from_common(path)
     return CheckpointInput(path=path, format=fmt, manifest=manifest, iteration=iteration)
+
+
+def _megatron_lm_input(path: Path, allow_no_manifest: bool) -> CheckpointManifest | None:
+    """The manifest :mod:`~megatron_wsm.checkpoint.megatron_lm` makes for a Megatron-LM
+    checkpoint (None: not one). A complete one (consistent files, readable common state at its
+    name's iteration, committed by its root's tracker) needs no flag; one its root's tracker does
+    not vouch for (copied out of its save directory, or newer than the tracker) needs
+    ``--allow-no-manifest``; anything else wrong with it is refused with the reason."""
+    from megatron_wsm.checkpoint import megatron_lm
+
+    found = megatron_lm.recognise(path)
+    if found is None:
+        return None
+    if not found.complete and allow_no_manifest and not found.unreadable:
+        loose = megatron_lm.recognise(path, need_tracker=False)
+        if loose is not None and loose.complete:
+            found = loose
+    if not found.complete:
+        hint = (
+            "; pass --allow-no-manifest to merge it anyway"
+            if not allow_no_manifest and "tracker" in found.problems[0]
+            else ""
+        )
+        raise MergeError(f"{path}: a Megatron-LM checkpoint, refused: {found.problems[0]}{hint}")
+    return megatron_lm.synthesized_manifest(found)
 
 
 def _legacy_file_problems(path: Path) -> list[str]:

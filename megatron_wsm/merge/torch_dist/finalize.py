@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_wsm.checkpoint import dcp_format as fmt
 from megatron_wsm.merge.common import Comm, MergeError
 from megatron_wsm.merge.torch_dist.plan import (
@@ -173,7 +171,11 @@ def write_common(plan: Plan, out_dir: Path) -> None:
     if (newest / "metadata.json").is_file():
         shutil.copyfile(newest / "metadata.json", out_dir / "metadata.json")
     if plan.common is not None:
-        torch.save(plan.common, out_dir / "common.pt")
+        # Megatron-LM's megatron-core enums were read as stand-ins: written back under their
+        # own names, so megatron-core loads them as the real types.
+        from megatron_wsm.checkpoint.common_pickle import dump_common
+
+        dump_common(plan.common, out_dir / "common.pt")
 
 
 def stream(
