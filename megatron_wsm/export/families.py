@@ -291,10 +291,34 @@ def _deepseek_refusals(model: Mapping[str, Any], family: str) -> list[str]:
     return out
 
 
+def _router_refusals(model: Mapping[str, Any], family: str) -> list[str]:
+    """What megatron-core's router does at inference that no family's gate does."""
+    out = []
+    if model.get("num_experts") and model.get("moe_router_load_balancing_type") == "sinkhorn":
+        # megatron-core's sinkhorn router, outside training: softmax over all experts and its
+        # top k, unnormalised (Qwen3-MoE without norm_topk_prob); top-1: a sigmoid.
+        if int(model.get("moe_router_topk") or 2) == 1:
+            out.append(
+                "sinkhorn routing with top-1 scores the expert by a sigmoid of its logit: "
+                f"{family_name(family)} has no such gate"
+            )
+        elif family != QWEN3_MOE:
+            out.append(
+                "sinkhorn routing weighs experts by the unnormalised top-k of a softmax: "
+                f"{family_name(family)} does not (Qwen3-MoE, with --qk-layernorm, does)"
+            )
+    if model.get("moe_input_jitter_eps"):
+        out.append(
+            "moe_input_jitter_eps: megatron-core jitters the router input at inference "
+            "too; no Hugging Face gate does"
+        )
+    return out
+
+
 def refusals(model: Mapping[str, Any], family: str) -> list[str]:
     """Why ``model`` cannot be exported as ``family`` (empty when it can)."""
     name = family_name(family)
-    out = _table_refusals(model, _COMMON, name)
+    out = _table_refusals(model, _COMMON, name) + _router_refusals(model, family)
     if family in (DEEPSEEK_V2, DEEPSEEK_V3):
         return out + _deepseek_refusals(model, family)
     out += _table_refusals(model, _NOT_MLA, name)

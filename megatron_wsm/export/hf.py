@@ -86,20 +86,6 @@ def _export_tokenizer(
     return tok.megatron_tokenizer(data)
 
 
-def megatron_lm_manifest(path: Path) -> Any:
-    """The manifest made from a Megatron-LM checkpoint's ``args`` (its model, as
-    ``--use-checkpoint-args`` builds it), None when ``path`` is not one; ValueError naming why
-    a Megatron-LM checkpoint is not complete."""
-    from megatron_wsm.checkpoint import megatron_lm
-
-    found = megatron_lm.recognise(path)
-    if found is None:
-        return None
-    if not found.complete:
-        raise ValueError(f"{path}: a Megatron-LM checkpoint, refused: {found.problems[0]}")
-    return megatron_lm.synthesized_manifest(found)
-
-
 def export_checkpoint(
     load: str | os.PathLike,
     save: str | os.PathLike,
@@ -112,7 +98,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export checkpoint ``load`` to the HF directory ``save``; raises :class:`ExportError`."""
     from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir
-    from megatron_wsm.checkpoint.manifest import read_manifest
+    from megatron_wsm.checkpoint.megatron_lm import manifest_of
 
     start = time.perf_counter()
     max_bytes = writer.parse_size(max_shard_size)
@@ -120,7 +106,7 @@ def export_checkpoint(
         raise ExportError(f"--dtype {dtype!r}: expected same, fp32 or bf16")
     try:
         path = resolve_load_dir(load)
-        manifest = read_manifest(path) or megatron_lm_manifest(path)
+        manifest = manifest_of(path)  # ours, else from a Megatron-LM checkpoint's args
     except (CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from e
     writer.check_save(Path(save), overwrite, inputs=[load, path])

@@ -380,7 +380,11 @@ def qwen3_moe_config(
         "num_key_value_heads": s.num_query_groups,
         "head_dim": s.head_dim,
         "num_experts": s.num_experts,
-        "norm_topk_prob": not model.get("moe_router_pre_softmax"),
+        # megatron-core's sinkhorn router, outside training, is a pre-softmax top-k too.
+        "norm_topk_prob": not (
+            model.get("moe_router_pre_softmax")
+            or model.get("moe_router_load_balancing_type") == "sinkhorn"
+        ),
         "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i, moe in enumerate(s.moe_layers) if not moe],
         "use_sliding_window": False,

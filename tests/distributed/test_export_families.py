@@ -184,9 +184,18 @@ def test_qwen3_style_qk_layernorm_and_dense_layer(data_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_qwen3_style_pre_softmax_router(data_cache, tmp_path):
-    """--moe-router-pre-softmax: top-k of the softmax, not renormalised (norm_topk_prob off)."""
-    ckpt = train(["--qk-layernorm", "--moe-router-pre-softmax"], tmp_path, data_cache)
+@pytest.mark.parametrize(
+    "router",
+    [
+        ["--moe-router-pre-softmax"],
+        ["--moe-router-load-balancing-type", "sinkhorn", "--moe-aux-loss-coeff", "0"],
+    ],
+    ids=["pre_softmax", "sinkhorn"],
+)
+def test_qwen3_style_unnormalised_routers(router, data_cache, tmp_path):
+    """--moe-router-pre-softmax, and sinkhorn routing (outside training megatron-core's
+    sinkhorn router is the same): top-k of the softmax, not renormalised (norm_topk_prob off)."""
+    ckpt = train(["--qk-layernorm", *router], tmp_path, data_cache)
     config = exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
     assert config["norm_topk_prob"] is False and config["mlp_only_layers"] == []
 

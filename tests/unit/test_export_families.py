@@ -112,6 +112,14 @@ def test_exportable_configs_have_no_refusals(model):
         (DEEPSEEK, {"moe_router_num_groups": 3}, "does not divide 8 experts"),
         (DEEPSEEK, {"moe_shared_expert_gate": True}, "no gated shared expert"),
         (DEEPSEEK, {"rotary_interleaved": True}, "rotary_interleaved with multi_latent"),
+        # megatron-core's router at inference
+        (BASE, {"moe_router_load_balancing_type": "sinkhorn"}, "unnormalised top-k"),
+        (
+            QWEN3,
+            {"moe_router_load_balancing_type": "sinkhorn", "moe_router_topk": 1},
+            "sigmoid of its logit",
+        ),
+        (QWEN3, {"moe_input_jitter_eps": 0.01}, "jitters the router input"),
         # DeepSeek-V2
         (DEEPSEEK_V2, {"moe_router_pre_softmax": False}, "pass --moe-router-pre-softmax"),
         (DEEPSEEK_V2, {"moe_router_enable_expert_bias": True}, "DeepSeek-V2's router has no"),
@@ -150,6 +158,15 @@ def test_mla_rope_parameters():
     rope = plans.mla_rope_parameters({**yarn, "rope_type": "rope"})
     assert rope["rope_type"] == "default"
     assert families.refusals(yarn, families.DEEPSEEK_V3) == []
+
+
+def test_qwen3_sinkhorn_router_is_its_unnormalised_top_k():
+    """megatron-core's sinkhorn router outside training: top-k of the softmax, as is."""
+    model = {**QWEN3, "moe_router_load_balancing_type": "sinkhorn"}
+    assert families.refusals(model, families.QWEN3_MOE) == []
+    shapes = plans.family_shapes(model, 500, families.QWEN3_MOE)
+    assert plans.hf_config(model, shapes, 1, 2, "float32")["norm_topk_prob"] is False
+    assert plans.hf_config(QWEN3, shapes, 1, 2, "float32")["norm_topk_prob"] is True
 
 
 def test_check_exportable_lists_every_reason_at_once():
