@@ -205,8 +205,8 @@ def test_hf_directory_preprocess_train_and_tokenizer_export_offline(
     """Local tokenizer directory → tools/preprocess_data.py (in-process here; a fresh offline
     process in test_preprocess_parity.py) → pretrain_moe.py (1 process, offline) →
     the tokenizer written for transformers from the checkpoint's recorded flags, with
-    HF_HUB_OFFLINE=1. The Mixtral export (tools/export_hf.py) writes only sentencepiece
-    tokenizers so far: it refuses this run before writing anything (docs/data.md)."""
+    HF_HUB_OFFLINE=1, then tools/export_hf.py, which writes that tokenizer beside the model:
+    the exported directory's AutoTokenizer gives the training ids."""
     import subprocess
     import sys
     from pydoc_data.topics import topics
@@ -263,8 +263,9 @@ def test_hf_directory_preprocess_train_and_tokenizer_export_offline(
          "--save", str(tmp_path / "hf_model")],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
-    assert export.returncode != 0 and "tokenizer" in export.stderr
-    assert not (tmp_path / "hf_model").exists()
+    assert export.returncode == 0, export.stderr[-2000:]
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf_model")
+    assert exported(first, add_special_tokens=False)["input_ids"] == ds[0].tolist()[:-1]
 
 
 def test_checkpoint_args_carry_the_tokenizer_flags_under_megatron_lm_names() -> None:
