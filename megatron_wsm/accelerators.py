@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 
-#: Why ``--moe-grouped-gemm`` is refused without Transformer Engine on CUDA (config and model).
-GROUPED_GEMM_NEEDS_TE = (
-    "--moe-grouped-gemm needs Transformer Engine on CUDA (its grouped linear layers); "
-    "install transformer-engine[pytorch] (or use an NGC PyTorch container), or drop the flag"
+#: The note for ``--moe-grouped-gemm`` where Transformer Engine is not usable: the flag only
+#: selects the experts' kernel (same model, same checkpoint keys), so it is accepted and the
+#: experts run as megatron-core's ``SequentialMLP`` (Megatron-LM's own launch scripts pass it).
+GROUPED_GEMM_NO_EFFECT = (
+    "accepted, no effect here: --moe-grouped-gemm: the experts' grouped GEMM needs Transformer "
+    "Engine on CUDA; they run one after another (megatron-core's SequentialMLP: same model, "
+    "same checkpoint keys)"
 )
 
 

@@ -167,6 +167,7 @@ def parse_run_config(
     sp_note = cfg.parallel.disable_sequence_parallel_without_tp()
     if sp_note:
         notes.append(sp_note)
+    notes.extend(cfg.model.accelerator_notes())  # kernel flags this machine cannot honour
     if notes and _rank0():  # reported once per run, before anything starts
         print("\n".join(f"note: {n}" for n in notes), flush=True)
     return cfg, ns

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from megatron_wsm.accelerators import GROUPED_GEMM_NEEDS_TE, transformer_engine_usable
+from megatron_wsm.accelerators import GROUPED_GEMM_NO_EFFECT, transformer_engine_usable
 from megatron_wsm.config.fields import ConfigError, bf16_dtype, flag_field
 from megatron_wsm.config.layer_freq import LayerFreqError, moe_layer_pattern, parse_moe_layer_freq
 
@@ -206,8 +206,8 @@ class ModelConfig:
     )
     moe_grouped_gemm: bool = flag_field(
         False,
-        "run each layer's experts as one grouped GEMM (Transformer Engine, GPU only); "
-        "checkpoints are the same as without",
+        "run each layer's experts as one grouped GEMM (Transformer Engine on CUDA); "
+        "checkpoints are the same as without; elsewhere accepted without effect (noted once)",
     )
     layout_independent_init: bool = flag_field(
         False, "initialise weights identically for every TP/PP/EP layout (tests, small models)"
@@ -411,14 +411,19 @@ class ModelConfig:
             )
 
     def validate_accelerator(self, cuda: bool, te: bool | None = None) -> None:
-        """GPU-only options (``te``: Transformer Engine usable; probed when None)."""
-        if self.moe_grouped_gemm:
-            if not self.num_experts:
-                raise ConfigError("--moe-grouped-gemm needs --num-experts")
-            if te is None:
-                te = cuda and transformer_engine_usable()
-            if not te:
-                raise ConfigError(GROUPED_GEMM_NEEDS_TE)
+        """GPU-only options that are wrong on any machine (``cuda``, ``te``: kept for callers
+        that probe; ``--moe-grouped-gemm`` without TE is a note, :meth:`accelerator_notes`)."""
+        if self.moe_grouped_gemm and not self.num_experts:
+            raise ConfigError("--moe-grouped-gemm needs --num-experts")
+
+    def accelerator_notes(self, te: bool | None = None) -> list[str]:
+        """Kernel flags accepted without effect on this machine, one note each (``te``:
+        Transformer Engine usable; probed only when a flag needs it and it is None)."""
+        if not (self.moe_grouped_gemm and self.num_experts):
+            return []
+        if te is None:
+            te = transformer_engine_usable()
+        return [] if te else [GROUPED_GEMM_NO_EFFECT]
 
 
 def model_identity_fields(model_json: dict[str, Any]) -> dict[str, Any]:

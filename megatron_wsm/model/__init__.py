@@ -28,7 +28,7 @@ from megatron_wsm.model.fusions import (
 from megatron_wsm.model.gpt import build_gpt_model, padded_vocab_size
 from megatron_wsm.model.init import layout_independent_init
 from megatron_wsm.model.norm import SequenceParallelTorchNorm
-from megatron_wsm.model.spec import GroupedGemmUnavailable, build_layer_spec, local_keys_map
+from megatron_wsm.model.spec import build_layer_spec, local_keys_map
 from megatron_wsm.model.transformer_config import (
     activation_kwargs,
     build_transformer_config,
@@ -37,7 +37,6 @@ from megatron_wsm.model.transformer_config import (
 
 __all__ = [
     "FusionKernels",
-    "GroupedGemmUnavailable",
     "SequenceParallelTorchNorm",
     "activation_kwargs",
     "build_gpt_model",

@@ -12,14 +12,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_wsm.accelerators import GROUPED_GEMM_NEEDS_TE, transformer_engine_usable
+from megatron_wsm.accelerators import transformer_engine_usable
 from megatron_wsm.config import ModelConfig
 from megatron_wsm.model.attention import MLADotProductAttention, allow_local_mla
 from megatron_wsm.model.norm import SequenceParallelTorchNorm, replace_norms
-
-
-class GroupedGemmUnavailable(RuntimeError):
-    """``--moe-grouped-gemm`` asked for without Transformer Engine."""
 
 
 def local_keys_map(keys_map: dict[str, str], moe: bool, mla: bool) -> dict[str, str]:
@@ -62,10 +58,11 @@ def build_layer_spec(config: TransformerConfig, model: ModelConfig) -> Transform
         return get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization=model.normalization
         )
-    if model.moe_grouped_gemm and num_experts:
-        # The local spec would fall back to the legacy GroupedMLP (another package, other
-        # checkpoint layout); refuse rather than run something else than asked.
-        raise GroupedGemmUnavailable(GROUPED_GEMM_NEEDS_TE)
+    if getattr(config, "moe_grouped_gemm", False) and num_experts:
+        # The local spec would fall back to the legacy GroupedMLP (another checkpoint layout):
+        # without TE the config must carry moe_grouped_gemm=False (transformer_config_kwargs
+        # does; the flag is then accepted with a note, ModelConfig.accelerator_notes).
+        raise ValueError("moe_grouped_gemm=True reached the local spec; it needs the TE spec")
     if model.multi_latent_attention:
         allow_local_mla()
     block = get_gpt_decoder_block_spec(

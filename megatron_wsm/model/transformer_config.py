@@ -123,6 +123,9 @@ def transformer_config_kwargs(
             num_moe_experts=model.num_experts,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or ffn,
             moe_permute_fusion=False,
+            # Grouped GEMM is a TE kernel: without TE the local spec's SequentialMLP runs the
+            # same experts (the flag is accepted with a note, ModelConfig.accelerator_notes).
+            moe_grouped_gemm=model.moe_grouped_gemm and kernels.transformer_engine,
         )
     return cls, kwargs
 

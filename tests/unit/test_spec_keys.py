@@ -11,7 +11,6 @@ from megatron_wsm.arguments import ConfigError, parse_run_config, validate_accel
 from megatron_wsm.checkpoint import keys as spec_keys
 from megatron_wsm.model import (
     FusionKernels,
-    GroupedGemmUnavailable,
     SequenceParallelTorchNorm,
     decide_fusions,
 )
@@ -198,25 +197,44 @@ def test_probe_on_a_cpu_machine_enables_nothing():
     assert probe_fusion_kernels() == FusionKernels()
 
 
-def test_grouped_gemm_is_refused_without_te():
+def test_grouped_gemm_is_accepted_with_a_note_without_te():
+    """--moe-grouped-gemm only selects the experts' kernel: noted once where TE is not usable,
+    silent (and honoured) where it is; without experts it is still an error."""
+    from megatron_wsm.accelerators import GROUPED_GEMM_NO_EFFECT
+
     cfg, _ = parse_run_config(["--moe-grouped-gemm"])
     assert cfg.model.moe_grouped_gemm
-    with pytest.raises(ConfigError, match="needs Transformer Engine"):
-        validate_accelerator_flags(cfg, cuda=True, te=False)
+    validate_accelerator_flags(cfg, cuda=False, te=False)
     validate_accelerator_flags(cfg, cuda=True, te=True)
+    assert cfg.model.accelerator_notes(te=False) == [GROUPED_GEMM_NO_EFFECT]
+    assert GROUPED_GEMM_NO_EFFECT.startswith("accepted, no effect here: --moe-grouped-gemm")
+    assert cfg.model.accelerator_notes(te=True) == []
+    plain, _ = parse_run_config([])
+    assert plain.model.accelerator_notes(te=False) == []
     dense, _ = parse_run_config(["--moe-grouped-gemm", "--num-experts", "0"])
     with pytest.raises(ConfigError, match="needs --num-experts"):
         validate_accelerator_flags(dense, cuda=True, te=True)
 
 
-def test_grouped_gemm_spec_is_refused_without_te():
-    from megatron_wsm.config import ModelConfig
-    from megatron_wsm.model import build_layer_spec, transformer_engine_usable
+def test_grouped_gemm_reaches_megatron_core_only_with_te():
+    """megatron-core gets moe_grouped_gemm only with TE's kernels (without, its local spec
+    builds SequentialMLP experts, the keys of a run without the flag; the 2-process run of
+    Megatron-LM's Mixtral script in tests/distributed/test_megatron_lm_scripts.py passes it)."""
+    from megatron_wsm.model import build_layer_spec
+    from megatron_wsm.model.transformer_config import transformer_config_kwargs
 
-    if transformer_engine_usable():
-        pytest.skip("TE present")
-    with pytest.raises(GroupedGemmUnavailable, match="needs Transformer Engine"):
-        build_layer_spec(None, ModelConfig(moe_grouped_gemm=True))  # type: ignore[arg-type]
+    cfg, _ = parse_run_config(["--moe-grouped-gemm"])
+    te = FusionKernels(cuda=True, transformer_engine=True)
+    assert transformer_config_kwargs(cfg.model, cfg.parallel, te, True)[1]["moe_grouped_gemm"]
+    _, cpu = transformer_config_kwargs(cfg.model, cfg.parallel, FusionKernels(), False)
+    assert cpu["moe_grouped_gemm"] is False
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check of the local spec")
+    # A config that still asked for it would make megatron-core's local spec build the legacy
+    # GroupedMLP (another checkpoint layout): refused.
+    forced = types.SimpleNamespace(moe_grouped_gemm=True)
+    with pytest.raises(ValueError, match="needs the TE spec"):
+        build_layer_spec(forced, cfg.model)  # type: ignore[arg-type]
 
 
 def test_overlap_flags_pass_validation_only_together_with_the_distributed_optimizer():
