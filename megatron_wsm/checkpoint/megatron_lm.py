@@ -485,12 +485,23 @@ def is_synthesized(manifest: CheckpointManifest | None) -> bool:
     return manifest is not None and EXTRA_MEGATRON_LM in manifest.extra
 
 
-def foreign_manifest(
-    path: str | os.PathLike, *, need_tracker: bool = True
-) -> CheckpointManifest | None:
-    """:func:`synthesized_manifest` of a complete Megatron-LM checkpoint at ``path``; None when
-    ``path`` is not one (or not complete)."""
-    ckpt = recognise(path, need_tracker=need_tracker)
-    if ckpt is None or not ckpt.complete:
+def manifest_of(path: str | os.PathLike) -> CheckpointManifest | None:
+    """The checkpoint's manifest for the tools that rebuild its model (evaluate, export): ours
+    when it has one, else the one made from a Megatron-LM checkpoint's ``args``
+    (``--use-checkpoint-args``); None when neither.
+
+    Raises:
+        ManifestError: our manifest is corrupt.
+        ValueError: a Megatron-LM checkpoint that is not complete (the message says why).
+    """
+    from megatron_wsm.checkpoint.manifest import read_manifest
+
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return manifest
+    found = recognise(path)
+    if found is None:
         return None
-    return synthesized_manifest(ckpt)
+    if not found.complete:
+        raise ValueError(f"{path}: a Megatron-LM checkpoint, refused: {found.problems[0]}")
+    return synthesized_manifest(found)

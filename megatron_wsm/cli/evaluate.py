@@ -5,7 +5,8 @@
 (same window and weight options: ``--window-iters``, ``--window-tokens``, ``--count``,
 ``--weights``, ``--positions-from``, ...), on one or several processes, in any layout.
 
-The model and data settings are read from the checkpoint's manifest (its run config), so
+The model and data settings are read from the checkpoint's manifest (its run config; for a
+checkpoint Megatron-LM wrote, from its ``args`` as ``--use-checkpoint-args`` does), so
 comparing a stable, a merged and a decayed checkpoint is one command each. Any
 ``pretrain_moe.py`` flag given after ``--load`` overrides the manifest (e.g. ``--eval-iters``,
 or the parallel layout: dist_checkpointing reshards on load).
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir
-from megatron_wsm.checkpoint.manifest import read_manifest
+from megatron_wsm.checkpoint.megatron_lm import manifest_of
 from megatron_wsm.config import RunConfig, TrainingConfig
 
 
@@ -71,7 +72,7 @@ def _merged_loader(args: argparse.Namespace) -> Any:
             + ", ".join(f"{c:.6f} x {p}" for p, c in zip(plan.paths, plan.coefficients))
         )
         load_merged_weights(manager.bare_model(), plan, **manager.window_reader())
-        newest = read_manifest(Path(plan.newest_path))
+        newest = manifest_of(Path(plan.newest_path))
         return {
             "iteration": newest.iteration if newest else 0,
             "consumed_samples": newest.consumed_samples if newest else 0,
@@ -92,7 +93,7 @@ def _newest_manifest(args: argparse.Namespace) -> Any:
     selection = choose_window(args.load_dir, **window_options(args))
     for path in selection.paths:  # refused here, before any process group starts
         inspect_input(path)
-    return read_manifest(selection.paths[-1])
+    return manifest_of(selection.paths[-1])
 
 
 def _checked_load(ckpt: str) -> Any:
@@ -106,7 +107,7 @@ def _checked_load(ckpt: str) -> Any:
 
     path = resolve_load_dir(ckpt)
     try:
-        manifest = read_manifest(path)
+        manifest = manifest_of(path)  # ours, else from a Megatron-LM checkpoint's args
     except ValueError as e:
         raise CheckpointError(f"--load {path}: {e}") from e
     problems = ckpt_layout.checkpoint_problems(path, manifest)

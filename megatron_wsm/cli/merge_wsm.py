@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_window_flags(src)
     src.add_argument(
         "--allow-no-manifest", action="store_true",
-        help="accept checkpoints without wsm_manifest.json (e.g. written by Megatron-LM); they "
-        "are then checked through their torch_dist metadata only",
+        help="accept checkpoints without wsm_manifest.json that are not recognised as complete "
+        "Megatron-LM checkpoints (other tools' torch_dist or legacy checkpoints, or a Megatron-LM "
+        "checkpoint its save directory's tracker does not vouch for, e.g. copied out of it); "
+        "they are then checked through their files and common state only. Complete Megatron-LM "
+        "checkpoints (consistent files, common state at the iteration of their iter_N name, "
+        "committed by latest_checkpointed_iteration.txt) need no flag",
     )
 
     w = p.add_argument_group("weights (give --method or --weights)")

@@ -365,7 +365,7 @@ def choose_window(
     if not entries:
         refused = "".join(
             f"; refused: {path} ({why})" for path, _, why in scan.unreadable[:3]
-        )
+        ) + "".join(f"; not complete: {path} ({why})" for path, _, why in scan.incomplete[-3:])
         raise MergeError(
             f"--load-dir {load_dir}: no complete window or full checkpoint found{refused}"
         )

@@ -311,3 +311,104 @@ def test_admitted_globals_are_listed():
     ):
         assert name in admitted
     assert json.dumps(sorted(admitted))  # plain strings
+
+
+# ----------------------------------------------------------------------------- the tools
+
+
+def test_list_verify_lists_and_verifies_a_megatron_lm_save_dir(capsys):
+    from megatron_wsm.cli.list_checkpoints import main as list_main
+
+    assert list_main([str(FIXTURES / "tp2_distopt"), "--verify", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["iteration"], r["kind"], r["complete"], r["verify"]) for r in rows] == [
+        (i, "full", True, "OK") for i in (1, 2, 3)
+    ]
+    assert rows[-1]["consumed_tokens"] == 12 * 32
+
+
+def test_list_verify_does_not_pass_when_nothing_was_verified(tmp_path, capsys):
+    from megatron_wsm.cli.list_checkpoints import EXIT_PROBLEMS
+    from megatron_wsm.cli.list_checkpoints import main as list_main
+
+    root = _copy_root("ep2_plain", tmp_path / "save")
+    (root / "latest_checkpointed_iteration.txt").unlink()  # nothing committed
+    assert list_main([str(root), "--verify", "--json"]) == EXIT_PROBLEMS
+    rows = json.loads(capsys.readouterr().out)
+    assert not any(r["complete"] for r in rows)
+    assert "not committed" in rows[0]["note"]
+
+
+def test_list_verify_refuses_a_hostile_common_state_and_runs_nothing(tmp_path, capsys):
+    from megatron_wsm.cli.list_checkpoints import EXIT_PROBLEMS
+    from megatron_wsm.cli.list_checkpoints import main as list_main
+
+    root = _copy_root("ep2_plain", tmp_path / "save")
+    marker = tmp_path / "ran"
+    (root / "iter_0000003" / "common.pt").write_bytes(
+        _torch_zip(_hostile_payloads(marker)["os.system"])
+    )
+    assert list_main([str(root), "--verify", "--json"]) == EXIT_PROBLEMS
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[-1]["verify"] == "refused" and "posix.system" in rows[-1]["problems"][0]
+    assert [r["verify"] for r in rows[:2]] == ["OK", "OK"]
+    assert not marker.exists()
+
+
+def _merge(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+
+    from megatron_wsm.cli.merge_wsm import main as merge_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = merge_main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_merge_dry_run_orders_a_save_dir_by_the_common_states(tmp_path):
+    root = _copy_root("ep2_distopt", tmp_path / "save")
+    # names that sort the wrong way round: the order comes from each common state
+    for i in (1, 2, 3):
+        os.rename(root / f"iter_{i:07d}", root / f"ckpt_{4 - i}_iter_{i:07d}")
+    (root / "latest_checkpointed_iteration.txt").write_text("3")
+    rc, out, err = _merge("--load-dir", str(root), "--method", "mean", "--dry-run")
+    # the tracker's iter_0000003 no longer exists: not a save dir Megatron-LM can load
+    assert rc != 0 and "missing" in err
+    for i in (1, 2, 3):
+        os.rename(root / f"ckpt_{4 - i}_iter_{i:07d}", root / f"iter_{i:07d}")
+    rc, out, err = _merge("--load-dir", str(root), "--method", "mean", "--dry-run")
+    assert rc == 0, err
+    assert out.index("iter_0000001") < out.index("iter_0000002") < out.index("iter_0000003")
+
+
+def test_merge_inputs_need_the_flag_only_without_the_tracker(tmp_path):
+    root = _copy_root("tp2_plain", tmp_path / "save")
+    inputs = [str(root / f"iter_{i:07d}") for i in (3, 1, 2)]
+    rc, out, err = _merge("--inputs", *inputs, "--weights", "0,0.5,0.5", "--dry-run")
+    assert rc == 0, err
+    assert "reordered by iteration" in out
+    (root / "latest_checkpointed_iteration.txt").write_text("2")  # 3 not committed
+    rc, out, err = _merge("--inputs", *inputs, "--weights", "0,0.5,0.5", "--dry-run")
+    assert rc != 0 and "--allow-no-manifest" in err and "tracker names iteration 2" in err
+    rc, out, err = _merge(
+        "--inputs", *inputs, "--weights", "0,0.5,0.5", "--dry-run", "--allow-no-manifest"
+    )
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_merge_dry_run_refuses_a_hostile_common_state_and_runs_nothing(tmp_path, allow):
+    root = _copy_root("ep2_plain", tmp_path / "save")
+    marker = tmp_path / "ran"
+    (root / "iter_0000003" / "common.pt").write_bytes(
+        _torch_zip(_hostile_payloads(marker)["os.system"])
+    )
+    flags = ["--allow-no-manifest"] if allow else []
+    for source in (
+        ["--load-dir", str(root)],
+        ["--inputs", *(str(p) for p in sorted(root.glob("iter_*")))],
+    ):
+        rc, out, err = _merge(*source, "--method", "mean", "--dry-run", *flags)
+        assert rc != 0 and "posix.system" in err, (source, err)
+    assert not marker.exists()
