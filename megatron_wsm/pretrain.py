@@ -20,6 +20,7 @@ from megatron_wsm import distributed as wdist
 from megatron_wsm.arguments import ConfigError, parse_run_config, validate
 from megatron_wsm.callbacks import Callback
 from megatron_wsm.checkpoint import lock as run_lock
+from megatron_wsm.checkpoint.layout import holds_no_checkpoint
 from megatron_wsm.checkpoint.manager import CheckpointError, CheckpointManager
 from megatron_wsm.checkpoint.manifest import ParallelLayout
 from megatron_wsm.checkpoint_callback import CheckpointCallback, window_save_dir
@@ -168,6 +169,13 @@ def hold_save_dirs(cfg: RunConfig) -> list[run_lock.RunLock]:
     return locks
 
 
+def _nothing_to_load(load: str) -> bool:
+    """Rank 0's verdict (one for all ranks) on whether ``--load`` holds no checkpoint at all
+    (:func:`checkpoint.layout.holds_no_checkpoint`: Megatron-LM then starts from scratch)."""
+    found = holds_no_checkpoint(load) if wdist.rank() == 0 else None
+    return bool(wdist.all_gather_objects(found)[0])
+
+
 def setup(
     cfg: RunConfig, weights: WeightsLoader | None = None
 ) -> tuple[Components, CheckpointManager]:
@@ -205,6 +213,15 @@ def setup(
     info = None
     if weights is not None:
         info = weights(comp, manager)
+    elif t.load and not t.eval_only and _nothing_to_load(t.load):
+        if t.exit_on_missing_checkpoint:
+            raise CheckpointError(
+                f"--load {t.load}: no checkpoint there (--exit-on-missing-checkpoint)"
+            )
+        print_rank0(
+            f"note: --load {t.load}: no checkpoint there; starting from random initialization, "
+            "as Megatron-LM does (--exit-on-missing-checkpoint stops instead)"
+        )
     elif t.load:
         info = manager.load(
             t.load,

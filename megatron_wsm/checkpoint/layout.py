@@ -402,6 +402,23 @@ def _holds_checkpoints(path: Path) -> bool:
         return False
 
 
+def holds_no_checkpoint(path: str | os.PathLike, window_dir: str = "wsm_window") -> bool:
+    """Megatron-LM's "no checkpoint found" for ``--load path`` (it then starts from random
+    initialization): ``path`` does not exist, or is a directory holding no checkpoint of any
+    kind — no tracker file, no ``iter_*`` directory (complete, incomplete or in progress), no
+    checkpoint files of its own, no checkpoint under ``path/window_dir``. Anything else,
+    however broken, is not "missing": the load refuses it rather than train over it."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if os.path.lexists(path / TRACKER_FILE) or _holds_checkpoints(path):
+        return False
+    window = path / window_dir
+    return not (os.path.lexists(window) and (window.is_symlink() or _holds_checkpoints(window)))
+
+
 # ----------------------------------------------------------------------------- the window rule
 
 

@@ -30,7 +30,7 @@ SECTIONS: dict[str, type] = {
 }
 
 #: Fields that older versions wrote and this one ignores when reading a manifest.
-_REMOVED_FIELDS = {"training": {"exit_on_missing_checkpoint"}}
+_REMOVED_FIELDS: dict[str, set[str]] = {}
 
 #: Flat keys of manifests written before the run info was ``RunConfig.to_json()``.
 _LEGACY_KEYS = {

@@ -145,6 +145,12 @@ class TrainingConfig:
     load: str | None = flag_field(
         None, "checkpoint directory (or parent) to load", group="checkpointing"
     )
+    exit_on_missing_checkpoint: bool = flag_field(
+        False,
+        "stop (exit 2) when --load holds no checkpoint instead of starting from random "
+        "initialization (Megatron-LM's flag)",
+        group="checkpointing",
+    )
     no_load_optim: bool = flag_field(False, group="checkpointing")
     no_load_rng: bool = flag_field(False, group="checkpointing")
     finetune: bool = flag_field(
