@@ -2,6 +2,11 @@
 
     python bench/train_throughput.py [--rounds 5 --steps 5] [pretrain_moe.py flags]
     torchrun --nproc-per-node 2 bench/train_throughput.py --expert-model-parallel-size 2
+    python bench/train_throughput.py --family deepseek     # a Megatron-LM model family
+
+``--family`` appends one family's model flags (``megatron_wsm.testing.families``: the flags of
+Megatron-LM's Mixtral, Qwen3-MoE and DeepSeek scripts) to the bench model; its sizes stay the
+bench's except where the family sets its own (DeepSeek's layer count and FFN widths).
 
 Both variants drive the same GPTModel/DDP/optimizer objects, alternating in blocks. The bare
 loop is what a minimal megatron-core user writes: zero grads, ``get_forward_backward_func``
@@ -25,6 +30,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--family",
+        default=None,
+        choices=["mixtral", "qwen3_moe", "deepseek", "deepseek_v2_lite"],
+        help="append this Megatron-LM family's model flags",
+    )
     args, rest = parser.parse_known_args()
 
     import megatron_wsm.mcore_prelude  # noqa: F401  (before megatron.core: its CPU import shims)
@@ -36,7 +47,12 @@ def main() -> None:
     from megatron_wsm.moe_metrics import ExpertLoadCallback
     from megatron_wsm.training import _loss_func, device, train_step
 
-    comp, _ = build([*BENCH_MODEL, *rest])
+    family: list[str] = []
+    if args.family:
+        from megatron_wsm.testing.families import REFERENCE_FAMILIES
+
+        family = list(REFERENCE_FAMILIES[args.family])
+    comp, _ = build([*BENCH_MODEL, *family, *rest])
     cfg = comp.cfg
     nmb = comp.num_microbatches
     batches = list(
@@ -99,10 +115,13 @@ def main() -> None:
                 f"tok/s"
             )
         ratio = 1.0 / result["megatron_wsm"]["ratio"]
-        print(f"throughput ratio megatron_wsm / bare megatron-core = {ratio:.3f} (goal >= 0.98)")
+        print(
+            f"throughput ratio megatron_wsm / bare megatron-core = {ratio:.3f} (goal >= 0.98)"
+            + (f" [family {args.family}]" if args.family else "")
+        )
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"throughput_ratio": ratio, **result}, f, indent=2)
+                json.dump({"throughput_ratio": ratio, "family": args.family, **result}, f, indent=2)
 
 
 if __name__ == "__main__":
