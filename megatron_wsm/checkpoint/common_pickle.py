@@ -108,16 +108,29 @@ class ForeignRecord:
         return f"<{self.QUALNAME} stand-in {self.__dict__!r}>"
 
 
+def _register(cls: type) -> type:
+    """Make a stand-in class an attribute of this module, so that the standard pickler (a
+    process group's object broadcast) pickles it by reference; :func:`dump_common` writes it
+    under the megatron-core name instead."""
+    name = "Foreign_" + f"{cls.MODULE}.{cls.QUALNAME}".replace(".", "_")  # type: ignore[attr-defined]
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
+
+
 def _enum(module: str, qualname: str, members: dict[str, Any]) -> type[ForeignEnum]:
-    return type(
-        f"Foreign{qualname}",
-        (ForeignEnum,),
-        {
-            "MODULE": module,
-            "QUALNAME": qualname,
-            "MEMBERS": {v: k for k, v in members.items()},
-            "__slots__": (),
-        },
+    return _register(
+        type(
+            f"Foreign{qualname}",
+            (ForeignEnum,),
+            {
+                "MODULE": module,
+                "QUALNAME": qualname,
+                "MEMBERS": {v: k for k, v in members.items()},
+                "__slots__": (),
+            },
+        )
     )
 
 
@@ -188,7 +201,7 @@ FOREIGN_ENUMS: dict[tuple[str, str], type[ForeignEnum]] = {
 
 #: megatron-core dataclasses megatron-core's own allow-list admits (read as attribute records).
 FOREIGN_RECORDS: dict[tuple[str, str], type[ForeignRecord]] = {
-    (m, n): type(f"Foreign{n}", (ForeignRecord,), {"MODULE": m, "QUALNAME": n})
+    (m, n): _register(type(f"Foreign{n}", (ForeignRecord,), {"MODULE": m, "QUALNAME": n}))
     for m, n in ((f"{_M}.optimizer.optimizer_config", "OptimizerConfig"),)
 }
 

@@ -412,3 +412,11 @@ def test_merge_dry_run_refuses_a_hostile_common_state_and_runs_nothing(tmp_path,
         rc, out, err = _merge(*source, "--method", "mean", "--dry-run", *flags)
         assert rc != 0 and "posix.system" in err, (source, err)
     assert not marker.exists()
+
+
+def test_stand_ins_survive_the_standard_pickler():
+    """A multi-rank merge broadcasts the common state between ranks with plain pickle."""
+    state = ckpt_common.read_common_state(_iter("ep2_plain"))
+    again = pickle.loads(pickle.dumps(state))
+    assert again["args"].attention_backend == state["args"].attention_backend
+    assert type(again["args"].model_type) is type(state["args"].model_type)
