@@ -50,7 +50,11 @@ def main() -> None:
 
     result = evaluate(comp, "valid")
     valid = comp.datasets["valid"]
-    samples = [valid[i] for i in range(len(valid))]
+    # --eval-iters N > 0 evaluates the first N global batches only: keep just those (a mock-data
+    # split holds millions of samples).
+    t = cfg.training
+    count = len(valid) if not t.eval_iters else min(len(valid), t.eval_iters * t.global_batch_size)
+    samples = [valid[i] for i in range(count)]
     torch.save({
         "logits": logits, "greedy": seq[0, 8:].tolist(), "vocab": vocab,
         "valid_loss": result["loss"],
