@@ -20,6 +20,14 @@ FUSION_FIELDS = (
     "gradient_accumulation_fusion",
 )  # fmt: skip
 
+
+def _fusion_switch(flag: str, help: str) -> Any:  # noqa: A002
+    """A fusion field (on by default) with Megatron-LM's ``--no-…`` switch that turns it off."""
+    return flag_field(
+        True, help, flag=flag, dest=flag[2:].replace("-", "_"), convert=negate, group=_KERNELS
+    )
+
+
 #: megatron-core 0.16's ``recompute_modules`` choices (TransformerConfig.__post_init__).
 RECOMPUTE_MODULES = (
     "core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"
@@ -105,37 +113,18 @@ class TrainingConfig:
         False, "recompute whole MoE layers (megatron-core adds 'moe' to the modules)",
         group=_RECOMPUTE,
     )  # fmt: skip
-    masked_softmax_fusion: bool = flag_field(
-        True,
-        "do not use the fused masked-softmax kernel",
-        flag="--no-masked-softmax-fusion",
-        dest="no_masked_softmax_fusion",
-        convert=negate,
-        group=_KERNELS,
+    masked_softmax_fusion: bool = _fusion_switch(
+        "--no-masked-softmax-fusion", "do not use the fused masked-softmax kernel"
     )
-    apply_rope_fusion: bool = flag_field(
-        True,
-        "do not use Transformer Engine's fused RoPE",
-        flag="--no-rope-fusion",
-        dest="no_rope_fusion",
-        convert=negate,
-        group=_KERNELS,
+    apply_rope_fusion: bool = _fusion_switch(
+        "--no-rope-fusion", "do not use Transformer Engine's fused RoPE"
     )
-    bias_dropout_fusion: bool = flag_field(
-        True,
-        "do not fuse bias + dropout + add (torch.compile)",
-        flag="--no-bias-dropout-fusion",
-        dest="no_bias_dropout_fusion",
-        convert=negate,
-        group=_KERNELS,
+    bias_dropout_fusion: bool = _fusion_switch(
+        "--no-bias-dropout-fusion", "do not fuse bias + dropout + add (torch.compile)"
     )
-    gradient_accumulation_fusion: bool = flag_field(
-        True,
+    gradient_accumulation_fusion: bool = _fusion_switch(
+        "--no-gradient-accumulation-fusion",
         "do not fuse the weight-gradient accumulation (apex's kernel)",
-        flag="--no-gradient-accumulation-fusion",
-        dest="no_gradient_accumulation_fusion",
-        convert=negate,
-        group=_KERNELS,
     )
     save: str | None = flag_field(None, "directory of full checkpoints", group="checkpointing")
     save_interval: int | None = flag_field(None, group="checkpointing")
