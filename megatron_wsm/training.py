@@ -31,7 +31,7 @@ from megatron_wsm import distributed as wdist
 from megatron_wsm import metric_names as names
 from megatron_wsm.batches import global_batch_iterator
 from megatron_wsm.callbacks import Callback, CallbackList
-from megatron_wsm.config import RunConfig
+from megatron_wsm.config import ConfigError, RunConfig
 from megatron_wsm.lr import build_scheduler
 from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
 from megatron_wsm.run_state import Components, StepResult, TrainState  # noqa: F401 - re-exported
@@ -267,7 +267,9 @@ def evaluate(comp: Components, split: str = "valid", iters: int | None = None) -
         # batch has the same shape on every rank).
         iters = len(dataset) // gbs
         if iters == 0:
-            raise ValueError(
+            # A ConfigError (a ValueError): the trainer and tools/evaluate.py report it as a
+            # bad configuration (exit 2, one line), not a traceback; same on every rank.
+            raise ConfigError(
                 f"the {split} split has {len(dataset)} samples, fewer than one global batch "
                 f"({gbs}); lower --global-batch-size or use --eval-iters N"
             )
