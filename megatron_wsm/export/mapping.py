@@ -165,24 +165,8 @@ def shapes_from_config(model: Mapping[str, Any], vocab_size: int) -> Shapes:
     )
 
 
-# -- what Mixtral cannot express (the rules of every family: megatron_wsm.export.families) --------
-
-
-def config_refusals(model: Mapping[str, Any]) -> list[str]:
-    """Why a model config cannot be a Mixtral (empty when it can)."""
-    from megatron_wsm.export import families
-
-    try:
-        return families.refusals(model, families.MIXTRAL)
-    except ExportError as e:  # an unreadable --moe-layer-freq
-        return [str(e)]
-
-
-def key_refusals(keys: Sequence[str]) -> list[str]:
-    """Why checkpoint tensors cannot be a Mixtral's, by key (one message per kind)."""
-    from megatron_wsm.export import families
-
-    return families.key_refusals(list(keys), families.MIXTRAL)
+# What Mixtral cannot express is decided with every family's rules in
+# megatron_wsm.export.families (refusals / key_refusals with families.MIXTRAL).
 
 
 def _pick(keys: Mapping[str, tuple[int, ...]], candidates: Sequence[str], role: str) -> str:
