@@ -35,6 +35,7 @@ from typing import Any
 
 from megatron_wsm.checkpoint import common_state as ckpt_common
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
+from megatron_wsm.checkpoint.files import storage_problems
 from megatron_wsm.checkpoint.manifest import (
     KIND_FULL,
     KIND_WINDOW,
@@ -372,9 +373,7 @@ def tracker_problem(path: Path, iteration: int) -> str | None:
 
 def _file_problems(path: Path) -> list[str]:
     """The torch_dist files: consistent with ``.metadata`` both ways, ``metadata.json`` there."""
-    from megatron_wsm.checkpoint import layout
-
-    problems = layout.storage_problems(path)
+    problems = storage_problems(path)
     if problems:
         return problems
     try:
