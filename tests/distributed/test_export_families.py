@@ -144,6 +144,9 @@ def logits_with_config(hf, tmp, **changes) -> torch.Tensor:
         return model.eval()(TOKENS).logits
 
 
+# slow: the fast suite keeps one export per family (Mixtral in test_megatron_lm_scripts.py,
+# Qwen3-MoE and DeepSeek-V3 below); these repeat them on the Megatron-LM scripts' flags.
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_LAYOUTS))
 def test_megatron_lm_family_flags_export_with_parity(family, data_cache, tmp_path):
     """The model flags of Megatron-LM's own scripts (megatron_wsm.testing.families: Mixtral,
@@ -162,6 +165,7 @@ def deepseek_ckpt(tmp_path_factory, data_cache):
     return train(DEEPSEEK, tmp_path_factory.mktemp("deepseek"), data_cache)
 
 
+@pytest.mark.slow
 def test_mixtral_style_gqa_kv_channels(data_cache, tmp_path):
     ckpt = train(MIXTRAL, tmp_path, data_cache)
     config = exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
@@ -235,6 +239,7 @@ def test_deepseek_refusals_write_nothing(deepseek_ckpt, data_cache, tmp_path):
         assert not (tmp_path / f"hf_{field}").exists()
 
 
+@pytest.mark.slow
 def test_deepseek_v2_lite_flags(data_cache, tmp_path):
     """MLA with a softmax router exports as DeepSeek-V2 (its complex-pair rotary equals MLA's)."""
     ckpt = train(DEEPSEEK_V2, tmp_path, data_cache)
@@ -261,6 +266,7 @@ def test_megatron_lm_family_flags_two_processes(family, data_cache, tmp_path):
     exported_matches(ckpt, tmp_path / "hf", tmp_path, data_cache)
 
 
+@pytest.mark.slow  # the same path runs fast in tests/unit/test_tokenizers.py
 def test_hf_tokenizer_directory_run_exports_offline(tmp_path, monkeypatch):
     """A local Hugging Face tokenizer directory → tools/preprocess_data.py → training
     (--tokenizer-type HuggingFaceTokenizer, a Qwen3-MoE-style model) → export, offline: the
