@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from megatron_wsm.checkpoint import common_state as ckpt_common
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
@@ -51,15 +52,23 @@ def storage_problems(path: Path, manifest: CheckpointManifest | None = None) -> 
     do not hold what it names (missing or short), or no common state (neither ``common.pt``
     nor an embedded one). Empty when usable or not torch_dist. Nothing but ``.metadata`` is
     read (one ``lstat`` per file), cheap enough for every listing."""
+    return checked_metadata(path, manifest)[1]
+
+
+def checked_metadata(
+    path: Path, manifest: CheckpointManifest | None = None
+) -> tuple[Any | None, list[str]]:
+    """:func:`storage_problems` and the ``.metadata`` it loaded (None when it loaded none: not
+    torch_dist, or a problem before), for callers that go on to read the metadata."""
     if not is_torch_dist(path, manifest):
-        return []
+        return None, []
     problems = file_type_problems(path)
     if problems:
-        return problems
+        return None, problems
     try:
         metadata = ckpt_integrity.load_metadata(path)
     except ckpt_integrity.IntegrityError as e:
-        return [str(e)]
+        return None, [str(e)]
     problems = ckpt_integrity.storage_problems(path, metadata)
     missing = ckpt_common.common_state_missing(path, metadata)
-    return problems + ([missing] if missing else [])
+    return metadata, problems + ([missing] if missing else [])

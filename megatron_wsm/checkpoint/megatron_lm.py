@@ -35,7 +35,7 @@ from typing import Any
 
 from megatron_wsm.checkpoint import common_state as ckpt_common
 from megatron_wsm.checkpoint import integrity as ckpt_integrity
-from megatron_wsm.checkpoint.files import storage_problems
+from megatron_wsm.checkpoint.files import checked_metadata
 from megatron_wsm.checkpoint.manifest import (
     KIND_FULL,
     KIND_WINDOW,
@@ -373,13 +373,14 @@ def tracker_problem(path: Path, iteration: int) -> str | None:
 
 def _file_problems(path: Path) -> list[str]:
     """The torch_dist files: consistent with ``.metadata`` both ways, ``metadata.json`` there."""
-    problems = storage_problems(path)
+    metadata, problems = checked_metadata(path)
     if problems:
         return problems
-    try:
-        metadata = ckpt_integrity.load_metadata(path)
-    except ckpt_integrity.IntegrityError as e:
-        return [str(e)]
+    if metadata is None:  # not torch_dist: say why in the loader's words
+        try:
+            metadata = ckpt_integrity.load_metadata(path)
+        except ckpt_integrity.IntegrityError as e:
+            return [str(e)]
     named = set(ckpt_integrity.shard_files(metadata))
     present = {n for n in os.listdir(path) if n.endswith(ckpt_integrity.SHARD_SUFFIX)}
     extra = sorted(present - named)
