@@ -152,6 +152,12 @@ class ModelConfig:
     moe_shared_expert_overlap: bool = flag_field(
         False, "overlap the shared expert with the dispatch (megatron-core; alltoall dispatcher)"
     )
+    moe_shared_expert_gate: bool = flag_field(
+        False,
+        "scale the shared experts' output by a sigmoid gate of the token (Qwen1.5/Qwen2-MoE); "
+        "only with --moe-shared-expert-intermediate-size, as in Megatron-LM",
+        shape=SHAPE_IF_SET,
+    )
     moe_router_topk: int = flag_field(2, "experts per token", shape=True)
     moe_router_score_function: str = flag_field(
         "softmax", "router score function", choices=["softmax", "sigmoid"], shape=SHAPE_IF_SET

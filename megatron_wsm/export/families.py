@@ -7,6 +7,9 @@ The choice follows what only one architecture can hold:
   shared experts, dense first layers, sigmoid router with a score-correction bias,
   group-limited routing); with a softmax router → DeepSeek-V2 (``DeepseekV2ForCausalLM``: the
   same attention and layers, top-k of the softmax over all experts, scaled);
+- a gated shared expert (``--moe-shared-expert-gate`` with shared experts) → Qwen2-MoE
+  (``Qwen2MoeForCausalLM``: one sigmoid-gated shared expert per MoE layer, optional QKV
+  bias, any mix of dense and MoE layers, softmax router with or without renormalised top-k);
 - QK-layernorm → Qwen3-MoE (``Qwen3MoeForCausalLM``: per-head q/k RMSNorm, any mix of dense
   and MoE layers, softmax router with or without renormalised top-k);
 - otherwise → Mixtral (``MixtralForCausalLM``).
@@ -28,13 +31,15 @@ MIXTRAL = "mixtral"
 QWEN3_MOE = "qwen3_moe"
 DEEPSEEK_V2 = "deepseek_v2"
 DEEPSEEK_V3 = "deepseek_v3"
-FAMILIES = (MIXTRAL, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
+QWEN2_MOE = "qwen2_moe"
+FAMILIES = (MIXTRAL, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3, QWEN2_MOE)
 #: The transformers class each family's ``config.json`` names.
 ARCHITECTURES = {
     MIXTRAL: "MixtralForCausalLM",
     QWEN3_MOE: "Qwen3MoeForCausalLM",
     DEEPSEEK_V2: "DeepseekV2ForCausalLM",
     DEEPSEEK_V3: "DeepseekV3ForCausalLM",
+    QWEN2_MOE: "Qwen2MoeForCausalLM",
 }
 #: MLATransformerConfig's defaults (megatron-core 0.16), for a config that leaves them unset.
 MLA_DEFAULTS = {
@@ -53,7 +58,12 @@ _NAMES = {
     QWEN3_MOE: "Qwen3-MoE",
     DEEPSEEK_V2: "DeepSeek-V2",
     DEEPSEEK_V3: "DeepSeek-V3",
+    QWEN2_MOE: "Qwen2-MoE",
 }
+#: The checkpoint key suffix of the fused QKV bias (``--add-qkv-bias``), which Qwen2-MoE has.
+QKV_BIAS_SUFFIX = "self_attention.linear_qkv.bias"
+#: The shared experts' sigmoid gate (``--moe-shared-expert-gate``), which Qwen2-MoE has.
+SHARED_GATE_SUFFIX = "shared_experts.gate_weight"
 
 
 def family_name(family: str) -> str:
@@ -86,6 +96,9 @@ def choose_family(model: Mapping[str, Any]) -> str:
         if (model.get("moe_router_score_function") or "softmax") == "softmax":
             return DEEPSEEK_V2
         return DEEPSEEK_V3
+    # megatron-core builds the gate only with shared experts (without them the flag does nothing).
+    if model.get("moe_shared_expert_gate") and model.get("moe_shared_expert_intermediate_size"):
+        return QWEN2_MOE
     if model.get("qk_layernorm"):
         return QWEN3_MOE
     return MIXTRAL
@@ -177,9 +190,17 @@ _NOT_MLA: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
-def _table_refusals(model: Mapping[str, Any], table: Any, name: str) -> list[str]:
+#: What Qwen2-MoE has that the tables above refuse for the other families.
+_QWEN2_HAS = ("add_qkv_bias", "moe_shared_expert_gate", "moe_shared_expert_intermediate_size")
+
+
+def _table_refusals(
+    model: Mapping[str, Any], table: Any, name: str, skip: tuple[str, ...] = ()
+) -> list[str]:
     out = []
     for field, bad, message in table:
+        if field in skip:
+            continue
         if field == "num_experts" or field in model:
             value = model.get(field)
             if bad(value):
@@ -196,6 +217,26 @@ def _mixtral_refusals(model: Mapping[str, Any]) -> list[str]:
             f"moe_layer_freq {model.get('moe_layer_freq')!r}: Mixtral has no dense "
             "layers between MoE layers (a QK-layernorm model exports as Qwen3-MoE, "
             "which has them)"
+        )
+    return out
+
+
+def _qwen2_refusals(model: Mapping[str, Any]) -> list[str]:
+    """What Qwen2-MoE cannot express beyond the common and non-MLA rules."""
+    out = []
+    if model.get("qk_layernorm"):
+        out.append(
+            "qk_layernorm: Qwen2-MoE has no query/key norm (Qwen3-MoE has one, but no "
+            "shared experts)"
+        )
+    if model.get("num_experts") and not model.get("moe_shared_expert_intermediate_size"):
+        out.append(
+            "no moe_shared_expert_intermediate_size: every Qwen2-MoE MoE layer has a shared expert"
+        )
+    if model.get("num_experts") and not model.get("moe_shared_expert_gate"):
+        out.append(
+            "no moe_shared_expert_gate: Qwen2-MoE always scales its shared expert by a sigmoid "
+            "gate (pass --moe-shared-expert-gate)"
         )
     return out
 
@@ -302,7 +343,7 @@ def _router_refusals(model: Mapping[str, Any], family: str) -> list[str]:
                 "sinkhorn routing with top-1 scores the expert by a sigmoid of its logit: "
                 f"{family_name(family)} has no such gate"
             )
-        elif family != QWEN3_MOE:
+        elif family not in (QWEN3_MOE, QWEN2_MOE):
             out.append(
                 "sinkhorn routing weighs experts by the unnormalised top-k of a softmax: "
                 f"{family_name(family)} does not (Qwen3-MoE, with --qk-layernorm, does)"
@@ -318,21 +359,32 @@ def _router_refusals(model: Mapping[str, Any], family: str) -> list[str]:
 def refusals(model: Mapping[str, Any], family: str) -> list[str]:
     """Why ``model`` cannot be exported as ``family`` (empty when it can)."""
     name = family_name(family)
-    out = _table_refusals(model, _COMMON, name) + _router_refusals(model, family)
+    skip = _QWEN2_HAS if family == QWEN2_MOE else ()
+    if not model.get("moe_shared_expert_intermediate_size"):
+        skip += ("moe_shared_expert_gate",)  # megatron-core builds no gate without shared experts
+    out = _table_refusals(model, _COMMON, name, skip) + _router_refusals(model, family)
     if family in (DEEPSEEK_V2, DEEPSEEK_V3):
         return out + _deepseek_refusals(model, family)
-    out += _table_refusals(model, _NOT_MLA, name)
+    out += _table_refusals(model, _NOT_MLA, name, skip)
     if family == MIXTRAL:
         out += _mixtral_refusals(model)
+    if family == QWEN2_MOE:
+        out += _qwen2_refusals(model)
     return out
 
 
 def key_refusals(keys: list[str], family: str) -> list[str]:
     """Why checkpoint tensors cannot be ``family``'s, by key (one message per kind)."""
     name = family_name(family)
+    qwen2 = family == QWEN2_MOE
     checks: list[tuple[Callable[[str], bool], str]] = [
         (
-            lambda k: k.endswith("bias") and "norm" not in k and "expert_bias" not in k,
+            lambda k: (
+                k.endswith("bias")
+                and "norm" not in k
+                and "expert_bias" not in k
+                and not (qwen2 and k.endswith(QKV_BIAS_SUFFIX))  # Qwen2-MoE's q/k/v biases
+            ),
             "has linear biases ({k}): {name} has none",
         ),
         (
@@ -348,7 +400,7 @@ def key_refusals(keys: list[str], family: str) -> list[str]:
             "has learned absolute positions ({k}): {name} uses rotary positions",
         ),
         (
-            lambda k: k.endswith("shared_experts.gate_weight"),
+            lambda k: k.endswith(SHARED_GATE_SUFFIX) and not qwen2,
             "has a gated shared expert ({k}): {name} has none",
         ),
     ]
@@ -365,7 +417,10 @@ def key_refusals(keys: list[str], family: str) -> list[str]:
         )
     if family not in (DEEPSEEK_V2, DEEPSEEK_V3):
         checks += [
-            (lambda k: "shared_expert" in k, "has shared experts ({k}): {name} has none"),
+            (
+                lambda k: "shared_expert" in k and not qwen2,
+                "has shared experts ({k}): {name} has none",
+            ),
             (
                 lambda k: "expert_bias" in k,
                 "has a bias-corrected router ({k}): {name}'s router is a plain softmax",

@@ -89,7 +89,8 @@ class TensorSpec:
 def split_qkv(
     weight: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split megatron-core's fused QKV weight into HF ``q_proj``, ``k_proj``, ``v_proj``.
+    """Split megatron-core's fused QKV weight (or bias) into HF ``q_proj``, ``k_proj``,
+    ``v_proj``.
 
     megatron-core orders the fused rows per query group: that group's ``num_heads/num_groups``
     query heads, then its key head, then its value head (each ``head_dim`` rows). HF keeps query
@@ -99,17 +100,18 @@ def split_qkv(
     if num_heads % num_groups:
         raise ExportError(f"{num_heads} attention heads do not split into {num_groups} groups")
     per_group = num_heads // num_groups
-    hidden = weight.shape[-1]
+    # ``[rows, hidden]`` for the weight, ``[rows]`` for the QKV bias (same row order).
+    trailing = tuple(weight.shape[1:])
     expected = num_groups * (per_group + 2) * head_dim
     if weight.shape[0] != expected:
         raise ExportError(
             f"fused QKV has {weight.shape[0]} rows, expected {expected} "
             f"({num_groups} groups × ({per_group} q + 1 k + 1 v) × head_dim {head_dim})"
         )
-    grouped = weight.reshape(num_groups, per_group + 2, head_dim, hidden)
-    q = grouped[:, :per_group].reshape(num_heads * head_dim, hidden)
-    k = grouped[:, per_group].reshape(num_groups * head_dim, hidden)
-    v = grouped[:, per_group + 1].reshape(num_groups * head_dim, hidden)
+    grouped = weight.reshape(num_groups, per_group + 2, head_dim, *trailing)
+    q = grouped[:, :per_group].reshape(num_heads * head_dim, *trailing)
+    k = grouped[:, per_group].reshape(num_groups * head_dim, *trailing)
+    v = grouped[:, per_group + 1].reshape(num_groups * head_dim, *trailing)
     return q, k, v
 
 

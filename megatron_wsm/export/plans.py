@@ -1,4 +1,4 @@
-"""Checkpoint tensors → Qwen3-MoE and DeepSeek-V3 tensors (pure functions, no files).
+"""Checkpoint tensors → Qwen3-MoE, Qwen2-MoE and DeepSeek tensors (pure functions, no files).
 
 Like :func:`megatron_wsm.export.mapping.plan` (Mixtral), each HF tensor is "this global key,
 at this leading index, through this transform". One difference: megatron-core stacks layers
@@ -34,6 +34,7 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
     "input_norm": ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
     "pre_mlp_norm": ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"),
     "qkv": ("self_attention.linear_qkv.weight",),
+    "qkv_bias": (families.QKV_BIAS_SUFFIX,),
     "proj": ("self_attention.linear_proj.weight",),
     "q_norm": ("self_attention.q_layernorm.weight",),
     "k_norm": ("self_attention.k_layernorm.weight",),
@@ -58,6 +59,7 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
     "expert_fc2": ("mlp.experts.experts.linear_fc2.weight", "mlp.experts.linear_fc2.weight"),
     "shared_fc1": ("mlp.shared_experts.linear_fc1.weight",),
     "shared_fc2": ("mlp.shared_experts.linear_fc2.weight",),
+    "shared_gate": ("mlp." + families.SHARED_GATE_SUFFIX,),
 }
 
 
@@ -74,6 +76,7 @@ class FamilyShapes(Shapes):
     qk_head_dim: int = 0  #: MLA: the non-rotary part of a query/key head
     qk_pos_emb_head_dim: int = 0  #: MLA: the rotary part
     v_head_dim: int = 0
+    qkv_bias: bool = False  #: Qwen2-MoE: the QKV projection has a bias
 
 
 def family_shapes(model: Mapping[str, Any], vocab_size: int, family: str) -> FamilyShapes:
@@ -88,6 +91,8 @@ def family_shapes(model: Mapping[str, Any], vocab_size: int, family: str) -> Fam
         "moe_layers": tuple(families.moe_layer_pattern(model)),
         "shared_ffn_hidden_size": int(model.get("moe_shared_expert_intermediate_size") or 0),
     }
+    if family == families.QWEN2_MOE:  # megatron-core: a QKV bias with either flag
+        extra["qkv_bias"] = bool(model.get("add_qkv_bias") or model.get("add_bias_linear"))
     if family in (families.DEEPSEEK_V2, families.DEEPSEEK_V3):
         mla = {k: model.get(k, v) for k, v in families.MLA_DEFAULTS.items()}
         extra.update(
@@ -260,6 +265,39 @@ def plan_qwen3_moe(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list
     return pl.end()
 
 
+def plan_qwen2_moe(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpec]:
+    """Every Qwen2-MoE tensor, in write order (raises :class:`ExportError` like ``plan``).
+
+    As Qwen3-MoE without the q/k norms, plus the QKV bias (split like the weight's rows) and,
+    in each MoE layer, the shared expert (``mlp.shared_expert.*``) with its sigmoid gate
+    (``shared_experts.gate_weight`` [1, hidden] → ``mlp.shared_expert_gate.weight``).
+    """
+    _check_layers(s)
+    pl = _Planner(s, keys)
+    pl.begin()
+    h, hd = s.hidden_size, s.head_dim
+    nq, nkv = s.num_attention_heads * hd, s.num_query_groups * hd
+    qkv_shape = (nq + 2 * nkv, h)
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        pl.layer(p + "input_layernorm.weight", i, "input_norm", (h,))
+        for part, rows in (("q", nq), ("k", nkv), ("v", nkv)):
+            pl.layer(f"{a}{part}_proj.weight", i, "qkv", (rows, h), part, qkv_shape)
+            if s.qkv_bias:
+                pl.layer(f"{a}{part}_proj.bias", i, "qkv_bias", (rows,), part, qkv_shape[:1])
+        pl.layer(a + "o_proj.weight", i, "proj", (h, nq))
+        pl.layer(p + "post_attention_layernorm.weight", i, "pre_mlp_norm", (h,))
+        if s.moe_layers[i]:
+            pl.layer(p + "mlp.gate.weight", i, "router", (s.num_experts, h))
+            pl.experts(p, i, ("gate_proj", "up_proj", "down_proj"))
+            pl.mlp(p, i, s.shared_ffn_hidden_size, "shared_fc1", "shared_fc2", "mlp.shared_expert.")
+            pl.layer(p + "mlp.shared_expert_gate.weight", i, "shared_gate", (1, h))
+        else:
+            pl.mlp(p, i, s.ffn_hidden_size, "dense_fc1", "dense_fc2", "mlp.")
+    return pl.end()
+
+
 def plan_deepseek(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpec]:
     """Every DeepSeek-V3 (or DeepSeek-V2: the same but the router's correction bias) tensor,
     in write order (raises :class:`ExportError` like ``plan``).
@@ -324,6 +362,8 @@ def plan(s: FamilyShapes, keys: Mapping[str, tuple[int, ...]]) -> list[TensorSpe
     """The tensor plan of ``s.family`` (Mixtral: :func:`megatron_wsm.export.mapping.plan`)."""
     if s.family == families.QWEN3_MOE:
         return plan_qwen3_moe(s, keys)
+    if s.family == families.QWEN2_MOE:
+        return plan_qwen2_moe(s, keys)
     if s.family in (families.DEEPSEEK_V2, families.DEEPSEEK_V3):
         return plan_deepseek(s, keys)
     from megatron_wsm.export import mapping
@@ -389,6 +429,26 @@ def qwen3_moe_config(
         "mlp_only_layers": [i for i, moe in enumerate(s.moe_layers) if not moe],
         "use_sliding_window": False,
         "sliding_window": None,
+    }
+
+
+def qwen2_moe_config(
+    model: Mapping[str, Any], s: FamilyShapes, bos_id: int, eos_id: int, dtype: str
+) -> dict[str, Any]:
+    """``config.json`` of a Qwen2-MoE export (transformers' ``Qwen2MoeConfig`` fields).
+
+    The router as Qwen3-MoE's (:func:`qwen3_moe_config`); every MoE layer has one shared
+    expert of ``moe_shared_expert_intermediate_size``; dense layers are ``mlp_only_layers``.
+    """
+    qwen3 = qwen3_moe_config(model, s, bos_id, eos_id, dtype)
+    qwen3.pop("attention_bias")  # Qwen2-MoE names it qkv_bias
+    return {
+        **qwen3,
+        "architectures": [families.ARCHITECTURES[families.QWEN2_MOE]],
+        "model_type": families.QWEN2_MOE,
+        "shared_expert_intermediate_size": s.shared_ffn_hidden_size,
+        "qkv_bias": s.qkv_bias,
+        "max_window_layers": s.num_layers,
     }
 
 
@@ -504,6 +564,8 @@ def hf_config(
     """``config.json`` of ``s.family``."""
     if s.family == families.QWEN3_MOE:
         return qwen3_moe_config(model, s, bos_id, eos_id, dtype)
+    if s.family == families.QWEN2_MOE:
+        return qwen2_moe_config(model, s, bos_id, eos_id, dtype)
     if s.family == families.DEEPSEEK_V3:
         return deepseek_v3_config(model, s, bos_id, eos_id, dtype)
     if s.family == families.DEEPSEEK_V2:

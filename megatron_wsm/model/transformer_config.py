@@ -59,6 +59,7 @@ _MOE_FIELDS = (
     "moe_layer_freq",
     "moe_shared_expert_intermediate_size",
     "moe_shared_expert_overlap",
+    "moe_shared_expert_gate",
     "moe_router_score_function",
     "moe_router_pre_softmax",
     "moe_router_topk_scaling_factor",
