@@ -300,6 +300,8 @@ def te_family_param_keys(
     q_lora_rank: int | None = None,
     shared_experts: bool = False,
     expert_bias: bool = False,
+    qkv_bias: bool = False,
+    shared_expert_gate: bool = False,
 ) -> list[str]:
     """Sorted keys of the decoder layers of a TE-spec model whose layer ``i`` is MoE when
     ``layer_pattern[i]`` is 1 (megatron-core's ``get_gpt_decoder_block_spec``).
@@ -307,7 +309,9 @@ def te_family_param_keys(
     Mixed dense and MoE layers are stored per layer (``decoder.layers.<i>.…``; megatron-core's
     "non-homogeneous layers"), all-MoE or all-dense ones stacked (``decoder.layers.…``). MLA
     builds either the query projection or its LoRA pair (``q_lora_rank``); the router's
-    ``expert_bias`` buffer is stored with ``--moe-router-enable-expert-bias``.
+    ``expert_bias`` buffer is stored with ``--moe-router-enable-expert-bias``, the fused QKV's
+    bias with ``--add-qkv-bias`` and the shared experts' ``gate_weight`` with
+    ``--moe-shared-expert-gate``.
     """
     layer_norm = normalization == "LayerNorm"
     skip = set() if shared_experts else {"shared_experts"}
@@ -323,6 +327,10 @@ def te_family_param_keys(
         keys = _module_keys(spec, layer_norm, frozenset(skip))
         if experts and expert_bias:
             keys.append("mlp.router.expert_bias")
+        if qkv_bias and not multi_latent_attention:
+            keys.append("self_attention.linear_qkv.bias")
+        if experts and shared_experts and shared_expert_gate:
+            keys.append("mlp.shared_experts.gate_weight")
         per_kind[kind] = keys
     if len(set(layer_pattern)) == 1:
         return sorted(f"decoder.layers.{k}" for k in per_kind[layer_pattern[0]])

@@ -6,7 +6,8 @@ unless they set their own). Sources: Mixtral — ``examples/mixtral/
 train_mixtral_8x7b_distributed.sh``; Qwen3-MoE — ``examples/post_training/modelopt/conf/Qwen/
 Qwen3-30B-A3B.sh``; DeepSeek — ``examples/post_training/modelopt/conf/deepseek-ai/
 DeepSeek-V2-Lite.sh`` and ``DeepSeek-R1.sh`` (V3 architecture: query LoRA, sigmoid router with
-expert bias, group-limited routing).
+expert bias, group-limited routing); Qwen2-MoE (no Megatron-LM script) — the Qwen3 flags with
+Qwen1.5/Qwen2-MoE's differences (:data:`QWEN2`).
 """
 
 from __future__ import annotations
@@ -63,9 +64,22 @@ DEEPSEEK_V2_LITE = (
     "--rotary-percent 1.0 --rotary-base 10000 --rotary-scaling-factor 40 --mscale 0.707 "
     "--mscale-all-dim 0.707"
 ).split()
+#: Qwen1.5-MoE / Qwen2-57B-A14B-style (Megatron-LM has no script for them; the flags of the
+#: Qwen3 script above with Qwen2-MoE's differences, as Megatron-Bridge's Qwen2-MoE provider
+#: sets them): QKV bias, a shared expert scaled by a sigmoid gate, the softmax router's top-k
+#: not renormalised (pre-softmax), no qk-layernorm.
+QWEN2 = (
+    "--disable-bias-linear --add-qkv-bias --untie-embeddings-and-output-weights "
+    "--position-embedding-type rope --normalization RMSNorm --norm-epsilon 1e-6 --swiglu "
+    "--group-query-attention --num-query-groups 2 --moe-ffn-hidden-size 24 "
+    "--moe-shared-expert-intermediate-size 32 --moe-shared-expert-gate --moe-router-pre-softmax "
+    "--moe-router-dtype fp32 --moe-aux-loss-coeff 1e-3 --moe-router-load-balancing-type aux_loss "
+    "--moe-token-dispatcher-type alltoall --rotary-percent 1.0 --rotary-base 1000000"
+).split()
 #: Every family's flags whose config is checked against Megatron-LM's (tests/data/megatron_lm/
 #: families/); the 2-process runs take FAMILY_LAYOUTS.
 REFERENCE_FAMILIES = {
     **{name: flags for name, (flags, _layout, _moe) in FAMILY_LAYOUTS.items()},
     "deepseek_v2_lite": DEEPSEEK_V2_LITE,
+    "qwen2_moe": QWEN2,
 }

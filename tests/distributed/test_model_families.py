@@ -198,6 +198,8 @@ def test_family_checkpoint_keys_equal_the_te_specs():
             q_lora_rank=m.q_lora_rank,
             shared_experts=bool(m.moe_shared_expert_intermediate_size),
             expert_bias=m.moe_router_enable_expert_bias,
+            qkv_bias=m.add_qkv_bias,
+            shared_expert_gate=m.moe_shared_expert_gate,
         )
         decoder = [k for k in local if k.startswith("decoder.layers.")]
         assert decoder == te, (name, sorted(set(decoder) ^ set(te)))

@@ -166,6 +166,12 @@ EXPECTED_DIFFERENCES = {
         "moe_token_dispatcher_type",
     },
     "deepseek_v2_lite": {"moe_router_dtype"},
+    "qwen2_moe": {
+        "attention_softmax_in_fp32",
+        "hidden_dropout",
+        "attention_dropout",
+        "ffn_hidden_size",
+    },
 }
 
 
