@@ -1,5 +1,6 @@
 """``tools/export_hf.py --load CKPT --save HF_DIR``: a checkpoint as a Hugging Face model, in
-the architecture of its family (Mixtral, Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3: docs/export.md).
+the architecture of its family (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3:
+docs/export.md).
 
 CKPT is any torch_dist checkpoint megatron-wsm writes (full, window or merged; any TP/PP/EP
 layout), or a directory of them (the newest complete one is used). No GPU and no process group

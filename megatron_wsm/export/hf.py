@@ -1,5 +1,6 @@
 """Export a megatron-wsm checkpoint to a Hugging Face directory (the whole pipeline): Mixtral,
-Qwen3-MoE or DeepSeek-V3, whichever the model is (:mod:`megatron_wsm.export.families`).
+Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3, whichever the model is
+(:mod:`megatron_wsm.export.families`).
 
 Order matters: everything that can refuse (manifest, metadata, storage ranges, what the
 architecture can express, shapes, tokenizer) is checked before the first byte is written.
