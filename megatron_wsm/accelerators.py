@@ -18,6 +18,15 @@ GROUPED_GEMM_NO_EFFECT = (
     "same checkpoint keys)"
 )
 
+#: The note for ``--moe-grouped-gemm`` with ``--transformer-impl local``: megatron-core's local
+#: spec would build its legacy ``GroupedMLP`` (another checkpoint layout), so the experts run as
+#: ``SequentialMLP`` there, with the keys of every other run.
+GROUPED_GEMM_LOCAL_SPEC = (
+    "accepted, no effect here: --moe-grouped-gemm with --transformer-impl local: the experts "
+    "run one after another (megatron-core's SequentialMLP, same checkpoint keys; Megatron-LM's "
+    "local spec would build its legacy GroupedMLP, another checkpoint layout)"
+)
+
 
 def transformer_engine_usable() -> bool:
     """TE is an optional GPU accelerator: use it only when it imports and CUDA is present."""
@@ -37,6 +46,13 @@ SPEC_TE = "transformer_engine"
 SPEC_LOCAL = "local"
 
 
-def layer_spec_name() -> str:
-    """Which layer spec ``model.build_layer_spec`` picks on this machine (TE's when usable)."""
-    return SPEC_TE if transformer_engine_usable() else SPEC_LOCAL
+def uses_transformer_engine(transformer_impl: str = SPEC_TE) -> bool:
+    """Whether the model is built with Transformer Engine's layer spec: ``--transformer-impl
+    transformer_engine`` (the default) where TE is usable; ``local`` never."""
+    return transformer_impl == SPEC_TE and transformer_engine_usable()
+
+
+def layer_spec_name(transformer_impl: str = SPEC_TE) -> str:
+    """Which layer spec ``model.build_layer_spec`` picks on this machine for
+    ``--transformer-impl`` (TE's when asked for and usable, else the local one)."""
+    return SPEC_TE if uses_transformer_engine(transformer_impl) else SPEC_LOCAL

@@ -71,16 +71,20 @@ def _add_field(
             **kw,
         )
         return
-    if "nargs" in meta:  # a word list (Megatron-LM's --data-path: nargs='*' of strings)
-        group.add_argument(flag, dest=field.name, nargs=meta["nargs"], default=default, **kw)
-        return
     kind = _scalar_type(cls, field)
-    if kind is bool:
-        group.add_argument(flag, dest=field.name, action="store_true", default=default, **kw)
-        return
     choices = meta.get("choices")
     if callable(choices):
         choices = choices()
+    if "nargs" in meta:  # a word list (Megatron-LM's --data-path: nargs='*' of strings)
+        if choices is not None:  # each word one of them (--moe-router-load-balancing-type)
+            kw["choices"] = choices
+        elif kind in (int, float):  # numbers (--moe-aux-loss-coeff: float | list[float])
+            kw["type"] = kind
+        group.add_argument(flag, dest=field.name, nargs=meta["nargs"], default=default, **kw)
+        return
+    if kind is bool:
+        group.add_argument(flag, dest=field.name, action="store_true", default=default, **kw)
+        return
     if choices is not None:
         kw["choices"] = choices
     elif kind is not str:  # argparse's own default type is str

@@ -59,10 +59,6 @@ NO_EFFECT: dict[str, str] = {
         "the attention kernel follows the layer spec here (Transformer Engine's where it is "
         "usable, megatron-core's local DotProductAttention otherwise)"
     ),
-    "--transformer-impl": (
-        "megatron-wsm picks the layer spec itself: Transformer Engine's where TE is usable "
-        "(CUDA and TE installed), megatron-core's local spec otherwise (always on CPU)"
-    ),
     "--tp-comm-overlap": _OVERLAP,
     "--overlap-moe-expert-parallel-comm": _OVERLAP,
     "--overlap-param-gather-with-optimizer-step": _OVERLAP,
@@ -96,7 +92,6 @@ NO_EFFECT: dict[str, str] = {
 #: Megatron-LM option -> the values accepted without effect (others would change the run).
 ACCEPTED_VALUES: dict[str, tuple[str, ...]] = {
     "--ckpt-format": ("torch_dist",),
-    "--transformer-impl": ("transformer_engine", "local"),
 }
 
 #: Megatron-LM option -> why megatron-wsm refuses it (others: "not supported ... yet").

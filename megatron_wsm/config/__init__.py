@@ -25,7 +25,9 @@ Field metadata keys (read by ``arguments.build_parser``):
 * ``store_true`` flags whose value is not the field's own: ``dest`` (the namespace name) and
   ``convert`` (flag value → field value), e.g. ``--bf16`` → ``params_dtype``;
 * ``const``: an option that stores this constant (``--dist-ckpt-optim-fully-reshardable``);
-* ``nargs``: a word-list option (argparse ``nargs``; strings), e.g. ``--data-path``;
+* ``nargs``: a word-list option (argparse ``nargs``; strings, each one of ``choices`` when
+  given, or numbers for a field typed ``float | list[float]``), e.g. ``--data-path``; a field
+  that unwraps a one-element list does so itself (``--moe-router-load-balancing-type``);
 * ``shape``: the field decides parameter shapes or routing (hashed into checkpoint manifests).
 
 The package imports the standard library and two small pure modules only (``lr_styles``: the

@@ -5,13 +5,23 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from megatron_wsm.accelerators import GROUPED_GEMM_NO_EFFECT, transformer_engine_usable
+from megatron_wsm.accelerators import (
+    GROUPED_GEMM_LOCAL_SPEC,
+    GROUPED_GEMM_NO_EFFECT,
+    transformer_engine_usable,
+)
 from megatron_wsm.config.fields import ConfigError, bf16_dtype, flag_field
 from megatron_wsm.config.layer_freq import LayerFreqError, moe_layer_pattern, parse_moe_layer_freq
 
 if TYPE_CHECKING:
     from megatron_wsm.config.parallel import ParallelConfig
 
+
+#: Megatron-LM's ``--moe-router-load-balancing-type`` choices.
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+#: ``--transformer-impl`` choices: Transformer Engine's layer spec where TE is usable (else the
+#: local one), or megatron-core's local spec everywhere.
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 #: ``shape`` metadata of the model fields added after checkpoint manifests began to hash the
 #: model's shape fields: such a field enters the identity only when it differs from its default,
@@ -187,9 +197,19 @@ class ModelConfig:
         choices=["fp32", "fp64"],
     )
     moe_token_dispatcher_type: str = flag_field("alltoall", choices=["alltoall", "allgather"])
-    moe_aux_loss_coeff: float = flag_field(1e-2, "load-balancing loss")
-    moe_router_load_balancing_type: str = flag_field(
-        "aux_loss", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"]
+    moe_aux_loss_coeff: float | list[float] = flag_field(
+        1e-2,
+        "scale of the load-balancing loss; one value per --moe-router-load-balancing-type when "
+        "several are given (this project's default 1e-2, Megatron-LM's 0)",
+        nargs="+",
+    )
+    moe_router_load_balancing_type: str | list[str] = flag_field(
+        "aux_loss",
+        "load-balancing strategy: aux_loss (GShard/Switch), seq_aux_loss (per sequence, "
+        "DeepSeek-V2), global_aux_loss, sinkhorn, none; several aux-loss types may be combined, "
+        "each with its own --moe-aux-loss-coeff",
+        choices=list(LOAD_BALANCING_TYPES),
+        nargs="+",
     )
     moe_z_loss_coeff: float | None = flag_field(None, "router z-loss coefficient")
     moe_expert_capacity_factor: float | None = flag_field(
@@ -215,6 +235,13 @@ class ModelConfig:
         "run each layer's experts as one grouped GEMM (Transformer Engine on CUDA); "
         "checkpoints are the same as without; elsewhere accepted without effect (noted once)",
     )
+    transformer_impl: str = flag_field(
+        "transformer_engine",
+        "layer implementation (Megatron-LM's): transformer_engine = Transformer Engine's layer "
+        "spec where TE is usable (CUDA and TE installed), megatron-core's local spec otherwise "
+        "(always on CPU); local = megatron-core's local spec everywhere. Same checkpoint keys",
+        choices=list(TRANSFORMER_IMPLS),
+    )
     layout_independent_init: bool = flag_field(
         False, "initialise weights identically for every TP/PP/EP layout (tests, small models)"
     )
@@ -238,6 +265,7 @@ class ModelConfig:
         if self.num_experts == 0:  # the flag's "0: dense"
             self.num_experts = None
         self._fold_switches()
+        self._fold_load_balancing_lists()
         try:
             self.moe_layer_freq = parse_moe_layer_freq(self.moe_layer_freq)
         except LayerFreqError as e:
@@ -274,6 +302,15 @@ class ModelConfig:
         self.no_swiglu = self.tie_embeddings_and_output_weights = False
         self.disable_bias_linear = self.use_rotary_position_embeddings = False
         self.no_position_embedding = False
+
+    def _fold_load_balancing_lists(self) -> None:
+        """One ``--moe-router-load-balancing-type`` / ``--moe-aux-loss-coeff`` value is kept as a
+        plain str / float, as Megatron-LM's ``validate_args`` unwraps a one-element list: the
+        manifests and checkpoint ``args`` of single-type runs stay as they were, and only a
+        real list (several types, megatron-core's per-type coefficients) reaches
+        megatron-core as a list."""
+        self.moe_router_load_balancing_type = _unwrap_one(self.moe_router_load_balancing_type)
+        self.moe_aux_loss_coeff = _unwrap_one(self.moe_aux_loss_coeff)
 
     @property
     def query_groups(self) -> int | None:
@@ -340,6 +377,12 @@ class ModelConfig:
                 f"--moe-router-topk {self.moe_router_topk} must be in [1, {self.num_experts}]"
             )
         self.validate_attention(tp)
+        if cp > 1 and self.transformer_impl == "local":
+            raise ConfigError(
+                "--context-parallel-size > 1 needs Transformer Engine's attention; "
+                "--transformer-impl local builds megatron-core's local attention, which does "
+                "not support context parallelism"
+            )
         if self.num_experts:
             self.validate_moe()
             if self.add_bias_linear and tp > 1:
@@ -400,11 +443,7 @@ class ModelConfig:
                 )
             if self.moe_router_group_topk > groups:
                 raise ConfigError("--moe-router-group-topk exceeds --moe-router-num-groups")
-        if self.moe_router_load_balancing_type == "sinkhorn" and self.moe_aux_loss_coeff:
-            raise ConfigError(
-                "--moe-router-load-balancing-type sinkhorn has no auxiliary loss: pass "
-                "--moe-aux-loss-coeff 0 (this project's default is 1e-2, Megatron-LM's 0)"
-            )
+        self.validate_load_balancing()
         if self.moe_expert_capacity_factor is not None and self.moe_expert_capacity_factor >= 0:
             if self.moe_router_load_balancing_type == "sinkhorn":
                 raise ConfigError(
@@ -414,6 +453,40 @@ class ModelConfig:
         elif self.moe_pad_expert_input_to_capacity:
             raise ConfigError(
                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"
+            )
+
+    def validate_load_balancing(self) -> None:
+        """``--moe-router-load-balancing-type`` against ``--moe-aux-loss-coeff``, checked here
+        so that megatron-core's assertion (a list of types needs a list of coefficients of the
+        same length) and its silent cases never arise after start-up: sinkhorn runs only as
+        the sole type (in a list megatron-core ignores it), and a repeated type would get only
+        its first coefficient."""
+        types, coeffs = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
+        if isinstance(types, list) or isinstance(coeffs, list):
+            n_types = len(types) if isinstance(types, list) else 1
+            n_coeffs = len(coeffs) if isinstance(coeffs, list) else 1
+            if n_types != n_coeffs:
+                raise ConfigError(
+                    f"--moe-aux-loss-coeff needs one value per --moe-router-load-balancing-type: "
+                    f"{n_types} type(s) ({_words(types)}) but {n_coeffs} coefficient(s) "
+                    f"({_words(coeffs)})"
+                )
+        if isinstance(types, list):
+            if "sinkhorn" in types:
+                raise ConfigError(
+                    "--moe-router-load-balancing-type sinkhorn cannot be combined with other "
+                    "types (megatron-core runs sinkhorn only as the sole type)"
+                )
+            repeated = sorted({t for t in types if types.count(t) > 1})
+            if repeated:
+                raise ConfigError(
+                    f"--moe-router-load-balancing-type repeats {', '.join(repeated)}: give each "
+                    "type once, with its coefficient"
+                )
+        elif types == "sinkhorn" and coeffs:
+            raise ConfigError(
+                "--moe-router-load-balancing-type sinkhorn has no auxiliary loss: pass "
+                "--moe-aux-loss-coeff 0 (this project's default is 1e-2, Megatron-LM's 0)"
             )
 
     def validate_accelerator(self, cuda: bool, te: bool | None = None) -> None:
@@ -427,9 +500,24 @@ class ModelConfig:
         Transformer Engine usable; probed only when a flag needs it and it is None)."""
         if not (self.moe_grouped_gemm and self.num_experts):
             return []
+        if self.transformer_impl == "local":
+            return [GROUPED_GEMM_LOCAL_SPEC]
         if te is None:
             te = transformer_engine_usable()
         return [] if te else [GROUPED_GEMM_NO_EFFECT]
+
+
+def _unwrap_one(value: Any) -> Any:
+    """A one-element list (or tuple) as its element; other lists as lists (a JSON round trip
+    or argparse may hand a tuple); anything else unchanged."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if len(value) == 1 else list(value)
+    return value
+
+
+def _words(value: Any) -> str:
+    """A flag's value(s) as the command line spells them."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def model_identity_fields(model_json: dict[str, Any]) -> dict[str, Any]:

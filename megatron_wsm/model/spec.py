@@ -12,7 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_wsm.accelerators import transformer_engine_usable
+from megatron_wsm.accelerators import uses_transformer_engine
 from megatron_wsm.config import ModelConfig
 from megatron_wsm.model.attention import MLADotProductAttention, allow_local_mla
 from megatron_wsm.model.norm import SequenceParallelTorchNorm, replace_norms
@@ -49,19 +49,21 @@ def build_layer_spec(config: TransformerConfig, model: ModelConfig) -> Transform
     """This pipeline stage's block spec: megatron-core's ``get_gpt_decoder_block_spec`` (dense
     and MoE layers laid out by ``--moe-layer-freq``; MLA, qk-layernorm from the config).
 
-    TE spec when TE + CUDA are usable, else the local one with SP-capable norms carrying TE's
-    parameter names (:class:`SequenceParallelTorchNorm`, :func:`local_keys_map`), so both give
-    the same checkpoint keys.
+    TE spec when TE + CUDA are usable and ``--transformer-impl`` is ``transformer_engine`` (the
+    default), else (``local``, or no TE) megatron-core's local one with SP-capable norms
+    carrying TE's parameter names (:class:`SequenceParallelTorchNorm`,
+    :func:`local_keys_map`), so both give the same checkpoint keys.
     """
     num_experts = model.num_experts or None
-    if transformer_engine_usable():
+    if uses_transformer_engine(model.transformer_impl):
         return get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization=model.normalization
         )
     if getattr(config, "moe_grouped_gemm", False) and num_experts:
         # The local spec would fall back to the legacy GroupedMLP (another checkpoint layout):
-        # without TE the config must carry moe_grouped_gemm=False (transformer_config_kwargs
-        # does; the flag is then accepted with a note, ModelConfig.accelerator_notes).
+        # without TE's spec the config must carry moe_grouped_gemm=False
+        # (transformer_config_kwargs does; the flag is then accepted with a note,
+        # ModelConfig.accelerator_notes).
         raise ValueError("moe_grouped_gemm=True reached the local spec; it needs the TE spec")
     if model.multi_latent_attention:
         allow_local_mla()

@@ -35,6 +35,7 @@ _MODEL_FIELDS = (
     "add_bias_linear",
     "add_qkv_bias",
     "attention_softmax_in_fp32",
+    "transformer_impl",
 )
 #: The same for multi-latent attention (``MLATransformerConfig``) only.
 _MLA_FIELDS = (
@@ -124,9 +125,12 @@ def transformer_config_kwargs(
             num_moe_experts=model.num_experts,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or ffn,
             moe_permute_fusion=False,
-            # Grouped GEMM is a TE kernel: without TE the local spec's SequentialMLP runs the
-            # same experts (the flag is accepted with a note, ModelConfig.accelerator_notes).
-            moe_grouped_gemm=model.moe_grouped_gemm and kernels.transformer_engine,
+            # Grouped GEMM is a TE kernel: without TE's spec (no TE, or --transformer-impl
+            # local) the local spec's SequentialMLP runs the same experts (the flag is accepted
+            # with a note, ModelConfig.accelerator_notes).
+            moe_grouped_gemm=model.moe_grouped_gemm
+            and kernels.transformer_engine
+            and model.transformer_impl == "transformer_engine",
         )
     return cls, kwargs
 

@@ -95,7 +95,7 @@ def test_no_effect_flags_take_megatron_lm_syntax_and_are_reported_once(capsys):
     cfg, _ = parse_run_config(
         [
             "--use-mcore-models", "--timing-log-option", "minmax", "--tp-comm-overlap",
-            "--no-persist-layer-norm", "--transformer-impl", "local", "--lr", "2e-3",
+            "--no-persist-layer-norm", "--attention-backend", "flash", "--lr", "2e-3",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out.splitlines()
