@@ -153,7 +153,9 @@ def reduce_counts(
         if tp_size != 1:
             raise RuntimeError("tp_size > 1 requires an initialised torch.distributed")
         return out
-    if out.is_cuda and dist.get_backend(group) == "gloo":
+    if dist.get_world_size(group) == 1:
+        pass  # a one-rank sum is the identity: skip the collective (~0.1 ms a step on gloo)
+    elif out.is_cuda and dist.get_backend(group) == "gloo":
         # gloo cannot reduce CUDA int64 tensors: go through the host (only on gloo setups).
         host = out.cpu()
         dist.all_reduce(host, op=dist.ReduceOp.SUM, group=group)

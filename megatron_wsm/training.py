@@ -29,9 +29,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_wsm import distributed as wdist
 from megatron_wsm import metric_names as names
-from megatron_wsm.batches import global_batch_iterator
+from megatron_wsm.batches import GlobalBatchPrefetcher, global_batch_iterator
 from megatron_wsm.callbacks import Callback, CallbackList
-from megatron_wsm.config import ConfigError, RunConfig
+from megatron_wsm.config import RunConfig
+from megatron_wsm.eval_set import eval_set
 from megatron_wsm.lr import build_scheduler
 from megatron_wsm.model import build_gpt_model, build_transformer_config, layout_independent_init
 from megatron_wsm.run_state import Components, StepResult, TrainState  # noqa: F401 - re-exported
@@ -118,36 +119,33 @@ def _forward_step(
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def _reduce_loss(losses_reduced: list[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted mean loss over the global batch, identical on every rank.
+def _reduce_loss(
+    losses_reduced: list[dict[str, torch.Tensor]], nonfinite_here: bool = False
+) -> tuple[float, bool]:
+    """Token-weighted mean loss over the global batch, identical on every rank, and whether any
+    rank reported ``nonfinite_here`` (one collective for both: the step's non-finite check
+    rides on the loss reduction instead of costing a second one).
 
     Ranks that did not compute the loss contribute zeros; TP replicas of the last stage add the
     same loss *and* the same token count, so the ratio is unaffected by them.
     """
-    total = torch.zeros(2, dtype=torch.float64, device=device())
+    total = torch.zeros(3, dtype=torch.float64, device=device())
     for item in losses_reduced:
-        total += item[names.LM_LOSS].to(total.device, torch.float64)
-    if dist.is_initialized():
+        total[:2] += item[names.LM_LOSS].to(total.device, torch.float64)
+    total[2] = 1.0 if nonfinite_here else 0.0
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1].clamp(min=1))
+    return float(total[0] / total[1].clamp(min=1)), bool(total[2] > 0)
 
 
-def run_global_batch(
-    comp: Components, dataset: Any, consumed_samples: int, forward_only: bool
-) -> float:
-    """Forward (and backward) of one global batch starting at ``consumed_samples``."""
+def _forward_backward(
+    comp: Components, data_iter: Iterator[dict[str, torch.Tensor]], forward_only: bool
+) -> list[dict[str, torch.Tensor]]:
+    """megatron-core's forward (and backward) schedule over one global batch's micro-batches;
+    this rank's per-micro-batch loss reports, not yet reduced."""
     cfg = comp.cfg
-    data_iter = global_batch_iterator(
-        dataset,
-        consumed_samples,
-        cfg.training.micro_batch_size,
-        parallel_state.get_data_parallel_world_size(),
-        parallel_state.get_data_parallel_rank(),
-        comp.num_microbatches,
-        device(),
-    )
     forward_backward = get_forward_backward_func()
-    losses = forward_backward(
+    return forward_backward(
         forward_step_func=_forward_step,
         data_iterator=data_iter,
         model=comp.model,
@@ -157,7 +155,45 @@ def run_global_batch(
         decoder_seq_length=cfg.model.seq_length,
         forward_only=forward_only,
     )
-    return _reduce_loss(losses)
+
+
+def run_global_batch(
+    comp: Components, dataset: Any, consumed_samples: int, forward_only: bool
+) -> float:
+    """Forward (and backward) of one global batch starting at ``consumed_samples``; its loss."""
+    data_iter = global_batch_iterator(
+        dataset,
+        consumed_samples,
+        comp.cfg.training.micro_batch_size,
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+        comp.num_microbatches,
+        device(),
+    )
+    loss, _ = _reduce_loss(_forward_backward(comp, data_iter, forward_only))
+    return loss
+
+
+def training_batches(comp: Components) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the next training global batch, read one step ahead on a
+    background thread (:class:`~megatron_wsm.batches.GlobalBatchPrefetcher`); the same samples
+    :func:`~megatron_wsm.batches.global_batch_iterator` gives for ``comp.state``."""
+    dataset = comp.datasets["train"]
+    prefetcher = comp.batch_prefetcher
+    if prefetcher is None or prefetcher.dataset is not dataset:
+        if prefetcher is not None:
+            prefetcher.close()
+        prefetcher = comp.batch_prefetcher = GlobalBatchPrefetcher(
+            dataset,
+            comp.cfg.training.micro_batch_size,
+            parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_rank(),
+            comp.num_microbatches,
+            stride=comp.cfg.training.global_batch_size,
+        )
+    # No read-ahead past the last iteration: a run that ends leaves no thread working.
+    more = comp.state.iteration + 1 < comp.cfg.training.train_iters
+    return prefetcher.batches(comp.state.consumed_samples, device(), read_next=more)
 
 
 class NonFiniteStepError(FloatingPointError):
@@ -198,14 +234,19 @@ def nonfinite_gradients(model: list[DDP], nan_only: bool = False) -> list[str]:
     return names_found
 
 
-def check_step_finite(comp: Components, loss: float) -> None:
+def check_step_finite(comp: Components, loss: float, any_rank_nonfinite: bool) -> None:
     """Raise :class:`NonFiniteStepError` on every rank when the global batch's loss or any
-    rank's gradients are not finite (a collective: all ranks call it before the optimizer
-    step, so the step is skipped everywhere and nothing non-finite reaches the weights)."""
+    rank's gradients are not finite.
+
+    ``loss`` and ``any_rank_nonfinite`` come out of the same all-reduce (:func:`_reduce_loss`),
+    so every rank takes the same branch: the step is skipped everywhere and nothing non-finite
+    reaches the weights. Only then are the parameter names gathered (a second collective, on
+    the failing path alone).
+    """
+    if not any_rank_nonfinite and math.isfinite(loss):
+        return
     nan_only = comp.cfg.model.params_dtype == "fp16"
     local = nonfinite_gradients(comp.model, nan_only=nan_only)
-    if wdist.all_ranks_true(not local) and math.isfinite(loss):
-        return
     found = sorted({n for per_rank in wdist.all_gather_objects(local) for n in per_rank})
     what = []
     if not math.isfinite(loss):
@@ -227,9 +268,14 @@ def train_step(comp: Components) -> StepResult:
         chunk.zero_grad_buffer()
     comp.optimizer.zero_grad()
     lr = current_lr(comp)
-    loss = run_global_batch(comp, comp.datasets["train"], comp.state.consumed_samples, False)
-    if comp.cfg.training.check_for_nan_in_loss_and_grad:
-        check_step_finite(comp, loss)  # raises before the step: the weights stay finite
+    reports = _forward_backward(comp, iter(training_batches(comp)), forward_only=False)
+    check = comp.cfg.training.check_for_nan_in_loss_and_grad
+    nan_only = comp.cfg.model.params_dtype == "fp16"
+    nonfinite_here = check and bool(nonfinite_gradients(comp.model, nan_only=nan_only))
+    loss, any_rank_nonfinite = _reduce_loss(reports, nonfinite_here)
+    if check:
+        # Raises before the step: the weights stay finite.
+        check_step_finite(comp, loss, any_rank_nonfinite)
     update_ok, grad_norm, _ = comp.optimizer.step()
     gbs = comp.cfg.training.global_batch_size
     if update_ok:
@@ -255,40 +301,59 @@ def current_lr(comp: Components) -> float:
     return float(comp.optimizer.param_groups[0]["lr"])
 
 
+def _eval_batch_totals(comp: Components, dataset: Any, consumed_samples: int) -> torch.Tensor:
+    """This rank's ``[loss sum, token count]`` of the global batch at ``consumed_samples``
+    (forward only; float64, not yet reduced over ranks)."""
+    data_iter = global_batch_iterator(
+        dataset,
+        consumed_samples,
+        comp.cfg.training.micro_batch_size,
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+        comp.num_microbatches,
+        device(),
+    )
+    total = torch.zeros(2, dtype=torch.float64, device=device())
+    for item in _forward_backward(comp, data_iter, forward_only=True):
+        total += item[names.LM_LOSS].to(total.device, torch.float64)
+    return total
+
+
 @torch.no_grad()
 def evaluate(comp: Components, split: str = "valid", iters: int | None = None) -> dict[str, Any]:
-    """Mean loss over the first ``iters`` global batches of ``split`` (a fixed set, so numbers
-    from different checkpoints are comparable), plus MoE violations over the whole set."""
-    iters = iters or comp.cfg.training.eval_iters
+    """Loss over the first ``iters`` global batches of ``split`` (``--eval-iters``; 0: the whole
+    split), a fixed set so numbers from different checkpoints compare, plus MoE violations.
+
+    The loss is token-weighted over the whole set (the loss sums and token counts of every
+    batch, divided once), as Megatron-LM's ``evaluate``: it does not depend on how the set is
+    cut into batches, micro-batches or ranks (:mod:`megatron_wsm.eval_set`).
+    """
     dataset = comp.datasets[split]
     gbs = comp.cfg.training.global_batch_size
-    if iters <= 0:
-        # The whole split, in full global batches (a last partial batch is left out so every
-        # batch has the same shape on every rank).
-        iters = len(dataset) // gbs
-        if iters == 0:
-            # A ConfigError (a ValueError): the trainer and tools/evaluate.py report it as a
-            # bad configuration (exit 2, one line), not a traceback; same on every rank.
-            raise ConfigError(
-                f"the {split} split has {len(dataset)} samples, fewer than one global batch "
-                f"({gbs}); lower --global-batch-size or use --eval-iters N"
-            )
+    # A ConfigError when the whole split holds less than one global batch: the trainer and
+    # tools/evaluate.py report it as a bad configuration (exit 2, one line), on every rank.
+    vset = eval_set(split, iters or comp.cfg.training.eval_iters, gbs, len(dataset))
     for chunk in comp.model:
         chunk.eval()
     tracker = comp.load_tracker
     if tracker is not None:
         tracker.begin_eval()
-    total_loss = 0.0
-    for i in range(iters):
-        total_loss += run_global_batch(comp, dataset, i * gbs, forward_only=True)
+    totals = torch.zeros(2, dtype=torch.float64, device=device())
+    for i in range(vset.batches):
+        totals += _eval_batch_totals(comp, dataset, i * gbs)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Ranks without the loss (not the last PP stage) add zeros; TP replicas add the same
+        # sum and count, which leaves the ratio unchanged.
+        dist.all_reduce(totals)
     for chunk in comp.model:
         chunk.train()
-    loss = total_loss / max(iters, 1)
+    loss = float(totals[0] / totals[1].clamp(min=1))
     result: dict[str, Any] = {
         "split": split,
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "tokens": iters * gbs * comp.cfg.model.seq_length,
+        "tokens": vset.samples * comp.cfg.model.seq_length,
+        "eval_set": vset.to_json(),
     }
     if tracker is not None:
         result["moe"] = tracker.end_eval()
