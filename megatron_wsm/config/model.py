@@ -239,7 +239,7 @@ class ModelConfig:
         "transformer_engine",
         "layer implementation (Megatron-LM's): transformer_engine = Transformer Engine's layer "
         "spec where TE is usable (CUDA and TE installed), megatron-core's local spec otherwise "
-        "(always on CPU); local = megatron-core's local spec everywhere. Same checkpoint keys",
+        "(always on CPU); local = megatron-core's local spec everywhere (same weight keys)",
         choices=list(TRANSFORMER_IMPLS),
     )
     layout_independent_init: bool = flag_field(
