@@ -515,6 +515,18 @@ def _unwrap_one(value: Any) -> Any:
     return value
 
 
+def load_balancing_coeffs(types: str | list[str], coeffs: float | list[float]) -> dict[str, float]:
+    """Each ``--moe-router-load-balancing-type`` with its ``--moe-aux-loss-coeff``, paired as
+    megatron-core's router pairs them (``get_aux_loss_coeff``: one type takes the one value,
+    a list the value at its position); a pure function for readers of a manifest's model
+    config (e.g. the HF export's single ``router_aux_loss_coef``: ``.get("aux_loss")``, else
+    the one type's value). Assumes a validated pair (equal lengths)."""
+    if isinstance(types, list):
+        values = coeffs if isinstance(coeffs, list) else [coeffs]
+        return {t: float(c) for t, c in zip(types, values, strict=True)}
+    return {types: float(coeffs[0] if isinstance(coeffs, list) else coeffs)}
+
+
 def _words(value: Any) -> str:
     """A flag's value(s) as the command line spells them."""
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)

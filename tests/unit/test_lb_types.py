@@ -95,6 +95,17 @@ def test_sinkhorn_alone_with_zero_coefficient_and_none_in_a_list_pass():
     assert cfg.model.moe_router_load_balancing_type == ["none", "global_aux_loss"]
 
 
+def test_load_balancing_coeffs_pairs_types_and_values_as_megatron_core():
+    from megatron_wsm.config.model import load_balancing_coeffs
+
+    assert load_balancing_coeffs("seq_aux_loss", 1e-3) == {"seq_aux_loss": 1e-3}
+    two = _validated(*TWO_TYPES).model
+    pairs = load_balancing_coeffs(two.moe_router_load_balancing_type, two.moe_aux_loss_coeff)
+    assert pairs == {"aux_loss": 1e-2, "seq_aux_loss": 1e-3}
+    with pytest.raises(ValueError):
+        load_balancing_coeffs(["aux_loss", "seq_aux_loss"], [1e-2])
+
+
 def test_argparse_refuses_an_unknown_type_and_a_non_number(capsys):
     with pytest.raises(SystemExit):
         parse_run_config(["--moe-router-load-balancing-type", "aux_loss", "switch"])
