@@ -87,6 +87,9 @@ def megatron_lm_args(
         "moe_ffn_hidden_size": model.get("moe_ffn_hidden_size") if num_experts else None,
         "bf16": model.get("params_dtype") == "bf16",
         "fp16": model.get("params_dtype") == "fp16",
+        # The weights are always stored under Transformer Engine's key names (whichever spec
+        # ran), so a reader that goes by this value must pick TE's, not the writer's choice.
+        "transformer_impl": "transformer_engine",
         # vocabulary and tokenizer
         "padded_vocab_size": padded_vocab_size,
         # Megatron-LM's --vocab-size is the NullTokenizer's size before EOD (else unset).

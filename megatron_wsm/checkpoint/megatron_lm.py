@@ -170,6 +170,9 @@ _NOT_FROM_ARGS = {
     "model": {
         "vocab_size", "params_dtype", "kv_channels", "num_query_groups", "num_experts",
         "moe_grouped_gemm", "layout_independent_init", "moe_router_dtype",
+        # a kernel choice of the writer's machine (Megatron-LM's --use-checkpoint-args does not
+        # copy it either); the weights are the same either way
+        "transformer_impl",
     },
 }  # fmt: skip
 #: The fields mapped by hand, and why (documentation; :func:`run_config_from_args`).
