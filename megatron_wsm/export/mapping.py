@@ -86,6 +86,20 @@ class TensorSpec:
         return n
 
 
+def router_aux_loss_coef(model: Mapping[str, Any]) -> float:
+    """The one ``router_aux_loss_coef`` an HF MoE config holds, from a model config that may
+    carry several load-balancing types (Megatron-LM's list-valued flags): the ``aux_loss``
+    type's coefficient (HF's loss is that one), else the first type's; 0 without any."""
+    types = model.get("moe_router_load_balancing_type") or "aux_loss"
+    coeffs = model.get("moe_aux_loss_coeff") or 0.0
+    if not isinstance(types, list):
+        types = [types]
+    if not isinstance(coeffs, list):
+        coeffs = [coeffs] * len(types)
+    paired = dict(zip(types, (float(c) for c in coeffs), strict=False))
+    return paired.get("aux_loss", next(iter(paired.values()), 0.0))
+
+
 def split_qkv(
     weight: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,7 +289,7 @@ def mixtral_config(
         "num_local_experts": shapes.num_experts,
         "num_experts_per_tok": int(model.get("moe_router_topk", 2)),
         "output_router_logits": False,
-        "router_aux_loss_coef": float(model.get("moe_aux_loss_coeff", 0.0)),
+        "router_aux_loss_coef": router_aux_loss_coef(model),
         "router_jitter_noise": 0.0,
         "tie_word_embeddings": shapes.tied,
         "bos_token_id": bos_id,

@@ -25,6 +25,7 @@ from megatron_wsm.export.mapping import (
     ExportError,
     Shapes,
     TensorSpec,
+    router_aux_loss_coef,
 )
 
 LAYERS = "decoder.layers."
@@ -396,7 +397,7 @@ def _common_config(
         "use_cache": True,
         "num_experts_per_tok": int(model.get("moe_router_topk", 2)),
         "output_router_logits": False,
-        "router_aux_loss_coef": float(model.get("moe_aux_loss_coeff", 0.0) or 0.0),
+        "router_aux_loss_coef": router_aux_loss_coef(model),
         "tie_word_embeddings": s.tied,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,

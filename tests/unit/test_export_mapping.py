@@ -211,3 +211,25 @@ def _mixtral_key_refusals(keys: list[str]) -> list[str]:
     from megatron_wsm.export import families
 
     return families.key_refusals(list(keys), families.MIXTRAL)
+
+
+@pytest.mark.parametrize(
+    "types,coeffs,expected",
+    [
+        ("aux_loss", 0.01, 0.01),
+        ("seq_aux_loss", 0.002, 0.002),
+        (["seq_aux_loss", "aux_loss"], [0.001, 0.03], 0.03),  # HF's loss is the aux_loss one
+        (["seq_aux_loss", "global_aux_loss"], [0.001, 0.03], 0.001),
+        ("none", 0.0, 0.0),
+    ],
+)
+def test_router_aux_loss_coef_of_one_or_several_load_balancing_types(types, coeffs, expected):
+    model = {
+        **BASE,
+        "moe_router_load_balancing_type": types,
+        "moe_aux_loss_coeff": coeffs,
+    }
+    assert mapping.router_aux_loss_coef(model) == pytest.approx(expected)
+    s, _ = _keys(model)
+    cfg = mapping.mixtral_config(model, s, 1, 2, "float32")  # raised TypeError on lists
+    assert cfg["router_aux_loss_coef"] == pytest.approx(expected)
