@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument(
         "--family",
         default=None,
-        choices=["mixtral", "qwen3_moe", "deepseek", "deepseek_v2_lite"],
+        choices=["mixtral", "qwen2_moe", "qwen3_moe", "deepseek", "deepseek_v2_lite"],
         help="append this Megatron-LM family's model flags",
     )
     args, rest = parser.parse_known_args()
