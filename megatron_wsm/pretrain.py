@@ -26,7 +26,7 @@ from megatron_wsm.checkpoint.manifest import ParallelLayout
 from megatron_wsm.checkpoint_callback import CheckpointCallback, window_save_dir
 from megatron_wsm.config import RunConfig
 from megatron_wsm.log_callback import LogCallback, moe_console
-from megatron_wsm.model import padded_vocab_size
+from megatron_wsm.model import model_vocab_rows
 from megatron_wsm.moe_metrics import ExpertLoadCallback, ExpertLoadTracker
 from megatron_wsm.training import (
     Components,
@@ -185,8 +185,13 @@ def setup(
     validate(cfg, wdist.world_size(), torch.cuda.is_available())
     locks = hold_save_dirs(cfg)  # before anything is built: a refusal costs nothing
     datasets, vocab, source = build_data(cfg)
-    padded = padded_vocab_size(
-        vocab, cfg.parallel.tensor_model_parallel_size, cfg.data.make_vocab_size_divisible_by
+    # A checkpoint read by a tool keeps its writer's rows (model/vocab.py), else Megatron-LM's
+    # padding for this TP.
+    padded = model_vocab_rows(
+        vocab,
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.data.make_vocab_size_divisible_by,
+        cfg.data.padded_vocab_size,
     )
     cfg.model.vocab_size = vocab
     tconfig, model, optimizer, scheduler = build_model_and_optimizer(cfg, padded)

@@ -17,12 +17,12 @@ def main() -> None:
     ckpt, tokens_file, out = sys.argv[1:4]
     from megatron_wsm.arguments import parse_run_config
     from megatron_wsm.checkpoint.megatron_lm import manifest_of
-    from megatron_wsm.cli.evaluate import config_from_run_info
+    from megatron_wsm.cli.evaluate import config_from_manifest
     from megatron_wsm.distributed import destroy_distributed
     from megatron_wsm.pretrain import setup
 
     manifest = manifest_of(ckpt)  # ours, or a Megatron-LM checkpoint's (from its args)
-    base = config_from_run_info(manifest.run_info())
+    base = config_from_manifest(manifest)  # the stored vocab padding at any TP size
     cfg, _ = parse_run_config(
         ["--load", ckpt, "--eval-only", "--no-progress-bar", "--micro-batch-size", "1",
          "--global-batch-size", "1", "--eval-iters", "0", *sys.argv[4:]],

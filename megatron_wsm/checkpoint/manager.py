@@ -522,7 +522,21 @@ class CheckpointManager:
             }
             raise CheckpointError(
                 f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
+                + self._padding_hint(diff)
             )
+
+    def _padding_hint(self, diff: dict[str, tuple[Any, Any]]) -> str:
+        """``": <how to get the checkpoint's rows>"`` when only the vocabulary padding differs
+        (another TP size pads differently: model/vocab.py), else ``""``."""
+        recorded = diff.get("padded_vocab_size", (None,))[0]
+        if set(diff) != {"padded_vocab_size"} or not isinstance(recorded, int):
+            return ""
+        from megatron_wsm.model.vocab import padding_mismatch_hint
+
+        hint = padding_mismatch_hint(
+            recorded, self.identity.get("vocab_size"), self.layout.tensor_model_parallel_size
+        )
+        return f": {hint}" if hint else ""
 
     # -- retention
 
@@ -674,6 +688,7 @@ class CheckpointManager:
         if diff:
             raise CheckpointError(
                 f"{ckpt} holds another model: (checkpoint, this run) differ in {diff}"
+                + self._padding_hint(diff)
             )
         saved_layout = manifest.parallel if manifest is not None else None
         if saved_layout is None and parallel_layout_from_args(foreign_args) is not None:

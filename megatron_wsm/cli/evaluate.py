@@ -9,7 +9,8 @@ The model and data settings are read from the checkpoint's manifest (its run con
 checkpoint Megatron-LM wrote, from its ``args`` as ``--use-checkpoint-args`` does), so
 comparing a stable, a merged and a decayed checkpoint is one command each. Any
 ``pretrain_moe.py`` flag given after ``--load`` overrides the manifest (e.g. ``--eval-iters``,
-or the parallel layout: dist_checkpointing reshards on load).
+or the parallel layout: dist_checkpointing reshards on load; the vocabulary keeps the padding
+the checkpoint was written with, whatever the TP size here).
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def config_from_run_info(run: dict[str, Any]) -> RunConfig:
     return RunConfig(
         model=model, data=trained.data, training=TrainingConfig(seed=trained.training.seed)
     )
+
+
+def config_from_manifest(manifest: Any) -> RunConfig:
+    """:func:`config_from_run_info` of a checkpoint's manifest, with the embedding's rows the
+    checkpoint was written with (its ``model_config``; Megatron-LM's ``args.padded_vocab_size``,
+    which ``--use-checkpoint-args`` copies): the vocabulary padding depends on the writer's TP
+    size, and the model read here, at any TP size, must have the stored global shapes."""
+    cfg = config_from_run_info(manifest.run_info())
+    recorded = manifest.model_config.get("padded_vocab_size")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        cfg.data.padded_vocab_size = recorded
+    return cfg
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -143,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv = ["--load", args.load_dir, *argv]
         else:
             manifest = _checked_load(argv[argv.index("--load") + 1])
-        base = config_from_run_info(manifest.run_info()) if manifest is not None else None
+        base = config_from_manifest(manifest) if manifest is not None else None
     except (CheckpointError, MergeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

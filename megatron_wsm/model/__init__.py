@@ -13,7 +13,9 @@ the local one otherwise. One module per concern:
 * ``norm`` — :class:`SequenceParallelTorchNorm`: the local spec's torch norm refuses
   ``sequence_parallel`` (which megatron-core requires for MoE with TP > 1); this one is the
   same norm with its weights marked sequence-parallel and named like TE's;
-* ``gpt`` — :func:`build_gpt_model`, :func:`padded_vocab_size`;
+* ``gpt`` — :func:`build_gpt_model`;
+* ``vocab`` — :func:`padded_vocab_size` (Megatron-LM's padding), :func:`model_vocab_rows` (a
+  checkpoint's recorded rows at another TP size);
 * ``fusions`` — which fused kernels to switch on, host or device initialisation;
 * ``init`` — :func:`layout_independent_init`.
 """
@@ -25,7 +27,7 @@ from megatron_wsm.model.fusions import (
     decide_fusions,
     probe_fusion_kernels,
 )
-from megatron_wsm.model.gpt import build_gpt_model, padded_vocab_size
+from megatron_wsm.model.gpt import build_gpt_model
 from megatron_wsm.model.init import layout_independent_init
 from megatron_wsm.model.norm import SequenceParallelTorchNorm
 from megatron_wsm.model.spec import build_layer_spec, local_keys_map
@@ -34,6 +36,7 @@ from megatron_wsm.model.transformer_config import (
     build_transformer_config,
     transformer_config_kwargs,
 )
+from megatron_wsm.model.vocab import model_vocab_rows, padded_vocab_size, padding_mismatch_hint
 
 __all__ = [
     "FusionKernels",
@@ -46,7 +49,9 @@ __all__ = [
     "decide_fusions",
     "layout_independent_init",
     "local_keys_map",
+    "model_vocab_rows",
     "padded_vocab_size",
+    "padding_mismatch_hint",
     "probe_fusion_kernels",
     "transformer_config_kwargs",
     "transformer_engine_usable",

@@ -11,6 +11,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_wsm.config import ModelConfig
 from megatron_wsm.model.spec import build_layer_spec
+from megatron_wsm.model.vocab import padded_vocab_size  # noqa: F401  (its home before vocab.py)
 
 
 def build_gpt_model(config: TransformerConfig, model: ModelConfig, vocab_size: int) -> GPTModel:
@@ -30,9 +31,3 @@ def build_gpt_model(config: TransformerConfig, model: ModelConfig, vocab_size: i
     if torch.cuda.is_available():
         gpt = gpt.cuda(torch.cuda.current_device())
     return gpt
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
-    """Megatron pads the vocabulary so it splits evenly over TP ranks."""
-    step = multiple * tp_size
-    return ((vocab_size + step - 1) // step) * step
