@@ -25,6 +25,7 @@ from megatron_wsm.checkpoint.manager import CheckpointError, CheckpointManager
 from megatron_wsm.checkpoint.manifest import ParallelLayout
 from megatron_wsm.checkpoint_callback import CheckpointCallback, window_save_dir
 from megatron_wsm.config import RunConfig
+from megatron_wsm.eval_set import eval_set
 from megatron_wsm.log_callback import LogCallback, moe_console
 from megatron_wsm.model import model_vocab_rows
 from megatron_wsm.moe_metrics import ExpertLoadCallback, ExpertLoadTracker
@@ -256,6 +257,9 @@ def run(cfg: RunConfig, weights: WeightsLoader | None = None) -> dict[str, Any]:
     """Train (or only evaluate) as configured; returns the final evaluation."""
     comp, manager = setup(cfg, weights)
     t = cfg.training
+    # Which samples every evaluation reads (the same first ones each time; eval_set.py).
+    vset = eval_set("valid", t.eval_iters, t.global_batch_size, len(comp.datasets["valid"]))
+    print_rank0(f"evaluation set: {vset.describe()}")
     history: list[dict[str, Any]] = []
     readout = None
     if not t.eval_only:

@@ -16,29 +16,50 @@ the checkpoint was written with, whatever the TP size here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_wsm.checkpoint.manager import CheckpointError, resolve_load_dir
-from megatron_wsm.checkpoint.megatron_lm import manifest_of
+from megatron_wsm.checkpoint.megatron_lm import EXTRA_MEGATRON_LM, manifest_of
 from megatron_wsm.config import RunConfig, TrainingConfig
+from megatron_wsm.eval_set import mismatch_note, run_counts
 
 
 def config_from_run_info(run: dict[str, Any]) -> RunConfig:
     """The config that rebuilds the model and data a checkpoint was trained with.
 
-    Only the model, the data and the seed are taken from the run: the layout, batch sizes and
+    Only the model, the data, the seed and the run's ``--train-iters`` and ``--eval-interval``
+    are taken from the run: the latter two size the valid split as the run did (with this
+    evaluation's ``--eval-iters`` and global batch; megatron-core reshuffles a split asked for
+    more than one epoch, :mod:`megatron_wsm.eval_set`), so the run's validation samples are read
+    when its ``--eval-iters`` and global batch are given. The layout, batch sizes and
     checkpointing of the training run do not apply to its evaluation. Grouped GEMM is a GPU-only
     speed option with the same checkpoint format, so it is off unless given again.
     """
     trained = RunConfig.from_json(run)
     model = dataclasses.replace(trained.model, moe_grouped_gemm=False)
-    return RunConfig(
-        model=model, data=trained.data, training=TrainingConfig(seed=trained.training.seed)
-    )
+    training = TrainingConfig(seed=trained.training.seed, **run_counts(trained.training))
+    return RunConfig(model=model, data=trained.data, training=training)
+
+
+def sample_set_note(argv: Sequence[str], base: RunConfig, run: TrainingConfig) -> str | None:
+    """:func:`~megatron_wsm.eval_set.mismatch_note` for this evaluation's flags (``argv`` as
+    the trainer gets them) against the training run's; None when the flags do not parse (the
+    trainer reports that, once: this parse prints nothing)."""
+    from megatron_wsm.arguments import parse_run_config
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            here, _ = parse_run_config(argv, base)
+    except (SystemExit, ValueError):
+        return None
+    return mismatch_note(run, here.training)
 
 
 def config_from_manifest(manifest: Any) -> RunConfig:
@@ -163,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_wsm.pretrain import main as pretrain_main
 
     # Default: the whole held-out split (comparable across checkpoints); --eval-iters overrides.
-    return pretrain_main(
-        ["--eval-iters", "0", "--eval-only", "--no-progress-bar", *argv], base, weights
-    )
+    argv = ["--eval-iters", "0", "--eval-only", "--no-progress-bar", *argv]
+    note = None
+    # Megatron-LM's trainer moves through the valid split from one evaluation to the next: no
+    # one set of its run to compare with.
+    if base is not None and EXTRA_MEGATRON_LM not in manifest.extra:
+        note = sample_set_note(argv, base, RunConfig.from_json(manifest.run_info()).training)
+    code = pretrain_main(argv, base, weights)
+    if code == 0 and note and os.environ.get("RANK", "0") == "0":
+        # Said last, beside the result: why it may differ from the run's logged validation.
+        print(note, flush=True)
+    return code
