@@ -48,6 +48,19 @@ def config_from_run_info(run: dict[str, Any]) -> RunConfig:
     return RunConfig(model=model, data=trained.data, training=training)
 
 
+def recorded_run_training(manifest: Any) -> TrainingConfig | None:
+    """The training flags of the run that wrote a checkpoint, as its manifest recorded them;
+    None for an old manifest without them (its defaults say nothing of the run) and for a
+    Megatron-LM checkpoint (its trainer moves through the valid split from one evaluation to the
+    next: no one set of its run to compare with)."""
+    if manifest is None or EXTRA_MEGATRON_LM in manifest.extra:
+        return None
+    run_info = manifest.run_info()
+    if not isinstance(run_info.get("training"), dict):
+        return None
+    return RunConfig.from_json(run_info).training
+
+
 def sample_set_note(argv: Sequence[str], base: RunConfig, run: TrainingConfig) -> str | None:
     """:func:`~megatron_wsm.eval_set.mismatch_note` for this evaluation's flags (``argv`` as
     the trainer gets them) against the training run's; None when the flags do not parse (the
@@ -185,11 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Default: the whole held-out split (comparable across checkpoints); --eval-iters overrides.
     argv = ["--eval-iters", "0", "--eval-only", "--no-progress-bar", *argv]
-    note = None
-    # Megatron-LM's trainer moves through the valid split from one evaluation to the next: no
-    # one set of its run to compare with.
-    if base is not None and EXTRA_MEGATRON_LM not in manifest.extra:
-        note = sample_set_note(argv, base, RunConfig.from_json(manifest.run_info()).training)
+    run = recorded_run_training(manifest)  # None: nothing recorded to compare with
+    note = sample_set_note(argv, base, run) if base is not None and run is not None else None
     code = pretrain_main(argv, base, weights)
     if code == 0 and note and os.environ.get("RANK", "0") == "0":
         # Said last, beside the result: why it may differ from the run's logged validation.

@@ -171,3 +171,27 @@ def test_valid_split_sized_past_one_epoch_is_reshuffled(data_cache: str) -> None
     assert first_valid_samples(evaluation) == ran
     evaluation.train_iters, evaluation.eval_interval = 100, 50  # the old sizing
     assert first_valid_samples(evaluation) != ran
+
+
+def test_recorded_run_training_only_for_our_manifests_with_training_flags() -> None:
+    """The note compares with the run's recorded flags only: not an old manifest's defaults,
+    not a Megatron-LM checkpoint (its validation moves through the split)."""
+    from megatron_wsm.checkpoint.megatron_lm import EXTRA_MEGATRON_LM
+    from megatron_wsm.cli.evaluate import recorded_run_training
+
+    run = RunConfig()
+    run.training = TrainingConfig(eval_iters=3, global_batch_size=16, micro_batch_size=2)
+
+    def manifest(extra: dict) -> types.SimpleNamespace:
+        from megatron_wsm.checkpoint.manifest import CheckpointManifest
+
+        m = types.SimpleNamespace(extra=extra, model_config={"num_layers": 2})
+        m.run_info = lambda: CheckpointManifest.run_info(m)  # type: ignore[arg-type]
+        return m
+
+    found = recorded_run_training(manifest({"run": run.to_json()}))
+    assert found is not None and (found.eval_iters, found.global_batch_size) == (3, 16)
+    assert recorded_run_training(None) is None
+    assert recorded_run_training(manifest({})) is None  # old manifest: model shapes only
+    megatron = {"run": run.to_json(), EXTRA_MEGATRON_LM: {}}
+    assert recorded_run_training(manifest(megatron)) is None
