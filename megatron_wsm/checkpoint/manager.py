@@ -394,7 +394,9 @@ class CheckpointManager:
             model_config=self.identity,
             checkpoint_format="torch_dist",
             megatron_core_version=_mcore_version(),
-            model_spec=_model_spec(),
+            model_spec=_model_spec(
+                (self.run_info.get("model") or {}).get("transformer_impl") or "transformer_engine"
+            ),
             complete=True,
             extra={"run": self.run_info},
         )
@@ -869,11 +871,13 @@ def async_save_kwargs(save: Callable[..., Any]) -> dict[str, Any]:
     return {"async_strategy": "mcore"} if "async_strategy" in params else {}
 
 
-def _model_spec() -> dict[str, Any]:
+def _model_spec(transformer_impl: str) -> dict[str, Any]:
+    """The layer spec this run built (``--transformer-impl`` on this machine), for the manifest."""
     from megatron_wsm.accelerators import SPEC_TE, layer_spec_name
 
+    spec = layer_spec_name(transformer_impl)
     te_version = None
-    if layer_spec_name() == SPEC_TE:
+    if spec == SPEC_TE:
         from importlib.metadata import PackageNotFoundError, version
 
         for dist_name in ("transformer_engine", "transformer-engine"):
@@ -883,7 +887,7 @@ def _model_spec() -> dict[str, Any]:
             except PackageNotFoundError:
                 continue
     return {
-        "layer_spec": layer_spec_name(),
+        "layer_spec": spec,
         "key_scheme": spec_keys.KEY_SCHEME,
         "transformer_engine_version": te_version,
     }

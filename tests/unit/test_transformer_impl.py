@@ -152,3 +152,13 @@ def test_local_gives_the_default_checkpoint_keys_even_where_te_is_usable(
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in default
     monkeypatch.setattr(accelerators, "transformer_engine_usable", lambda: True)
     assert _keys("--transformer-impl", "local") == default
+
+
+def test_manifest_records_the_spec_the_run_built(te_usable):
+    """The checkpoint manifest's ``layer_spec`` follows ``--transformer-impl``: a ``local`` run
+    on a machine where TE is usable must not be recorded as a TE one."""
+    from megatron_wsm.checkpoint.manager import _model_spec
+
+    assert _model_spec("local")["layer_spec"] == SPEC_LOCAL
+    assert _model_spec("local")["transformer_engine_version"] is None
+    assert _model_spec("transformer_engine")["layer_spec"] == SPEC_TE
