@@ -42,6 +42,8 @@ setup(
         # never imports these. transformers >= 5: the tokenizer parity (AutoTokenizer ids equal
         # to SentencePiece's) was checked with 5.x only.
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4.3,<1", "lm-eval[hf]>=0.4.5,<0.5"],
+        # --tokenizer-type TikTokenizer (megatron-core's tiktoken tokenizer; 0.14 checked).
+        "tiktoken": ["tiktoken>=0.7,<1"],
     },
     entry_points={
         "console_scripts": [

@@ -182,6 +182,8 @@ def setup(
 ) -> tuple[Components, CheckpointManager]:
     """Everything but the loop: process groups, the save directories' lock, data, model,
     optimizer, checkpoint loading."""
+    # Needs no process group: a missing tokenizer package or file is refused before one starts.
+    cfg.data.validate_tokenizer()
     wdist.init_distributed(cfg.parallel, cfg.training.seed)
     validate(cfg, wdist.world_size(), torch.cuda.is_available())
     locks = hold_save_dirs(cfg)  # before anything is built: a refusal costs nothing

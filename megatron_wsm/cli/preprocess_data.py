@@ -85,7 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
     tok.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
-    tok.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids before EOD")
+    tok.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="NullTokenizer: ids before EOD; TikTokenizer: special tokens + ranks (default "
+        "2**17, or the vocabulary file's size when smaller)",
+    )
+    tok.add_argument(
+        "--tiktoken-pattern",
+        choices=["v1", "v2"],
+        default=None,
+        help="TikTokenizer: the pre-tokenizer regex (default v2, megatron-core's)",
+    )
+    tok.add_argument(
+        "--tiktoken-num-special-tokens",
+        type=int,
+        default=1000,
+        help="TikTokenizer: ids below this are special tokens (default 1000)",
+    )
+    tok.add_argument(
+        "--tokenizer-special-tokens",
+        nargs="+",
+        default=None,
+        help="TikTokenizer: the named special tokens (must include <unk> <s> </s> <mask> <pad> "
+        "<cls> <sep>; </s> is the EOD)",
+    )
     tok.add_argument(
         "--tokenizer-hf-use-fast",
         action="store_true",
@@ -121,8 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-sequential-samples", action="store_true", help="only with --partitions > 1"
     )
     mlm.add_argument("--vocab-extra-ids", type=int, default=0, help="only 0 (T5's)")
-    for flag in ("--tokenizer-special-tokens", "--tokenizer-metadata"):
-        mlm.add_argument(flag, nargs="+", default=None, help="refused: not wired")
+    mlm.add_argument("--tokenizer-metadata", nargs="+", default=None, help="refused: not wired")
+    mlm.add_argument(
+        "--tiktoken-special-tokens",
+        nargs="+",
+        default=None,
+        help="refused: Megatron-LM's tool ignores this deprecated name (its default special "
+        "tokens apply); give --tokenizer-special-tokens",
+    )
     mlm.add_argument(
         "--tokenizer-sentencepiece-legacy",
         action="store_true",
@@ -193,6 +224,9 @@ def tokenizer_args(args: argparse.Namespace) -> dict:
         "vocab_size": args.vocab_size,
         "hf_use_fast": args.tokenizer_hf_use_fast,
         "hf_include_special_tokens": args.tokenizer_hf_include_special_tokens,
+        "tiktoken_pattern": args.tiktoken_pattern,
+        "tiktoken_num_special_tokens": args.tiktoken_num_special_tokens,
+        "tokenizer_special_tokens": args.tokenizer_special_tokens,
     }
 
 
@@ -218,13 +252,17 @@ def _refusal(args: argparse.Namespace) -> str | None:
         return "--partitions must be 1 (one input, one output; use --workers for speed)"
     if args.vocab_extra_ids != 0:
         return "--vocab-extra-ids is for T5's legacy tokenizers; not supported"
-    for flag in (
-        "tokenizer_special_tokens",
-        "tokenizer_metadata",
-        "tokenizer_sentencepiece_legacy",
-    ):
+    for flag in ("tokenizer_metadata", "tokenizer_sentencepiece_legacy"):
         if getattr(args, flag):
             return f"--{flag.replace('_', '-')} is not supported (not wired to the tokenizers)"
+    if args.tokenizer_special_tokens and args.tokenizer_type != "TikTokenizer":
+        return "--tokenizer-special-tokens is wired for --tokenizer-type TikTokenizer only"
+    if args.tiktoken_special_tokens:
+        return (
+            "--tiktoken-special-tokens is refused: Megatron-LM's tools/preprocess_data.py ignores "
+            "this deprecated name (only its trainer maps it to --tokenizer-special-tokens), so "
+            "the data would not match; give --tokenizer-special-tokens"
+        )
     json_inputs = [p for p in args.input if _is_json(p)]
     if json_inputs and len(json_inputs) != len(args.input):
         return "give JSON-lines inputs or plain-text inputs, not both"

@@ -22,7 +22,12 @@ TOKENIZER_TYPES: dict[str, str] = {
     "GPTSentencePieceTokenizer": "--tokenizer-model (a sentencepiece .model file)",
     "Llama2Tokenizer": "--tokenizer-model (a sentencepiece .model file)",
     "NullTokenizer": "--vocab-size",
+    "TikTokenizer": "--tokenizer-model (a tiktoken vocabulary .json, Megatron-LM's format)",
 }
+#: ``--vocab-size``'s default here (the built-in corpus's vocabulary); Megatron-LM has none.
+DEFAULT_VOCAB_SIZE = 4096
+#: The tiktoken split patterns of ``--tiktoken-pattern`` (megatron-core's).
+TIKTOKEN_PATTERNS = ("v1", "v2")
 #: A Hugging Face hub repository id (``org/name``) as Megatron-LM launch scripts pass to
 #: ``--tokenizer-model``; read from the local Hugging Face cache only.
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -30,7 +35,6 @@ HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*
 UNSUPPORTED_TOKENIZER_TYPES: dict[str, str] = {
     "BertWordPieceLowerCase": "a BERT/T5 tokenizer; this trainer builds GPT models",
     "BertWordPieceCase": "a BERT/T5 tokenizer; this trainer builds GPT models",
-    "TikTokenizer": "needs the tiktoken package and --tiktoken-* flags, not wired here yet",
     "MultimodalTokenizer": "multimodal models are not built here",
     "NullMultimodalTokenizer": "multimodal models are not built here",
     "SFTTokenizer": "fine-tuning chat data is not read here (pretraining only)",
@@ -121,8 +125,10 @@ class DataConfig:
         "HuggingFaceTokenizer (--tokenizer-model: a local tokenizer directory), "
         "GPT2BPETokenizer (--vocab-file, --merge-file), SentencePieceTokenizer / "
         "GPTSentencePieceTokenizer / Llama2Tokenizer (--tokenizer-model: a .model file), "
-        "NullTokenizer (--vocab-size ids + EOD); default: our own sentencepiece wrapper of "
-        "--tokenizer-model or of the built-in corpus (docs/data.md)",
+        "NullTokenizer (--vocab-size ids + EOD), TikTokenizer (--tokenizer-model: a tiktoken "
+        "vocabulary .json; --tiktoken-* flags; pip install 'megatron-wsm[tiktoken]'); default: "
+        "our own sentencepiece wrapper of --tokenizer-model or of the built-in corpus "
+        "(docs/data.md)",
         choices=[*TOKENIZER_TYPES, *UNSUPPORTED_TOKENIZER_TYPES],
     )
     tokenizer_model: str | None = flag_field(
@@ -133,9 +139,11 @@ class DataConfig:
     vocab_file: str | None = flag_field(None, "GPT2BPETokenizer: the vocab.json file")
     merge_file: str | None = flag_field(None, "GPT2BPETokenizer: the merges.txt file")
     vocab_size: int = flag_field(
-        4096,
+        DEFAULT_VOCAB_SIZE,
         "built-in corpus: the vocabulary of the tokenizer trained on it; NullTokenizer: ids "
-        "before EOD (Megatron-LM's meaning: the model gets vocab size + 1 ids, then padding)",
+        "before EOD (Megatron-LM's meaning: the model gets vocab size + 1 ids, then padding); "
+        "TikTokenizer: special tokens + ranks (Megatron-LM's meaning; the default 4096 counts as "
+        "not given: 2**17, or the file's size when smaller)",
     )
     make_vocab_size_divisible_by: int = flag_field(
         128,
@@ -154,6 +162,28 @@ class DataConfig:
         False,
         "HuggingFaceTokenizer: text to ids adds the tokenizer's special tokens (e.g. BOS), "
         "as Megatron-LM's flag",
+    )
+    tiktoken_pattern: str | None = flag_field(
+        None,
+        "TikTokenizer: the pre-tokenizer regex, v1 or v2 (Megatron-LM's flag; default v2, "
+        "megatron-core's)",
+        choices=list(TIKTOKEN_PATTERNS),
+    )
+    tiktoken_num_special_tokens: int = flag_field(
+        1000,
+        "TikTokenizer: ids 0..N-1 are special tokens, the vocabulary's ranks follow "
+        "(Megatron-LM's flag and default)",
+    )
+    tokenizer_special_tokens: list[str] | None = flag_field(
+        None,
+        "TikTokenizer: the named special tokens (ids 0, 1, ...; must include <unk> <s> </s> "
+        "<mask> <pad> <cls> <sep>, megatron-core's default list; </s> is the EOD)",
+        nargs="+",
+    )
+    tiktoken_special_tokens: list[str] | None = flag_field(
+        None,
+        "Megatron-LM's deprecated name of --tokenizer-special-tokens (used when that is not given)",
+        nargs="+",
     )
     # end of the tokenizer fields
     data_source: str = flag_field(
@@ -270,6 +300,18 @@ class DataConfig:
         return blend is not None or blend_per_split is not None
 
     # tokenizer (H3)
+    def given_vocab_size(self) -> int | None:
+        """``--vocab-size`` as the tokenizer reads it: None for TikTokenizer at this trainer's
+        default (Megatron-LM has no default there; see ``data/tokenizers.py``)."""
+        if self.tokenizer_type == "TikTokenizer" and self.vocab_size == DEFAULT_VOCAB_SIZE:
+            return None
+        return self.vocab_size
+
+    def special_tokens(self) -> list[str] | None:
+        """``--tokenizer-special-tokens``, else its deprecated ``--tiktoken-special-tokens``
+        (Megatron-LM's ``validate_args`` copies the second into the first)."""
+        return self.tokenizer_special_tokens or self.tiktoken_special_tokens
+
     def validate_tokenizer(self) -> None:
         """The tokenizer flags name a type this trainer builds and the files it needs."""
         kind = self.tokenizer_type
@@ -293,7 +335,14 @@ class DataConfig:
                 "--vocab-file / --merge-file belong to --tokenizer-type GPT2BPETokenizer (or "
                 "HuggingFaceTokenizer); give that type"
             )
-        if kind == "NullTokenizer":
+        if kind != "TikTokenizer" and self.special_tokens() is not None:
+            raise ConfigError(
+                "--tokenizer-special-tokens / --tiktoken-special-tokens are wired for "
+                "--tokenizer-type TikTokenizer only"
+            )
+        if kind == "TikTokenizer":
+            self._validate_tiktoken()
+        elif kind == "NullTokenizer":
             if self.vocab_size < 1:
                 raise ConfigError(f"--vocab-size must be positive, got {self.vocab_size}")
         elif kind == "GPT2BPETokenizer":
@@ -323,3 +372,31 @@ class DataConfig:
                 raise ConfigError(f"--tokenizer-type {kind} needs {TOKENIZER_TYPES[str(kind)]}")
             if not os.path.isfile(self.tokenizer_model):
                 raise ConfigError(f"--tokenizer-model {self.tokenizer_model}: file not found")
+
+    def _validate_tiktoken(self) -> None:
+        # Light checks only (the package, the file, the numbers): the vocabulary itself is read
+        # and checked when the tokenizer is built (data/tokenizers.py).
+        import importlib.util
+
+        if importlib.util.find_spec("tiktoken") is None:
+            raise ConfigError(
+                "--tokenizer-type TikTokenizer needs the tiktoken package: "
+                "pip install 'megatron-wsm[tiktoken]' (or pip install tiktoken)"
+            )
+        if self.tokenizer_model is None:
+            raise ConfigError(
+                f"--tokenizer-type TikTokenizer needs {TOKENIZER_TYPES['TikTokenizer']}"
+            )
+        if not os.path.isfile(self.tokenizer_model):
+            raise ConfigError(f"--tokenizer-model {self.tokenizer_model}: file not found")
+        if not self.tokenizer_model.endswith(".json"):
+            raise ConfigError(
+                f"--tokenizer-model {self.tokenizer_model}: a tiktoken vocabulary is a .json file"
+            )
+        if self.tiktoken_pattern not in (None, *TIKTOKEN_PATTERNS):
+            raise ConfigError(f"--tiktoken-pattern {self.tiktoken_pattern!r}: choose v1 or v2")
+        if self.tiktoken_num_special_tokens < 1:
+            raise ConfigError(
+                "--tiktoken-num-special-tokens must be positive, got "
+                f"{self.tiktoken_num_special_tokens}"
+            )

@@ -26,6 +26,16 @@ Two types are not taken from megatron-core as is:
 * no ``--tokenizer-type``: our own :class:`~megatron_wsm.data.tokenizer.SentencePieceTokenizer`
   (the built-in corpora's tokenizer; ``--tokenizer-model x.model`` alone keeps meaning it).
 
+``TikTokenizer`` is megatron-core's ``TikTokenTokenizer`` (library ``tiktoken``, the keyword
+arguments of its ``build_tokenizer``): ``--tokenizer-model`` is a tiktoken vocabulary in
+Megatron-LM's JSON format (a list of ``{"rank", "token_bytes", "token_str"}``, ``token_bytes``
+base64), checked here first (:func:`read_tiktoken_ranks`: megatron-core only asserts, and a
+hostile file should be refused with a reason). Ids ``0 .. num_special - 1`` are the special
+tokens (``</s>`` = id 2 is the EOD), the file's ranks follow, cut to ``vocab_size -
+num_special``. The vocabulary is Megatron-LM's ``--vocab-size``; without it Megatron-LM takes
+2**17, which needs that many ranks: here the file's own size is taken when it is smaller
+(``num_special + ranks``, where Megatron-LM would stop on an assertion).
+
 ``HuggingFaceTokenizer`` reads a local directory (or a hub id's copy in the local Hugging Face
 cache: nothing is downloaded) and never runs code from it:
 ``trust_remote_code=False`` always (an ``auto_map`` in its ``tokenizer_config.json`` is refused
@@ -51,10 +61,12 @@ from megatron_wsm.config.data import (
 from megatron_wsm.config.fields import ConfigError
 
 __all__ = [
+    "TIKTOKEN_DEFAULT_VOCAB",
     "GPT2BPETokenizer",
     "TokenizerError",
     "build_tokenizer",
     "megatron_vocab_size",
+    "read_tiktoken_ranks",
     "save_for_transformers",
     "tokenizer_from_config",
 ]
@@ -66,6 +78,15 @@ SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "L
 #: What Megatron-LM's legacy ``_SentencePieceTokenizer`` appends after the model's pieces when
 #: they are missing (in this order); pad/bos/eos use the model's own piece when it has one.
 _LEGACY_SP_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+
+
+#: Megatron-LM's TikTokenizer vocabulary without ``--vocab-size`` (megatron-core's
+#: ``DEFAULT_TIKTOKEN_MAX_VOCAB``, the legacy tokenizer's fallback).
+TIKTOKEN_DEFAULT_VOCAB = 2**17
+#: The special tokens megatron-core's ``TikTokenTokenizer`` requires (its default list).
+TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
+#: The largest tiktoken vocabulary file read (a 2**17-rank file is about 10 MB).
+TIKTOKEN_MAX_FILE_BYTES = 256 * 2**20
 
 
 class TokenizerError(ConfigError):
@@ -179,10 +200,14 @@ def build_tokenizer(
     vocab_size: int | None = None,
     hf_use_fast: bool = False,
     hf_include_special_tokens: bool = False,
+    tiktoken_pattern: str | None = None,
+    tiktoken_num_special_tokens: int = 1000,
+    tokenizer_special_tokens: Sequence[str] | None = None,
 ) -> Any:
     """The data tokenizer of ``--tokenizer-type`` (``None``: our sentencepiece wrapper).
 
-    Arguments are Megatron-LM's flags of the same names; the returned object has what
+    Arguments are Megatron-LM's flags of the same names (``vocab_size`` None: not given); the
+    returned object has what
     megatron-core's datasets read (``tokenize``, ``eod``, ``vocab_size``,
     ``unique_identifiers``). Raises :class:`TokenizerError` with the reason when the type is
     not built here or its files are missing.
@@ -208,6 +233,14 @@ def build_tokenizer(
             raise TokenizerError("--tokenizer-type NullTokenizer needs a positive --vocab-size")
         return MegatronTokenizer.from_pretrained(
             metadata_path={"library": "null"}, vocab_size=int(vocab_size)
+        )
+    if tokenizer_type == "TikTokenizer":
+        return build_tiktokenizer(
+            tokenizer_model,
+            pattern=tiktoken_pattern,
+            vocab_size=vocab_size,
+            num_special_tokens=tiktoken_num_special_tokens,
+            special_tokens=tokenizer_special_tokens,
         )
     if tokenizer_type in ("GPT2BPETokenizer", "HuggingFaceTokenizer"):
         _need_hf_extra(tokenizer_type)
@@ -251,6 +284,138 @@ def build_tokenizer(
         raise TokenizerError(f"--tokenizer-model {tokenizer_model}: {err}") from err
 
 
+def need_tiktoken() -> None:
+    """Refuse ``--tokenizer-type TikTokenizer`` without the ``tiktoken`` package (its extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tiktoken") is None:
+        raise TokenizerError(
+            "--tokenizer-type TikTokenizer needs the tiktoken package: "
+            "pip install 'megatron-wsm[tiktoken]' (or pip install tiktoken)"
+        )
+
+
+def read_tiktoken_ranks(path: str, max_ranks: int | None = None) -> int:
+    """Check a tiktoken vocabulary in Megatron-LM's JSON format; returns its number of ranks.
+
+    What megatron-core's ``reload_mergeable_ranks`` asserts, as clear refusals: a ``.json``
+    file (at most :data:`TIKTOKEN_MAX_FILE_BYTES`) holding a list whose entry ``i`` is an
+    object with exactly ``rank`` (= ``i``), ``token_bytes`` (base64) and ``token_str`` (a
+    string); the first 256 are the single bytes ``0..255``; no token twice. Like
+    megatron-core, only the first ``max_ranks`` entries (the ones used) are checked.
+    """
+    import base64
+    import binascii
+    import json
+
+    where = f"--tokenizer-model {path}"
+    if not path.endswith(".json"):
+        raise TokenizerError(f"{where}: a tiktoken vocabulary is a .json file (Megatron-LM's)")
+    _need_file("--tokenizer-model", path)
+    size = os.path.getsize(path)
+    if size > TIKTOKEN_MAX_FILE_BYTES:
+        raise TokenizerError(
+            f"{where}: {size} bytes, more than the {TIKTOKEN_MAX_FILE_BYTES} read for a tiktoken "
+            "vocabulary"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise TokenizerError(f"{where}: not a valid JSON file ({err})") from None
+    if not isinstance(vocab, list):
+        raise TokenizerError(
+            f"{where}: a tiktoken vocabulary is a JSON list of "
+            '{"rank", "token_bytes", "token_str"} objects, not a ' + type(vocab).__name__
+        )
+    used = vocab if max_ranks is None else vocab[: max(max_ranks, 0)]
+    seen: set[bytes] = set()
+    for i, entry in enumerate(used):
+        if not isinstance(entry, dict) or set(entry) != {"rank", "token_bytes", "token_str"}:
+            raise TokenizerError(
+                f"{where}: entry {i} is not an object with exactly the keys rank, token_bytes, "
+                "token_str"
+            )
+        rank, token_bytes = entry["rank"], entry["token_bytes"]
+        if type(rank) is not int or rank != i:
+            raise TokenizerError(f"{where}: entry {i} has rank {rank!r}, expected {i}")
+        if not isinstance(token_bytes, str) or not isinstance(entry["token_str"], str):
+            raise TokenizerError(f"{where}: entry {i}: token_bytes and token_str must be strings")
+        try:
+            token = base64.b64decode(token_bytes, validate=True)
+        except (binascii.Error, ValueError):
+            raise TokenizerError(f"{where}: entry {i}: token_bytes is not base64") from None
+        if i < 256 and token != bytes([i]):
+            raise TokenizerError(f"{where}: entry {i} must be the single byte {i} (ranks 0-255)")
+        if not token or token in seen:
+            raise TokenizerError(f"{where}: entry {i}: an empty or repeated token")
+        seen.add(token)
+    return len(vocab)
+
+
+def build_tiktokenizer(
+    tokenizer_model: str | None,
+    *,
+    pattern: str | None = None,
+    vocab_size: int | None = None,
+    num_special_tokens: int = 1000,
+    special_tokens: Sequence[str] | None = None,
+) -> Any:
+    """megatron-core's ``TikTokenTokenizer`` of Megatron-LM's ``--tokenizer-model`` (a tiktoken
+    vocabulary ``.json``), ``--tiktoken-pattern`` (v1/v2; None: v2, megatron-core's default),
+    ``--vocab-size`` (None: 2**17, or the file's special tokens + ranks when fewer),
+    ``--tiktoken-num-special-tokens`` and ``--tokenizer-special-tokens`` (None:
+    megatron-core's seven); each checked first with the reason."""
+    need_tiktoken()
+    if tokenizer_model is None:
+        raise TokenizerError(
+            "--tokenizer-type TikTokenizer needs --tokenizer-model (a tiktoken vocabulary .json)"
+        )
+    if pattern not in (None, "v1", "v2"):
+        raise TokenizerError(f"--tiktoken-pattern {pattern!r}: choose v1 or v2")
+    specials = list(TIKTOKEN_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    if len(set(specials)) != len(specials):
+        raise TokenizerError(f"--tokenizer-special-tokens {specials}: a token is repeated")
+    missing = [t for t in TIKTOKEN_SPECIAL_TOKENS if t not in specials]
+    if missing:
+        raise TokenizerError(
+            f"--tokenizer-special-tokens must include {' '.join(TIKTOKEN_SPECIAL_TOKENS)} "
+            f"(megatron-core's TikTokenizer); missing: {' '.join(missing)}"
+        )
+    if num_special_tokens < len(specials):
+        raise TokenizerError(
+            f"--tiktoken-num-special-tokens {num_special_tokens} is fewer than the "
+            f"{len(specials)} special tokens"
+        )
+    ranks = read_tiktoken_ranks(
+        tokenizer_model,
+        None if vocab_size is None else vocab_size - num_special_tokens,
+    )
+    if vocab_size is None:
+        vocab_size = min(TIKTOKEN_DEFAULT_VOCAB, num_special_tokens + ranks)
+    if vocab_size <= num_special_tokens:
+        raise TokenizerError(
+            f"--vocab-size {vocab_size} must exceed --tiktoken-num-special-tokens "
+            f"{num_special_tokens} (the vocabulary holds the special tokens, then the ranks)"
+        )
+    if ranks < vocab_size - num_special_tokens:
+        raise TokenizerError(
+            f"--tokenizer-model {tokenizer_model}: {ranks} ranks, fewer than --vocab-size "
+            f"{vocab_size} - {num_special_tokens} special tokens = "
+            f"{vocab_size - num_special_tokens} (give --vocab-size "
+            f"{num_special_tokens + ranks} or less)"
+        )
+    kwargs: dict[str, Any] = {"pattern": pattern} if pattern else {}
+    return MegatronTokenizer.from_pretrained(
+        tokenizer_path=tokenizer_model,
+        metadata_path={"library": "tiktoken"},
+        vocab_size=int(vocab_size),
+        num_special_tokens=int(num_special_tokens),
+        special_tokens=None if special_tokens is None else list(special_tokens),
+        **kwargs,
+    )
+
+
 def hf_tokenizer_directory(tokenizer_model: str) -> str:
     """The local directory of a ``HuggingFaceTokenizer``'s ``--tokenizer-model``.
 
@@ -286,9 +451,12 @@ def tokenizer_from_config(data: Any) -> Any:
         data.tokenizer_model,
         vocab_file=data.vocab_file,
         merge_file=data.merge_file,
-        vocab_size=data.vocab_size,
+        vocab_size=data.given_vocab_size(),
         hf_use_fast=data.tokenizer_hf_use_fast,
         hf_include_special_tokens=data.tokenizer_hf_include_special_tokens,
+        tiktoken_pattern=data.tiktoken_pattern,
+        tiktoken_num_special_tokens=data.tiktoken_num_special_tokens,
+        tokenizer_special_tokens=data.special_tokens(),
     )
 
 
