@@ -505,7 +505,7 @@ def _need_hf_extra(tokenizer_type: str) -> None:
 
 #: Types whose tokenizer :func:`save_for_transformers` writes (the sentencepiece types are
 #: written by the export's own sentencepiece path; NullTokenizer has no text tokenizer).
-TRANSFORMERS_SAVABLE = ("HuggingFaceTokenizer", "GPT2BPETokenizer")
+TRANSFORMERS_SAVABLE = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer")
 
 
 def save_for_transformers(tokenizer_type: str, tokenizer: Any, out: str | os.PathLike[str]) -> int:
@@ -518,6 +518,8 @@ def save_for_transformers(tokenizer_type: str, tokenizer: Any, out: str | os.Pat
     copied). ``GPT2BPETokenizer``: the byte-level BPE as a ``tokenizer.json`` with
     ``<|endoftext|>`` as bos/eos/unk (transformers treats that string as one special token where
     it appears in text; Megatron-LM's GPT-2 tokenizer splits it like any text).
+    ``TikTokenizer``: :func:`tiktoken_as_transformers` (its special tokens named as in
+    megatron-core: ``<s>``, ``</s>``, ``<unk>``, ``<pad>``).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -532,7 +534,69 @@ def save_for_transformers(tokenizer_type: str, tokenizer: Any, out: str | os.Pat
         )
         fast.save_pretrained(os.fspath(out))
         return int(tokenizer.vocab_size)
+    if tokenizer_type == "TikTokenizer":
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tiktoken_as_transformers(tokenizer),
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+        )
+        fast.save_pretrained(os.fspath(out))
+        return int(tokenizer.vocab_size)
     raise TokenizerError(
         f"--tokenizer-type {tokenizer_type}: not written here (types: "
         f"{', '.join(TRANSFORMERS_SAVABLE)})"
     )
+
+
+def tiktoken_as_transformers(tokenizer: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` giving the ids of a :func:`build_tiktokenizer` tokenizer.
+
+    tiktoken's BPE as a byte-level BPE (the conversion of transformers' ``TikTokenConverter``:
+    each rank's byte string in GPT-2's byte-to-unicode alphabet, the merges recovered from the
+    ranks, ``ignore_merges`` so a pre-token that is one rank stays whole, the same split regex),
+    ids shifted by the special tokens as megatron-core shifts them, and the special tokens as
+    added tokens at ids ``0 .. num_special - 1`` (split out of text, as megatron-core's
+    ``allowed_special="all"`` does).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    inner = tokenizer._tokenizer  # megatron-core's TikTokenTokenizer
+    ranks: dict[bytes, int] = inner.token2id  # token bytes -> id (already shifted)
+    specials: list[str] = list(inner.special_tokens)
+    byte_encoder = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(byte_encoder[b] for b in token)
+
+    vocab = {text(token): i for token, i in ranks.items()}
+    clash = [t for t in specials if t in vocab]
+    if clash:
+        raise TokenizerError(
+            f"special tokens {clash} are also byte-level tokens of the vocabulary: not written "
+            "for transformers"
+        )
+    vocab.update({t: i for i, t in enumerate(specials)})
+    merges: list[tuple[int, str, str]] = []
+    for token, i in ranks.items():
+        splits = [
+            (ranks[token[:k]], ranks[token[k:]], token[:k], token[k:])
+            for k in range(1, len(token))
+            if token[:k] in ranks and token[k:] in ranks
+        ]
+        merges.extend((i, text(left), text(right)) for _, _, left, right in sorted(splits))
+    merges.sort(key=lambda m: m[0])
+    bpe = models.BPE(vocab, [(left, right) for _, left, right in merges], fuse_unk=False)
+    tok = Tokenizer(bpe)
+    tok.model.ignore_merges = True
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(inner.tokenizer._pat_str), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok

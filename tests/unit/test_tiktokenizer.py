@@ -262,3 +262,73 @@ def test_preprocess_refuses_the_deprecated_special_tokens_name(tmp_path: Path, c
     assert preprocess(argv) == 2
     assert "give --tokenizer-special-tokens" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# -- the tokenizer written for transformers, training, export ------------------------------------
+def _texts() -> list[str]:
+    texts: list[str] = []
+    for path in (REF / "corpus.jsonl", REF / "tiktoken" / "specials.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            text = json.loads(line)["text"]
+            texts.extend(text if isinstance(text, list) else [text])
+    rng = np.random.default_rng(0)
+    alphabet = list("abc XYZ019 \n\t.,;:!?'\"-_()<>/\\éü日本✓") + ["</s>", "<mask>", "  ", "\r\n"]
+    texts += ["".join(rng.choice(alphabet, size=int(rng.integers(1, 80)))) for _ in range(200)]
+    return texts
+
+
+@pytest.mark.parametrize("pattern", ["v1", "v2"])
+def test_written_for_transformers_gives_the_same_ids(tmp_path: Path, pattern: str) -> None:
+    from transformers import AutoTokenizer
+
+    from megatron_wsm.data.tokenizers import save_for_transformers
+
+    tok = _tok(tiktoken_pattern=pattern)
+    assert save_for_transformers("TikTokenizer", tok, tmp_path) == 316
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    assert (auto.eos_token_id, auto.bos_token_id, auto.unk_token_id, len(auto)) == (2, 1, 0, 316)
+    texts = _texts()
+    bad = [t for t in texts if auto(t, add_special_tokens=False)["input_ids"] != tok.tokenize(t)]
+    assert not bad, bad[:3]
+    assert auto.decode(tok.tokenize(texts[0])) == texts[0]
+
+
+def test_training_and_export(tmp_path: Path) -> None:
+    """pretrain_moe.py (1 process) on the reference data with Megatron-LM's flags, then
+    tools/export_hf.py: the exported tokenizer encodes the training data's text to its ids."""
+    import subprocess
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from megatron_wsm.checkpoint.manager import resolve_load_dir
+    from megatron_wsm.checkpoint.manifest import read_manifest
+    from megatron_wsm.testing.config import TINY_MODEL
+    from megatron_wsm.testing.launch import ROOT, run_pretrain
+
+    data = tmp_path / "d_text_document"
+    for ext in (".bin", ".idx"):
+        shutil.copy(REF / "megatron_lm" / f"tiktoken_text_document{ext}", f"{data}{ext}")
+    flags = [*FLAGS[:3], VOCAB, *FLAGS[4:]]
+    result = run_pretrain(
+        [*TINY_MODEL, "--train-iters", 3, "--data-path", data, "--split", "80,20,0",
+         *flags, "--save", tmp_path / "ckpt", "--save-interval", 3],
+        tmp_path / "result.json",
+    )  # fmt: skip
+    assert len(result["train_history"]) == 3
+    assert all(np.isfinite(h["loss"]) for h in result["train_history"])
+    manifest = read_manifest(resolve_load_dir(tmp_path / "ckpt"))
+    assert manifest is not None
+    assert manifest.model_config["padded_vocab_size"] == 384  # 316 padded to 128
+    export = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "export_hf.py"), "--load", str(tmp_path / "ckpt"),
+         "--save", str(tmp_path / "hf")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    auto = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    first = json.loads((REF / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
+    ds = IndexedDataset(str(data))  # kept: its items are views of its memory map
+    ids = ds[0].tolist()
+    assert auto(first, add_special_tokens=False)["input_ids"] == ids[:-1] and ids[-1] == 2
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 316
