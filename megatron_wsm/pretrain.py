@@ -66,7 +66,7 @@ def prepare_builtin_data(cfg: RunConfig) -> PreparedData:
 
 def build_data(cfg: RunConfig) -> tuple[dict[str, Any], int, str]:
     """Tokenizer and train/valid/test GPTDatasets; returns (datasets, vocab size, description)."""
-    from megatron_wsm.data.blends import megatron_num_samples
+    from megatron_wsm.config.blends import megatron_num_samples
     from megatron_wsm.data.datasets import build_gpt_datasets, datasets_from_flags
     from megatron_wsm.data.tokenizer import SentencePieceTokenizer
     from megatron_wsm.data.tokenizers import megatron_vocab_size, tokenizer_from_config

@@ -48,7 +48,7 @@ class DataConfig:
     GROUP = "data"
 
     # data paths (H4: these fields stay together; Megatron-LM's names and meanings,
-    # megatron_wsm/data/blends.py reads them)
+    # megatron_wsm/config/blends.py reads them)
     data_path: list[str] | None = flag_field(
         None,
         "Megatron-LM's --data-path: one indexed dataset prefix (.bin/.idx, see "
@@ -134,7 +134,7 @@ class DataConfig:
     tokenizer_model: str | None = flag_field(
         None,
         "sentencepiece .model file, or with --tokenizer-type HuggingFaceTokenizer a local "
-        "Hugging Face tokenizer directory",
+        "Hugging Face tokenizer directory, with TikTokenizer a tiktoken vocabulary .json",
     )
     vocab_file: str | None = flag_field(None, "GPT2BPETokenizer: the vocab.json file")
     merge_file: str | None = flag_field(None, "GPT2BPETokenizer: the merges.txt file")
@@ -280,7 +280,7 @@ class DataConfig:
     def validate_data_paths(self) -> bool:
         """One data source, Megatron-LM's rules, every file present; True when data files are
         given (not the built-in corpus, not mock data)."""
-        from megatron_wsm.data.blends import blends_from_flags
+        from megatron_wsm.config.blends import blends_from_flags
 
         flags = self._data_flags()
         per_split = flags[3][1]

@@ -3,7 +3,7 @@
 Everything goes through megatron-core's ``BlendedMegatronDatasetBuilder`` and ``GPTDatasetConfig``,
 the path Megatron-LM's ``pretrain_gpt.py`` takes: one prefix, a weighted blend
 (``BlendedDataset`` over one ``GPTDataset`` per prefix), per-split blends, or ``MockGPTDataset``
-(:func:`datasets_from_flags`, from Megatron-LM's data flags read by ``data/blends.py``). With the
+(:func:`datasets_from_flags`, from Megatron-LM's data flags read by ``config/blends.py``). With the
 same blend, split, seed, sequence length and sample counts, the sample order is Megatron-LM's.
 
 Each dataset item is the dict megatron-core's ``GPTDataset.__getitem__`` returns, for a sequence
@@ -47,7 +47,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_wsm.data.blends import Blend, BlendError, blends_from_flags
+from megatron_wsm.config.blends import Blend, BlendError, blends_from_flags
 from megatron_wsm.data.prepare import file_lock
 from megatron_wsm.data.tokenizer import SentencePieceTokenizer
 
@@ -330,7 +330,7 @@ def datasets_from_flags(
     """The datasets Megatron-LM's ``pretrain_gpt.py`` builds for the data flags of a
     :class:`~megatron_wsm.config.DataConfig` (``--data-path``, ``--data-args-path``, the
     per-split paths or ``--mock-data``); ``num_samples`` per split, see
-    :func:`megatron_wsm.data.blends.megatron_num_samples`."""
+    :func:`megatron_wsm.config.blends.megatron_num_samples`."""
     blend, blend_per_split = blends_from_flags(data)
     if blend is None and blend_per_split is None and not data.mock_data:
         raise ValueError("no data flag given (--data-path, per-split paths or --mock-data)")

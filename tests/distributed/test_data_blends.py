@@ -25,7 +25,7 @@ import hashlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
 from megatron_wsm.arguments import parse_run_config
-from megatron_wsm.data.blends import megatron_num_samples
+from megatron_wsm.config.blends import megatron_num_samples
 from megatron_wsm.data.datasets import datasets_from_flags
 from megatron_wsm.data.tokenizers import tokenizer_from_config
 a, b, root = sys.argv[2], sys.argv[3], sys.argv[4]

@@ -15,7 +15,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 
 from megatron_wsm.config import ConfigError
-from megatron_wsm.data.blends import megatron_num_samples
+from megatron_wsm.config.blends import megatron_num_samples
 from megatron_wsm.data.datasets import datasets_from_flags
 from megatron_wsm.data.tokenizers import tokenizer_from_config
 from megatron_wsm.testing.config import tiny_run_config
@@ -200,7 +200,7 @@ def _reference(cfg, cache: Path, without_test: bool = False, **blend_fields):
 def test_parse_blend_reads_megatron_cores_forms(words: list[str]) -> None:
     from megatron.core.datasets.utils import get_blend_from_list
 
-    from megatron_wsm.data.blends import parse_blend
+    from megatron_wsm.config.blends import parse_blend
 
     assert parse_blend(words, "--data-path") == get_blend_from_list(words)
 
@@ -221,7 +221,7 @@ def test_parse_blend_reads_megatron_cores_forms(words: list[str]) -> None:
 def test_parse_blend_refuses_what_megatron_core_would_misread(
     words: list[str], message: str
 ) -> None:
-    from megatron_wsm.data.blends import BlendError, parse_blend
+    from megatron_wsm.config.blends import BlendError, parse_blend
 
     with pytest.raises(BlendError, match=message):
         parse_blend(words, "--data-path")
@@ -346,7 +346,7 @@ def test_prefixes_without_weights_and_legacy_split(tmp_path: Path, corpora, worl
 def test_blend_member_without_documents_in_a_split_is_refused(
     tmp_path: Path, corpora, world
 ) -> None:
-    from megatron_wsm.data.blends import BlendError
+    from megatron_wsm.config.blends import BlendError
 
     cfg = _cfg(tmp_path, "--data-path", "1", corpora["a"], "1", corpora["c"], "--split", "99,1,0")
     with pytest.raises(BlendError, match="leaves no valid document in"):
@@ -354,7 +354,7 @@ def test_blend_member_without_documents_in_a_split_is_refused(
 
 
 def test_whole_split_of_a_weighted_blend_is_refused(tmp_path: Path, corpora, world) -> None:
-    from megatron_wsm.data.blends import BlendError
+    from megatron_wsm.config.blends import BlendError
 
     a, b = corpora["a"], corpora["b"]
     weighted = ("--data-path", "1", a, "3", b, "--split", "80,10,10", "--eval-iters", "0")

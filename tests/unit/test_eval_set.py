@@ -140,7 +140,7 @@ def test_valid_split_sized_past_one_epoch_is_reshuffled(data_cache: str) -> None
     it spans two, and megatron-core shuffles the documents of both: the first 48 samples, the
     evaluated ones, differ. evaluate.py now sizes it as the run did."""
     from megatron_wsm.cli.evaluate import config_from_run_info
-    from megatron_wsm.data.blends import megatron_num_samples
+    from megatron_wsm.config.blends import megatron_num_samples
     from megatron_wsm.data.datasets import datasets_from_flags
     from megatron_wsm.data.prepare import prepare_embedded_data
     from megatron_wsm.data.tokenizers import tokenizer_from_config
