@@ -11,10 +11,12 @@ Examples::
 
 Megatron-LM's tokenizer flags (``--tokenizer-type``, ``--tokenizer-model``, ``--vocab-file``,
 ``--merge-file``, ``--vocab-size``, ``--tokenizer-hf-use-fast``,
-``--tokenizer-hf-include-special-tokens``) build the same tokenizer as Megatron-LM's
-``tools/preprocess_data.py`` (megatron-core's tokenizer library, ``megatron_wsm.data.tokenizers``);
-without ``--tokenizer-type``, ``--tokenizer-model`` is read by megatron-wsm's own SentencePiece
-wrapper (same ids for the models ``tools/train_tokenizer.py`` trains).
+``--tokenizer-hf-include-special-tokens``, ``--tiktoken-pattern``,
+``--tiktoken-num-special-tokens``, ``--tokenizer-special-tokens``) build the same tokenizer as
+Megatron-LM's ``tools/preprocess_data.py`` (megatron-core's tokenizer library,
+``megatron_wsm.data.tokenizers``); without ``--tokenizer-type``, ``--tokenizer-model`` is read by
+megatron-wsm's own SentencePiece wrapper (same ids for the models ``tools/train_tokenizer.py``
+trains).
 
 JSON-lines inputs (``.json``/``.jsonl``) give the same ``.bin``/``.idx`` bytes as Megatron-LM's
 tool for the same tokenizer (``megatron_wsm.data.preprocess``; tested against its output in
@@ -80,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument(
         "--tokenizer-model",
         default=None,
-        help="SentencePiece .model file, or a local Hugging Face tokenizer directory "
-        "(HuggingFaceTokenizer)",
+        help="SentencePiece .model file, a local Hugging Face tokenizer directory "
+        "(HuggingFaceTokenizer), or a tiktoken vocabulary .json (TikTokenizer)",
     )
     tok.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
     tok.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
