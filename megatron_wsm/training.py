@@ -157,23 +157,6 @@ def _forward_backward(
     )
 
 
-def run_global_batch(
-    comp: Components, dataset: Any, consumed_samples: int, forward_only: bool
-) -> float:
-    """Forward (and backward) of one global batch starting at ``consumed_samples``; its loss."""
-    data_iter = global_batch_iterator(
-        dataset,
-        consumed_samples,
-        comp.cfg.training.micro_batch_size,
-        parallel_state.get_data_parallel_world_size(),
-        parallel_state.get_data_parallel_rank(),
-        comp.num_microbatches,
-        device(),
-    )
-    loss, _ = _reduce_loss(_forward_backward(comp, data_iter, forward_only))
-    return loss
-
-
 def training_batches(comp: Components) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of the next training global batch, read one step ahead on a
     background thread (:class:`~megatron_wsm.batches.GlobalBatchPrefetcher`); the same samples
