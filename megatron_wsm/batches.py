@@ -53,11 +53,8 @@ def global_batch_iterator(
     device: torch.device,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Iterator over this rank's micro-batches of one global batch (wraps around the dataset)."""
-    n = len(dataset)
-    for indices in micro_batch_indices(
-        consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro
-    ):
-        batch = collate([dataset[i % n] for i in indices])
+    cpu = global_batch(dataset, consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro)
+    for batch in cpu:
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
