@@ -6,7 +6,7 @@
 #   RUN_SLOW=1 bash scripts/test.sh             # also the slow cases (≈ 45 min more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=dev,hf,wandb source scripts/setup_venv.sh
+EXTRAS=dev,hf,wandb,tiktoken source scripts/setup_venv.sh
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 # Long cases (kill loops, 30-run teardown loops, every save/kill point) are marked `slow` and
 # left out unless a -m expression is given or RUN_SLOW=1: the default run stays under ~20 min on 2 cores.

@@ -103,6 +103,8 @@ def megatron_lm_args(
         "tokenizer_model": data.get("tokenizer_model"),
         "vocab_file": data.get("vocab_file"),
         "merge_file": data.get("merge_file"),
+        # Megatron-LM's --use-checkpoint-args copies it (TikTokenizer runs; None otherwise)
+        "tiktoken_pattern": data.get("tiktoken_pattern"),
         # parallel layout of the writer
         "tensor_model_parallel_size": parallel.get("tensor_model_parallel_size", 1),
         "pipeline_model_parallel_size": parallel.get("pipeline_model_parallel_size", 1),
