@@ -9,7 +9,6 @@ continues exactly where the run stopped.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,66 +73,3 @@ def global_batch(
             consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro
         )
     ]
-
-
-class GlobalBatchPrefetcher:
-    """Reads the next training global batch on a background thread while this one computes.
-
-    Megatron-LM's trainer gets the same overlap from its DataLoader workers. Here the next batch
-    is known exactly (``consumed_samples + global_batch_size``), so one thread reading one batch
-    ahead is enough: the dataset's work (index lookups, memory-mapped reads, numpy) runs while
-    the main thread is inside torch kernels, which release the GIL.
-
-    Reading ahead never changes *what* is read: a batch is returned only for the position it was
-    read for; any other request (a resume, a skipped step, a test that rewinds) is read
-    synchronously, and a read-ahead that fails is reported only if its batch is asked for.
-    Samples are only read, never written, so the thread shares the dataset safely.
-    """
-
-    def __init__(
-        self,
-        dataset: Sequence[dict[str, Any]],
-        micro_batch_size: int,
-        dp_size: int,
-        dp_rank: int,
-        num_micro: int,
-        stride: int,
-    ) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._read = functools.partial(
-            global_batch,
-            dataset,
-            micro_batch_size=micro_batch_size,
-            dp_size=dp_size,
-            dp_rank=dp_rank,
-            num_micro=num_micro,
-        )
-        self.dataset = dataset
-        self.stride = stride
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsm-batches")
-        self._ahead: tuple[int, Any] | None = None  # (consumed_samples, Future)
-
-    def batches(
-        self, consumed_samples: int, device: torch.device, read_next: bool = True
-    ) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches at ``consumed_samples`` on ``device``; with ``read_next``, starts
-        reading the following global batch."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == consumed_samples:
-            cpu = ahead[1].result()  # re-raises the read's error, if it had one
-        else:
-            if ahead is not None:
-                ahead[1].cancel()
-            cpu = self._read(consumed_samples)
-        if read_next:
-            position = consumed_samples + self.stride
-            self._ahead = (position, self._executor.submit(self._read, position))
-        return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in cpu]
-
-    def close(self) -> None:
-        """Drop a pending read-ahead and stop the thread."""
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            self._ahead = None
-        self._executor.shutdown(wait=True)

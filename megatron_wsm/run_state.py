@@ -36,8 +36,6 @@ class Components:
     last_lr: float = 0.0  # LR of the step just taken (the scheduler has moved on)
     #: What setup loaded (CheckpointManager.load's answer, or an in-memory merge's).
     loaded: dict[str, Any] | None = None
-    #: batches.GlobalBatchPrefetcher of the training split (made by the first training step).
-    batch_prefetcher: Any = None
 
     @property
     def num_microbatches(self) -> int:
