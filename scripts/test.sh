@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up .venv with the test tools and the hf extra (export parity tests),
+# The test command: set up .venv with the test tools and the hf, wandb and tiktoken extras,
 # then run the whole suite but the slow cases.
-#   bash scripts/test.sh            # everything but the slow cases (≈ 16 min on 2 CPU cores, venv included)
+#   bash scripts/test.sh            # everything but the slow cases (≈ 20–25 min on 2 CPU cores, venv included)
 #   bash scripts/test.sh -m "not distributed"   # only the quick unit tests
 #   RUN_SLOW=1 bash scripts/test.sh             # also the slow cases (≈ 45 min more)
 set -euo pipefail
