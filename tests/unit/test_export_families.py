@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_wsm.export import families, mapping, plans
 from megatron_wsm.export.mapping import ExportError
@@ -197,31 +196,6 @@ def test_key_refusals_per_family():
 
 
 # -- plans on real megatron-core models ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def megatron_world(tmp_path_factory):
-    """A 1-process gloo world with megatron-core's parallel state (TP=PP=EP=1)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_wsm import cpu_compat
-
-    created_pg = created_mp = False
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("dist") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        created_pg = True
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-        created_mp = True
-    cpu_compat.apply()
-    model_parallel_cuda_manual_seed(1)
-    yield
-    if created_mp:
-        ps.destroy_model_parallel()
-    if created_pg:
-        dist.destroy_process_group()
 
 
 QWEN3_FLAGS = [

@@ -18,7 +18,7 @@ from megatron_wsm.arguments import parse_run_config
 from megatron_wsm.export import families, mapping, plans
 from megatron_wsm.export.mapping import ExportError
 from megatron_wsm.testing.config import tiny_run_config
-from tests.unit.test_export_families import BASE, QWEN3, megatron_world  # noqa: F401
+from tests.unit.test_export_families import BASE, QWEN3
 
 transformers = pytest.importorskip("transformers")
 

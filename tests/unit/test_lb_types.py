@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_wsm.arguments import parse_run_config
 from megatron_wsm.checkpoint.megatron_args import megatron_lm_args
@@ -138,31 +137,6 @@ def test_checkpoint_args_carry_megatron_lms_values():
 
 
 # ------------------------------------------------------------- forward/backward on CPU
-
-
-@pytest.fixture(scope="module")
-def megatron_world(tmp_path_factory):
-    """A 1-process gloo world with megatron-core's parallel state (TP=PP=EP=1)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_wsm import cpu_compat
-
-    created_pg = created_mp = False
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("dist") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        created_pg = True
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-        created_mp = True
-    cpu_compat.apply()
-    model_parallel_cuda_manual_seed(1)
-    yield
-    if created_mp:
-        ps.destroy_model_parallel()
-    if created_pg:
-        dist.destroy_process_group()
 
 
 def _forward_backward(*flags: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
@@ -221,27 +220,6 @@ def test_reduce_fn_for_config_binds_tp_and_sp() -> None:
 # ---------------------------------------------------------------------------------------------
 # A real megatron-core TopKRouter on CPU
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def megatron_world(tmp_path_factory: pytest.TempPathFactory):
-    """A 1-process gloo world with megatron-core's parallel state (TP=PP=EP=1)."""
-    from megatron.core import parallel_state as ps
-
-    created_pg = created_mp = False
-    if not dist.is_initialized():
-        # A file store, not a TCP port: tests running side by side must not collide.
-        init_file = tmp_path_factory.mktemp("dist") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-        created_pg = True
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-        created_mp = True
-    yield
-    if created_mp:
-        ps.destroy_model_parallel()
-    if created_pg:
-        dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ probe, and megatron-core's TE spec builder by a recorder, so TE is never importe
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
 from megatron_wsm import accelerators
 from megatron_wsm.accelerators import (
@@ -27,29 +26,6 @@ TE_KERNELS = FusionKernels(cuda=True, transformer_engine=True)
 def te_usable(monkeypatch):
     """Transformer Engine "usable" (the probe says so) without importing it."""
     monkeypatch.setattr(accelerators, "transformer_engine_usable", lambda: True)
-
-
-@pytest.fixture(scope="module")
-def megatron_world(tmp_path_factory):
-    """A 1-process gloo world with megatron-core's parallel state (TP=PP=EP=1)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_wsm import cpu_compat
-
-    created_pg = created_mp = False
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("dist") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        created_pg = True
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-        created_mp = True
-    cpu_compat.apply()
-    yield
-    if created_mp:
-        ps.destroy_model_parallel()
-    if created_pg:
-        dist.destroy_process_group()
 
 
 def test_flag_default_and_choices(capsys):
