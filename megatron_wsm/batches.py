@@ -52,24 +52,9 @@ def global_batch_iterator(
     device: torch.device,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Iterator over this rank's micro-batches of one global batch (wraps around the dataset)."""
-    cpu = global_batch(dataset, consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro)
-    for batch in cpu:
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def global_batch(
-    dataset: Sequence[dict[str, Any]],
-    consumed_samples: int,
-    micro_batch_size: int,
-    dp_size: int,
-    dp_rank: int,
-    num_micro: int,
-) -> list[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of one global batch, collated on the CPU (wraps around)."""
     n = len(dataset)
-    return [
-        collate([dataset[i % n] for i in indices])
-        for indices in micro_batch_indices(
-            consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro
-        )
-    ]
+    for indices in micro_batch_indices(
+        consumed_samples, micro_batch_size, dp_size, dp_rank, num_micro
+    ):
+        batch = collate([dataset[i % n] for i in indices])
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -119,6 +119,14 @@ def _forward_step(
     return output, partial(_loss_func, batch["loss_mask"])
 
 
+def _loss_totals(losses_reduced: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """This rank's ``[loss sum, token count]`` over its micro-batches' reports (float64)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device())
+    for item in losses_reduced:
+        total += item[names.LM_LOSS].to(total.device, torch.float64)
+    return total
+
+
 def _reduce_loss(
     losses_reduced: list[dict[str, torch.Tensor]], nonfinite_here: bool = False
 ) -> tuple[float, bool]:
@@ -129,10 +137,8 @@ def _reduce_loss(
     Ranks that did not compute the loss contribute zeros; TP replicas of the last stage add the
     same loss *and* the same token count, so the ratio is unaffected by them.
     """
-    total = torch.zeros(3, dtype=torch.float64, device=device())
-    for item in losses_reduced:
-        total[:2] += item[names.LM_LOSS].to(total.device, torch.float64)
-    total[2] = 1.0 if nonfinite_here else 0.0
+    flag = torch.tensor([1.0 if nonfinite_here else 0.0], dtype=torch.float64, device=device())
+    total = torch.cat([_loss_totals(losses_reduced), flag])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1].clamp(min=1)), bool(total[2] > 0)
@@ -286,10 +292,7 @@ def _eval_batch_totals(comp: Components, dataset: Any, consumed_samples: int) ->
     """This rank's ``[loss sum, token count]`` of the global batch at ``consumed_samples``
     (forward only; float64, not yet reduced over ranks)."""
     data_iter = _rank_batches(comp, dataset, consumed_samples)
-    total = torch.zeros(2, dtype=torch.float64, device=device())
-    for item in _forward_backward(comp, data_iter, forward_only=True):
-        total += item[names.LM_LOSS].to(total.device, torch.float64)
-    return total
+    return _loss_totals(_forward_backward(comp, data_iter, forward_only=True))
 
 
 @torch.no_grad()
